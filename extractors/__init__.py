@@ -1,0 +1,1 @@
+"""Pure extraction stages over files, arrays and records (no Ray, no Dagster)."""

