@@ -65,13 +65,13 @@ def _is_manifest(p: Path) -> bool:
 
 
 def _expand_local(p: Path, extensions: tuple[str, ...]) -> list[InputRef]:
-    if p.is_dir():
+    if p.is_dir() and not p.is_symlink():
         found = []
         for root, dirs, files in os.walk(p):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for fn in sorted(files):
                 if not fn.startswith(".") and Path(fn).suffix.lower() in extensions:
-                    found.append(InputRef(os.path.abspath(os.path.join(root, fn))))
+                    found += _expand_local(Path(root) / fn, extensions)
         return found
     if p.is_file():
         return [InputRef(str(p.absolute()))]

@@ -35,7 +35,7 @@ def _source_row(uri: str, sha: str, size: int, pr: Probe | None) -> dict[str, An
         "fps_declared": pr.fps_declared if pr else None, "vfr": None, "n_frames_src": pr.n_frames_declared if pr else None,
         "audio_codec": pr.audio_codec if pr else None, "audio_sample_rate": pr.audio_sample_rate if pr else None,
         "audio_channels": pr.audio_channels if pr else None, "status": "quarantined", "n_clips": 0,
-        "speech_s": None, "analysis_s": None,
+        "speech_s": None,
     }
 
 
@@ -56,7 +56,10 @@ class SourceAnalysis:
 
 def analyse(path: str, uri: str, sha: str, size: int, cfg: IngestConfig, detector: FaceDetector | None = None,
             stats: SourceAnalysis | None = None) -> dict[str, Any]:
-    """Return {"source": row, "clips": [rows], "quarantine": [rows]} for one local file."""
+    """Return {"source": row, "clips": [rows], "quarantine": [rows], "metrics": {...}} for one local file.
+
+    The rows are a deterministic function of the bytes and config; wall-clock figures go only
+    into "metrics" (never into a table)."""
     st = stats or SourceAnalysis()
     t_start = time.perf_counter()
     sid = source_id_of(sha)
@@ -69,11 +72,15 @@ def analyse(path: str, uri: str, sha: str, size: int, cfg: IngestConfig, detecto
         clips = _analyse(path, uri, sid, pr, cfg, detector, st, src)
     except Reject as r:
         src = _source_row(uri, sha, size, pr)
-        src["analysis_s"] = round(time.perf_counter() - t_start, 3)
-        return {"source": src, "clips": [], "quarantine": [quarantine_row(uri, sid, r.reason, r.message, r.detail)]}
+        return {"source": src, "clips": [], "quarantine": [quarantine_row(uri, sid, r.reason, r.message, r.detail)],
+                "metrics": _metrics(st, t_start)}
     src["status"], src["n_clips"] = "ok", len(clips)
-    src["analysis_s"] = round(time.perf_counter() - t_start, 3)
-    return {"source": src, "clips": clips, "quarantine": []}
+    return {"source": src, "clips": clips, "quarantine": [], "metrics": _metrics(st, t_start)}
+
+
+def _metrics(st: SourceAnalysis, t_start: float) -> dict[str, float]:
+    return {"wall_s": time.perf_counter() - t_start, **{f"{k}_s": v for k, v in st.timings.items()},
+            "frames_decoded": st.frames_decoded, "frames_detected": st.frames_detected}
 
 
 def _analyse(path, uri, sid, pr: Probe, cfg: IngestConfig, detector, st: SourceAnalysis, src: dict) -> list[dict]:
@@ -103,7 +110,7 @@ def _analyse(path, uri, sid, pr: Probe, cfg: IngestConfig, detector, st: SourceA
 
     # --- video: the speaker's face on the 30 fps grid ---
     t0 = time.perf_counter()
-    vr = open_video(path, pr.coded_width, pr.coded_height, cfg.analysis_max_side)
+    vr = open_video(path, pr.width, pr.height, cfg.analysis_max_side)
     tl = timeline(vr, pr.duration_s)
     src["vfr"], src["n_frames_src"] = tl.vfr, len(tl.starts)
     st.timings["decode"] += time.perf_counter() - t0
@@ -117,7 +124,7 @@ def _analyse(path, uri, sid, pr: Probe, cfg: IngestConfig, detector, st: SourceA
     det = detector or FaceDetector(cfg.face_model, cfg.face_min_score)
     detections = []
     try:
-        it = iter_frames(vr, tl, sample_idx, pr.rotation)
+        it = iter_frames(vr, tl, sample_idx)
         while True:
             t0 = time.perf_counter()
             try:

@@ -35,11 +35,15 @@ def analysis_size(coded_w: int, coded_h: int, max_side: int) -> tuple[int, int]:
     return max(2, int(round(coded_w * s / 2)) * 2), max(2, int(round(coded_h * s / 2)) * 2)
 
 
-def open_video(path: str, coded_w: int, coded_h: int, max_side: int):
+def open_video(path: str, width: int, height: int, max_side: int):
+    """Open a sequential reader that yields display-oriented RGB frames at most ``max_side`` large.
+
+    ``width``/``height`` are display dimensions: decord applies the container's rotation matrix
+    itself (its frames match ffmpeg's autorotate output; tests check this)."""
     import decord
 
-    w, h = analysis_size(coded_w, coded_h, max_side)
-    kw = {"width": w, "height": h} if (w, h) != (coded_w, coded_h) else {}
+    w, h = analysis_size(width, height, max_side)
+    kw = {"width": w, "height": h} if (w, h) != (width, height) else {}
     try:
         return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, **kw)
     except Exception as e:  # noqa: BLE001 - decord raises DECORDError / RuntimeError
@@ -60,7 +64,7 @@ def timeline(vr, duration_s: float) -> VideoTimeline:
     return VideoTimeline(starts=starts, duration_s=max(end, 1.0 / FPS), vfr=vfr)
 
 
-def iter_frames(vr, tl: VideoTimeline, out_idx: np.ndarray, rotation: int) -> Iterator[tuple[int, np.ndarray]]:
+def iter_frames(vr, tl: VideoTimeline, out_idx: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (output index, RGB frame) for each sorted output index, reading the stream sequentially.
 
     Frames between needed ones are skipped without colour conversion; an output index whose source
@@ -69,7 +73,6 @@ def iter_frames(vr, tl: VideoTimeline, out_idx: np.ndarray, rotation: int) -> It
     src = tl.source_index(out_idx)
     pos = 0  # next source frame the reader will return
     last_i, last = -1, None
-    k_rot = -(rotation // 90)  # np.rot90 turns counter-clockwise for positive k
     for k, i in zip(out_idx.tolist(), src.tolist()):
         if i != last_i:
             try:
@@ -84,7 +87,7 @@ def iter_frames(vr, tl: VideoTimeline, out_idx: np.ndarray, rotation: int) -> It
                              f"{str(e).splitlines()[0][:160]}", frames_read=i) from e
             pos = i + 1
             last_i = i
-            last = np.ascontiguousarray(np.rot90(frame, k_rot)) if k_rot % 4 else frame
+            last = frame
         yield k, last
 
 
@@ -94,6 +97,10 @@ def decode_audio(path: str, expected_s: float | None = None) -> np.ndarray:
            "-ar", str(AUDIO_SAMPLE_RATE), "-f", "f32le", "-acodec", "pcm_f32le", "-"]
     p = subprocess.run(cmd, capture_output=True, timeout=600)
     audio = np.frombuffer(p.stdout, dtype="<f4").copy()
+    err_text = p.stderr.decode(errors="replace")
+    if "partial file" in err_text:
+        raise Reject("truncated", "the file ends before its stream data does (demuxer: partial file)",
+                     audio_s=audio.size / AUDIO_SAMPLE_RATE)
     if p.returncode != 0 and audio.size == 0:
         err = p.stderr.decode(errors="replace").strip().splitlines()
         raise Reject("decode_error", f"audio decoding failed: {err[-1] if err else p.returncode}")

@@ -64,7 +64,7 @@ class Probe:
     video_codec: str
     coded_width: int
     coded_height: int
-    rotation: int  # clockwise degrees to apply to decoded frames for display
+    rotation: int  # clockwise degrees the display matrix turns coded frames by (ffprobe reports counter-clockwise)
     fps_declared: float
     n_frames_declared: int | None
     audio_codec: str | None
@@ -97,7 +97,7 @@ def _rotation(stream: dict) -> int:
         if "rotation" in sd:
             rot = float(sd["rotation"])
     if rot is None and "rotate" in (stream.get("tags") or {}):
-        rot = -float(stream["tags"]["rotate"])  # legacy tag is clockwise; side data is counter-clockwise
+        rot = float(stream["tags"]["rotate"])  # legacy tag, same sense as the display matrix here
     if rot is None:
         return 0
     return int(round(-rot / 90.0)) * 90 % 360
@@ -121,10 +121,13 @@ def probe(path: str, video_codecs: tuple[str, ...]) -> Probe:
     info = json.loads(p.stdout or "{}") if p.stdout.strip() else {}
     if p.returncode != 0 or "format" not in info:
         low = err.lower()
-        if "moov atom not found" in low or ("invalid data" in low and _looks_like_container(path)):
+        if ("moov atom not found" in low or "invalid data" in low) and _looks_like_container(path):
             raise Reject("truncated", f"container index is missing, the file ends early ({err.splitlines()[-1] if err else ''})",
                          ffprobe=err[-500:])
         raise Reject("unreadable", f"ffprobe cannot parse the file: {err.splitlines()[-1] if err else 'no output'}",
+                     ffprobe=err[-500:])
+    if "partial file" in err.lower():
+        raise Reject("truncated", f"the stream data ends before the container says it does ({err.splitlines()[-1]})",
                      ffprobe=err[-500:])
     streams = info.get("streams", [])
     fmt = info["format"]

@@ -36,6 +36,7 @@ class IngestSummary:
     quarantine: dict[str, int] = field(default_factory=dict)
     reused: int = 0
     analysed: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # summed over sources analysed in this run
 
 
 def _fetch_task(args: tuple[str, str]) -> dict:
@@ -101,6 +102,8 @@ def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | N
             tick("analyse", len(results), len(unique))
             for _, res in ex.map_unordered(_analyse_task, todo):
                 results.append(res)
+                for k, v in res.get("metrics", {}).items():
+                    summary.stage_seconds[k] = summary.stage_seconds.get(k, 0) + v
                 tick("analyse", len(results), len(unique))
             summary.analysed = len(todo)
         finally:

@@ -40,7 +40,6 @@ SOURCES = pa.schema(
         _f("status", pa.string(), doc="'ok' (yielded clips) or 'quarantined'"),
         _f("n_clips", pa.int32()),
         _f("speech_s", pa.float64(), True, "seconds of speech found by the VAD"),
-        _f("analysis_s", pa.float64(), True, "wall seconds spent analysing this source"),
     ]
 )
 

@@ -1,0 +1,29 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("GLOG_minloglevel", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(REPO / "examples"))
+
+
+def _real_dir() -> Path:
+    env = os.environ.get("M2FD_REAL_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data" / "real"
+
+
+@pytest.fixture(scope="session")
+def real_dir() -> Path:
+    d = _real_dir()
+    assert d.is_dir() and len(list(d.glob("*.mp4"))) == 5, f"shared real videos missing at {d}"
+    return d
+
+
+@pytest.fixture(scope="session")
+def cases(tmp_path_factory, real_dir):
+    from samples import make_cases
+
+    return make_cases(tmp_path_factory.mktemp("cases"), real_dir)
