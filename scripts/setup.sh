@@ -24,6 +24,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 VPIP=".venv/bin/python -m pip"
+export PIP_NO_WARN_SCRIPT_LOCATION=1
 $VPIP install -q --upgrade pip setuptools wheel
 # torch first, exactly the CPU build (pip's find-links on this kind holds it); never a CUDA build.
 $VPIP install -q "torch==2.13.0"

@@ -1,0 +1,28 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+PY := .venv/bin/python
+REAL ?= ../shared/data/real
+OUT ?= out/demo
+
+.PHONY: setup demo test bench samples clean
+
+setup:
+	@bash scripts/setup.sh
+
+samples: setup
+	@rm -rf examples/samples && mkdir -p examples/samples
+	@$(PY) examples/samples.py examples/samples --real $(REAL) --only-good
+
+demo: samples
+	$(PY) -m pipelines.cli run $(REAL) examples/samples --out $(OUT)
+	$(PY) -m pipelines.cli query $(OUT) "select c.clip_id, regexp_extract(c.uri, '[^/]+$$') as video, c.start_s, c.end_s, c.speech_ratio, c.face_size_px from clips c order by c.uri, c.start_s"
+	$(PY) -m pipelines.cli query $(OUT) "select regexp_extract(uri, '[^/]+$$') as video, reason, message from quarantine order by uri"
+
+test: setup
+	$(PY) -m pytest -q -ra --durations=10 tests
+
+bench: setup
+	$(PY) bench/bench_ingest.py --real $(REAL)
+
+clean:
+	rm -rf out examples/samples .pytest_cache
