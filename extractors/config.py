@@ -73,3 +73,23 @@ class IngestConfig:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    mesh_max_side: int = 1280  # frames for Face Mesh are decoded at most this large
+    crop_size: int = 64  # face crops for the GNPFA image encoders (square, RGB)
+    crop_expand: float = 1.3  # crop side = this x the landmark box's larger side
+    conf_resid_scale: float = 0.03  # landmark_conf = exp(-(rigid-fit rms residual / this)^2), IOD units
+    whisper_checkpoint: str | None = "base"  # name in ~/.cache/whisper or a path; falls back to pocketsphinx
+    # quality thresholds: clips below them are dropped with a reason
+    min_tracked_ratio: float = 0.9
+    min_landmark_conf: float = 0.5
+    max_jitter: float = 0.05
+    min_lip_sync: float = -1.0  # off by default; the proxy is reported per clip
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]

@@ -116,6 +116,41 @@ def show_config(
     sys.stdout.write(yaml.safe_dump({"ingest": cfg.to_dict()}, sort_keys=True))
 
 
+template_app = typer.Typer(help="The canonical face template used for head pose.", no_args_is_help=True)
+app.add_typer(template_app, name="template")
+
+
+@template_app.command("build")
+def template_build(
+    videos: List[Path] = typer.Argument(..., help="Face videos to derive the template from."),
+    out: Path = typer.Option(Path("models/assets/face_template_v1.npy"), help="Where to write the .npy."),
+    step: int = typer.Option(5, help="Use every STEP-th frame on the 30 fps grid."),
+):
+    """Derive the canonical template: generalised Procrustes mean of Face Mesh landmarks, in
+    inter-ocular-distance units, written as a plain .npy (no pickle) with a JSON sidecar."""
+    import numpy as np
+
+    from extractors.pose import build_template, collect_meshes
+    from extractors.probe import sha256_file
+    from storage_schemas import atomic_write_bytes, write_json
+    import io
+
+    meshes, used = [], {}
+    for v in sorted(videos):
+        m = collect_meshes(str(v), step)
+        console.print(f"{v.name}: {len(m)} meshes")
+        if len(m):
+            meshes.append(m)
+            used[v.name] = sha256_file(v)
+    tpl = build_template(np.concatenate(meshes))
+    buf = io.BytesIO()
+    np.save(buf, tpl, allow_pickle=False)
+    atomic_write_bytes(out, buf.getvalue())
+    write_json(out.with_suffix(".json"), {"shape": list(tpl.shape), "units": "inter-ocular distance",
+                                          "frames": int(sum(len(m) for m in meshes)), "step": step, "sources": used})
+    console.print(f"wrote {out} ({tpl.shape})")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -14,6 +14,11 @@ from .tables import SCHEMA_VERSION, TABLES
 from .vocab import QUARANTINE_REASONS
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what a plain open() would give; mkstemp's 0600 is not wanted
+
+
 class SchemaError(ValueError):
     """A record or file does not match its declared storage schema."""
 
@@ -65,6 +70,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -95,6 +101,7 @@ def write_table(path: str | os.PathLike, name: str, data: pa.Table | Iterable[Ma
         pq.write_table(table, tmp, compression="zstd", write_statistics=True)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

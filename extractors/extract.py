@@ -1,0 +1,149 @@
+"""Per-frame extraction for the clips of one source: Face Mesh landmarks locked to the speaker, head
+pose, pose-normalised geometry, face crops, 30 fps audio features, transcripts and quality scores.
+
+Pure: returns arrays and records; the runner writes them through storage_schemas.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from storage_schemas import FPS
+
+from .audio_features import log_mel_30fps, rms_db_30fps
+from .config import ExtractConfig
+from .landmarks import MeshTracker
+from .media import decode_audio, iter_frames, open_video, timeline
+from .pose import (head_pose, load_template, mouth_opening, neutral_shape, normalise, to_metric)
+from .transcribe import clip_audio
+
+
+@dataclass
+class ClipFeatures:
+    clip_id: str
+    n_frames: int
+    tracked: np.ndarray  # (n,) bool
+    landmarks: np.ndarray  # (n, 478, 3) float32 image-normalised, NaN where untracked
+    conf: np.ndarray  # (n,) float32
+    rotation: np.ndarray  # (n, 3, 3)
+    translation: np.ndarray  # (n, 3) pixels
+    scale: np.ndarray  # (n,)
+    geometry: np.ndarray  # (n, 478, 3) pose-normalised mesh in template units (IOD), NaN where untracked
+    neutral: np.ndarray  # (478, 3)
+    crops: np.ndarray  # (n, S, S, 3) uint8 face crops (zeros where untracked)
+    audio_feat: np.ndarray  # (n, 80) log-mel
+    audio_db: np.ndarray  # (n,)
+    transcript: dict | None = None
+    quality: dict = field(default_factory=dict)
+
+
+def crop_face(frame: np.ndarray, lm_norm: np.ndarray, size: int, expand: float) -> np.ndarray:
+    """Square crop centred on the landmark box, side = expand x the box's larger side, resized."""
+    h, w = frame.shape[:2]
+    xs, ys = lm_norm[:, 0] * w, lm_norm[:, 1] * h
+    cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
+    side = max(xs.max() - xs.min(), ys.max() - ys.min()) * expand
+    # sample a size x size grid (nearest neighbour on a bilinear-free grid is enough at 64 px)
+    g = (np.arange(size) + 0.5) / size - 0.5
+    px = np.clip(np.round(cx + g * side).astype(int), 0, w - 1)
+    py = np.clip(np.round(cy + g * side).astype(int), 0, h - 1)
+    return frame[py[:, None], px[None, :]]
+
+
+def _quality(f: ClipFeatures, speech_db: np.ndarray) -> dict:
+    t = f.tracked
+    q = {"tracked_ratio": float(t.mean()), "landmark_conf": float(np.nanmean(np.where(t, f.conf, np.nan))) if t.any() else 0.0}
+    if t.sum() >= 3:
+        g = f.geometry[t]
+        # jitter: mean second difference of the normalised mesh (IOD units per frame^2)
+        q["jitter"] = float(np.linalg.norm(np.diff(g, 2, axis=0), axis=-1).mean()) if len(g) >= 3 else 0.0
+        mo = mouth_opening(f.geometry)  # NaN where untracked
+        q["lip_sync"] = lip_sync_proxy(mo, speech_db)
+    else:
+        q["jitter"], q["lip_sync"] = float("nan"), float("nan")
+    return q
+
+
+def lip_sync_proxy(mouth_open: np.ndarray, level_db: np.ndarray, max_lag: int = 3) -> float:
+    """Best Pearson correlation (lags within +-max_lag frames) between mouth opening and speech level."""
+    ok = ~np.isnan(mouth_open)
+    best = -1.0
+    for lag in range(-max_lag, max_lag + 1):
+        a = np.roll(mouth_open, lag)
+        m = ok & np.roll(ok, lag)
+        m[:max_lag] = m[-max_lag:] = False
+        if m.sum() < 10:
+            continue
+        x, y = a[m], level_db[m]
+        if x.std() < 1e-9 or y.std() < 1e-9:
+            continue
+        best = max(best, float(np.corrcoef(x, y)[0, 1]))
+    return best
+
+
+def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: ExtractConfig,
+                   transcriber=None, template: np.ndarray | None = None, timings: dict | None = None) -> list[ClipFeatures]:
+    """Extract every clip of one source in one sequential decoding pass."""
+    tm = timings if timings is not None else {}
+    tpl = load_template() if template is None else template
+    t0 = time.perf_counter()
+    audio = decode_audio(path)
+    tm["audio_decode_s"] = tm.get("audio_decode_s", 0) + time.perf_counter() - t0
+    vr = open_video(path, width, height, cfg.mesh_max_side)
+    tl = timeline(vr, 1e9)
+    clips = sorted(clips, key=lambda c: c["start_frame"])
+    need = np.concatenate([np.arange(c["start_frame"], c["start_frame"] + c["n_frames"]) for c in clips])
+    frames = iter_frames(vr, tl, need)
+    out = []
+    for c in clips:
+        n = c["n_frames"]
+        lms = np.full((n, 478, 3), np.nan, np.float32)
+        crops = np.zeros((n, cfg.crop_size, cfg.crop_size, 3), np.uint8)
+        box = c["face_box"]
+        fh = fw = None
+        with MeshTracker() as mt:
+            for i in range(n):
+                t0 = time.perf_counter()
+                _, frame = next(frames)
+                t1 = time.perf_counter()
+                lm = mt.process(frame, box)
+                t2 = time.perf_counter()
+                tm["decode_s"] = tm.get("decode_s", 0) + t1 - t0
+                tm["mesh_s"] = tm.get("mesh_s", 0) + t2 - t1
+                fh, fw = frame.shape[:2]
+                if lm is not None:
+                    lms[i] = lm
+                    crops[i] = crop_face(frame, lm, cfg.crop_size, cfg.crop_expand)
+                    box = [float(lm[:, 0].min()), float(lm[:, 1].min()), float(lm[:, 0].max()), float(lm[:, 1].max())]
+        t0 = time.perf_counter()
+        tracked = ~np.isnan(lms[:, 0, 0])
+        rot = np.full((n, 3, 3), np.nan, np.float32)
+        trans = np.full((n, 3), np.nan, np.float32)
+        scale = np.full(n, np.nan, np.float32)
+        conf = np.zeros(n, np.float32)
+        geom = np.full((n, 478, 3), np.nan, np.float32)
+        for i in np.flatnonzero(tracked):
+            m = to_metric(lms[i], fw, fh)
+            s, r, t, resid = head_pose(m, tpl)
+            rot[i], trans[i], scale[i] = r, t, s
+            conf[i] = float(np.exp(-((resid / cfg.conf_resid_scale) ** 2)))
+            geom[i] = normalise(m, s, r, t)
+        neutral = neutral_shape(geom[tracked], mouth_opening(geom[tracked])) if tracked.any() else np.full((478, 3), np.nan)
+        tm["pose_s"] = tm.get("pose_s", 0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        a = clip_audio(audio, c["start_s"], c["end_s"])
+        feat = log_mel_30fps(a, n)
+        level = rms_db_30fps(a, n)
+        tm["audio_feat_s"] = tm.get("audio_feat_s", 0) + time.perf_counter() - t0
+        f = ClipFeatures(c["clip_id"], n, tracked, lms, conf, rot, trans, scale, geom, neutral.astype(np.float32),
+                         crops, feat, level)
+        if transcriber is not None:
+            t0 = time.perf_counter()
+            tr = transcriber(a)
+            f.transcript = {"engine": tr.engine, "language": tr.language, "text": tr.text, "words": tr.words}
+            tm["transcribe_s"] = tm.get("transcribe_s", 0) + time.perf_counter() - t0
+        f.quality = _quality(f, level)
+        out.append(f)
+    return out
