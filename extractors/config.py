@@ -80,16 +80,36 @@ class ExtractConfig:
     mesh_max_side: int = 1280  # frames for Face Mesh are decoded at most this large
     crop_size: int = 64  # face crops for the GNPFA image encoders (square, RGB)
     crop_expand: float = 1.3  # crop side = this x the landmark box's larger side
-    conf_resid_scale: float = 0.03  # landmark_conf = exp(-(rigid-fit rms residual / this)^2), IOD units
+    conf_resid_scale: float = 0.03  # landmark_conf = exp(-(stable-point rms off the clip neutral / this)^2), IOD
     whisper_checkpoint: str | None = "base"  # name in ~/.cache/whisper or a path; falls back to pocketsphinx
     # quality thresholds: clips below them are dropped with a reason
     min_tracked_ratio: float = 0.9
     min_landmark_conf: float = 0.5
     max_jitter: float = 0.05
     min_lip_sync: float = -1.0  # off by default; the proxy is reported per clip
+    # GNPFA: a checkpoint folder (model.safetensors + config.json); empty = train a bootstrap on this run
+    gnpfa_checkpoint: str | None = None
+    gnpfa_z_dim: int = 32
+    gnpfa_hidden: int = 256
+    gnpfa_enc_width: int = 16
+    gnpfa_geometry_steps: int = 600
+    gnpfa_image_steps: int = 300
+    gnpfa_train_threads: int = 2  # fixed so bootstrap weights are reproducible across machines
+    device: str = "auto"  # auto | cpu | cuda
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExtractConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown extract config keys: {sorted(unknown)}; known: {sorted(known)}")
+        cfg = cls(**d)
+        if cfg.device not in ("auto", "cpu", "cuda"):
+            raise ValueError("device must be auto, cpu or cuda")
+        return cfg
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]

@@ -16,7 +16,7 @@ from .audio_features import log_mel_30fps, rms_db_30fps
 from .config import ExtractConfig
 from .landmarks import MeshTracker
 from .media import decode_audio, iter_frames, open_video, timeline
-from .pose import (head_pose, load_template, mouth_opening, neutral_shape, normalise, to_metric)
+from .pose import STABLE, head_pose, load_template, mouth_opening, neutral_shape, normalise, to_metric
 from .transcribe import clip_audio
 
 
@@ -128,9 +128,12 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
             m = to_metric(lms[i], fw, fh)
             s, r, t, resid = head_pose(m, tpl)
             rot[i], trans[i], scale[i] = r, t, s
-            conf[i] = float(np.exp(-((resid / cfg.conf_resid_scale) ** 2)))
             geom[i] = normalise(m, s, r, t)
         neutral = neutral_shape(geom[tracked], mouth_opening(geom[tracked])) if tracked.any() else np.full((478, 3), np.nan)
+        if tracked.any():
+            # confidence: how far the expression-free (stable) points sit from the speaker's own neutral
+            dev = np.sqrt(((geom[tracked][:, STABLE] - neutral[STABLE]) ** 2).sum(-1).mean(-1))
+            conf[tracked] = np.exp(-((dev / cfg.conf_resid_scale) ** 2))
         tm["pose_s"] = tm.get("pose_s", 0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         a = clip_audio(audio, c["start_s"], c["end_s"])
@@ -146,4 +149,32 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
             tm["transcribe_s"] = tm.get("transcribe_s", 0) + time.perf_counter() - t0
         f.quality = _quality(f, level)
         out.append(f)
+    return out
+
+
+_ARRAYS = ("tracked", "landmarks", "conf", "rotation", "translation", "scale", "geometry", "neutral", "crops",
+           "audio_feat", "audio_db")
+
+
+def features_to_npz(feats: list[ClipFeatures]) -> tuple[bytes, dict]:
+    """Serialise clip features without pickle: one .npz of plain arrays plus a JSON-able dict."""
+    import io
+
+    arrays, meta = {}, {}
+    for f in feats:
+        for k in _ARRAYS:
+            arrays[f"{f.clip_id}/{k}"] = getattr(f, k)
+        meta[f.clip_id] = {"n_frames": f.n_frames, "transcript": f.transcript, "quality": f.quality}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue(), meta
+
+
+def features_from_npz(path: str, meta: dict) -> list[ClipFeatures]:
+    with np.load(path, allow_pickle=False) as z:
+        out = []
+        for cid in sorted(meta):
+            kw = {k: z[f"{cid}/{k}"] for k in _ARRAYS}
+            out.append(ClipFeatures(clip_id=cid, n_frames=meta[cid]["n_frames"], transcript=meta[cid]["transcript"],
+                                    quality=meta[cid]["quality"], **kw))
     return out

@@ -40,9 +40,9 @@ def _source_row(uri: str, sha: str, size: int, pr: Probe | None) -> dict[str, An
 
 
 def quarantine_row(uri: str, source_id: str | None, reason: str, message: str, detail: dict | None = None,
-                   stage: str = "ingest") -> dict[str, Any]:
+                   stage: str = "ingest", clip_id: str | None = None) -> dict[str, Any]:
     return {"uri": uri, "source_id": source_id, "stage": stage, "reason": reason, "message": message,
-            "detail": json.dumps(detail, sort_keys=True, default=float) if detail else None}
+            "detail": json.dumps(detail, sort_keys=True, default=float) if detail else None, "clip_id": clip_id}
 
 
 class SourceAnalysis:

@@ -17,21 +17,38 @@ console = Console(stderr=True)
 
 
 def _load_config(config: Optional[Path], overrides: List[str]):
+    """(IngestConfig, ExtractConfig) from the embedded defaults, a YAML file with `ingest:` and
+    `extract:` sections, and --set KEY=VALUE (KEY may be prefixed `ingest.` / `extract.`)."""
+    import dataclasses
+
     import yaml
 
-    from extractors.config import IngestConfig
+    from extractors.config import ExtractConfig, IngestConfig
 
-    d: dict = {}
+    sections = {"ingest": {}, "extract": {}}
+    fields = {name: {f.name for f in dataclasses.fields(c)} for name, c in (("ingest", IngestConfig),
+                                                                             ("extract", ExtractConfig))}
     if config:
         doc = yaml.safe_load(config.read_text()) or {}
-        d.update(doc.get("ingest", doc))
+        unknown = set(doc) - set(sections)
+        if unknown:
+            raise typer.BadParameter(f"config sections must be 'ingest' and 'extract', got {sorted(unknown)}")
+        for k in sections:
+            sections[k].update(doc.get(k) or {})
     for ov in overrides:
         if "=" not in ov:
             raise typer.BadParameter(f"--set expects KEY=VALUE, got {ov!r}")
         k, v = ov.split("=", 1)
-        d[k.strip()] = yaml.safe_load(v)
+        k = k.strip()
+        sec, _, key = k.rpartition(".")
+        if not sec:
+            owners = [n for n, fs in fields.items() if key in fs]
+            sec = owners[0] if len(owners) == 1 else "ingest"  # unknown keys are reported by ingest
+        if sec not in sections:
+            raise typer.BadParameter(f"unknown config section {sec!r}")
+        sections[sec][key] = yaml.safe_load(v)
     try:
-        return IngestConfig.from_dict(d)
+        return IngestConfig.from_dict(sections["ingest"]), ExtractConfig.from_dict(sections["extract"])
     except (ValueError, TypeError) as e:
         raise typer.BadParameter(str(e)) from e
 
@@ -44,12 +61,16 @@ def run(
     set_: List[str] = typer.Option([], "--set", help="Override one config key, e.g. --set min_clip_s=3."),
     executor: str = typer.Option("ray", help="'ray' (local Ray, or the cluster in RAY_ADDRESS) or 'local' (in-process)."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for the local Ray (default: all)."),
+    stages: str = typer.Option("ingest,extract", help="Comma-separated stages to run, in order."),
 ):
     """Run the M2F-D job on SRC and write the dataset to --out."""
-    from pipelines.ingest import run_ingest
+    from pipelines.job import STAGES, run_job
     from pipelines.lock import DatasetLocked
 
-    cfg = _load_config(config, set_)
+    icfg, ecfg = _load_config(config, set_)
+    wanted = tuple(x.strip() for x in stages.split(",") if x.strip())
+    if not set(wanted) <= set(STAGES):
+        raise typer.BadParameter(f"--stages must be among {STAGES}")
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as prog:
         tasks: dict[str, int] = {}
@@ -60,13 +81,21 @@ def run(
             prog.update(tasks[stage], completed=done, total=total)
 
         try:
-            s = run_ingest(src, out, cfg, executor=executor, num_cpus=num_cpus, progress=tick)
+            res = run_job(src, out, icfg, ecfg, executor=executor, num_cpus=num_cpus, stages=wanted, progress=tick,
+                          log=lambda m: prog.console.print(f"[dim]{m}[/dim]"))
         except DatasetLocked as e:
             console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(3)
-    console.print(f"[green]done[/green]: {s.n_inputs} inputs, {s.n_sources} sources, {s.n_clips} clips "
-                  f"({s.clip_hours * 3600:.1f} s), quarantined {sum(s.quarantine.values())} "
-                  f"{dict(sorted(s.quarantine.items()))}; analysed {s.analysed}, reused {s.reused} -> {out}")
+    s = res["ingest"]
+    console.print(f"[green]ingest[/green]: {s.n_inputs} inputs, {s.n_sources} sources, {s.n_clips} clips "
+                  f"({s.clip_hours * 3600:.1f} s); analysed {s.analysed}, reused {s.reused}")
+    if "extract" in res:
+        e = res["extract"]
+        console.print(f"[green]extract[/green]: {e['frames']} frames, {e['clips_ok']} clips ok, {e['clips_dropped']} "
+                      f"dropped; GNPFA {e['gnpfa']['kind']} {e['gnpfa']['sha256'][:12]}; transcripts by "
+                      f"{', '.join(e['engines']) or '-'}")
+    card = json.loads((out / "dataset.json").read_text())
+    console.print(f"[green]done[/green]: quarantine {card['counts']['quarantine']} -> {out}")
 
 
 @app.command()
@@ -109,11 +138,11 @@ def show_config(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config to merge over the defaults."),
     set_: List[str] = typer.Option([], "--set", help="Override one key, e.g. --set detect_fps=15."),
 ):
-    """Print the effective ingest config (embedded defaults plus overrides) as YAML."""
+    """Print the effective config (embedded defaults plus overrides) as YAML."""
     import yaml
 
-    cfg = _load_config(config, set_)
-    sys.stdout.write(yaml.safe_dump({"ingest": cfg.to_dict()}, sort_keys=True))
+    icfg, ecfg = _load_config(config, set_)
+    sys.stdout.write(yaml.safe_dump({"ingest": icfg.to_dict(), "extract": ecfg.to_dict()}, sort_keys=True))
 
 
 template_app = typer.Typer(help="The canonical face template used for head pose.", no_args_is_help=True)

@@ -17,12 +17,7 @@ from extractors.discover import InputRef, discover
 from extractors.errors import Reject
 from extractors.ingest import analyse, quarantine_row, source_id_of
 from extractors.probe import fetch
-from storage_schemas import SCHEMA_VERSION, atomic_write_bytes, table_path, write_json, write_table
-from storage_schemas.dataset import CARD
-
-from .executors import make_executor
-from .lineage import code_version
-from .lock import DatasetLock
+from storage_schemas import atomic_write_bytes, table_path, write_table
 
 PARTS = Path("parts") / "ingest"
 
@@ -56,77 +51,65 @@ def _analyse_task(args: tuple[dict, dict, str]) -> dict:
     return result
 
 
-def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | None = None, executor: str = "ray",
-               num_cpus: int | None = None, progress: Callable[[str, int, int], None] | None = None) -> IngestSummary:
+def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | None = None, ex=None,
+               progress: Callable[[str, int, int], None] | None = None) -> IngestSummary:
+    """Ingest stage. The caller holds the dataset lock and owns the executor (see pipelines.job)."""
     cfg = cfg or IngestConfig()
     cfg.check()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tick = progress or (lambda stage, done, total: None)
-    with DatasetLock(out):
-        refs = discover(sources, cfg.extensions)
-        summary = IngestSummary(n_inputs=len(refs))
-        quarantine = [quarantine_row(r.uri, None, r.problem, r.message or r.problem, stage="discover")
-                      for r in refs if r.problem]
-        good: list[InputRef] = [r for r in refs if not r.problem]
-        ex = make_executor(executor, num_cpus)
-        try:
-            fetched = []
-            for i, (_, res) in enumerate(ex.map_unordered(_fetch_task, [(r.uri, str(out / "cache")) for r in good])):
-                tick("hash", i + 1, len(good))
-                if "reject" in res:
-                    quarantine.append(res["reject"])
-                else:
-                    fetched.append(res)
-            # dedupe by content: the lexicographically first URI of each hash is kept
-            fetched.sort(key=lambda f: f["uri"])
-            unique: dict[str, dict] = {}
-            for f in fetched:
-                if f["sha256"] in unique:
-                    keep = unique[f["sha256"]]["uri"]
-                    quarantine.append(quarantine_row(f["uri"], source_id_of(f["sha256"]), "duplicate",
-                                                     f"same bytes (sha256 {f['sha256'][:16]}) as {keep}",
-                                                     {"kept": keep}))
-                else:
-                    unique[f["sha256"]] = f
-            digest = cfg.digest()
-            results, todo = [], []
-            for f in unique.values():
-                part = out / PARTS / f"{f['sha256'][:32]}-{digest}.json"
-                cached = _load_part(part, f["uri"])
-                if cached is not None:
-                    results.append(cached)
-                else:
-                    todo.append((f, cfg.to_dict(), str(part)))
-            summary.reused = len(results)
-            tick("analyse", len(results), len(unique))
-            for _, res in ex.map_unordered(_analyse_task, todo):
-                results.append(res)
-                for k, v in res.get("metrics", {}).items():
-                    summary.stage_seconds[k] = summary.stage_seconds.get(k, 0) + v
-                tick("analyse", len(results), len(unique))
-            summary.analysed = len(todo)
-        finally:
-            ex.close()
-        src_rows = sorted((r["source"] for r in results), key=lambda r: r["source_id"])
-        clip_rows = sorted((c for r in results for c in r["clips"]), key=lambda c: c["clip_id"])
-        quarantine += [q for r in results for q in r["quarantine"]]
-        quarantine.sort(key=lambda q: (q["uri"], q["stage"], q["reason"]))
-        write_table(table_path(out, "sources"), "sources", src_rows)
-        write_table(table_path(out, "clips"), "clips", clip_rows)
-        write_table(table_path(out, "quarantine"), "quarantine", quarantine)
-        summary.n_sources = len(src_rows)
-        summary.n_clips = len(clip_rows)
-        summary.clip_hours = round(sum(c["duration_s"] for c in clip_rows) / 3600, 6)
-        for q in quarantine:
-            summary.quarantine[q["reason"]] = summary.quarantine.get(q["reason"], 0) + 1
-        write_json(out / CARD, {
-            "name": "M2F-D", "schema_version": SCHEMA_VERSION,
-            "lineage": {"code": code_version(), "config": {"ingest": cfg.to_dict()}, "config_digest": digest,
-                        "checkpoints": {"mediapipe_face_detection": f"model_selection={cfg.face_model}"}},
-            "counts": {"inputs": summary.n_inputs, "sources": summary.n_sources, "clips": summary.n_clips,
-                       "clip_hours": summary.clip_hours, "quarantine": dict(sorted(summary.quarantine.items()))},
-        })
+    refs = discover(sources, cfg.extensions)
+    summary = IngestSummary(n_inputs=len(refs))
+    quarantine = [quarantine_row(r.uri, None, r.problem, r.message or r.problem, stage="discover")
+                  for r in refs if r.problem]
+    good: list[InputRef] = [r for r in refs if not r.problem]
+    fetched = []
+    for i, (_, res) in enumerate(ex.map_unordered(_fetch_task, [(r.uri, str(out / "cache")) for r in good])):
+        tick("hash", i + 1, len(good))
+        if "reject" in res:
+            quarantine.append(res["reject"])
+        else:
+            fetched.append(res)
+    # dedupe by content: the lexicographically first URI of each hash is kept
+    fetched.sort(key=lambda f: f["uri"])
+    unique: dict[str, dict] = {}
+    for f in fetched:
+        if f["sha256"] in unique:
+            keep = unique[f["sha256"]]["uri"]
+            quarantine.append(quarantine_row(f["uri"], source_id_of(f["sha256"]), "duplicate",
+                                             f"same bytes (sha256 {f['sha256'][:16]}) as {keep}", {"kept": keep}))
+        else:
+            unique[f["sha256"]] = f
+    digest = cfg.digest()
+    results, todo = [], []
+    for f in unique.values():
+        part = out / PARTS / f"{f['sha256'][:32]}-{digest}.json"
+        cached = _load_part(part, f["uri"])
+        if cached is not None:
+            results.append(cached)
+        else:
+            todo.append((f, cfg.to_dict(), str(part)))
+    summary.reused = len(results)
+    tick("analyse", len(results), len(unique))
+    for _, res in ex.map_unordered(_analyse_task, todo):
+        results.append(res)
+        for k, v in res.get("metrics", {}).items():
+            summary.stage_seconds[k] = summary.stage_seconds.get(k, 0) + v
+        tick("analyse", len(results), len(unique))
+    summary.analysed = len(todo)
+    src_rows = sorted((r["source"] for r in results), key=lambda r: r["source_id"])
+    clip_rows = sorted((c for r in results for c in r["clips"]), key=lambda c: c["clip_id"])
+    quarantine += [q for r in results for q in r["quarantine"]]
+    quarantine.sort(key=lambda q: (q["uri"], q["stage"], q["reason"]))
+    write_table(table_path(out, "sources"), "sources", src_rows)
+    write_table(table_path(out, "clips"), "clips", clip_rows)
+    write_table(table_path(out, "quarantine"), "quarantine", quarantine)
+    summary.n_sources = len(src_rows)
+    summary.n_clips = len(clip_rows)
+    summary.clip_hours = round(sum(c["duration_s"] for c in clip_rows) / 3600, 6)
+    for q in quarantine:
+        summary.quarantine[q["reason"]] = summary.quarantine.get(q["reason"], 0) + 1
     return summary
 
 

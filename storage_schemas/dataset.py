@@ -6,15 +6,26 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .io import read_table
-from .tables import TABLES
+import pyarrow.parquet as pq
+
+from .io import SchemaError, read_table
+from .tables import PARTITIONED, TABLES
 
 TABLES_DIR = "tables"
 CARD = "dataset.json"
 
 
-def table_path(root: str | Path, name: str) -> Path:
+def table_path(root: str | Path, name: str, part: str | None = None) -> Path:
+    """File of a table, or of one part of a partitioned table (a folder of Parquet files)."""
+    if name in PARTITIONED:
+        base = Path(root) / TABLES_DIR / name
+        return base / f"{part}.parquet" if part is not None else base
     return Path(root) / TABLES_DIR / f"{name}.parquet"
+
+
+def _present(root: Path, name: str) -> bool:
+    p = table_path(root, name)
+    return p.is_dir() and any(p.glob("*.parquet")) if name in PARTITIONED else p.is_file()
 
 
 class Dataset:
@@ -24,7 +35,7 @@ class Dataset:
         self.root = Path(root)
         if not (self.root / TABLES_DIR).is_dir():
             raise FileNotFoundError(f"{self.root} is not an M2F-D dataset (no {TABLES_DIR}/ folder)")
-        self.tables = [n for n in TABLES if table_path(self.root, n).is_file()]
+        self.tables = [n for n in TABLES if _present(self.root, n)]
 
     @property
     def card(self) -> dict:
@@ -34,16 +45,31 @@ class Dataset:
     def table(self, name: str) -> pa.Table:
         if name not in self.tables:
             raise KeyError(f"table {name!r} not in dataset {self.root}; present: {self.tables}")
+        if name in PARTITIONED:
+            parts = sorted(table_path(self.root, name).glob("*.parquet"))
+            return pa.concat_tables([read_table(p, name) for p in parts])
         return read_table(table_path(self.root, name), name)
+
+    def _check(self, name: str) -> None:
+        """Schema name and version check from Parquet footers only (cheap, no data read)."""
+        from .tables import SCHEMA_VERSION
+
+        paths = sorted(table_path(self.root, name).glob("*.parquet")) if name in PARTITIONED else [table_path(self.root, name)]
+        for p in paths:
+            md = pq.read_schema(p).metadata or {}
+            v = md.get(b"m2fd.schema_version", b"").decode()
+            if md.get(b"m2fd.table", b"").decode() != name or v.split(".")[:1] != SCHEMA_VERSION.split(".")[:1]:
+                raise SchemaError(f"{p}: not an M2F-D {name!r} table of schema {SCHEMA_VERSION} (found {v!r})")
 
     def connect(self):
         import duckdb
 
         con = duckdb.connect(":memory:")
         for name in self.tables:
-            read_table(table_path(self.root, name), name)  # schema/version check before exposing it
-            p = str(table_path(self.root, name)).replace("'", "''")
-            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{p}')")
+            self._check(name)
+            p = table_path(self.root, name)
+            src = str(p / "*.parquet" if name in PARTITIONED else p).replace("'", "''")
+            con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{src}')")
         return con
 
     def query(self, sql: str) -> pa.Table:

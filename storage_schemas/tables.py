@@ -75,22 +75,56 @@ QUARANTINE = pa.schema(
         _f("reason", pa.string(), doc="one of storage_schemas.vocab.QUARANTINE_REASONS"),
         _f("message", pa.string(), doc="human explanation with specifics"),
         _f("detail", pa.string(), True, "JSON with measured values behind the decision"),
+        _f("clip_id", pa.string(), True, "set when one clip (not the whole input) was rejected"),
     ]
 )
 
-# --- planned tables, filled by later stages (fields fixed now so writers can target them) ---
+N_LANDMARKS = 478
+N_MELS = 80
+
+# Per-frame extraction, one Parquet part per source under tables/frames/.
 FRAMES = pa.schema(
     [
         _f("clip_id", pa.string()),
         _f("frame", pa.int32(), doc="index on the clip's 30 fps grid"),
-        _f("t_s", pa.float64()),
-        _f("tracked", pa.bool_(), doc="false where landmark tracking failed (values are then null)"),
-        _f("landmarks", pa.list_(pa.float32(), 478 * 3), True, "MediaPipe 478x3, image-normalised"),
-        _f("landmark_conf", pa.float32(), True),
-        _f("rotation", pa.list_(pa.float32(), 9), True, "head rotation matrix, row-major"),
-        _f("translation", pa.list_(pa.float32(), 3), True),
-        _f("scale", pa.float32(), True),
-        _f("gnpfa_z", pa.list_(pa.float32()), True, "GNPFA expression latent"),
+        _f("t_s", pa.float64(), doc="time on the source timeline"),
+        _f("tracked", pa.bool_(), doc="false where Face Mesh lost the speaker (pose/landmark fields are then null)"),
+        _f("landmarks", pa.list_(pa.float32(), N_LANDMARKS * 3), True,
+           "MediaPipe Face Mesh 478x3 (x, y image-normalised; z in x's scale), row-major"),
+        _f("landmark_conf", pa.float32(), doc="exp(-(rms of stable points off the clip's neutral / 0.03 IOD)^2)"),
+        _f("rotation", pa.list_(pa.float32(), 9), True, "head rotation (mesh path), row-major 3x3"),
+        _f("translation", pa.list_(pa.float32(), 3), True, "pixels, display frame"),
+        _f("scale", pa.float32(), True, "pixels per template unit (inter-ocular distance)"),
+        _f("yaw", pa.float32(), True, "degrees"),
+        _f("pitch", pa.float32(), True, "degrees"),
+        _f("roll", pa.float32(), True, "degrees"),
+        _f("mouth_open", pa.float32(), True, "inner-lip gap, IOD units"),
+        _f("gnpfa_z", pa.list_(pa.float32()), True, "GNPFA expression latent (VAE posterior mean of the mesh path)"),
+        _f("gnpfa_recon_err", pa.float32(), True, "mean vertex error of the VAE round trip, % of IOD"),
+        _f("image_z", pa.list_(pa.float32()), True, "GNPFA latent from the image encoder (face crop)"),
+        _f("image_rotation", pa.list_(pa.float32(), 9), True, "head rotation from the image pose encoder"),
+        _f("audio_mel", pa.list_(pa.float32(), N_MELS), doc="Whisper 80-bin log-mel, mean over the frame's 1/30 s"),
+        _f("audio_db", pa.float32(), doc="RMS level over the frame's 1/30 s, dBFS"),
+    ]
+)
+
+CLIP_FEATURES = pa.schema(
+    [
+        _f("clip_id", pa.string()),
+        _f("source_id", pa.string()),
+        _f("status", pa.string(), doc="'ok' or 'dropped' (reason in drop_reason and the quarantine table)"),
+        _f("drop_reason", pa.string(), True),
+        _f("n_frames", pa.int32()),
+        _f("tracked_ratio", pa.float32()),
+        _f("landmark_conf", pa.float32(), doc="mean over tracked frames"),
+        _f("jitter", pa.float32(), True, "mean |second difference| of the normalised mesh, IOD/frame^2"),
+        _f("lip_sync", pa.float32(), True, "best correlation (+-3 frames) of mouth opening with speech level"),
+        _f("recon_err", pa.float32(), True, "mean GNPFA round-trip error, % IOD"),
+        _f("image_pose_err_deg", pa.float32(), True, "image vs mesh head rotation, mean geodesic degrees"),
+        _f("image_latent_rel_err", pa.float32(), True, "|z_image - z_mesh| / |z_mesh|, mean"),
+        _f("neutral", pa.list_(pa.float32(), N_LANDMARKS * 3), True, "speaker's neutral geometry, template frame"),
+        _f("gnpfa_checkpoint", pa.string(), doc="sha256 of the GNPFA weights used"),
+        _f("transcript_engine", pa.string(), True),
     ]
 )
 
@@ -133,9 +167,12 @@ TABLES: dict[str, pa.Schema] = {
     "clips": CLIPS,
     "quarantine": QUARANTINE,
     "frames": FRAMES,
+    "clip_features": CLIP_FEATURES,
     "transcripts": TRANSCRIPTS,
     "labels": LABELS,
     "shards": SHARDS,
 }
 # Tables written by the stages that exist now; the others are planned.
-ACTIVE_TABLES = ("sources", "clips", "quarantine")
+ACTIVE_TABLES = ("sources", "clips", "quarantine", "frames", "clip_features", "transcripts")
+# Tables stored as a folder of Parquet parts (one per source) rather than one file.
+PARTITIONED = ("frames",)

@@ -19,6 +19,11 @@ QUARANTINE_REASONS: dict[str, str] = {
     "face_too_small": "faces were detected but none reaches the minimum usable size",
     "multiple_faces": "more than one usable face is visible wherever a face is visible",
     "fetch_error": "the remote URL could not be read",
+    # extraction quality (stage "extract", one row per dropped clip)
+    "low_tracking": "Face Mesh lost the speaker in too many frames of the clip",
+    "low_landmark_conf": "landmarks are inconsistent with the speaker's own rigid shape",
+    "jittery": "the normalised mesh shakes more than the configured limit",
+    "poor_lip_sync": "mouth opening does not follow the speech level",
 }
 
-QUARANTINE_STAGES = ("discover", "ingest")
+QUARANTINE_STAGES = ("discover", "ingest", "extract")

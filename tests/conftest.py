@@ -27,3 +27,15 @@ def cases(tmp_path_factory, real_dir):
     from samples import make_cases
 
     return make_cases(tmp_path_factory.mktemp("cases"), real_dir)
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory, real_dir):
+    """The whole job (ingest + extract) on the shared real videos, on a local Ray."""
+    out = tmp_path_factory.mktemp("ds")
+    from pipelines.job import run_job
+
+    res = run_job([str(real_dir)], out, executor="ray", num_cpus=2, log=lambda m: None)
+    return out, res["ingest"]
+
+

@@ -8,19 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.ingest import run_ingest
+from pipelines.job import run_job
 from pipelines.lock import DatasetLock, DatasetLocked
 from storage_schemas import open_dataset, table_path
 
 REPO = Path(__file__).resolve().parents[1]
 M2FD = [sys.executable, "-m", "pipelines.cli"]
-
-
-@pytest.fixture(scope="module")
-def real_run(tmp_path_factory, real_dir):
-    out = tmp_path_factory.mktemp("ds")
-    summary = run_ingest([str(real_dir)], out, executor="ray", num_cpus=2)
-    return out, summary
 
 
 def test_real_videos_yield_clips_and_explained_quarantine(real_run, real_dir):
@@ -47,24 +40,31 @@ def test_real_videos_yield_clips_and_explained_quarantine(real_run, real_dir):
     assert card["lineage"]["config_digest"] and card["lineage"]["code"]["package"]
 
 
+def _table_bytes(out):
+    files = sorted((out / "tables").rglob("*.parquet"))
+    return {str(p.relative_to(out)): p.read_bytes() for p in files}
+
+
 def test_rerun_reuses_parts_and_is_byte_identical(real_run, real_dir, tmp_path):
     out, _ = real_run
-    before = {n: table_path(out, n).read_bytes() for n in ("sources", "clips", "quarantine")}
-    s = run_ingest([str(real_dir)], out, executor="local")
+    before = _table_bytes(out)
+    assert len(before) == 5 + 3  # 5 single-file tables + 3 frames parts (one per source with clips)
+    s = run_job([str(real_dir)], out, executor="local", log=lambda m: None)["ingest"]
     assert s.reused == 5 and s.analysed == 0
-    assert {n: table_path(out, n).read_bytes() for n in before} == before
+    assert _table_bytes(out) == before
     # a torn part file is recomputed, not trusted, and the result is the same
     part = sorted((out / "parts" / "ingest").glob("*.json"))[0]
     part.write_text("{ torn")
-    s = run_ingest([str(real_dir)], out, executor="local")
+    s = run_job([str(real_dir)], out, executor="local", stages=("ingest",), log=lambda m: None)["ingest"]
     assert s.analysed == 1
-    assert {n: table_path(out, n).read_bytes() for n in before} == before
+    assert {k: v for k, v in _table_bytes(out).items() if "frames" not in k} == \
+        {k: v for k, v in before.items() if "frames" not in k}
 
 
 def test_second_writer_gets_a_clear_lock_error(tmp_path, real_dir):
     with DatasetLock(tmp_path):
         with pytest.raises(DatasetLocked, match="being written by another run"):
-            run_ingest([str(real_dir / "d12.mp4")], tmp_path, executor="local")
+            run_job([str(real_dir / "d12.mp4")], tmp_path, executor="local")
 
 
 def test_cli_run_mixed_folder_manifest_and_query(tmp_path, cases, real_dir):
@@ -76,10 +76,11 @@ def test_cli_run_mixed_folder_manifest_and_query(tmp_path, cases, real_dir):
     manifest.write_text("\n".join(json.dumps({"path": p}) for p in [str(real_dir / "d12.mp4"), "missing.mp4"]))
     out = tmp_path / "D"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run(M2FD + ["run", str(src), str(manifest), "--out", str(out), "--num-cpus", "2"],
+    r = subprocess.run(M2FD + ["run", str(src), str(manifest), "--out", str(out), "--num-cpus", "2",
+                               "--stages", "ingest"],
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "done:" in r.stderr
+    assert "done:" in r.stderr and "ingest:" in r.stderr
     q = subprocess.run(M2FD + ["query", str(out), "select reason, count(*) as n from quarantine group by 1 order by 1",
                                "--format", "json"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert q.returncode == 0, q.stderr
@@ -101,7 +102,8 @@ def test_cli_help_on_every_command():
 
 
 def test_config_overrides_are_checked(tmp_path):
-    r = subprocess.run(M2FD + ["config", "--set", "min_clip_s=3"], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0 and "min_clip_s: 3.0" in r.stdout
+    r = subprocess.run(M2FD + ["config", "--set", "min_clip_s=3", "--set", "extract.crop_size=96"],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and "min_clip_s: 3.0" in r.stdout and "crop_size: 96" in r.stdout
     r = subprocess.run(M2FD + ["config", "--set", "no_such_key=1"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode != 0 and "unknown ingest config keys" in r.stderr

@@ -9,7 +9,8 @@ from storage_schemas import (QUARANTINE_REASONS, SCHEMA_VERSION, TABLES, SchemaE
 
 
 def _q(**kw):
-    row = {"uri": "/x.mp4", "source_id": None, "stage": "ingest", "reason": "no_face", "message": "m", "detail": None}
+    row = {"uri": "/x.mp4", "source_id": None, "stage": "ingest", "reason": "no_face", "message": "m", "detail": None,
+           "clip_id": None}
     row.update(kw)
     return row
 

@@ -1,0 +1,95 @@
+"""GNPFA wiring: use a provided checkpoint or train (and cache) a bootstrap on this run's meshes;
+encode on a Ray GPU worker when the cluster has one, else locally."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from extractors.config import ExtractConfig
+
+
+def _gcfg(cfg: ExtractConfig):
+    from models.gnpfa import GNPFAConfig
+
+    return GNPFAConfig(z_dim=cfg.gnpfa_z_dim, hidden=cfg.gnpfa_hidden, crop_size=cfg.crop_size,
+                       enc_width=cfg.gnpfa_enc_width)
+
+
+def _device(cfg: ExtractConfig) -> str:
+    import torch
+
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def obtain_gnpfa(out: Path, cfg: ExtractConfig, train: dict, log: Callable[[str], None] = print) -> tuple[Path, str, dict]:
+    """Return (checkpoint dir, weights sha256, lineage info)."""
+    if cfg.gnpfa_checkpoint:
+        from models.gnpfa import load_checkpoint
+
+        d = Path(cfg.gnpfa_checkpoint)
+        _, _, enc, sha = load_checkpoint(d)
+        if enc is None:
+            raise ValueError(f"GNPFA checkpoint {d} has no image encoder")
+        return d, sha, {"kind": "provided", "path": str(d)}
+    import torch
+
+    from models.gnpfa import save_checkpoint, train_geometry, train_image
+
+    h = hashlib.sha256()
+    for k in ("offsets", "neutrals", "crops", "rotations"):
+        h.update(np.ascontiguousarray(train[k]).tobytes())
+    h.update(repr(sorted((k, v) for k, v in cfg.to_dict().items() if k.startswith("gnpfa"))).encode())
+    key = h.hexdigest()[:16]
+    d = out / "models" / f"gnpfa-bootstrap-{key}"
+    if (d / "config.json").is_file():
+        from models.gnpfa import load_checkpoint
+
+        sha = load_checkpoint(d)[3]
+        return d, sha, {"kind": "bootstrap", "path": str(d.relative_to(out)), "reused": True}
+    if len(train["offsets"]) < 16:
+        raise RuntimeError(f"only {len(train['offsets'])} tracked frames: too few to bootstrap GNPFA; "
+                           f"provide --set gnpfa_checkpoint=DIR")
+    g = _gcfg(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.gnpfa_train_threads)  # fixed thread count: reproducible CPU reductions
+    try:
+        log(f"GNPFA bootstrap: training on {len(train['offsets'])} frames of this run (no checkpoint configured)")
+        vae = train_geometry(train["offsets"], train["neutrals"], g, steps=cfg.gnpfa_geometry_steps, log=log)
+        enc = train_image(train["crops"], train["offsets"], train["neutrals"], train["rotations"], vae, g,
+                          steps=cfg.gnpfa_image_steps, log=log)
+    finally:
+        torch.set_num_threads(threads)
+    sha = save_checkpoint(d, g, vae, enc, meta={"kind": "bootstrap", "trained_on_frames": len(train["offsets"]),
+                                                "data_key": key, "geometry_steps": cfg.gnpfa_geometry_steps,
+                                                "image_steps": cfg.gnpfa_image_steps})
+    return d, sha, {"kind": "bootstrap", "path": str(d.relative_to(out)), "reused": False}
+
+
+def _encode(args: tuple) -> dict:
+    ckpt_dir, train, device = args
+    from models.gnpfa import encode_images, load_checkpoint, reconstruct
+
+    _, vae, enc, _ = load_checkpoint(ckpt_dir, device=device)
+    z, dec = reconstruct(vae, train["offsets"], train["neutrals"], device=device)
+    recon_err = np.linalg.norm(dec - train["offsets"], axis=-1).mean(-1) * 100  # % of IOD
+    iz, ir = encode_images(enc, train["crops"], device=device)
+    return {"z": z, "recon_err": recon_err.astype(np.float32), "image_z": iz, "image_rot": ir}
+
+
+def encode_all(ckpt_dir: Path, train: dict, cfg: ExtractConfig, on_ray: bool = False) -> dict:
+    """Mesh path (VAE mean + round-trip error) and image path for all tracked frames.
+
+    With Ray and a GPU in the cluster, runs as a num_gpus=1 task; otherwise in this process."""
+    if on_ray and cfg.device != "cpu":
+        import ray
+
+        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1:
+            ref = ray.remote(num_gpus=1, max_retries=2)(_encode).remote((str(ckpt_dir), train, "cuda"))
+            return ray.get(ref)
+    return _encode((str(ckpt_dir), train, _device(cfg)))
