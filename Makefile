@@ -23,6 +23,8 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench_ingest.py --real $(REAL)
+	$(PY) -m pipelines.cli run $(REAL) --out out/bench-real
+	$(PY) bench/bench_gnpfa.py --dataset out/bench-real
 
 clean:
 	rm -rf out examples/samples .pytest_cache

@@ -52,7 +52,7 @@ def crop_face(frame: np.ndarray, lm_norm: np.ndarray, size: int, expand: float) 
     return frame[py[:, None], px[None, :]]
 
 
-def _quality(f: ClipFeatures, speech_db: np.ndarray) -> dict:
+def _quality(f: ClipFeatures) -> dict:
     t = f.tracked
     q = {"tracked_ratio": float(t.mean()), "landmark_conf": float(np.nanmean(np.where(t, f.conf, np.nan))) if t.any() else 0.0}
     if t.sum() >= 3:
@@ -60,23 +60,32 @@ def _quality(f: ClipFeatures, speech_db: np.ndarray) -> dict:
         # jitter: mean second difference of the normalised mesh (IOD units per frame^2)
         q["jitter"] = float(np.linalg.norm(np.diff(g, 2, axis=0), axis=-1).mean()) if len(g) >= 3 else 0.0
         mo = mouth_opening(f.geometry)  # NaN where untracked
-        q["lip_sync"] = lip_sync_proxy(mo, speech_db)
+        q["lip_sync"] = lip_sync_proxy(mo, speech_envelope(f.audio_feat))
     else:
         q["jitter"], q["lip_sync"] = float("nan"), float("nan")
     return q
 
 
-def lip_sync_proxy(mouth_open: np.ndarray, level_db: np.ndarray, max_lag: int = 3) -> float:
-    """Best Pearson correlation (lags within +-max_lag frames) between mouth opening and speech level."""
+def speech_envelope(audio_mel: np.ndarray) -> np.ndarray:
+    """Per-frame speech-band energy: mean of the log-mel bins covering roughly 100 Hz - 2.5 kHz."""
+    return audio_mel[:, 5:50].mean(axis=1)
+
+
+def lip_sync_proxy(mouth_open: np.ndarray, envelope: np.ndarray, max_lag: int = 6, smooth: int = 5) -> float:
+    """Best Pearson correlation, over lags within +-max_lag frames (200 ms), between the mouth opening and
+    the speech envelope, both smoothed over ``smooth`` frames. NaN (untracked) frames are left out."""
     ok = ~np.isnan(mouth_open)
+    k = np.ones(smooth) / smooth
+    mo = np.convolve(np.where(ok, mouth_open, np.nanmean(mouth_open) if ok.any() else 0.0), k, "same")
+    env = np.convolve(envelope, k, "same")
     best = -1.0
     for lag in range(-max_lag, max_lag + 1):
-        a = np.roll(mouth_open, lag)
+        a = np.roll(mo, lag)
         m = ok & np.roll(ok, lag)
-        m[:max_lag] = m[-max_lag:] = False
+        m[:max_lag] = m[len(m) - max_lag:] = False
         if m.sum() < 10:
             continue
-        x, y = a[m], level_db[m]
+        x, y = a[m], env[m]
         if x.std() < 1e-9 or y.std() < 1e-9:
             continue
         best = max(best, float(np.corrcoef(x, y)[0, 1]))
@@ -102,7 +111,6 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
         lms = np.full((n, 478, 3), np.nan, np.float32)
         crops = np.zeros((n, cfg.crop_size, cfg.crop_size, 3), np.uint8)
         box = c["face_box"]
-        fh = fw = None
         with MeshTracker() as mt:
             for i in range(n):
                 t0 = time.perf_counter()
@@ -112,7 +120,6 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
                 t2 = time.perf_counter()
                 tm["decode_s"] = tm.get("decode_s", 0) + t1 - t0
                 tm["mesh_s"] = tm.get("mesh_s", 0) + t2 - t1
-                fh, fw = frame.shape[:2]
                 if lm is not None:
                     lms[i] = lm
                     crops[i] = crop_face(frame, lm, cfg.crop_size, cfg.crop_expand)
@@ -125,7 +132,7 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
         conf = np.zeros(n, np.float32)
         geom = np.full((n, 478, 3), np.nan, np.float32)
         for i in np.flatnonzero(tracked):
-            m = to_metric(lms[i], fw, fh)
+            m = to_metric(lms[i], width, height)  # display pixels, whatever size was decoded
             s, r, t, resid = head_pose(m, tpl)
             rot[i], trans[i], scale[i] = r, t, s
             geom[i] = normalise(m, s, r, t)
@@ -147,7 +154,7 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
             tr = transcriber(a)
             f.transcript = {"engine": tr.engine, "language": tr.language, "text": tr.text, "words": tr.words}
             tm["transcribe_s"] = tm.get("transcribe_s", 0) + time.perf_counter() - t0
-        f.quality = _quality(f, level)
+        f.quality = _quality(f)
         out.append(f)
     return out
 

@@ -254,6 +254,7 @@ def encode_images(enc: ImageEncoder, crops: np.ndarray, device: str = "cpu", bat
             return src[i:i + batch].to(device, non_blocking=True)
 
     nxt = upload(starts[0])
+    zs, rs = [], []  # kept on the device: one copy back at the end, no per-batch sync
     for j, i in enumerate(starts):
         cur = nxt
         if cuda:
@@ -263,8 +264,10 @@ def encode_images(enc: ImageEncoder, crops: np.ndarray, device: str = "cpu", bat
             nxt = upload(starts[j + 1])
         with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=amp):
             z, r = enc(cur)
-        z_out[i:i + len(cur)] = z.float().cpu().numpy()
-        r_out[i:i + len(cur)] = r.float().cpu().numpy()
+        zs.append(z.float())
+        rs.append(r.float())
+    z_out[:] = torch.cat(zs).cpu().numpy()
+    r_out[:] = torch.cat(rs).cpu().numpy()
     return z_out, r_out
 
 

@@ -180,6 +180,67 @@ def template_build(
     console.print(f"wrote {out} ({tpl.shape})")
 
 
+gnpfa_app = typer.Typer(help="Train and inspect GNPFA checkpoints.", no_args_is_help=True)
+app.add_typer(gnpfa_app, name="gnpfa")
+
+
+@gnpfa_app.command("train-geometry")
+def gnpfa_train_geometry(
+    datasets: List[Path] = typer.Argument(..., help="Extracted datasets (m2fd run) to train on."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (model.safetensors + config.json)."),
+    z_dim: int = typer.Option(32), hidden: int = typer.Option(512), steps: int = typer.Option(3000),
+    beta: float = typer.Option(1e-3), seed: int = typer.Option(0), device: str = typer.Option("auto"),
+):
+    """Train the geometry VAE (expression offsets -> z -> offsets, decoder conditioned on the neutral)."""
+    import numpy as np
+    import torch
+
+    from models.gnpfa import GNPFAConfig, save_checkpoint, train_geometry
+    from pipelines.gnpfa import dataset_training_arrays
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    data = [dataset_training_arrays(d) for d in datasets]
+    off = np.concatenate([d["offsets"] for d in data])
+    neu = np.concatenate([d["neutrals"] for d in data])
+    cfg = GNPFAConfig(z_dim=z_dim, hidden=hidden, beta=beta, seed=seed)
+    vae = train_geometry(off, neu, cfg, steps=steps, device=dev, log=console.print)
+    sha = save_checkpoint(out, cfg, vae, None, meta={"kind": "geometry", "trained_on_frames": int(len(off)),
+                                                     "datasets": [str(d) for d in datasets], "steps": steps})
+    console.print(f"wrote {out} (sha256 {sha[:16]})")
+
+
+@gnpfa_app.command("train-image")
+def gnpfa_train_image(
+    datasets: List[Path] = typer.Argument(..., help="Extracted datasets (m2fd run) to train on."),
+    geometry: Path = typer.Option(..., help="Checkpoint from train-geometry (its VAE is frozen)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (VAE + image encoders)."),
+    enc_width: int = typer.Option(16), steps: int = typer.Option(3000), batch: int = typer.Option(128),
+    device: str = typer.Option("auto"),
+):
+    """Train the image encoders (crop -> z, crop -> rotation) with the VAE frozen; mesh path as teacher."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from models.gnpfa import load_checkpoint, save_checkpoint, train_image
+    from pipelines.gnpfa import dataset_training_arrays
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    gcfg, vae, _, gsha = load_checkpoint(geometry, device=dev)
+    cfg = dataclasses.replace(gcfg, enc_width=enc_width)
+    data = [dataset_training_arrays(d) for d in datasets]
+    cat = {k: np.concatenate([d[k] for d in data]) for k in data[0]}
+    if cat["crops"].shape[1] != cfg.crop_size:
+        raise typer.BadParameter(f"crops are {cat['crops'].shape[1]} px but the checkpoint expects {cfg.crop_size}")
+    enc = train_image(cat["crops"], cat["offsets"], cat["neutrals"], cat["rotations"], vae, cfg, steps=steps,
+                      batch=batch, device=dev, log=console.print)
+    sha = save_checkpoint(out, cfg, vae, enc, meta={"kind": "gnpfa", "geometry_sha256": gsha, "steps": steps,
+                                                    "trained_on_frames": int(len(cat["crops"])),
+                                                    "datasets": [str(d) for d in datasets]})
+    console.print(f"wrote {out} (sha256 {sha[:16]}); use it with --set gnpfa_checkpoint={out}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -93,3 +93,37 @@ def encode_all(ckpt_dir: Path, train: dict, cfg: ExtractConfig, on_ray: bool = F
             ref = ray.remote(num_gpus=1, max_retries=2)(_encode).remote((str(ckpt_dir), train, "cuda"))
             return ray.get(ref)
     return _encode((str(ckpt_dir), train, _device(cfg)))
+
+
+def dataset_training_arrays(ds_dir: Path, only_ok: bool = True) -> dict:
+    """GNPFA training arrays read from a dataset's tables (frames, clips, clip_features) and crops."""
+    from extractors.pose import normalise, to_metric
+    from storage_schemas import open_dataset
+
+    ds = open_dataset(ds_dir)
+    where = "where f.status = 'ok'" if only_ok else ""
+    clips = ds.query(f"select c.clip_id, c.width, c.height, f.neutral from clips c join clip_features f "
+                     f"using (clip_id) {where} order by c.clip_id").to_pylist()
+    off, neu, crops, rots = [], [], [], []
+    for c in clips:
+        if c["neutral"] is None:
+            continue
+        t = ds.query(f"select frame, landmarks, rotation, translation, scale from frames where clip_id = "
+                     f"'{c['clip_id']}' and tracked order by frame")
+        if t.num_rows == 0:
+            continue
+        frame = np.asarray(t.column("frame").to_numpy())
+        lm = np.asarray(t.column("landmarks").combine_chunks().flatten().to_numpy()).reshape(-1, 478, 3)
+        r = np.asarray(t.column("rotation").combine_chunks().flatten().to_numpy()).reshape(-1, 3, 3).astype(np.float64)
+        tr = np.asarray(t.column("translation").combine_chunks().flatten().to_numpy()).reshape(-1, 3).astype(np.float64)
+        sc = np.asarray(t.column("scale").to_numpy()).astype(np.float64)
+        neutral = np.asarray(c["neutral"], np.float32).reshape(478, 3)
+        g = np.stack([normalise(to_metric(lm[i], c["width"], c["height"]), sc[i], r[i], tr[i]) for i in range(len(lm))])
+        off.append((g - neutral).astype(np.float32))
+        neu.append(np.repeat(neutral[None], len(g), 0))
+        crops.append(np.load(ds_dir / "arrays" / "crops" / f"{c['clip_id']}.npy", allow_pickle=False)[frame])
+        rots.append(r.astype(np.float32))
+    if not off:
+        raise ValueError(f"{ds_dir}: no tracked frames of usable clips to train on")
+    return {"offsets": np.concatenate(off), "neutrals": np.concatenate(neu), "crops": np.concatenate(crops),
+            "rotations": np.concatenate(rots)}

@@ -43,6 +43,21 @@ def test_pose_recovers_a_known_rotation(angles):
     assert np.allclose(normalise(mesh, s, r, t)[STABLE], tpl[STABLE], atol=0.02)
 
 
+def test_landmark_fast_path_matches_protobuf(real_dir):
+    import decord
+    from mediapipe.python.solutions import face_mesh
+
+    from extractors.landmarks import landmarks_to_array
+
+    frame = decord.VideoReader(str(real_dir / "d14.mp4"))[10].asnumpy()
+    with face_mesh.FaceMesh(refine_landmarks=True) as fm:
+        lms = fm.process(frame).multi_face_landmarks[0]
+    slow = np.array([(p.x, p.y, p.z) for p in lms.landmark], np.float32)
+    assert slow.shape == (478, 3) and np.array_equal(landmarks_to_array(lms), slow)
+    lms.landmark[0].visibility = 0.5  # an unexpected field falls back to the slow path, still right
+    assert np.array_equal(landmarks_to_array(lms), slow)
+
+
 def test_template_is_canonical_and_rebuildable():
     tpl = load_template()
     assert tpl.shape == (478, 3)
@@ -220,3 +235,42 @@ def test_pocketsphinx_fallback_transcribes_english(tmp_path):
     out = SphinxTranscriber()(audio)
     assert len(set(out.text.split()) & set(digits.split())) >= 4, out.text  # synthetic voice: most digits heard
     assert out.words and all(0 <= w["start_s"] < w["end_s"] <= len(audio) / SR + 0.05 for w in out.words)
+
+
+def test_tables_reproduce_the_training_geometry(real_run):
+    from pipelines.gnpfa import dataset_training_arrays
+
+    out, _ = real_run
+    from_parts, _ = _real_training_data(out)
+    full = {k: v for k, v in training_arrays(
+        [f for js in sorted((out / "parts" / "extract").glob("*.json"))
+         for f in features_from_npz(str(js.with_suffix(".npz")), json.loads(js.read_text())["clips"])]).items()}
+    from_tables = dataset_training_arrays(out)
+    assert from_tables["offsets"].shape == full["offsets"].shape
+    assert np.abs(from_tables["offsets"] - full["offsets"]).max() < 1e-3  # float32 storage of landmarks/pose
+    assert np.array_equal(from_tables["crops"], full["crops"])
+
+
+def test_train_commands_and_a_provided_checkpoint(real_run, real_dir, tmp_path):
+    import sys
+
+    out, _ = real_run
+    repo = Path(__file__).resolve().parents[1]
+    m2fd = [sys.executable, "-m", "pipelines.cli"]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    kw = dict(capture_output=True, text=True, cwd=repo, env=env, timeout=600)
+    r = subprocess.run(m2fd + ["gnpfa", "train-geometry", str(out), "--out", str(tmp_path / "geo"), "--steps", "60",
+                               "--hidden", "128"], **kw)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(m2fd + ["gnpfa", "train-image", str(out), "--geometry", str(tmp_path / "geo"), "--out",
+                               str(tmp_path / "ck"), "--steps", "20", "--enc-width", "8"], **kw)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sha = json.loads((tmp_path / "ck" / "config.json").read_text())["sha256"]
+    r = subprocess.run(m2fd + ["run", str(real_dir / "d12.mp4"), "--out", str(tmp_path / "D"), "--executor", "local",
+                               "--set", f"gnpfa_checkpoint={tmp_path / 'ck'}"], **kw)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ds = open_dataset(tmp_path / "D")
+    assert set(ds.table("clip_features").column("gnpfa_checkpoint").to_pylist()) == {sha}
+    card = json.loads((tmp_path / "D" / "dataset.json").read_text())
+    assert card["lineage"]["checkpoints"]["gnpfa"] == {"sha256": sha, "kind": "provided", "path": str(tmp_path / "ck")}
+    assert not (tmp_path / "D" / "models").exists()  # nothing bootstrapped

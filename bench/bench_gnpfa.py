@@ -1,0 +1,181 @@
+"""GNPFA / extraction benchmark, side by side in one run.
+
+  --section mesh      the mesh path (Face Mesh + pose fit + normalisation, our wrapper) next to
+                      MediaPipe Face Mesh alone on the same decoded frames (target >= 0.9x)
+  --section fidelity  held-out fidelity of the default (pipeline) GNPFA config trained on the shared
+                      real videos: geometry reconstruction error as % of inter-ocular distance (target
+                      < 1%) next to the mean-face baseline; image path against mesh path (pose error in
+                      degrees, target < 2; latent relative error, target < 5%); lip-sync proxy per clip.
+                      Saves the trained checkpoint to --ckpt for the gpu section.
+  --section gpu       image-encoder frames/s of that checkpoint: CUDA bf16 (target >= 50,000/s per H100)
+                      next to this machine's CPU, plus GPU-vs-CPU agreement.
+
+The mesh and fidelity sections need a dataset made by `m2fd run ../shared/data/real --out D`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def section_mesh(ds_dir: Path, max_frames: int):
+    from mediapipe.python.solutions import face_mesh
+
+    from extractors.landmarks import MeshTracker
+    from extractors.media import iter_frames, open_video, timeline
+    from extractors.pose import head_pose, load_template, normalise, to_metric
+    from storage_schemas import open_dataset
+
+    ds = open_dataset(ds_dir)
+    srcs = {s["source_id"]: s for s in ds.table("sources").to_pylist()}
+    tpl = load_template()
+    t_mp = t_ours = 0.0
+    n = 0
+    for c in ds.table("clips").to_pylist():
+        s = srcs[c["source_id"]]
+        vr = open_video(s["uri"], s["width"], s["height"], 1280)
+        tl = timeline(vr, 1e9)
+        frames = [f for _, f in iter_frames(vr, tl, np.arange(c["start_frame"], c["start_frame"] + min(c["n_frames"], max_frames)))]
+        with face_mesh.FaceMesh(static_image_mode=False, max_num_faces=2, refine_landmarks=True) as fm:
+            t0 = time.perf_counter()
+            for f in frames:
+                fm.process(f)
+            t_mp += time.perf_counter() - t0
+        with MeshTracker() as mt:
+            t0 = time.perf_counter()
+            for f in frames:
+                lm = mt.process(f, c["face_box"])
+                if lm is not None:
+                    m = to_metric(lm, s["width"], s["height"])
+                    sc, r, t, _ = head_pose(m, tpl)
+                    normalise(m, sc, r, t)
+            t_ours += time.perf_counter() - t0
+        n += len(frames)
+    print(f"mesh path: {n / t_ours:8.1f} frames/s | MediaPipe Face Mesh alone: {n / t_mp:8.1f} frames/s | "
+          f"ratio {t_mp / t_ours:.2f} (target >= 0.90) -> {'PASS' if t_mp / t_ours >= 0.9 else 'MISS'}  [{n} frames, 1 core]")
+
+
+def section_fidelity(ds_dir: Path, ckpt: Path):
+    from extractors.config import ExtractConfig
+    from extractors.extract import features_from_npz
+    from extractors.pose import rotation_angle_deg
+    from extractors.records import training_arrays
+    from models.gnpfa import (GNPFAConfig, encode_images, reconstruct, save_checkpoint, train_geometry,
+                              train_image)
+    from storage_schemas import open_dataset
+
+    feats = []
+    for js in sorted((ds_dir / "parts" / "extract").glob("*.json")):
+        feats += features_from_npz(str(js.with_suffix(".npz")), json.loads(js.read_text())["clips"])
+    tr, te = [], []
+    for f in feats:
+        n = f.n_frames
+        a, b = f.__class__(**f.__dict__), f.__class__(**f.__dict__)
+        a.tracked = f.tracked & (np.arange(n) < int(0.75 * n))
+        b.tracked = f.tracked & (np.arange(n) >= int(0.75 * n))
+        tr.append(a)
+        te.append(b)
+    tr, te = training_arrays(tr), training_arrays(te)
+    e = ExtractConfig()
+    cfg = GNPFAConfig(z_dim=e.gnpfa_z_dim, hidden=e.gnpfa_hidden, crop_size=e.crop_size, enc_width=e.gnpfa_enc_width)
+    torch.set_num_threads(e.gnpfa_train_threads)
+    t0 = time.perf_counter()
+    vae = train_geometry(tr["offsets"], tr["neutrals"], cfg, steps=e.gnpfa_geometry_steps)
+    t_geo = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    enc = train_image(tr["crops"], tr["offsets"], tr["neutrals"], tr["rotations"], vae, cfg, steps=e.gnpfa_image_steps)
+    t_img = time.perf_counter() - t0
+    sha = save_checkpoint(ckpt, cfg, vae, enc, meta={"kind": "bench-default", "trained_on_frames": len(tr["offsets"])})
+    print(f"default GNPFA config {cfg.to_dict()}; trained on {len(tr['offsets'])} frames "
+          f"(geometry {t_geo:.0f} s, image {t_img:.0f} s on CPU), held out {len(te['offsets'])} frames "
+          f"(last 25% of every clip); checkpoint {sha[:12]} -> {ckpt}")
+    for name, d in (("train", tr), ("held-out", te)):
+        z, dec = reconstruct(vae, d["offsets"], d["neutrals"])
+        err = np.linalg.norm(dec - d["offsets"], axis=-1).mean() * 100
+        base = np.linalg.norm(tr["offsets"].mean(0) - d["offsets"], axis=-1).mean() * 100
+        zi, ri = encode_images(enc, d["crops"])
+        pose = np.mean([rotation_angle_deg(a, b) for a, b in zip(ri, d["rotations"])])
+        rel = np.linalg.norm(zi - z, axis=1).mean() / np.linalg.norm(z, axis=1).mean() * 100
+        print(f"  {name:9s} geometry recon {err:5.2f}% IOD (mean-face baseline {base:5.2f}%, target < 1%) | "
+              f"image vs mesh: pose {pose:5.2f} deg (target < 2) latent rel err {rel:6.1f}% (target < 5%)")
+    rows = open_dataset(ds_dir).query("select c.clip_id, regexp_extract(c.uri, '[^/]+$') v, f.lip_sync from clips c "
+                                      "join clip_features f using (clip_id) order by 1").to_pylist()
+    print("  lip-sync proxy (corr. of mouth opening with speech level, best lag +-3 frames): " +
+          ", ".join(f"{r['v']}:{r['lip_sync']:.2f}" for r in rows))
+
+
+def section_gpu(ckpt: Path, n: int):
+    from models.gnpfa import encode_images, load_checkpoint
+
+    crops = np.random.default_rng(0).integers(0, 255, (n, 64, 64, 3), dtype=np.uint8)
+    _, _, enc_cpu, sha = load_checkpoint(ckpt, device="cpu")
+    m = min(n, 4096)
+    t0 = time.perf_counter()
+    z_cpu, r_cpu = encode_images(enc_cpu, crops[:m], device="cpu", amp=False, batch=1024)
+    cpu_fps = m / (time.perf_counter() - t0)
+    line = f"image encoder {sha[:12]}: CPU fp32 {cpu_fps:9.0f} frames/s ({torch.get_num_threads()} threads)"
+    if not torch.cuda.is_available():
+        print(line + " | CUDA: not available on this machine")
+        return
+    _, _, enc, _ = load_checkpoint(ckpt, device="cuda")
+    name = torch.cuda.get_device_name()
+    encode_images(enc, crops[:8192], device="cuda", batch=8192)  # warm-up
+    res = {}
+    for b in (4096, 16384, 65536):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        encode_images(enc, crops, device="cuda", batch=b)
+        torch.cuda.synchronize()
+        res[b] = n / (time.perf_counter() - t0)
+    # compute only (data already on the GPU) to separate transfer from model cost
+    x = torch.from_numpy(crops[:65536]).cuda()
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        enc(x)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            enc(x)
+        torch.cuda.synchronize()
+    comp = 5 * len(x) / (time.perf_counter() - t0)
+    z_gpu, r_gpu = encode_images(enc, crops[:m], device="cuda", batch=4096)
+    zerr = np.abs(z_gpu - z_cpu).max() / np.abs(z_cpu).max()
+    from extractors.pose import rotation_angle_deg
+
+    rerr = np.mean([rotation_angle_deg(a, b) for a, b in zip(r_gpu, r_cpu)])
+    best = max(res.values())
+    print(line + f" | {name} bf16 end-to-end (pinned H2D overlapped): " +
+          ", ".join(f"batch {b}: {v:,.0f}/s" for b, v in res.items()) +
+          f" | compute only: {comp:,.0f}/s | GPU/CPU = {best / cpu_fps:.0f}x | best {best:,.0f}/s vs target 50,000 -> "
+          f"{'PASS' if best >= 50000 else 'MISS'} | GPU vs CPU: max latent diff {zerr:.3%} of range, rotation {rerr:.3f} deg")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", type=Path, default=REPO / "out" / "bench-real")
+    ap.add_argument("--ckpt", type=Path, default=REPO / "bench" / "results" / "gnpfa_default")
+    ap.add_argument("--section", action="append", choices=["mesh", "fidelity", "gpu"])
+    ap.add_argument("--frames", type=int, default=200_000, help="crops for the gpu section")
+    ap.add_argument("--max-frames-per-clip", type=int, default=150)
+    a = ap.parse_args()
+    for s in a.section or ["mesh", "fidelity", "gpu"]:
+        if s == "mesh":
+            section_mesh(a.dataset, a.max_frames_per_clip)
+        elif s == "fidelity":
+            section_fidelity(a.dataset, a.ckpt)
+        else:
+            section_gpu(a.ckpt, a.frames)
+
+
+if __name__ == "__main__":
+    main()
