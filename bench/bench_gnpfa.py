@@ -111,7 +111,7 @@ def section_fidelity(ds_dir: Path, ckpt: Path):
               f"image vs mesh: pose {pose:5.2f} deg (target < 2) latent rel err {rel:6.1f}% (target < 5%)")
     rows = open_dataset(ds_dir).query("select c.clip_id, regexp_extract(c.uri, '[^/]+$') v, f.lip_sync from clips c "
                                       "join clip_features f using (clip_id) order by 1").to_pylist()
-    print("  lip-sync proxy (corr. of mouth opening with speech level, best lag +-3 frames): " +
+    print("  lip-sync proxy (corr. of mouth opening with the speech-band envelope, best lag +-6 frames): " +
           ", ".join(f"{r['v']}:{r['lip_sync']:.2f}" for r in rows))
 
 

@@ -137,9 +137,26 @@ def train_geometry(offsets: np.ndarray, neutrals: np.ndarray, cfg: GNPFAConfig, 
     return vae.eval()
 
 
+def _augment(x: torch.Tensor, g: torch.Generator, shift: float) -> torch.Tensor:
+    """Crop jitter (translation, scale: what landmark noise does to real crops) and photometric jitter
+    (gain, offset, noise), on (N, S, S, 3) float pixels."""
+    n = len(x)
+    r = lambda *s: torch.rand(*s, generator=g).to(x.device)  # noqa: E731
+    theta = torch.zeros(n, 2, 3, device=x.device)
+    sc = 1 + 0.16 * (r(n) - 0.5)
+    theta[:, 0, 0] = theta[:, 1, 1] = sc
+    theta[:, :, 2] = 2 * shift * (r(n, 2) - 0.5)
+    img = x.permute(0, 3, 1, 2)
+    grid = F.affine_grid(theta, img.shape, align_corners=False)
+    img = F.grid_sample(img, grid, padding_mode="border", align_corners=False)
+    img = img * (1 + 0.3 * (r(n, 1, 1, 1) - 0.5)) + 30 * (r(n, 1, 1, 1) - 0.5)
+    img = img + 4 * torch.randn(img.shape, generator=g).to(x.device)
+    return img.clamp(0, 255).permute(0, 2, 3, 1)
+
+
 def train_image(crops: np.ndarray, offsets: np.ndarray, neutrals: np.ndarray, rotations: np.ndarray,
                 vae: GeometryVAE, cfg: GNPFAConfig, steps: int = 1500, batch: int = 128, lr: float = 2e-3,
-                device: str = "cpu", log=None) -> ImageEncoder:
+                device: str = "cpu", log=None, augment: bool = True, shift: float = 0.06) -> ImageEncoder:
     """Train the image encoders with the VAE frozen; the mesh path is the teacher: latent loss (VAE
     mean), decoded-geometry loss and pose loss (rotation matrices)."""
     g = _seed(cfg.seed + 1)
@@ -159,10 +176,7 @@ def train_image(crops: np.ndarray, offsets: np.ndarray, neutrals: np.ndarray, ro
     std = vae.off_scale
     for step in range(steps):
         idx = torch.randint(0, len(crops_t), (min(batch, len(crops_t)),), generator=g)
-        x = crops_t[idx].to(device)
-        # photometric augmentation keeps the encoder from keying on one video's colours
-        gain = 1 + 0.2 * (torch.rand(len(idx), 1, 1, 1, generator=g) - 0.5).to(device)
-        x = (x.float() * gain).clamp(0, 255)
+        x = _augment(crops_t[idx].to(device).float(), g, shift) if augment else crops_t[idx].to(device).float()
         z_hat, r_hat = enc(x)
         zt, rt = z_t[idx].to(device), rot[idx].to(device)
         l_z = (((z_hat - zt) / z_std.to(device)) ** 2).mean()
