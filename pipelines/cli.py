@@ -61,7 +61,7 @@ def run(
     set_: List[str] = typer.Option([], "--set", help="Override one config key, e.g. --set min_clip_s=3."),
     executor: str = typer.Option("ray", help="'ray' (local Ray, or the cluster in RAY_ADDRESS) or 'local' (in-process)."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for the local Ray (default: all)."),
-    stages: str = typer.Option("ingest,extract", help="Comma-separated stages to run, in order."),
+    stages: str = typer.Option("ingest,extract,label", help="Comma-separated stages to run, in order."),
 ):
     """Run the M2F-D job on SRC and write the dataset to --out."""
     from pipelines.job import STAGES, run_job
@@ -94,6 +94,9 @@ def run(
         console.print(f"[green]extract[/green]: {e['frames']} frames, {e['clips_ok']} clips ok, {e['clips_dropped']} "
                       f"dropped; GNPFA {e['gnpfa']['kind']} {e['gnpfa']['sha256'][:12]}; transcripts by "
                       f"{', '.join(e['engines']) or '-'}")
+    if "label" in res:
+        lb = res["label"]
+        console.print(f"[green]label[/green]: {lb['rows']} label rows for {lb['clips']} clips by {', '.join(lb['labelers'])}")
     card = json.loads((out / "dataset.json").read_text())
     console.print(f"[green]done[/green]: quarantine {card['counts']['quarantine']} -> {out}")
 
@@ -143,6 +146,52 @@ def show_config(
 
     icfg, ecfg = _load_config(config, set_)
     sys.stdout.write(yaml.safe_dump({"ingest": icfg.to_dict(), "extract": ecfg.to_dict()}, sort_keys=True))
+
+
+@app.command()
+def relabel(
+    dataset: Path = typer.Argument(..., help="Dataset directory (after m2fd run)."),
+    labeler: List[str] = typer.Option(..., "--labeler", "-l", help="Labeler(s) to run, in order (see --list)."),
+    option: List[str] = typer.Option([], "--option", help="LABELER.KEY=VALUE, e.g. caption-lm.checkpoint=/models/cap"),
+    executor: str = typer.Option("ray", help="'ray' or 'local'."),
+    num_cpus: Optional[int] = typer.Option(None),
+):
+    """Add a labeler's output to an extracted dataset without re-running extraction. Earlier
+    labelers' rows stay; the `labels` view shows the most recent run of each field."""
+    import yaml
+
+    from extractors.labels import REGISTRY
+    from pipelines.executors import make_executor
+    from pipelines.labels import run_labels
+    from pipelines.lock import DatasetLock, DatasetLocked
+
+    from extractors.labels import caption, emotion, prosody, style  # noqa: F401  (fills REGISTRY)
+
+    unknown = [n for n in labeler if n not in REGISTRY]
+    if unknown:
+        raise typer.BadParameter(f"unknown labeler(s) {unknown}; known: {sorted(REGISTRY)}")
+    opts: dict = {}
+    for o in option:
+        k, _, v = o.partition("=")
+        name, _, key = k.partition(".")
+        if not key or not v:
+            raise typer.BadParameter(f"--option expects LABELER.KEY=VALUE, got {o!r}")
+        opts.setdefault(name, {})[key] = yaml.safe_load(v)
+    try:
+        with DatasetLock(dataset):
+            ex = make_executor(executor, num_cpus)
+            try:
+                res = run_labels(dataset, ex, tuple(labeler), opts, relabel=True)
+            finally:
+                ex.close()
+    except DatasetLocked as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(3)
+    except FileNotFoundError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    console.print(f"[green]relabel[/green]: {res['rows']} rows by {', '.join(res['labelers'])} as run {res['run']} "
+                  f"for {res['clips']} clips -> {dataset}")
 
 
 template_app = typer.Typer(help="The canonical face template used for head pose.", no_args_is_help=True)

@@ -16,7 +16,7 @@ from .ingest import IngestSummary, run_ingest
 from .lineage import code_version
 from .lock import DatasetLock
 
-STAGES = ("ingest", "extract")
+STAGES = ("ingest", "extract", "label")
 
 
 def run_job(sources: list[str], out: str | os.PathLike, icfg: IngestConfig | None = None,
@@ -38,6 +38,10 @@ def run_job(sources: list[str], out: str | os.PathLike, icfg: IngestConfig | Non
                 from .extract import run_extract
 
                 result["extract"] = run_extract(out, ecfg, ex, progress=progress, log=log)
+                if "label" in stages and result["extract"]["clips_ok"]:
+                    from .labels import run_labels
+
+                    result["label"] = run_labels(out, ex, progress=progress)
         finally:
             ex.close()
         ext = result.get("extract", {})

@@ -65,12 +65,17 @@ class Dataset:
         import duckdb
 
         con = duckdb.connect(":memory:")
+        self._views(con)
+        return con
+
+    def _views(self, con) -> None:
         for name in self.tables:
             self._check(name)
             p = table_path(self.root, name)
             src = str(p / "*.parquet" if name in PARTITIONED else p).replace("'", "''")
             con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{src}')")
-        return con
+        if "label_rows" in self.tables:
+            con.execute(labels_view_sql())
 
     def query(self, sql: str) -> pa.Table:
         con = self.connect()
@@ -82,3 +87,21 @@ class Dataset:
 
 def open_dataset(root: str | Path) -> Dataset:
     return Dataset(root)
+
+
+def labels_view_sql() -> str:
+    """The wide `labels` view: per clip, each field's value from its most recent labeler run, with
+    the labeler and confidence of emotion and caption."""
+    from .vocab import LABEL_FIELDS
+
+    cols = []
+    for f, kind in LABEL_FIELDS.items():
+        expr = {"string": "json_extract_string(value, '$')", "double": "TRY_CAST(value AS DOUBLE)",
+                "string_list": "from_json(value, '[\"VARCHAR\"]')", "json": "CAST(value AS JSON)"}[kind]
+        cols.append(f"first(CASE WHEN field = '{f}' THEN {expr} END) FILTER (WHERE field = '{f}') AS {f}")
+    for f in ("emotion", "caption"):
+        cols.append(f"first(confidence) FILTER (WHERE field = '{f}') AS {f}_confidence")
+        cols.append(f"first(labeler || ':' || labeler_version) FILTER (WHERE field = '{f}') AS {f}_labeler")
+    return ("CREATE VIEW labels AS WITH cur AS (SELECT * FROM label_rows QUALIFY row_number() OVER "
+            "(PARTITION BY clip_id, field ORDER BY run DESC, labeler) = 1) SELECT clip_id, " + ", ".join(cols) +
+            " FROM cur GROUP BY clip_id")

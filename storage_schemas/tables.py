@@ -141,14 +141,17 @@ TRANSCRIPTS = pa.schema(
     ]
 )
 
-LABELS = pa.schema(
+# Long format: one row per (clip, labeler, field). The wide `labels` view (storage_schemas.dataset)
+# shows, per clip and field, the value of the most recent labeler run.
+LABEL_ROWS = pa.schema(
     [
         _f("clip_id", pa.string()),
-        _f("labeler", pa.string()),
+        _f("labeler", pa.string(), doc="labeler name (storage_schemas.vocab.LABEL_FIELDS lists the fields)"),
         _f("labeler_version", pa.string()),
         _f("field", pa.string()),
-        _f("value", pa.string()),
+        _f("value", pa.string(), doc="JSON text"),
         _f("confidence", pa.float32(), True),
+        _f("run", pa.int32(), doc="0 = labels of `m2fd run`; each `m2fd relabel` adds 1"),
     ]
 )
 
@@ -169,10 +172,10 @@ TABLES: dict[str, pa.Schema] = {
     "frames": FRAMES,
     "clip_features": CLIP_FEATURES,
     "transcripts": TRANSCRIPTS,
-    "labels": LABELS,
+    "label_rows": LABEL_ROWS,
     "shards": SHARDS,
 }
 # Tables written by the stages that exist now; the others are planned.
-ACTIVE_TABLES = ("sources", "clips", "quarantine", "frames", "clip_features", "transcripts")
+ACTIVE_TABLES = ("sources", "clips", "quarantine", "frames", "clip_features", "transcripts", "label_rows")
 # Tables stored as a folder of Parquet parts (one per source) rather than one file.
 PARTITIONED = ("frames",)

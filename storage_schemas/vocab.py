@@ -27,3 +27,25 @@ QUARANTINE_REASONS: dict[str, str] = {
 }
 
 QUARANTINE_STAGES = ("discover", "ingest", "extract")
+
+
+# Label fields and how the wide `labels` view decodes each JSON value.
+LABEL_FIELDS: dict[str, str] = {
+    "emotion": "string",  # one of EMOTIONS
+    "intensity": "string",  # one of INTENSITIES
+    "emotion_distribution": "json",  # {class: probability}
+    "sentiment": "string",  # positive | neutral | negative
+    "sentiment_compound": "double",
+    "speaking_rate_sps": "double",  # syllable nuclei per second of speech
+    "words_per_s": "double",
+    "pitch_hz": "double",
+    "pitch_range_st": "double",
+    "energy_db": "double",
+    "energy_var_db": "double",
+    "head_speed_deg_s": "double",
+    "mouth_var": "double",
+    "style_tags": "string_list",  # see extractors/labels/style.py for the vocabulary and thresholds
+    "caption": "string",
+}
+EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+INTENSITIES = ("low", "medium", "high")

@@ -62,7 +62,7 @@ def test_reader_rejects_foreign_and_incompatible_files(tmp_path):
 
 
 def test_every_schema_is_documented_and_reasons_are_explained():
-    assert set(TABLES) >= {"sources", "clips", "quarantine", "frames", "transcripts", "labels", "shards"}
+    assert set(TABLES) >= {"sources", "clips", "quarantine", "frames", "transcripts", "label_rows", "shards"}
     assert all(QUARANTINE_REASONS.values())
     for name, schema in TABLES.items():
         assert len(set(schema.names)) == len(schema.names), name
