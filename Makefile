@@ -17,6 +17,7 @@ demo: samples
 	$(PY) -m pipelines.cli run $(REAL) examples/samples --out $(OUT)
 	$(PY) -m pipelines.cli query $(OUT) "select c.clip_id, regexp_extract(c.uri, '[^/]+$$') as video, c.start_s, c.end_s, c.speech_ratio, c.face_size_px from clips c order by c.uri, c.start_s"
 	$(PY) -m pipelines.cli query $(OUT) "select regexp_extract(uri, '[^/]+$$') as video, reason, message from quarantine order by uri"
+	$(PY) -m pipelines.cli query $(OUT) "select clip_id, emotion, intensity, style_tags, caption from labels order by clip_id"
 
 test: setup
 	$(PY) -m pytest -q -ra --durations=10 tests
@@ -25,6 +26,7 @@ bench: setup
 	$(PY) bench/bench_ingest.py --real $(REAL)
 	$(PY) -m pipelines.cli run $(REAL) --out out/bench-real
 	$(PY) bench/bench_gnpfa.py --dataset out/bench-real
+	$(PY) bench/bench_labels.py --dataset out/bench-real
 
 clean:
 	rm -rf out examples/samples .pytest_cache
