@@ -48,7 +48,7 @@ def _table_bytes(out):
 def test_rerun_reuses_parts_and_is_byte_identical(real_run, real_dir, tmp_path):
     out, _ = real_run
     before = _table_bytes(out)
-    assert len(before) == 5 + 3  # 5 single-file tables + 3 frames parts (one per source with clips)
+    assert len(before) == 6 + 3  # 6 single-file tables + 3 frames parts (one per source with clips)
     s = run_job([str(real_dir)], out, executor="local", log=lambda m: None)["ingest"]
     assert s.reused == 5 and s.analysed == 0
     assert _table_bytes(out) == before
