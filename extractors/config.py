@@ -113,3 +113,23 @@ class ExtractConfig:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    max_shard_bytes: int = 256 * 1024 * 1024  # shards are closed before they pass this size
+    include_landmarks: bool = False  # add <key>.landmarks.npy (float16, n x 478 x 3) to samples
+    train_fraction: float = 0.8  # of sources (speakers) by hash; val gets val_fraction, test the rest
+    val_fraction: float = 0.1
+    keyframe_size: int = 224
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ShardConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown shard config keys: {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)

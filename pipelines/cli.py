@@ -61,7 +61,7 @@ def run(
     set_: List[str] = typer.Option([], "--set", help="Override one config key, e.g. --set min_clip_s=3."),
     executor: str = typer.Option("ray", help="'ray' (local Ray, or the cluster in RAY_ADDRESS) or 'local' (in-process)."),
     num_cpus: Optional[int] = typer.Option(None, help="CPUs for the local Ray (default: all)."),
-    stages: str = typer.Option("ingest,extract,label", help="Comma-separated stages to run, in order."),
+    stages: str = typer.Option("ingest,extract,label,shard", help="Comma-separated stages to run, in order."),
 ):
     """Run the M2F-D job on SRC and write the dataset to --out."""
     from pipelines.job import STAGES, run_job
@@ -94,6 +94,10 @@ def run(
         console.print(f"[green]extract[/green]: {e['frames']} frames, {e['clips_ok']} clips ok, {e['clips_dropped']} "
                       f"dropped; GNPFA {e['gnpfa']['kind']} {e['gnpfa']['sha256'][:12]}; transcripts by "
                       f"{', '.join(e['engines']) or '-'}")
+    if "shard" in res:
+        sh = res["shard"]
+        console.print(f"[green]shard[/green]: {sh['samples']} samples in {sh['shards']} shards ({sh['bytes'] / 1e6:.1f} MB), "
+                      f"splits {sh['splits']}")
     if "label" in res:
         lb = res["label"]
         console.print(f"[green]label[/green]: {lb['rows']} label rows for {lb['clips']} clips by {', '.join(lb['labelers'])}")
@@ -192,6 +196,32 @@ def relabel(
         raise typer.Exit(2)
     console.print(f"[green]relabel[/green]: {res['rows']} rows by {', '.join(res['labelers'])} as run {res['run']} "
                   f"for {res['clips']} clips -> {dataset}")
+
+
+@app.command()
+def subset(
+    dataset: Path = typer.Argument(..., help="Dataset directory with shards (after m2fd run)."),
+    where: str = typer.Option(..., "--where", help="SQL predicate over clips c, labels l, clip_features f, samples s."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for subset.json (shard list + clip ids)."),
+):
+    """Write a subset manifest (no data copied) that every loader accepts."""
+    import duckdb
+
+    from storage_schemas import open_dataset, write_json
+
+    ds = open_dataset(dataset)
+    sql = ("select s.clip_id, s.shard, s.index_in_shard, s.n_frames, s.split from samples s join clips c using "
+           "(clip_id) join clip_features f using (clip_id) left join labels l using (clip_id) "
+           f"where {where} order by s.shard, s.index_in_shard")
+    try:
+        rows = ds.query(sql).to_pylist()
+    except duckdb.Error as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    write_json(out / "subset.json", {"dataset": str(dataset.resolve()), "where": where, "n_samples": len(rows),
+                                     "shards": sorted({r["shard"] for r in rows}),
+                                     "clip_ids": [r["clip_id"] for r in rows], "samples": rows})
+    console.print(f"subset: {len(rows)} clips in {len({r['shard'] for r in rows})} shards -> {out / 'subset.json'}")
 
 
 template_app = typer.Typer(help="The canonical face template used for head pose.", no_args_is_help=True)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from extractors.config import ExtractConfig, IngestConfig
+from extractors.config import ExtractConfig, IngestConfig, ShardConfig
 from extractors.pose import TEMPLATE_PATH
 from storage_schemas import SCHEMA_VERSION, write_json
 from storage_schemas.dataset import CARD
@@ -16,16 +16,16 @@ from .ingest import IngestSummary, run_ingest
 from .lineage import code_version
 from .lock import DatasetLock
 
-STAGES = ("ingest", "extract", "label")
+STAGES = ("ingest", "extract", "label", "shard")
 
 
 def run_job(sources: list[str], out: str | os.PathLike, icfg: IngestConfig | None = None,
-            ecfg: ExtractConfig | None = None, executor: str = "ray", num_cpus: int | None = None,
+            ecfg: ExtractConfig | None = None, executor: str = "ray", scfg: ShardConfig | None = None, num_cpus: int | None = None,
             stages: tuple[str, ...] = STAGES, progress: Callable[[str, int, int], None] | None = None,
             log: Callable[[str], None] = print) -> dict:
     import hashlib
 
-    icfg, ecfg = icfg or IngestConfig(), ecfg or ExtractConfig()
+    icfg, ecfg, scfg = icfg or IngestConfig(), ecfg or ExtractConfig(), scfg or ShardConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {}
@@ -42,6 +42,10 @@ def run_job(sources: list[str], out: str | os.PathLike, icfg: IngestConfig | Non
                     from .labels import run_labels
 
                     result["label"] = run_labels(out, ex, progress=progress)
+                if "shard" in stages and result["extract"]["clips_ok"]:
+                    from .shards import run_shards
+
+                    result["shard"] = run_shards(out, scfg, ex, progress=progress)
         finally:
             ex.close()
         ext = result.get("extract", {})
@@ -54,7 +58,7 @@ def run_job(sources: list[str], out: str | os.PathLike, icfg: IngestConfig | Non
             "name": "M2F-D", "schema_version": SCHEMA_VERSION,
             "lineage": {
                 "code": code_version(),
-                "config": {"ingest": icfg.to_dict(), "extract": ecfg.to_dict()},
+                "config": {"ingest": icfg.to_dict(), "extract": ecfg.to_dict(), "shard": scfg.to_dict()},
                 "config_digest": {"ingest": icfg.digest(), "extract": ecfg.digest()},
                 "checkpoints": {
                     "mediapipe": "face_detection full-range + face_mesh refined (mediapipe 0.10.21 wheel)",

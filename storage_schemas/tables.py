@@ -157,11 +157,22 @@ LABEL_ROWS = pa.schema(
 
 SHARDS = pa.schema(
     [
-        _f("shard", pa.string()),
+        _f("shard", pa.string(), doc="path relative to the dataset root"),
         _f("split", pa.string()),
         _f("sha256", pa.string()),
         _f("n_samples", pa.int32()),
         _f("bytes", pa.int64()),
+    ]
+)
+
+SAMPLES = pa.schema(
+    [
+        _f("clip_id", pa.string(), doc="the sample key in its shard"),
+        _f("split", pa.string()),
+        _f("shard", pa.string()),
+        _f("index_in_shard", pa.int32()),
+        _f("n_frames", pa.int32()),
+        _f("bytes", pa.int64(), doc="sum of the sample's member sizes"),
     ]
 )
 
@@ -174,8 +185,10 @@ TABLES: dict[str, pa.Schema] = {
     "transcripts": TRANSCRIPTS,
     "label_rows": LABEL_ROWS,
     "shards": SHARDS,
+    "samples": SAMPLES,
 }
 # Tables written by the stages that exist now; the others are planned.
-ACTIVE_TABLES = ("sources", "clips", "quarantine", "frames", "clip_features", "transcripts", "label_rows")
+ACTIVE_TABLES = ("sources", "clips", "quarantine", "frames", "clip_features", "transcripts", "label_rows",
+                 "shards", "samples")
 # Tables stored as a folder of Parquet parts (one per source) rather than one file.
 PARTITIONED = ("frames",)

@@ -41,14 +41,16 @@ def test_real_videos_yield_clips_and_explained_quarantine(real_run, real_dir):
 
 
 def _table_bytes(out):
-    files = sorted((out / "tables").rglob("*.parquet"))
+    files = sorted((out / "tables").rglob("*.parquet")) + sorted((out / "shards").glob("*"))
     return {str(p.relative_to(out)): p.read_bytes() for p in files}
 
 
 def test_rerun_reuses_parts_and_is_byte_identical(real_run, real_dir, tmp_path):
     out, _ = real_run
     before = _table_bytes(out)
-    assert len(before) == 6 + 3  # 6 single-file tables + 3 frames parts (one per source with clips)
+    # 8 single-file tables + 3 frames parts (one per source with clips) + shards and their wids indexes
+    assert len([k for k in before if k.startswith("tables/")]) == 8 + 3
+    assert any(k.endswith(".tar") for k in before)
     s = run_job([str(real_dir)], out, executor="local", log=lambda m: None)["ingest"]
     assert s.reused == 5 and s.analysed == 0
     assert _table_bytes(out) == before
@@ -57,8 +59,8 @@ def test_rerun_reuses_parts_and_is_byte_identical(real_run, real_dir, tmp_path):
     part.write_text("{ torn")
     s = run_job([str(real_dir)], out, executor="local", stages=("ingest",), log=lambda m: None)["ingest"]
     assert s.analysed == 1
-    assert {k: v for k, v in _table_bytes(out).items() if "frames" not in k} == \
-        {k: v for k, v in before.items() if "frames" not in k}
+    assert {k: v for k, v in _table_bytes(out).items() if "frames" not in k and "samples" not in k} == \
+        {k: v for k, v in before.items() if "frames" not in k and "samples" not in k}
 
 
 def test_second_writer_gets_a_clear_lock_error(tmp_path, real_dir):

@@ -1,0 +1,111 @@
+"""PyTorch loading of M2F-D shards: fixed-length training windows with DDP rank and DataLoader
+worker splitting, per-epoch shuffling, and equal sample counts on every rank."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from extractors.shards import decode_sample, iter_shard
+
+
+def load_entries(root: str | Path | None = None, split: str | None = "train", subset: str | Path | None = None) -> tuple[Path, list[dict]]:
+    """(dataset root, [{clip_id, shard, index_in_shard, n_frames, split}]) from the dataset's samples
+    table, or from a subset manifest written by `m2fd subset`."""
+    if subset is not None:
+        man = json.loads(Path(subset).read_text())
+        root = Path(man["dataset"])
+        entries = man["samples"]
+    else:
+        from storage_schemas import open_dataset
+
+        root = Path(root)
+        ds = open_dataset(root)
+        where = f"where split = '{split}'" if split else ""
+        entries = ds.query(f"select clip_id, shard, index_in_shard, n_frames, split from samples {where} "
+                           f"order by shard, index_in_shard").to_pylist()
+    return root, entries
+
+
+def _u(*parts) -> int:
+    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
+class M2FDWindows(torch.utils.data.IterableDataset):
+    """Yields one ``window``-frame training window per clip per epoch.
+
+    Per epoch the clip list is permuted (seed, epoch), cut to a multiple of the world size and dealt
+    round-robin to ranks, so every rank sees the same number of samples and no clip twice; within a
+    rank, samples are dealt round-robin to DataLoader workers and read in shard order. Windows start at
+    a per-(seed, epoch, clip) offset; clips shorter than the window are zero-padded with ``mask`` false.
+    """
+
+    def __init__(self, root: str | Path | None = None, split: str | None = "train", subset: str | Path | None = None,
+                 window: int = 200, seed: int = 0, shuffle: bool = True, rank: int | None = None,
+                 world_size: int | None = None):
+        super().__init__()
+        self.root, self.entries = load_entries(root, split, subset)
+        self.window, self.seed, self.shuffle = window, seed, shuffle
+        if rank is None or world_size is None:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            else:
+                rank, world_size = 0, 1
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def rank_entries(self) -> list[dict]:
+        e = list(self.entries)
+        if self.shuffle:
+            e.sort(key=lambda x: _u(self.seed, self.epoch, x["clip_id"]))
+        n = (len(e) // self.world_size) * self.world_size
+        return e[self.rank:n:self.world_size]
+
+    def __len__(self) -> int:
+        return len(self.entries) // self.world_size
+
+    def __iter__(self):
+        mine = self.rank_entries()
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            mine = mine[info.id::info.num_workers]
+        by_shard: dict[str, dict[int, dict]] = {}
+        for x in mine:
+            by_shard.setdefault(x["shard"], {})[x["index_in_shard"]] = x
+        for shard in sorted(by_shard, key=lambda s: _u(self.seed, self.epoch, s) if self.shuffle else s):
+            wanted = by_shard[shard]
+            for i, (key, members) in enumerate(iter_shard(self.root / shard)):
+                if i not in wanted:
+                    continue
+                if key != wanted[i]["clip_id"]:
+                    raise ValueError(f"{shard}: member {i} is {key!r}, the index says {wanted[i]['clip_id']!r}")
+                yield self._window(decode_sample(members), key)
+                del wanted[i]
+                if not wanted:
+                    break
+            if wanted:
+                raise ValueError(f"{shard}: samples {sorted(wanted)} listed in the index are missing")
+
+    def _window(self, s: dict, key: str) -> dict:
+        n = len(s["latents"])
+        w = self.window
+        start = _u(self.seed, self.epoch, key, "start") % (n - w + 1) if (self.shuffle and n > w) else 0
+        sl = slice(start, start + w)
+
+        def cut(a):
+            a = a[sl]
+            if len(a) < w:
+                pad = np.zeros((w - len(a),) + a.shape[1:], a.dtype)
+                a = np.concatenate([a, pad])
+            return torch.from_numpy(np.ascontiguousarray(a))
+
+        valid = np.zeros(w, bool)
+        valid[: min(w, n - start)] = True
+        return {"clip_id": key, "start": start, "latents": cut(s["latents"]), "pose": cut(s["pose"]),
+                "audio_feat": cut(s["audio_feat"]), "mask": torch.from_numpy(valid & cut(s["mask"]).numpy())}

@@ -1,0 +1,165 @@
+"""Shards, index, subsets and the PyTorch loader on the real-video dataset."""
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from extractors.shards import ShardError, decode_sample, iter_shard, json_bytes
+from models.data import M2FDWindows
+from storage_schemas import open_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+M2FD = [sys.executable, "-m", "pipelines.cli"]
+
+
+def test_shards_hold_every_kept_clip_with_all_fields(real_run):
+    out, _ = real_run
+    ds = open_dataset(out)
+    ok = set(ds.query("select clip_id from clip_features where status='ok'").column(0).to_pylist())
+    shards = ds.table("shards").to_pylist()
+    assert sum(s["n_samples"] for s in shards) == len(ok)
+    seen = set()
+    import hashlib
+
+    for s in shards:
+        p = out / s["shard"]
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == s["sha256"] and p.stat().st_size == s["bytes"]
+        for key, members in iter_shard(p):
+            d = decode_sample(members)
+            n = d["meta"]["n_frames"]
+            assert d["latents"].shape == (n, 32) and d["pose"].shape == (n, 6) and d["audio_feat"].shape == (n, 80)
+            assert np.isfinite(d["latents"]).all() and d["mask"].dtype == bool
+            assert d["meta"]["split"] == s["split"] and set(d["labels"]) >= {"emotion", "intensity", "caption"}
+            assert members["keyframe.jpg"][:2] == b"\xff\xd8" and members["audio.flac"][:4] == b"fLaC"
+            seen.add(key)
+    assert seen == ok
+    # no speaker crosses splits
+    sp = ds.query("select c.source_id, count(distinct s.split) k from samples s join clips c using (clip_id) "
+                  "group by 1").to_pylist()
+    assert all(r["k"] == 1 for r in sp)
+    wids = json.loads((out / "shards" / "train.wids.json").read_text())
+    assert wids["__kind__"] == "wids-shard-index-v1"
+    assert sum(x["nsamples"] for x in wids["shardlist"]) == sum(s["n_samples"] for s in shards if s["split"] == "train")
+
+
+def test_reshard_is_byte_identical_and_committed_shards_are_never_rewritten(real_run, tmp_path):
+    from pipelines.executors import LocalExecutor
+    from pipelines.shards import ShardCommitted, run_shards
+    from extractors.config import ShardConfig
+
+    src, _ = real_run
+    d = tmp_path / "D"
+    shutil.copytree(src, d)
+    before = {p.name: p.read_bytes() for p in (d / "shards").glob("*.tar")}
+    shutil.rmtree(d / "shards")
+    (d / "tables" / "shards.parquet").unlink()
+    run_shards(d, ShardConfig(), LocalExecutor())
+    assert {p.name: p.read_bytes() for p in (d / "shards").glob("*.tar")} == before
+    # a change to committed data must not rewrite the shard
+    from storage_schemas import table_path, write_table
+
+    rows = open_dataset(d).table("label_rows").to_pylist()
+    for r in rows:
+        if r["field"] == "caption":
+            r["value"] = json.dumps("A different caption.")
+    write_table(table_path(d, "label_rows"), "label_rows", rows)
+    with pytest.raises(ShardCommitted, match="is committed"):
+        run_shards(d, ShardConfig(), LocalExecutor())
+    assert {p.name: p.read_bytes() for p in (d / "shards").glob("*.tar")} == before
+
+
+def test_subset_and_loader_yield_exactly_the_selected_clips(real_run, tmp_path):
+    out, _ = real_run
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run(M2FD + ["subset", str(out), "--where", "l.emotion <> 'happy' and c.duration_s > 3",
+                               "--out", str(tmp_path / "sub")], capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    want = set(open_dataset(out).query("select clip_id from clips c join labels l using (clip_id) "
+                                       "where l.emotion <> 'happy' and c.duration_s > 3").column(0).to_pylist())
+    assert want  # the predicate selects something on the shared videos
+    ds = M2FDWindows(subset=tmp_path / "sub" / "subset.json", window=90)
+    got = [b["clip_id"] for b in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)]
+    assert sorted(got) == sorted(want)
+    for b in torch.utils.data.DataLoader(ds, batch_size=2, num_workers=0):
+        assert b["latents"].shape[1:] == (90, 32) and b["audio_feat"].shape[1:] == (90, 80)
+
+
+def _ddp_worker(rank, world, root, port, outdir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ds = M2FDWindows(root, split="train", window=60)
+    res = {}
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        dl = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2, drop_last=True)
+        res[epoch] = [b["clip_id"][0] for b in dl]
+    Path(outdir, f"rank{rank}.json").write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+def test_loader_under_two_process_ddp(real_run, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    out, _ = real_run
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    mp.spawn(_ddp_worker, args=(2, str(out), port, str(tmp_path)), nprocs=2, join=True)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    n_train = open_dataset(out).query("select count(*) from samples where split='train'").fetchone() \
+        if False else len(open_dataset(out).query("select clip_id from samples where split='train'"))
+    for e in ("0", "1"):
+        assert len(r0[e]) == len(r1[e]) == n_train // 2  # same batch count on every rank
+        assert not set(r0[e]) & set(r1[e])  # no clip twice per epoch
+    assert r0["0"] + r1["0"] != r0["1"] + r1["1"] or n_train < 3  # reshuffled between epochs
+
+
+def _rewrite(src: Path, dst: Path, edit):
+    with tarfile.open(src) as t, tarfile.open(dst, "w", format=tarfile.USTAR_FORMAT) as o:
+        for ti in t.getmembers():
+            data = t.extractfile(ti).read()
+            data = edit(ti.name, data)
+            if data is None:
+                continue
+            ti.size = len(data)
+            o.addfile(ti, io.BytesIO(data))
+
+
+def test_malformed_shards_raise_clear_errors(real_run, tmp_path):
+    out, _ = real_run
+    shard = sorted((out / "shards").glob("*.tar"))[0]
+    raw = shard.read_bytes()
+    trunc = tmp_path / "trunc.tar"
+    trunc.write_bytes(raw[: len(raw) // 2 + 100])
+    with pytest.raises(ShardError, match=r"trunc\.tar.*(truncated|corrupt)"):
+        list(iter_shard(trunc))
+    missing = tmp_path / "missing.tar"
+    _rewrite(shard, missing, lambda n, d: None if n.endswith(".latents.npy") else d)
+    with pytest.raises(ShardError, match=r"missing\.tar: sample '.*': missing member\(s\) \['latents.npy'\]"):
+        list(iter_shard(missing))
+
+    def bump(name, data):
+        if name.endswith(".meta.json"):
+            m = json.loads(data)
+            m["sample_version"] = "99"
+            return json_bytes(m)
+        return data
+
+    wrong = tmp_path / "wrong.tar"
+    _rewrite(shard, wrong, bump)
+    with pytest.raises(ShardError, match=r"wrong\.tar: member .*\.meta\.json: sample version '99'"):
+        list(iter_shard(wrong))
