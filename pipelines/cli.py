@@ -224,6 +224,17 @@ def subset(
     console.print(f"subset: {len(rows)} clips in {len({r['shard'] for r in rows})} shards -> {out / 'subset.json'}")
 
 
+@app.command()
+def report(
+    dataset: Path = typer.Argument(..., help="Dataset directory."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file (default DATASET/report.html)."),
+):
+    """Write a self-contained HTML report with plots of the dataset."""
+    from pipelines.report import write_report
+
+    console.print(f"report -> {write_report(dataset, out)}")
+
+
 template_app = typer.Typer(help="The canonical face template used for head pose.", no_args_is_help=True)
 app.add_typer(template_app, name="template")
 

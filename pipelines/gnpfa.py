@@ -51,7 +51,7 @@ def obtain_gnpfa(out: Path, cfg: ExtractConfig, train: dict, log: Callable[[str]
         from models.gnpfa import load_checkpoint
 
         sha = load_checkpoint(d)[3]
-        return d, sha, {"kind": "bootstrap", "path": str(d.relative_to(out)), "reused": True}
+        return d, sha, {"kind": "bootstrap", "path": str(d.relative_to(out))}
     if len(train["offsets"]) < 16:
         raise RuntimeError(f"only {len(train['offsets'])} tracked frames: too few to bootstrap GNPFA; "
                            f"provide --set gnpfa_checkpoint=DIR")
@@ -68,7 +68,7 @@ def obtain_gnpfa(out: Path, cfg: ExtractConfig, train: dict, log: Callable[[str]
     sha = save_checkpoint(d, g, vae, enc, meta={"kind": "bootstrap", "trained_on_frames": len(train["offsets"]),
                                                 "data_key": key, "geometry_steps": cfg.gnpfa_geometry_steps,
                                                 "image_steps": cfg.gnpfa_image_steps})
-    return d, sha, {"kind": "bootstrap", "path": str(d.relative_to(out)), "reused": False}
+    return d, sha, {"kind": "bootstrap", "path": str(d.relative_to(out))}
 
 
 def _encode(args: tuple) -> dict:

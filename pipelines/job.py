@@ -54,7 +54,7 @@ def run_job(sources: list[str], out: str | os.PathLike, icfg: IngestConfig | Non
         reasons: dict[str, int] = {}
         for r in open_dataset(out).query("select reason from quarantine").column("reason").to_pylist():
             reasons[r] = reasons.get(r, 0) + 1
-        write_json(out / CARD, {
+        card = {
             "name": "M2F-D", "schema_version": SCHEMA_VERSION,
             "lineage": {
                 "code": code_version(),
@@ -70,5 +70,12 @@ def run_job(sources: list[str], out: str | os.PathLike, icfg: IngestConfig | Non
             "counts": {"inputs": s.n_inputs, "sources": s.n_sources, "clips": s.n_clips,
                        "clip_hours": s.clip_hours, "clips_extracted_ok": ext.get("clips_ok"),
                        "frames": ext.get("frames"), "quarantine": dict(sorted(reasons.items()))},
-        })
+        }
+        from .report import card_stats, write_card_md, write_report
+
+        card["stats"] = card_stats(out)
+        write_json(out / CARD, card)
+        write_card_md(out, card)
+        if "shard" in result:
+            result["report"] = str(write_report(out))
     return result

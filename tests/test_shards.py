@@ -163,3 +163,47 @@ def test_malformed_shards_raise_clear_errors(real_run, tmp_path):
     _rewrite(shard, wrong, bump)
     with pytest.raises(ShardError, match=r"wrong\.tar: member .*\.meta\.json: sample version '99'"):
         list(iter_shard(wrong))
+
+
+def test_wids_reads_the_shards(real_run):
+    import wids
+
+    out, _ = real_run
+    w = wids.ShardListDataset(str(out / "shards" / "train.wids.json"))
+    keys = set(open_dataset(out).query("select clip_id from samples where split='train'").column(0).to_pylist())
+    assert len(w) == len(keys)
+    got = set()
+    for i in range(len(w)):
+        s = w[i]
+        got.add(s["__key__"])
+        assert s[".latents.npy"].shape[1] == 32 and s[".meta.json"]["clip_id"] == s["__key__"]
+    assert got == keys
+
+
+def test_card_and_report(real_run, tmp_path):
+    import shutil
+
+    out, _ = real_run
+    card = json.loads((out / "dataset.json").read_text())
+    assert card["stats"]["splits"] and sum(v["clips"] for v in card["stats"]["splits"].values()) == card["counts"]["clips"]
+    assert card["stats"]["emotion"] and card["lineage"]["checkpoints"]["gnpfa"]["sha256"]
+    md = (out / "README.md").read_text()
+    assert "## Emotion" in md and "schema version" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 8 and "http" not in html.split("<body>")[1]
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is installed by scripts/setup.sh"
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1600", f"--screenshot={shot}",
+                    (out / "report.html").as_uri()], capture_output=True, timeout=120, check=True)
+    import matplotlib.image as mpimg
+
+    img = (mpimg.imread(shot)[:, :, :3] * 255).astype(int)
+
+    def share(rgb):
+        return float((np.abs(img - np.array(rgb)).sum(-1) < 30).mean())
+
+    # the plots' bar colours are on screen: emotions (blue), style tags (green), head pose (purple)
+    assert share((0x3B, 0x7D, 0xD8)) > 0.002 and share((0x5A, 0xA5, 0x5A)) > 0.002 and share((0x8A, 0x5A, 0xD8)) > 0.002
