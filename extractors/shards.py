@@ -36,6 +36,8 @@ def validate_sample(key: str, members: dict[str, bytes], where: str = "") -> Non
     unknown = [m for m in members if m not in MEMBERS]
     if unknown:
         raise ShardError(f"{where}sample {key!r}: unknown member(s) {unknown}")
+    if f'"sample_version":"{SAMPLE_VERSION}"'.encode() in members["meta.json"]:
+        return  # fast path: written by json_bytes, version matches
     meta = json.loads(members["meta.json"])
     if str(meta.get("sample_version")) != SAMPLE_VERSION:
         raise ShardError(f"{where}member {key}.meta.json: sample version {meta.get('sample_version')!r}, "
@@ -75,11 +77,17 @@ def write_shard(path: str | os.PathLike, samples: list[tuple[str, dict[str, byte
     return hashlib.sha256(data).hexdigest(), len(data)
 
 
-def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {suffix: bytes}) per sample, validating each; errors name the shard and member."""
+def iter_shard(path: str | os.PathLike, only: tuple[str, ...] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {suffix: bytes}) per sample, validating each; errors name the shard and member.
+
+    With ``only``, members with other suffixes are checked for presence but not read (their bytes
+    are b"" in the result)."""
+    if only is not None:
+        only = tuple(only) + ("meta.json",)
     name = str(path)
     cur_key, cur = None, {}
     member = "(header)"
+    size = os.path.getsize(path)
     try:
         with tarfile.open(path, mode="r:") as tar:
             while True:
@@ -94,15 +102,20 @@ def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]
                     continue
                 member = ti.name
                 key, _, suffix = ti.name.partition(".")
-                f = tar.extractfile(ti)
-                data = f.read() if f else b""
-                if len(data) != ti.size:
-                    raise ShardError(f"{name}: member {ti.name} is truncated ({len(data)} of {ti.size} bytes)")
                 if key != cur_key:
                     if cur_key is not None:
                         validate_sample(cur_key, cur, f"{name}: ")
                         yield cur_key, cur
                     cur_key, cur = key, {}
+                if only is not None and suffix not in only:
+                    if ti.offset_data + ti.size > size:
+                        raise ShardError(f"{name}: member {ti.name} is truncated")
+                    cur[suffix] = b""  # present, not read
+                    continue
+                f = tar.extractfile(ti)
+                data = f.read() if f else b""
+                if len(data) != ti.size:
+                    raise ShardError(f"{name}: member {ti.name} is truncated ({len(data)} of {ti.size} bytes)")
                 cur[suffix] = data
     except tarfile.ReadError as e:
         raise ShardError(f"{name}: truncated or corrupt tar at member {member} ({e})") from e

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extractors.shards import decode_sample, iter_shard
+from extractors.shards import iter_shard
 
 
 def load_entries(root: str | Path | None = None, split: str | None = "train", subset: str | Path | None = None) -> tuple[Path, list[dict]]:
@@ -28,6 +28,23 @@ def load_entries(root: str | Path | None = None, split: str | None = "train", su
         entries = ds.query(f"select clip_id, shard, index_in_shard, n_frames, split from samples {where} "
                            f"order by shard, index_in_shard").to_pylist()
     return root, entries
+
+
+_NEEDED = ("latents.npy", "pose.npy", "audio_feat.npy", "mask.npy")
+_NPY_HDR = __import__("re").compile(r"\{'descr': '([^']+)', 'fortran_order': False, 'shape': \(([0-9, ]*)\), \}")
+
+
+def _npy(b: bytes) -> np.ndarray:
+    """Parse a plain .npy (no pickle) without the generic np.load machinery."""
+    if b[:6] != b"\x93NUMPY":
+        raise ValueError("not an .npy member")
+    hl = int.from_bytes(b[8:10], "little") if b[6] == 1 else int.from_bytes(b[8:12], "little")
+    off = 10 if b[6] == 1 else 12
+    m = _NPY_HDR.match(b[off:off + hl].decode("latin1"))
+    if m is None or "O" in m.group(1):
+        raise ValueError("unsupported .npy layout (object, Fortran order or unknown header)")
+    shape = tuple(int(x) for x in m.group(2).replace(" ", "").split(",") if x)
+    return np.frombuffer(b, dtype=np.dtype(m.group(1)), offset=off + hl).reshape(shape)
 
 
 def _u(*parts) -> int:
@@ -80,12 +97,12 @@ class M2FDWindows(torch.utils.data.IterableDataset):
             by_shard.setdefault(x["shard"], {})[x["index_in_shard"]] = x
         for shard in sorted(by_shard, key=lambda s: _u(self.seed, self.epoch, s) if self.shuffle else s):
             wanted = by_shard[shard]
-            for i, (key, members) in enumerate(iter_shard(self.root / shard)):
+            for i, (key, members) in enumerate(iter_shard(self.root / shard, only=_NEEDED)):
                 if i not in wanted:
                     continue
                 if key != wanted[i]["clip_id"]:
                     raise ValueError(f"{shard}: member {i} is {key!r}, the index says {wanted[i]['clip_id']!r}")
-                yield self._window(decode_sample(members), key)
+                yield self._window({k: _npy(members[f"{k}.npy"]) for k in ("latents", "pose", "audio_feat", "mask")}, key)
                 del wanted[i]
                 if not wanted:
                     break
@@ -103,7 +120,7 @@ class M2FDWindows(torch.utils.data.IterableDataset):
             if len(a) < w:
                 pad = np.zeros((w - len(a),) + a.shape[1:], a.dtype)
                 a = np.concatenate([a, pad])
-            return torch.from_numpy(np.ascontiguousarray(a))
+            return torch.from_numpy(np.array(a, copy=True))
 
         valid = np.zeros(w, bool)
         valid[: min(w, n - start)] = True
