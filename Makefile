@@ -27,6 +27,7 @@ bench: setup
 	$(PY) -m pipelines.cli run $(REAL) --out out/bench-real
 	$(PY) bench/bench_gnpfa.py --dataset out/bench-real
 	$(PY) bench/bench_labels.py --dataset out/bench-real
+	$(PY) bench/bench_shards.py --dataset out/bench-real
 
 clean:
 	rm -rf out examples/samples .pytest_cache

@@ -48,7 +48,15 @@ def run_job(sources: list[str], out: str | os.PathLike, icfg: IngestConfig | Non
                     result["shard"] = run_shards(out, scfg, ex, progress=progress)
         finally:
             ex.close()
-        ext = result.get("extract", {})
+        ext = result.get("extract")
+        if ext is None:  # stages not run now keep what the last run recorded
+            import json
+
+            prev = json.loads((out / CARD).read_text()) if (out / CARD).is_file() else {}
+            pc = prev.get("lineage", {}).get("checkpoints", {})
+            ext = {"gnpfa": pc.get("gnpfa"), "engines": pc.get("transcription"),
+                   "clips_ok": prev.get("counts", {}).get("clips_extracted_ok"),
+                   "frames": prev.get("counts", {}).get("frames")}
         from storage_schemas import open_dataset
 
         reasons: dict[str, int] = {}
