@@ -207,3 +207,21 @@ def test_card_and_report(real_run, tmp_path):
 
     # the plots' bar colours are on screen: emotions (blue), style tags (green), head pose (purple)
     assert share((0x3B, 0x7D, 0xD8)) > 0.002 and share((0x5A, 0xA5, 0x5A)) > 0.002 and share((0x8A, 0x5A, 0xD8)) > 0.002
+
+
+def test_ray_data_reader(real_run):
+    import ray
+
+    from pipelines.ray_data import read_m2fd
+
+    out, _ = real_run
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    try:
+        rows = read_m2fd(out, split="train").take_all()
+    finally:
+        ray.shutdown()
+    want = open_dataset(out).query("select clip_id, n_frames from samples where split='train'").to_pylist()
+    assert sorted(r["clip_id"] for r in rows) == sorted(w["clip_id"] for w in want)
+    nf = {w["clip_id"]: w["n_frames"] for w in want}
+    for r in rows:
+        assert r["latents"].shape == (nf[r["clip_id"]], 32) and r["audio_feat"].shape == (nf[r["clip_id"]], 80)
