@@ -235,6 +235,23 @@ def report(
     console.print(f"report -> {write_report(dataset, out)}")
 
 
+@app.command()
+def preview(
+    dataset: Path = typer.Argument(..., help="Dataset directory."),
+    clip_id: str = typer.Argument(..., help="Clip to render."),
+    out: Path = typer.Option(..., "--out", "-o", help="MP4 to write."),
+    size: int = typer.Option(384, help="Panel height in pixels."),
+):
+    """Render a clip: source frames with the landmark overlay beside the GNPFA-decoded mesh, with audio."""
+    from pipelines.preview import render_preview
+
+    try:
+        console.print(f"preview -> {render_preview(dataset, clip_id, out, size)}")
+    except (KeyError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+
+
 template_app = typer.Typer(help="The canonical face template used for head pose.", no_args_is_help=True)
 app.add_typer(template_app, name="template")
 

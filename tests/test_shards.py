@@ -225,3 +225,23 @@ def test_ray_data_reader(real_run):
     nf = {w["clip_id"]: w["n_frames"] for w in want}
     for r in rows:
         assert r["latents"].shape == (nf[r["clip_id"]], 32) and r["audio_feat"].shape == (nf[r["clip_id"]], 80)
+
+
+def test_preview_renders_overlay_and_mesh_with_audio(real_run, tmp_path):
+    out, _ = real_run
+    c = open_dataset(out).query("select clip_id, n_frames from clips order by duration_s limit 1").to_pylist()[0]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    mp4 = tmp_path / "clip.mp4"
+    r = subprocess.run(M2FD + ["preview", str(out), c["clip_id"], "--out", str(mp4), "--size", "256"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    probe = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_entries",
+                            "stream=codec_type,width,height,nb_read_frames", "-of", "json", str(mp4)],
+                           capture_output=True, text=True, check=True)
+    st = {s["codec_type"]: s for s in json.loads(probe.stdout)["streams"]}
+    assert set(st) == {"video", "audio"}
+    assert int(st["video"]["nb_read_frames"]) == c["n_frames"]
+    assert st["video"]["width"] > st["video"]["height"]  # frame and mesh side by side
+    bad = subprocess.run(M2FD + ["preview", str(out), "nope", "--out", str(tmp_path / "x.mp4")],
+                         capture_output=True, text=True, env=env, cwd=REPO)
+    assert bad.returncode == 2 and "not in" in bad.stderr
