@@ -245,3 +245,19 @@ def test_preview_renders_overlay_and_mesh_with_audio(real_run, tmp_path):
     bad = subprocess.run(M2FD + ["preview", str(out), "nope", "--out", str(tmp_path / "x.mp4")],
                          capture_output=True, text=True, env=env, cwd=REPO)
     assert bad.returncode == 2 and "not in" in bad.stderr
+
+
+def test_hugging_face_datasets_reads_the_shards(real_run, tmp_path):
+    import datasets
+
+    out, _ = real_run
+    ds = datasets.load_dataset("webdataset", data_files={"train": str(out / "shards" / "train-*.tar")},
+                               split="train", cache_dir=str(tmp_path / "hf"))
+    ds = ds.cast_column("audio.flac", datasets.Audio(decode=False))
+    want = {r["clip_id"]: r["n_frames"] for r in
+            open_dataset(out).query("select clip_id, n_frames from samples where split='train'").to_pylist()}
+    assert ds.num_rows == len(want)
+    for x in ds:
+        assert x["meta.json"]["clip_id"] == x["__key__"] and x["__key__"] in want
+        assert np.asarray(x["latents.npy"]).shape == (want[x["__key__"]], 32)
+        assert x["audio.flac"]["bytes"][:4] == b"fLaC"
