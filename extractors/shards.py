@@ -77,6 +77,45 @@ def write_shard(path: str | os.PathLike, samples: list[tuple[str, dict[str, byte
     return hashlib.sha256(data).hexdigest(), len(data)
 
 
+def _ustar_members(path: str | os.PathLike):
+    """Fast sequential walk of a plain USTAR tar (what write_shard produces): yields (name, data
+    offset, size) from an mmap. Returns None if the archive uses anything else (pax, GNU long names,
+    links), so the caller falls back to tarfile. Raises ShardError on truncation or bad checksums."""
+    import mmap
+
+    name = str(path)
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ShardError(f"{name}: empty file, not a tar")
+    f = open(path, "rb")
+    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    out = []
+    off = 0
+    while True:
+        if off + 512 > size:
+            raise ShardError(f"{name}: truncated or corrupt tar at member {out[-1][0] if out else '(header)'} "
+                             f"(archive ends inside a header)")
+        hdr = mm[off:off + 512]
+        if hdr == b"\0" * 512:
+            break
+        chk = int(hdr[148:156].strip(b"\0 ") or b"0", 8)
+        if chk != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+            raise ShardError(f"{name}: truncated or corrupt tar at offset {off} (bad header checksum)")
+        if hdr[156:157] not in (b"0", b"\0") or hdr[257:262] != b"ustar":
+            mm.close()
+            f.close()
+            return None
+        prefix = hdr[345:500].rstrip(b"\0")
+        nm = hdr[0:100].rstrip(b"\0")
+        nm = (prefix + b"/" + nm if prefix else nm).decode()
+        sz = int(hdr[124:136].strip(b"\0 ") or b"0", 8)
+        if off + 512 + sz > size:
+            raise ShardError(f"{name}: member {nm} is truncated ({size - off - 512} of {sz} bytes)")
+        out.append((nm, off + 512, sz))
+        off += 512 + (sz + 511) // 512 * 512
+    return mm, f, out
+
+
 def iter_shard(path: str | os.PathLike, only: tuple[str, ...] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {suffix: bytes}) per sample, validating each; errors name the shard and member.
 
@@ -85,6 +124,28 @@ def iter_shard(path: str | os.PathLike, only: tuple[str, ...] | None = None) -> 
     if only is not None:
         only = tuple(only) + ("meta.json",)
     name = str(path)
+    if not os.path.isfile(path):
+        raise ShardError(f"{name}: shard file not found")
+    fast = _ustar_members(path)
+    if fast is not None:
+        mm, fh, members = fast
+        try:
+            cur_key, cur = None, {}
+            for nm, doff, sz in members:
+                key, _, suffix = nm.partition(".")
+                if key != cur_key:
+                    if cur_key is not None:
+                        validate_sample(cur_key, cur, f"{name}: ")
+                        yield cur_key, cur
+                    cur_key, cur = key, {}
+                cur[suffix] = b"" if (only is not None and suffix not in only) else mm[doff:doff + sz]
+            if cur_key is not None:
+                validate_sample(cur_key, cur, f"{name}: ")
+                yield cur_key, cur
+        finally:
+            mm.close()
+            fh.close()
+        return
     cur_key, cur = None, {}
     member = "(header)"
     size = os.path.getsize(path)
