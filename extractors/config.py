@@ -102,11 +102,7 @@ class ExtractConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExtractConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown extract config keys: {sorted(unknown)}; known: {sorted(known)}")
-        cfg = cls(**d)
+        cfg = cls(**_checked_keys(cls, d, "extract"))
         if cfg.device not in ("auto", "cpu", "cuda"):
             raise ValueError("device must be auto, cpu or cuda")
         return cfg
@@ -128,8 +124,12 @@ class ShardConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ShardConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown shard config keys: {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return cls(**_checked_keys(cls, d, "shard"))
+
+
+def _checked_keys(cls, d: dict[str, Any], what: str) -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {what} config keys: {sorted(unknown)}; known: {sorted(known)}")
+    return d

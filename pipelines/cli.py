@@ -17,22 +17,23 @@ console = Console(stderr=True)
 
 
 def _load_config(config: Optional[Path], overrides: List[str]):
-    """(IngestConfig, ExtractConfig) from the embedded defaults, a YAML file with `ingest:` and
-    `extract:` sections, and --set KEY=VALUE (KEY may be prefixed `ingest.` / `extract.`)."""
+    """(IngestConfig, ExtractConfig, ShardConfig) from the embedded defaults, a YAML file with
+    `ingest:`, `extract:` and `shard:` sections, and --set KEY=VALUE (KEY may be prefixed
+    `ingest.` / `extract.` / `shard.`)."""
     import dataclasses
 
     import yaml
 
-    from extractors.config import ExtractConfig, IngestConfig
+    from extractors.config import ExtractConfig, IngestConfig, ShardConfig
 
-    sections = {"ingest": {}, "extract": {}}
-    fields = {name: {f.name for f in dataclasses.fields(c)} for name, c in (("ingest", IngestConfig),
-                                                                             ("extract", ExtractConfig))}
+    classes = (("ingest", IngestConfig), ("extract", ExtractConfig), ("shard", ShardConfig))
+    sections: dict[str, dict] = {name: {} for name, _ in classes}
+    fields = {name: {f.name for f in dataclasses.fields(c)} for name, c in classes}
     if config:
         doc = yaml.safe_load(config.read_text()) or {}
         unknown = set(doc) - set(sections)
         if unknown:
-            raise typer.BadParameter(f"config sections must be 'ingest' and 'extract', got {sorted(unknown)}")
+            raise typer.BadParameter(f"config sections must be among {sorted(sections)}, got {sorted(unknown)}")
         for k in sections:
             sections[k].update(doc.get(k) or {})
     for ov in overrides:
@@ -48,7 +49,8 @@ def _load_config(config: Optional[Path], overrides: List[str]):
             raise typer.BadParameter(f"unknown config section {sec!r}")
         sections[sec][key] = yaml.safe_load(v)
     try:
-        return IngestConfig.from_dict(sections["ingest"]), ExtractConfig.from_dict(sections["extract"])
+        return (IngestConfig.from_dict(sections["ingest"]), ExtractConfig.from_dict(sections["extract"]),
+                ShardConfig.from_dict(sections["shard"]))
     except (ValueError, TypeError) as e:
         raise typer.BadParameter(str(e)) from e
 
@@ -67,7 +69,7 @@ def run(
     from pipelines.job import STAGES, run_job
     from pipelines.lock import DatasetLocked
 
-    icfg, ecfg = _load_config(config, set_)
+    icfg, ecfg, scfg = _load_config(config, set_)
     wanted = tuple(x.strip() for x in stages.split(",") if x.strip())
     if not set(wanted) <= set(STAGES):
         raise typer.BadParameter(f"--stages must be among {STAGES}")
@@ -81,7 +83,8 @@ def run(
             prog.update(tasks[stage], completed=done, total=total)
 
         try:
-            res = run_job(src, out, icfg, ecfg, executor=executor, num_cpus=num_cpus, stages=wanted, progress=tick,
+            res = run_job(src, out, icfg, ecfg, executor=executor, scfg=scfg, num_cpus=num_cpus, stages=wanted,
+                          progress=tick,
                           log=lambda m: prog.console.print(f"[dim]{m}[/dim]"))
         except DatasetLocked as e:
             console.print(f"[red]error:[/red] {e}")
@@ -148,8 +151,9 @@ def show_config(
     """Print the effective config (embedded defaults plus overrides) as YAML."""
     import yaml
 
-    icfg, ecfg = _load_config(config, set_)
-    sys.stdout.write(yaml.safe_dump({"ingest": icfg.to_dict(), "extract": ecfg.to_dict()}, sort_keys=True))
+    icfg, ecfg, scfg = _load_config(config, set_)
+    sys.stdout.write(yaml.safe_dump({"ingest": icfg.to_dict(), "extract": ecfg.to_dict(), "shard": scfg.to_dict()},
+                                    sort_keys=True))
 
 
 @app.command()
