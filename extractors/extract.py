@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from storage_schemas import FPS
 
 from .audio_features import log_mel_30fps, rms_db_30fps
 from .config import ExtractConfig

@@ -3,7 +3,6 @@ encode on a Ray GPU worker when the cluster has one, else locally."""
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Callable
 

@@ -15,7 +15,7 @@ from extractors.pose import (STABLE, build_template, head_pose, load_template, n
 from extractors.records import training_arrays
 from models.gnpfa import (GNPFAConfig, encode_images, load_checkpoint, reconstruct, save_checkpoint,
                           train_geometry, train_image)
-from storage_schemas import FPS, open_dataset
+from storage_schemas import open_dataset
 
 SR = 16000
 

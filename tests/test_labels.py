@@ -1,12 +1,10 @@
 """Auto-labels: emotion on real crops, prosody on espeak-ng speech, captions, relabel."""
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from extractors.labels.emotion import CLASSES, FerModel, aggregate
 from extractors.labels.prosody import syllable_rate, yin_f0

@@ -10,7 +10,7 @@ import pytest
 
 from pipelines.job import run_job
 from pipelines.lock import DatasetLock, DatasetLocked
-from storage_schemas import open_dataset, table_path
+from storage_schemas import open_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 M2FD = [sys.executable, "-m", "pipelines.cli"]

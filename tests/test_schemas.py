@@ -1,6 +1,5 @@
 import os
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 

@@ -1,7 +1,6 @@
 import subprocess
 
 import numpy as np
-import pytest
 
 from extractors.media import decode_audio
 from extractors.segment import split_span, talking_spans
