@@ -70,7 +70,7 @@ def section_fidelity(ds_dir: Path, ckpt: Path):
     from extractors.config import ExtractConfig
     from extractors.extract import features_from_npz
     from extractors.pose import rotation_angle_deg
-    from extractors.records import training_arrays
+    from extractors.records import split_tail, training_arrays
     from models.gnpfa import (GNPFAConfig, encode_images, reconstruct, save_checkpoint, train_geometry,
                               train_image)
     from storage_schemas import open_dataset
@@ -78,14 +78,7 @@ def section_fidelity(ds_dir: Path, ckpt: Path):
     feats = []
     for js in sorted((ds_dir / "parts" / "extract").glob("*.json")):
         feats += features_from_npz(str(js.with_suffix(".npz")), json.loads(js.read_text())["clips"])
-    tr, te = [], []
-    for f in feats:
-        n = f.n_frames
-        a, b = f.__class__(**f.__dict__), f.__class__(**f.__dict__)
-        a.tracked = f.tracked & (np.arange(n) < int(0.75 * n))
-        b.tracked = f.tracked & (np.arange(n) >= int(0.75 * n))
-        tr.append(a)
-        te.append(b)
+    tr, te = split_tail(feats)
     tr, te = training_arrays(tr), training_arrays(te)
     e = ExtractConfig()
     cfg = GNPFAConfig(z_dim=e.gnpfa_z_dim, hidden=e.gnpfa_hidden, crop_size=e.crop_size, enc_width=e.gnpfa_enc_width)

@@ -124,3 +124,17 @@ def training_arrays(feats) -> dict[str, np.ndarray]:
                 "crops": np.zeros((0, 64, 64, 3), np.uint8), "rotations": np.zeros((0, 3, 3), np.float32)}
     return {"offsets": np.concatenate(off).astype(np.float32), "neutrals": np.concatenate(neu).astype(np.float32),
             "crops": np.concatenate(crops), "rotations": np.concatenate(rots).astype(np.float32)}
+
+
+def split_tail(feats, frac: float = 0.75) -> tuple[list, list]:
+    """Per clip, frames before ``frac`` of its length stay in the first list and the rest go to the
+    second (as copies whose ``tracked`` masks select those frames): a held-out split in time."""
+    first, rest = [], []
+    for f in feats:
+        idx = np.arange(f.n_frames)
+        a, b = f.__class__(**f.__dict__), f.__class__(**f.__dict__)
+        a.tracked = f.tracked & (idx < int(frac * f.n_frames))
+        b.tracked = f.tracked & (idx >= int(frac * f.n_frames))
+        first.append(a)
+        rest.append(b)
+    return first, rest

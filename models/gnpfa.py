@@ -104,6 +104,18 @@ class ImageEncoder(nn.Module):
 # training
 
 
+def _optimizer(params, lr: float, steps: int):
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+
+
+def _step(opt, sched, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 def _seed(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -118,8 +130,7 @@ def train_geometry(offsets: np.ndarray, neutrals: np.ndarray, cfg: GNPFAConfig, 
     neu = torch.as_tensor(neutrals, dtype=torch.float32)
     std = off.std().clamp_min(1e-6)
     vae = GeometryVAE(cfg, mean=neu.mean(0), std=std).to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    opt, sched = _optimizer(vae.parameters(), lr, steps)
     off, neu = off.to(device), neu.to(device)
     for step in range(steps):
         idx = torch.randint(0, len(off), (min(batch, len(off)),), generator=g).to(device)
@@ -127,10 +138,7 @@ def train_geometry(offsets: np.ndarray, neutrals: np.ndarray, cfg: GNPFAConfig, 
         rl = F.mse_loss(rec, off[idx]) / std ** 2
         kl = -0.5 * torch.mean(1 + logvar - mu ** 2 - logvar.exp())
         loss = rl + cfg.beta * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _step(opt, sched, loss)
         if log and (step % 250 == 0 or step == steps - 1):
             log(f"geometry step {step}: recon {rl.item():.4f} kl {kl.item():.3f}")
     return vae.eval()
@@ -170,8 +178,7 @@ def train_image(crops: np.ndarray, offsets: np.ndarray, neutrals: np.ndarray, ro
     with torch.no_grad():
         z_t = torch.cat([vae.encode(off[i:i + 4096].to(device))[0].cpu() for i in range(0, len(off), 4096)])
     z_std = z_t.std(0).clamp_min(1e-3)
-    opt = torch.optim.AdamW(enc.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    opt, sched = _optimizer(enc.parameters(), lr, steps)
     std = vae.off_scale
     for step in range(steps):
         idx = torch.randint(0, len(crops_t), (min(batch, len(crops_t)),), generator=g)
@@ -182,10 +189,7 @@ def train_image(crops: np.ndarray, offsets: np.ndarray, neutrals: np.ndarray, ro
         l_geo = F.mse_loss(vae.decode(z_hat, neu[idx].to(device)), off[idx].to(device)) / std ** 2
         l_pose = ((r_hat - rt) ** 2).sum((-1, -2)).mean()
         loss = l_z + l_geo + 10 * l_pose
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _step(opt, sched, loss)
         if log and (step % 250 == 0 or step == steps - 1):
             log(f"image step {step}: latent {l_z.item():.4f} geometry {l_geo.item():.4f} pose {l_pose.item():.5f}")
     return enc.eval()

@@ -11,25 +11,7 @@ import numpy as np
 from extractors.labels.context import DEFAULT_CHAIN, contexts_for_source, decode_value, run_chain
 from storage_schemas import open_dataset, table_path, write_table
 
-
-def _frames_arrays(ds, clip_ids: list[str]) -> dict[str, dict]:
-    ids = ",".join("'" + c.replace("'", "''") + "'" for c in clip_ids)
-    t = ds.query(f"select clip_id, frame, tracked, yaw, pitch, roll, mouth_open, gnpfa_z from frames "
-                 f"where clip_id in ({ids}) order by clip_id, frame")
-    out: dict[str, dict] = {}
-    cid = np.asarray(t.column("clip_id").to_pylist())
-    for c in clip_ids:
-        m = cid == c
-        sub = t.filter(m)
-        zz = sub.column("gnpfa_z").to_pylist()
-        zd = max((len(z) for z in zz if z), default=0)
-        out[c] = {
-            "tracked": np.asarray(sub.column("tracked").to_pylist(), bool),
-            **{k: np.asarray([np.nan if v is None else v for v in sub.column(k).to_pylist()], np.float64)
-               for k in ("yaw", "pitch", "roll", "mouth_open")},
-            "gnpfa_z": np.asarray([z if z else [np.nan] * zd for z in zz], np.float32),
-        }
-    return out
+from .frames import clip_frame_arrays
 
 
 def _label_task(args: tuple) -> list[dict]:
@@ -38,7 +20,7 @@ def _label_task(args: tuple) -> list[dict]:
 
     ds = open_dataset(ds_dir)
     ids = [c["clip_id"] for c in clips]
-    frames = _frames_arrays(ds, ids)
+    frames = {c: clip_frame_arrays(ds, c) for c in ids}
     crops = {c: np.load(Path(ds_dir) / "arrays" / "crops" / f"{c}.npy", allow_pickle=False) for c in ids}
     tr = {}
     if "transcripts" in ds.tables:
@@ -61,7 +43,7 @@ def run_labels(out: str | os.PathLike, ex, chain: tuple[str, ...] = DEFAULT_CHAI
     clips = ds.query("select c.* from clips c join clip_features f using (clip_id) where f.status = 'ok' "
                      "order by c.clip_id").to_pylist()
     existing = ds.table("label_rows").to_pylist() if "label_rows" in ds.tables else []
-    names = {get_name for get_name in chain}
+    names = set(chain)
     if relabel:
         # a rerun of the same labeler version replaces its rows; other labelers stay intact
         run = max((r["run"] for r in existing), default=0) + 1

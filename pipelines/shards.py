@@ -14,33 +14,13 @@ from extractors.config import ShardConfig
 from extractors.shards import build_sample, keyframe_crop, pack, split_of, write_shard
 from storage_schemas import SCHEMA_VERSION, open_dataset, table_path, write_json, write_table
 
+from .frames import clip_frame_arrays
+
 SHARD_DIR = "shards"
 
 
 class ShardCommitted(RuntimeError):
     pass
-
-
-def _frames(ds, clip_id: str, with_landmarks: bool) -> dict:
-    cols = "tracked, yaw, pitch, roll, translation, scale, gnpfa_z, audio_mel" + (", landmarks" if with_landmarks else "")
-    t = ds.query(f"select {cols} from frames where clip_id = '{clip_id}' order by frame")
-    n = t.num_rows
-    tracked = np.asarray(t.column("tracked").to_pylist(), bool)
-
-    def num(name):
-        return np.asarray([np.nan if v is None else v for v in t.column(name).to_pylist()], np.float64)
-
-    def lst(name, width):
-        return np.asarray([v if v is not None else [np.nan] * width for v in t.column(name).to_pylist()], np.float32)
-
-    zz = t.column("gnpfa_z").to_pylist()
-    zd = max((len(z) for z in zz if z), default=0)
-    tr = lst("translation", 3)
-    out = {"tracked": tracked, "yaw": num("yaw"), "pitch": num("pitch"), "roll": num("roll"), "tx": tr[:, 0],
-           "ty": tr[:, 1], "scale": num("scale"), "gnpfa_z": lst("gnpfa_z", zd), "audio_mel": lst("audio_mel", 80)}
-    if with_landmarks:
-        out["landmarks"] = lst("landmarks", 478 * 3).reshape(n, 478, 3)
-    return out
 
 
 def _sample_task(args: tuple) -> list[tuple[str, dict]]:
@@ -62,7 +42,7 @@ def _sample_task(args: tuple) -> list[tuple[str, dict]]:
         mid_t = (c["start_s"] + c["end_s"]) / 2
         idx = int(np.clip(np.searchsorted(ts - ts[0], mid_t, side="right") - 1, 0, len(vr) - 1))
         key = keyframe_crop(vr[idx].asnumpy(), c["face_box"], cfg.keyframe_size)
-        m = build_sample(c, source, _frames(ds, c["clip_id"], cfg.include_landmarks),
+        m = build_sample(c, source, clip_frame_arrays(ds, c["clip_id"], cfg.include_landmarks),
                          clip_audio(audio, c["start_s"], c["end_s"]), key, labels.get(c["clip_id"], {}),
                          tr.get(c["clip_id"]), splits[c["clip_id"]], SCHEMA_VERSION, cfg.include_landmarks)
         out.append((c["clip_id"], m))

@@ -12,7 +12,7 @@ from extractors.audio_features import log_mel_30fps, rms_db_30fps
 from extractors.extract import features_from_npz, lip_sync_proxy
 from extractors.pose import (STABLE, build_template, head_pose, load_template, normalise, rotation_angle_deg,
                              similarity_fit)
-from extractors.records import training_arrays
+from extractors.records import split_tail, training_arrays
 from models.gnpfa import (GNPFAConfig, encode_images, load_checkpoint, reconstruct, save_checkpoint,
                           train_geometry, train_image)
 from storage_schemas import open_dataset
@@ -99,15 +99,7 @@ def _real_training_data(out):
     feats = []
     for js in sorted((out / "parts" / "extract").glob("*.json")):
         feats += features_from_npz(str(js.with_suffix(".npz")), json.loads(js.read_text())["clips"])
-    tr, te = [], []
-    for f in feats:  # hold out the last 25% of every clip
-        n = f.n_frames
-        a = f.__class__(**{**f.__dict__})
-        b = f.__class__(**{**f.__dict__})
-        a.tracked = f.tracked & (np.arange(n) < int(0.75 * n))
-        b.tracked = f.tracked & (np.arange(n) >= int(0.75 * n))
-        tr.append(a)
-        te.append(b)
+    tr, te = split_tail(feats)
     return training_arrays(tr), training_arrays(te)
 
 
