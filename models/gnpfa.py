@@ -209,11 +209,14 @@ def save_checkpoint(out_dir: str | Path, cfg: GNPFAConfig, vae: GeometryVAE, enc
     tensors = {f"vae.{k}": v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
     if enc is not None:
         tensors.update({f"image.{k}": v.detach().cpu().contiguous() for k, v in enc.state_dict().items()})
-    blob = save(dict(sorted(tensors.items())), metadata={"format": "m2fd-gnpfa", "config": json.dumps(cfg.to_dict())})
+    # no safetensors __metadata__: it is serialised from a hash map in arbitrary key order, which would make
+    # the bytes (and so the checkpoint's sha256) differ between identical trainings; config.json carries it
+    blob = save(dict(sorted(tensors.items())))
     digest = hashlib.sha256(blob).hexdigest()
     out = Path(out_dir)
     atomic_write_bytes(out / "model.safetensors", blob)
-    write_json(out / "config.json", {"gnpfa": cfg.to_dict(), "sha256": digest, "has_image_encoder": enc is not None,
+    write_json(out / "config.json", {"format": "m2fd-gnpfa", "gnpfa": cfg.to_dict(), "sha256": digest,
+                                     "has_image_encoder": enc is not None,
                                      **(meta or {})})
     return digest
 

@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -266,3 +267,20 @@ def test_train_commands_and_a_provided_checkpoint(real_run, real_dir, tmp_path):
     card = json.loads((tmp_path / "D" / "dataset.json").read_text())
     assert card["lineage"]["checkpoints"]["gnpfa"] == {"sha256": sha, "kind": "provided", "path": str(tmp_path / "ck")}
     assert not (tmp_path / "D" / "models").exists()  # nothing bootstrapped
+
+
+def test_checkpoint_bytes_are_deterministic(tmp_path):
+    """Identical weights must give identical files (the sha256 identifies the checkpoint)."""
+    import subprocess
+
+    code = ("import sys, torch; from models.gnpfa import GNPFAConfig, GeometryVAE, ImageEncoder, save_checkpoint;"
+            "torch.manual_seed(0); c = GNPFAConfig(hidden=32, enc_width=4);"
+            "print(save_checkpoint(sys.argv[1], c, GeometryVAE(c), ImageEncoder(c)))")
+    repo = Path(__file__).resolve().parents[1]
+    shas = []
+    for i in range(6):  # separate processes: hash-map ordering differs between them
+        r = subprocess.run([sys.executable, "-c", code, str(tmp_path / f"c{i}")], capture_output=True, text=True,
+                           cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), "PYTHONHASHSEED": str(i)}, check=True)
+        shas.append(r.stdout.strip())
+    assert len(set(shas)) == 1
+    assert len({(tmp_path / f"c{i}" / "model.safetensors").read_bytes() for i in range(6)}) == 1
