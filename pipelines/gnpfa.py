@@ -36,6 +36,12 @@ def obtain_gnpfa(out: Path, cfg: ExtractConfig, train: dict, log: Callable[[str]
         if enc is None:
             raise ValueError(f"GNPFA checkpoint {d} has no image encoder")
         return d, sha, {"kind": "provided", "path": str(d)}
+    frozen = _committed_bootstrap(out)
+    if frozen is not None:
+        from models.gnpfa import load_checkpoint
+
+        log(f"GNPFA: reusing this dataset's bootstrap {frozen.name} (frozen once shards were committed)")
+        return frozen, load_checkpoint(frozen)[3], {"kind": "bootstrap", "path": str(frozen.relative_to(out))}
     import torch
 
     from models.gnpfa import save_checkpoint, train_geometry, train_image
@@ -70,28 +76,63 @@ def obtain_gnpfa(out: Path, cfg: ExtractConfig, train: dict, log: Callable[[str]
     return d, sha, {"kind": "bootstrap", "path": str(d.relative_to(out))}
 
 
-def _encode(args: tuple) -> dict:
-    ckpt_dir, train, device = args
-    from models.gnpfa import encode_images, load_checkpoint, reconstruct
+def _committed_bootstrap(out: Path) -> Path | None:
+    """The bootstrap checkpoint the dataset's committed shards were built with, if any: later
+    increments encode with it, so latents of committed clips never change."""
+    import json
 
-    _, vae, enc, _ = load_checkpoint(ckpt_dir, device=device)
-    z, dec = reconstruct(vae, train["offsets"], train["neutrals"], device=device)
-    recon_err = np.linalg.norm(dec - train["offsets"], axis=-1).mean(-1) * 100  # % of IOD
-    iz, ir = encode_images(enc, train["crops"], device=device)
-    return {"z": z, "recon_err": recon_err.astype(np.float32), "image_z": iz, "image_rot": ir}
+    from .extract import EXTRACT_LINEAGE
+
+    lin = out / EXTRACT_LINEAGE
+    if not (out / "tables" / "samples.parquet").is_file() or not lin.is_file():
+        return None
+    g = json.loads(lin.read_text()).get("gnpfa") or {}
+    d = out / g["path"] if g.get("kind") == "bootstrap" and g.get("path") else None
+    return d if d is not None and (d / "config.json").is_file() else None
+
+
+class _Encoder:
+    """A GNPFA encoder held on one device (the Ray actor of the GPU pool; plain object elsewhere)."""
+
+    def __init__(self, ckpt_dir: str, device: str):
+        from models.gnpfa import load_checkpoint
+
+        self.device = device
+        _, self.vae, self.enc, _ = load_checkpoint(ckpt_dir, device=device)
+
+    def encode(self, train: dict) -> dict:
+        from models.gnpfa import encode_images, reconstruct
+
+        z, dec = reconstruct(self.vae, train["offsets"], train["neutrals"], device=self.device)
+        recon_err = np.linalg.norm(dec - train["offsets"], axis=-1).mean(-1) * 100  # % of IOD
+        iz, ir = encode_images(self.enc, train["crops"], device=self.device)
+        return {"z": z, "recon_err": recon_err.astype(np.float32), "image_z": iz, "image_rot": ir}
+
+
+def _chunks(train: dict, n: int) -> list[dict]:
+    m = len(train["offsets"])
+    cuts = np.linspace(0, m, n + 1).astype(int)
+    return [{k: v[a:b] for k, v in train.items()} for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
 def encode_all(ckpt_dir: Path, train: dict, cfg: ExtractConfig, on_ray: bool = False) -> dict:
     """Mesh path (VAE mean + round-trip error) and image path for all tracked frames.
 
-    With Ray and a GPU in the cluster, runs as a num_gpus=1 task; otherwise in this process."""
+    With Ray and GPUs in the cluster, frames are split over a pool of num_gpus=1 actors (one per
+    GPU, each loading the checkpoint once); otherwise they are encoded in this process."""
     if on_ray and cfg.device != "cpu":
         import ray
 
-        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1:
-            ref = ray.remote(num_gpus=1, max_retries=2)(_encode).remote((str(ckpt_dir), train, "cuda"))
-            return ray.get(ref)
-    return _encode((str(ckpt_dir), train, _device(cfg)))
+        n_gpu = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
+        if n_gpu >= 1 and len(train["offsets"]):
+            from ray.util import ActorPool
+
+            actor = ray.remote(num_gpus=1, max_restarts=2, max_task_retries=2)(_Encoder)
+            parts = _chunks(train, n_gpu)
+            pool = ActorPool([actor.remote(str(ckpt_dir), "cuda") for _ in parts])
+            res = list(pool.map(lambda a, chunk: a.encode.remote(chunk), parts))
+            return {k: np.concatenate([r[k] for r in res]) for k in res[0]}
+    return _Encoder(str(ckpt_dir), _device(cfg)).encode(train)
 
 
 def dataset_training_arrays(ds_dir: Path, only_ok: bool = True) -> dict:

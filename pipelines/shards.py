@@ -1,6 +1,8 @@
 """Wire the shard stage: per-source Ray tasks build sample bytes; the driver packs them into
-deterministic, byte-bounded WebDataset shards, then writes the index tables, wids indexes and the
-dataset card."""
+deterministic, byte-bounded WebDataset shards, then writes the index tables and wids indexes.
+
+Shards are append-only: each run that has new clips adds them as a new dataset version
+(`shards/<split>-v<version>-<n>.tar`); committed shards are never rewritten."""
 from __future__ import annotations
 
 import json
@@ -62,17 +64,43 @@ def current_labels(ds) -> dict[str, dict]:
     return out
 
 
+def _input_digest(clip: dict, feature: dict, labels: dict, transcript: dict | None, cfg: ShardConfig) -> str:
+    import hashlib
+
+    doc = {"clip": clip, "features": feature, "labels": labels, "transcript": transcript, "shard": cfg.to_dict(),
+           "schema": SCHEMA_VERSION}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def run_shards(out: str | os.PathLike, cfg: ShardConfig, ex, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Shard every kept clip that no committed shard holds yet, as a new dataset version.
+
+    Committed shards are never rewritten: a clip already in a shard whose inputs changed (relabel,
+    other checkpoint) stops the stage with ShardCommitted. A rerun with nothing new adds nothing."""
     out = Path(out)
     tick = progress or (lambda *a: None)
     ds = open_dataset(out)
     clips = ds.query("select c.* from clips c join clip_features f using (clip_id) where f.status = 'ok' "
                      "order by c.clip_id").to_pylist()
+    features = {r["clip_id"]: r for r in ds.table("clip_features").to_pylist()}
+    trans = {r["clip_id"]: r for r in ds.table("transcripts").to_pylist()} if "transcripts" in ds.tables else {}
     sources = {s["source_id"]: s for s in ds.table("sources").to_pylist()}
     splits = {c["clip_id"]: split_of(c["source_id"], (cfg.train_fraction, cfg.val_fraction)) for c in clips}
     labels = current_labels(ds)
+    digests = {c["clip_id"]: _input_digest(c, features[c["clip_id"]], labels.get(c["clip_id"], {}),
+                                           trans.get(c["clip_id"]), cfg) for c in clips}
+    old_shards = ds.table("shards").to_pylist() if "shards" in ds.tables else []
+    old_samples = ds.table("samples").to_pylist() if "samples" in ds.tables else []
+    committed = {r["clip_id"]: r for r in old_samples}
+    changed = sorted(k for k, r in committed.items() if k in digests and r["input_digest"] != digests[k])
+    if changed:
+        raise ShardCommitted(f"{len(changed)} clip(s) already in committed shards have changed inputs (e.g. "
+                             f"{changed[0]} in {committed[changed[0]]['shard']}); committed shards are never "
+                             f"rewritten: build the changed data into a new dataset (--out)")
+    new = [c for c in clips if c["clip_id"] not in committed]
+    version = max((r["version"] for r in old_shards), default=0) + (1 if new else 0)
     by_src: dict[str, list[dict]] = {}
-    for c in clips:
+    for c in new:
         by_src.setdefault(c["source_id"], []).append(c)
     work = [(str(out), sources[sid], cs, splits, {c["clip_id"]: labels.get(c["clip_id"], {}) for c in cs},
              cfg.to_dict()) for sid, cs in sorted(by_src.items())]
@@ -81,29 +109,21 @@ def run_shards(out: str | os.PathLike, cfg: ShardConfig, ex, progress: Callable[
     for i, (_, res) in enumerate(ex.map_unordered(_sample_task, work)):
         samples.update(dict(res))
         tick("shard", i + 1, len(work))
-    shard_rows, sample_rows = [], []
-    committed = {r["shard"]: r for r in ds.table("shards").to_pylist()} if "shards" in ds.tables else {}
+    shard_rows, sample_rows = list(old_shards), list(old_samples)
+    n_frames = {c["clip_id"]: int(c["n_frames"]) for c in clips}
     for split in ("train", "val", "test"):
         keys = sorted(k for k in samples if splits[k] == split)
         sizes = [sum(len(v) for v in samples[k].values()) for k in keys]
         for si, group in enumerate(pack(sizes, cfg.max_shard_bytes)):
-            rel = f"{SHARD_DIR}/{split}-{si:06d}.tar"
-            path = out / rel
-            members = [(keys[g], samples[keys[g]]) for g in group]
-            if path.exists() and rel in committed:
-                # committed shards are never rewritten: write aside and compare
-                sha, nbytes = write_shard(path.with_suffix(".check"), members)
-                os.unlink(path.with_suffix(".check"))
-                if sha != committed[rel]["sha256"]:
-                    raise ShardCommitted(f"shard {rel} is committed with sha256 {committed[rel]['sha256'][:12]} and "
-                                         f"would change ({sha[:12]}); write changed data under a new dataset version")
-            else:
-                sha, nbytes = write_shard(path, members)
-            shard_rows.append({"shard": rel, "split": split, "sha256": sha, "n_samples": len(group), "bytes": nbytes})
+            rel = f"{SHARD_DIR}/{split}-v{version:03d}-{si:06d}.tar"
+            sha, nbytes = write_shard(out / rel, [(keys[g], samples[keys[g]]) for g in group])
+            shard_rows.append({"shard": rel, "split": split, "version": version, "sha256": sha,
+                               "n_samples": len(group), "bytes": nbytes})
             for j, g in enumerate(group):
                 sample_rows.append({"clip_id": keys[g], "split": split, "shard": rel, "index_in_shard": j,
-                                    "n_frames": int(next(c["n_frames"] for c in clips if c["clip_id"] == keys[g])),
-                                    "bytes": sizes[g]})
+                                    "n_frames": n_frames[keys[g]], "bytes": sizes[g], "input_digest": digests[keys[g]]})
+    shard_rows.sort(key=lambda r: (r["version"], r["split"], r["shard"]))
+    sample_rows.sort(key=lambda r: (r["shard"], r["index_in_shard"]))
     write_table(table_path(out, "shards"), "shards", shard_rows)
     write_table(table_path(out, "samples"), "samples", sample_rows)
     for split in ("train", "val", "test"):
@@ -111,6 +131,8 @@ def run_shards(out: str | os.PathLike, cfg: ShardConfig, ex, progress: Callable[
             "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": f"M2F-D {split}",
             "shardlist": [{"url": Path(r["shard"]).name, "nsamples": r["n_samples"]}
                           for r in shard_rows if r["split"] == split]})
-    return {"shards": len(shard_rows), "samples": len(sample_rows),
+    added = [r for r in shard_rows if r["version"] == version and new]
+    return {"version": version, "shards": len(shard_rows), "samples": len(sample_rows),
+            "added_shards": len(added), "added_samples": len(samples),
             "bytes": int(sum(r["bytes"] for r in shard_rows)),
             "splits": {s: sum(1 for r in sample_rows if r["split"] == s) for s in ("train", "val", "test")}}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "0.1.0"
+SCHEMA_VERSION = "0.2.0"  # 0.2.0: shards.version, samples.input_digest (dataset versions)
 FPS = 30  # every per-frame array in M2F-D is sampled at exactly this rate
 AUDIO_SAMPLE_RATE = 16_000
 
@@ -159,6 +159,7 @@ SHARDS = pa.schema(
     [
         _f("shard", pa.string(), doc="path relative to the dataset root"),
         _f("split", pa.string()),
+        _f("version", pa.int32(), doc="dataset version that added the shard; committed shards never change"),
         _f("sha256", pa.string()),
         _f("n_samples", pa.int32()),
         _f("bytes", pa.int64()),
@@ -173,6 +174,8 @@ SAMPLES = pa.schema(
         _f("index_in_shard", pa.int32()),
         _f("n_frames", pa.int32()),
         _f("bytes", pa.int64(), doc="sum of the sample's member sizes"),
+        _f("input_digest", pa.string(), doc="sha256 of the rows the sample was built from (clip, features, "
+                                            "labels, transcript, shard config): a changed input is detected"),
     ]
 )
 

@@ -59,8 +59,14 @@ def test_reshard_is_byte_identical_and_committed_shards_are_never_rewritten(real
     d = tmp_path / "D"
     shutil.copytree(src, d)
     before = {p.name: p.read_bytes() for p in (d / "shards").glob("*.tar")}
+    # a rerun with nothing new adds no version and leaves every byte alone
+    r = run_shards(d, ShardConfig(), LocalExecutor())
+    assert r["added_samples"] == 0 and r["version"] == 1
+    assert {p.name: p.read_bytes() for p in (d / "shards").glob("*.tar")} == before
+    # rebuilding from nothing gives the same bytes
     shutil.rmtree(d / "shards")
     (d / "tables" / "shards.parquet").unlink()
+    (d / "tables" / "samples.parquet").unlink()
     run_shards(d, ShardConfig(), LocalExecutor())
     assert {p.name: p.read_bytes() for p in (d / "shards").glob("*.tar")} == before
     # a change to committed data must not rewrite the shard
@@ -71,7 +77,7 @@ def test_reshard_is_byte_identical_and_committed_shards_are_never_rewritten(real
         if r["field"] == "caption":
             r["value"] = json.dumps("A different caption.")
     write_table(table_path(d, "label_rows"), "label_rows", rows)
-    with pytest.raises(ShardCommitted, match="is committed"):
+    with pytest.raises(ShardCommitted, match="committed shards are never"):
         run_shards(d, ShardConfig(), LocalExecutor())
     assert {p.name: p.read_bytes() for p in (d / "shards").glob("*.tar")} == before
 
