@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="M2F-D factory: raw talking videos -> labeled co-speech 3D facial-animation dataset.")
 console = Console(stderr=True)
 
@@ -66,7 +66,7 @@ def run(
     stages: str = typer.Option("ingest,extract,label,shard", help="Comma-separated stages to run, in order."),
 ):
     """Run the M2F-D job on SRC and write the dataset to --out."""
-    from pipelines.job import STAGES, run_job
+    from pipelines.job import STAGES, RunFailed, run_job
     from pipelines.lock import DatasetLocked
 
     icfg, ecfg, scfg = _load_config(config, set_)
@@ -89,6 +89,9 @@ def run(
         except DatasetLocked as e:
             console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(3)
+        except RunFailed as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(1)
     s = res["ingest"]
     console.print(f"[green]ingest[/green]: {s.n_inputs} inputs, {s.n_sources} sources, {s.n_clips} clips "
                   f"({s.clip_hours * 3600:.1f} s); analysed {s.analysed}, reused {s.reused}")
@@ -99,13 +102,120 @@ def run(
                       f"{', '.join(e['engines']) or '-'}")
     if "shard" in res:
         sh = res["shard"]
-        console.print(f"[green]shard[/green]: {sh['samples']} samples in {sh['shards']} shards ({sh['bytes'] / 1e6:.1f} MB), "
-                      f"splits {sh['splits']}")
+        console.print(f"[green]shard[/green]: version {sh['version']} added {sh['added_samples']} samples in "
+                      f"{sh['added_shards']} shards; dataset {sh['samples']} samples in {sh['shards']} shards "
+                      f"({sh['bytes'] / 1e6:.1f} MB), splits {sh['splits']}")
     if "label" in res:
         lb = res["label"]
         console.print(f"[green]label[/green]: {lb['rows']} label rows for {lb['clips']} clips by {', '.join(lb['labelers'])}")
     card = json.loads((out / "dataset.json").read_text())
-    console.print(f"[green]done[/green]: quarantine {card['counts']['quarantine']} -> {out}")
+    checks = ", ".join(f"{k} {'passed' if v else 'FAILED'}" for k, v in sorted(res["checks"].items()))
+    console.print(f"[green]checks[/green]: {checks or '-'}")
+    console.print(f"[green]done[/green]: quarantine {card['counts']['quarantine']} -> {out} "
+                  f"(Dagster run {res['run_id']}, batch {res['batch']}; `m2fd ui --out {out}` shows it)")
+    if not all(res["checks"].values()):
+        raise typer.Exit(4)
+
+
+@app.command()
+def ui(
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset directory whose runs to show (its Dagster instance)."),
+    port: int = typer.Option(3000, help="Port of the Dagster web UI."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    landing: Optional[str] = typer.Option(None, help="Folder or fsspec prefix for the landing sensor (M2FD_LANDING)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config used by runs launched from the UI."),
+):
+    """Start the Dagster UI (dagster dev) over the dataset's run history and these definitions."""
+    import os
+    import signal
+
+    from pipelines.job import dagster_home
+
+    env = {**os.environ, "DAGSTER_HOME": str(dagster_home(out).resolve()), "M2FD_OUT": str(out.resolve())}
+    if landing:
+        env["M2FD_LANDING"] = landing
+    if config:
+        env["M2FD_CONFIG"] = str(config.resolve())
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    exe = Path(sys.executable).with_name("dagster")
+    # dagster dev started from a script inherits ignored signals: restore the defaults so that
+    # SIGINT/SIGTERM stop it (and the webserver and daemon it runs)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    console.print(f"Dagster UI for {out} on http://{host}:{port} (DAGSTER_HOME={env['DAGSTER_HOME']})")
+    os.execve(str(exe), [str(exe), "dev", "-m", "pipelines.dagster_defs", "-h", host, "-p", str(port)], env)
+
+
+@app.command()
+def train(
+    dataset: Optional[Path] = typer.Argument(None, help="Dataset directory (its train split), or use --subset."),
+    subset: Optional[Path] = typer.Option(None, help="A subset manifest from `m2fd subset` (names its dataset)."),
+    out: Path = typer.Option(Path("out/train"), "--out", "-o", help="Run directory: checkpoints, metrics.csv, tb/."),
+    workers: int = typer.Option(1, help="Ray Train workers (DDP ranks)."),
+    gpus_per_worker: float = typer.Option(0, help="GPUs per worker (0: CPU, gloo)."),
+    cpus_per_worker: int = typer.Option(1, help="CPUs per worker."),
+    style_encoder: Optional[Path] = typer.Option(None, help="CLIP checkpoint dir for the style embedding."),
+    set_: List[str] = typer.Option([], "--set", help="Training/model key, e.g. --set max_steps=2000 --set model.layers=4."),
+):
+    """Train (or resume) Media2Face on Ray Train over the dataset's shards."""
+    import dataclasses
+
+    import yaml
+
+    from models.m2f_train import TrainConfig
+    from pipelines.train import run_training
+
+    if dataset is None and subset is None:
+        raise typer.BadParameter("give DATASET or --subset")
+    kw: dict = {"dataset": str(dataset) if dataset else None, "subset": str(subset) if subset else None,
+                "run_dir": str(out), "style_encoder": str(style_encoder) if style_encoder else None}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    model: dict = {}
+    for ov in set_:
+        k, _, v = ov.partition("=")
+        if k.startswith("model."):
+            model[k[6:]] = yaml.safe_load(v)
+        elif k in known:
+            kw[k] = yaml.safe_load(v)
+        else:
+            raise typer.BadParameter(f"unknown training key {k!r} (known: {sorted(known)}, or model.<key>)")
+    from models.media2face import M2FConfig
+
+    try:
+        M2FConfig.from_dict(model)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    tcfg = TrainConfig(**kw, model=model)
+    m = run_training(tcfg, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
+             if k in ("step", "loss", "val_lve", "baseline_lve", "val_fdd", "baseline_fdd", "samples_per_s")}
+    console.print(f"[green]trained[/green]: {shown} -> {out}")
+
+
+@app.command()
+def generate(
+    ckpt: Path = typer.Argument(..., help="A Media2Face checkpoint directory (out/train/checkpoints/step-N)."),
+    audio: Path = typer.Option(..., "--audio", help="Speech audio (any format ffmpeg reads)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Animation .npz (latents, pose at 30 fps)."),
+    prompt: Optional[str] = typer.Option(None, help="Style text prompt."),
+    image: Optional[Path] = typer.Option(None, help="Style face image."),
+    video: Optional[Path] = typer.Option(None, help="Also render the decoded mesh with the audio to this .mp4."),
+    steps: int = typer.Option(50, help="DDIM steps."),
+    seed: int = typer.Option(0),
+    s_audio: float = typer.Option(2.5, help="Guidance weight sA."),
+    s_style: float = typer.Option(1.5, help="Guidance weight sP."),
+):
+    """Generate facial motion for speech audio with a trained Media2Face."""
+    from pipelines.generate import run_generate
+
+    if prompt is not None and image is not None:
+        raise typer.BadParameter("give --prompt or --image, not both")
+    try:
+        r = run_generate(ckpt, audio, out, prompt, image, video, steps, seed, s_audio, s_style)
+    except (ValueError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    console.print(f"[green]generated[/green]: {r['frames']} frames -> {r['out']}" + (f", {r['video']}" if r["video"] else ""))
 
 
 @app.command()

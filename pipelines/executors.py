@@ -29,12 +29,11 @@ class RayExecutor:
         self._started = False
         if not ray.is_initialized():
             address = address or os.environ.get("RAY_ADDRESS")
-            kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                  "configure_logging": True, "logging_level": "warning"}
-            if address:
+            kw: dict[str, Any] = {"log_to_driver": False, "logging_level": "warning"}
+            if address:  # an existing cluster (ray://host:10001 through Ray Client, or a GCS address)
                 ray.init(address=address, **kw)
             else:
-                ray.init(num_cpus=num_cpus or os.cpu_count(), **kw)
+                ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kw)
             self._started = True
         self.max_retries = max_retries
         cpus = int(ray.cluster_resources().get("CPU", 1))

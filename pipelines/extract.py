@@ -21,6 +21,7 @@ from storage_schemas import atomic_write_bytes, open_dataset, table_path, write_
 from .gnpfa import encode_all, obtain_gnpfa
 
 PARTS = Path("parts") / "extract"
+EXTRACT_LINEAGE = Path("lineage") / "extract.json"
 
 
 def _extract_task(args: tuple) -> dict:
@@ -48,11 +49,7 @@ def _part_key(source: dict, clips: list[dict], cfg: ExtractConfig) -> str:
     return h.hexdigest()[:24]
 
 
-def run_extract(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callable[[str, int, int], None] | None = None,
-                log: Callable[[str], None] = print) -> dict:
-    """Extraction stage. The caller holds the dataset lock and owns the executor (see pipelines.job)."""
-    out = Path(out)
-    tick = progress or (lambda *a: None)
+def _plan(out: Path, cfg: ExtractConfig) -> tuple[list[dict], dict[str, Path], list[tuple]]:
     ds = open_dataset(out)
     sources = {s["source_id"]: s for s in ds.table("sources").to_pylist()}
     clips = ds.table("clips").to_pylist()
@@ -66,18 +63,55 @@ def run_extract(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callab
         parts[sid] = npz
         if not npz.with_suffix(".json").is_file():
             work.append((s["uri"], s["width"], s["height"], cs, cfg.to_dict(), str(npz)))
+    return clips, parts, work
+
+
+def run_tracks(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Per-source landmarks, pose, audio features and transcripts as cached parts (one Ray task per
+    source with clips). Sources whose part is complete are not redone."""
+    out = Path(out)
+    tick = progress or (lambda *a: None)
+    _, parts, work = _plan(out, cfg)
     metrics: dict[str, float] = {}
-    tick("extract", len(parts) - len(work), len(parts))
     done = len(parts) - len(work)
+    tick("extract", done, len(parts))
     for _, res in ex.map_unordered(_extract_task, work):
         done += 1
         tick("extract", done, len(parts))
         for k, v in res["metrics"].items():
             metrics[k] = metrics.get(k, 0) + v
+    return {"sources": len(parts), "computed": len(work), "reused": len(parts) - len(work), "metrics": metrics}
+
+
+def _load_parts(out: Path, cfg: ExtractConfig) -> tuple[list[dict], dict[str, list]]:
+    clips, parts, work = _plan(out, cfg)
+    if work:
+        raise RuntimeError(f"{len(work)} source(s) have no extraction part yet; run the tracks step first")
     feats_by_src = {}
     for sid, npz in parts.items():
         meta = json.loads(npz.with_suffix(".json").read_text())
         feats_by_src[sid] = features_from_npz(str(npz), meta["clips"])
+    return clips, feats_by_src
+
+
+def run_gnpfa(out: str | os.PathLike, cfg: ExtractConfig, log: Callable[[str], None] = print) -> dict:
+    """The GNPFA checkpoint the dataset is encoded with (provided, or a bootstrap trained on its meshes)."""
+    out = Path(out)
+    _, feats_by_src = _load_parts(out, cfg)
+    train = training_arrays([f for sid in sorted(feats_by_src) for f in feats_by_src[sid]])
+    d, sha, info = obtain_gnpfa(out, cfg, train, log=log)
+    return {"sha256": sha, **info, "frames": int(len(train["offsets"]))}
+
+
+def run_extract(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callable[[str, int, int], None] | None = None,
+                log: Callable[[str], None] = print) -> dict:
+    """Extraction stage (tracks, GNPFA, encoding, quality, tables). The caller holds the dataset lock
+    and owns the executor (see pipelines.job)."""
+    out = Path(out)
+    tick = progress or (lambda *a: None)
+    metrics = run_tracks(out, cfg, ex, progress)["metrics"]
+    clips, feats_by_src = _load_parts(out, cfg)
+    ds = open_dataset(out)
     all_feats = [f for sid in sorted(feats_by_src) for f in feats_by_src[sid]]
 
     # --- GNPFA: checkpoint (provided or bootstrap), then mesh-path and image-path encoding ---
@@ -128,9 +162,11 @@ def run_extract(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callab
     write_table(table_path(out, "transcripts"), "transcripts", sorted(transcript_rows, key=lambda r: r["clip_id"]))
     quarantine.sort(key=lambda q: (q["uri"], q["stage"], q["reason"], q["clip_id"] or ""))
     write_table(table_path(out, "quarantine"), "quarantine", quarantine)
-    return {"clips_ok": n_ok, "clips_dropped": len(feature_rows) - n_ok, "frames": int(sum(f.n_frames for f in all_feats)),
-            "gnpfa": {"sha256": ckpt_sha, **ckpt_info}, "metrics": metrics,
-            "engines": sorted({r["engine"] for r in transcript_rows})}
+    res = {"clips_ok": n_ok, "clips_dropped": len(feature_rows) - n_ok, "frames": int(sum(f.n_frames for f in all_feats)),
+           "gnpfa": {"sha256": ckpt_sha, **ckpt_info}, "engines": sorted({r["engine"] for r in transcript_rows})}
+    # what the dataset card records of this stage (read by finish_dataset)
+    atomic_write_bytes(out / EXTRACT_LINEAGE, json.dumps(res, sort_keys=True).encode())
+    return {**res, "metrics": metrics}
 
 
 def _write_npy(path: Path, arr: np.ndarray) -> None:

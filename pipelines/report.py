@@ -21,6 +21,10 @@ def card_stats(root: Path) -> dict:
         st["emotion"] = {r["emotion"]: r["n"] for r in q("select emotion, count(*) n from labels group by 1 order by 1")}
         st["intensity"] = {r["intensity"]: r["n"] for r in q("select intensity, count(*) n from labels group by 1 order by 1")}
         st["style_tags"] = {r["t"]: r["n"] for r in q("select unnest(style_tags) t, count(*) n from labels group by 1 order by 1")}
+    if "clips" in ds.tables:
+        st["clip_duration_hist"] = {r["b"]: r["n"] for r in q(
+            "select case when duration_s < 5 then '0-5' when duration_s < 10 then '5-10' when duration_s < 20 "
+            "then '10-20' else '20+' end b, count(*) n, min(duration_s) m from clips group by 1 order by m")}
     st["quarantine"] = {r["reason"]: r["n"] for r in q("select reason, count(*) n from quarantine group by 1 order by 1")}
     return st
 

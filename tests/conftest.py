@@ -30,12 +30,61 @@ def cases(tmp_path_factory, real_dir):
 
 
 @pytest.fixture(scope="session")
-def real_run(tmp_path_factory, real_dir):
-    """The whole job (ingest + extract) on the shared real videos, on a local Ray."""
+def real_result(tmp_path_factory, real_dir):
+    """The whole job (the Dagster job, in-process) on the shared real videos, on a local Ray."""
     out = tmp_path_factory.mktemp("ds")
     from pipelines.job import run_job
 
-    res = run_job([str(real_dir)], out, executor="ray", num_cpus=2, log=lambda m: None)
+    return out, run_job([str(real_dir)], out, executor="ray", num_cpus=2, log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def real_run(real_result):
+    out, res = real_result
     return out, res["ingest"]
 
 
+def dataset_bytes(out: Path) -> dict[str, bytes]:
+    """Every file that makes the dataset (not run history, caches or locks), by relative path."""
+    keep = ("tables", "shards", "batches", "lineage", "models", "arrays")
+    files = [p for p in Path(out).rglob("*") if p.is_file() and p.relative_to(out).parts[0] in keep]
+    files += [Path(out) / n for n in ("dataset.json", "README.md") if (Path(out) / n).is_file()]
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(files)}
+
+
+
+
+def build_tiny_clip(d: Path) -> Path:
+    """A randomly initialised 2-layer CLIP (text + vision) saved like a real checkpoint, with a
+    byte-level tokenizer vocabulary (no merges) and an image processor."""
+    import json
+
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    d.mkdir(parents=True, exist_ok=True)
+    chars = sorted(set(bytes_to_unicode().values()))
+    vocab = {c: i for i, c in enumerate(chars)}
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    for t in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[t] = len(vocab)
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=77)
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64,
+                                  "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77},
+                     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                    "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                     projection_dim=24)
+    CLIPModel(cfg).save_pretrained(str(d), safe_serialization=True)
+    tok.save_pretrained(str(d))
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    return build_tiny_clip(tmp_path_factory.mktemp("clip"))
