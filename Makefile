@@ -28,6 +28,8 @@ bench: setup
 	$(PY) bench/bench_gnpfa.py --dataset out/bench-real
 	$(PY) bench/bench_labels.py --dataset out/bench-real
 	$(PY) bench/bench_shards.py --dataset out/bench-real
+	$(PY) bench/bench_e2e.py --real $(REAL)
+	$(PY) bench/bench_train.py --export out/bench-real
 
 clean:
 	rm -rf out examples/samples .pytest_cache

@@ -56,7 +56,8 @@ class M2FDWindows(torch.utils.data.IterableDataset):
 
     Per epoch the clip list is permuted (seed, epoch), cut to a multiple of the world size and dealt
     round-robin to ranks, so every rank sees the same number of samples and no clip twice; within a
-    rank, samples are dealt round-robin to DataLoader workers and read in shard order. Windows start at
+    rank, DataLoader workers take contiguous blocks of the rank's samples in shard order (few shards
+    walked per worker) and read them in shard order. Windows start at
     a per-(seed, epoch, clip) offset; clips shorter than the window are zero-padded with ``mask`` false.
     """
 
@@ -91,7 +92,12 @@ class M2FDWindows(torch.utils.data.IterableDataset):
         mine = self.rank_entries()
         info = torch.utils.data.get_worker_info()
         if info is not None:
-            mine = mine[info.id::info.num_workers]
+            # each worker takes a contiguous block of the rank's samples in (epoch-shuffled) shard order,
+            # so it walks few shards instead of all of them (the shard walk is the loader's main cost)
+            order = {sh: _u(self.seed, self.epoch, sh) if self.shuffle else sh for sh in {x["shard"] for x in mine}}
+            mine = sorted(mine, key=lambda x: (order[x["shard"]], x["index_in_shard"]))
+            cuts = np.linspace(0, len(mine), info.num_workers + 1).astype(int)
+            mine = mine[cuts[info.id]:cuts[info.id + 1]]
         by_shard: dict[str, dict[int, dict]] = {}
         for x in mine:
             by_shard.setdefault(x["shard"], {})[x["index_in_shard"]] = x

@@ -1,0 +1,264 @@
+"""Media2Face: a diffusion model over co-speech facial motion in GNPFA latent space.
+
+x0 = [GNPFA expression latent z (z_dim), head pose (6)] per frame, over windows of 200 frames at
+30 fps. The denoiser is a transformer decoder (8 layers, 4 heads, width 512 as published): motion
+tokens self-attend; they cross-attend to per-frame audio features (with an alignment mask that lets
+frame i see audio frames within +-``align_frames``) and to two global tokens (diffusion step, style).
+It predicts x0 directly. Cosine noise schedule with 500 steps; DDIM sampling.
+
+Classifier-free guidance with the paper's two masks: during training the style is dropped with
+probability ``p_drop_style`` and audio + style together with ``p_drop_all``; at sampling
+    X = (1 - sA - sP) * G(null) + sA * G(A) + sP * G(A, P)
+with sA = 2.5, sP = 1.5 by default. Losses: simple (x0 MSE, 1.0) + velocity (first differences,
+1.0) + smooth (second differences of the prediction, 0.01), over valid frames only.
+
+Pure torch: no Ray, no Dagster (pipelines/ wires training).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+POSE_DIM = 6
+
+
+@dataclass
+class M2FConfig:
+    z_dim: int = 32
+    audio_dim: int = 80
+    style_dim: int = 512  # CLIP embedding width (projected); 0 = no style input
+    width: int = 512
+    layers: int = 8
+    heads: int = 4
+    ff_mult: int = 4
+    dropout: float = 0.1
+    window: int = 200
+    steps: int = 500
+    align_frames: int = 15  # audio context per motion frame (+-0.5 s)
+    p_drop_style: float = 0.2
+    p_drop_all: float = 0.1
+    w_simple: float = 1.0
+    w_velocity: float = 1.0
+    w_smooth: float = 0.01
+
+    @property
+    def motion_dim(self) -> int:
+        return self.z_dim + POSE_DIM
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "M2FConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown Media2Face config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def cosine_alphas_cumprod(steps: int, s: float = 0.008) -> torch.Tensor:
+    """Nichol & Dhariwal's cosine schedule: alpha_bar(t) for t = 1..steps (float64)."""
+    t = torch.arange(steps + 1, dtype=torch.float64) / steps
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    ab = f / f[0]
+    betas = (1 - ab[1:] / ab[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, 0)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    a = t.float()[:, None] * freqs[None]
+    return torch.cat([a.cos(), a.sin()], -1)
+
+
+def sinusoid_positions(n: int, dim: int, device=None) -> torch.Tensor:
+    return timestep_embedding(torch.arange(n, device=device), dim)
+
+
+class Media2Face(nn.Module):
+    def __init__(self, cfg: M2FConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.motion_in = nn.Linear(cfg.motion_dim, w)
+        self.audio_in = nn.Sequential(nn.Linear(cfg.audio_dim, w), nn.GELU(), nn.Linear(w, w))
+        self.time_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
+        self.style_in = nn.Linear(cfg.style_dim, w) if cfg.style_dim else None
+        # learned "absent" conditions (classifier-free guidance)
+        self.null_audio = nn.Parameter(torch.zeros(w))
+        self.null_style = nn.Parameter(torch.zeros(w))
+        layer = nn.TransformerDecoderLayer(w, cfg.heads, cfg.ff_mult * w, cfg.dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, cfg.layers)
+        self.out = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, cfg.motion_dim))
+        self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(cfg.steps).float(), persistent=False)
+
+    def cross_mask(self, n: int, device) -> torch.Tensor:
+        """Bool mask (True = blocked) of shape (n, 2 + n): the two global tokens are always visible,
+        audio frame j only to motion frames within +-align_frames of it."""
+        i = torch.arange(n, device=device)
+        far = (i[:, None] - i[None, :]).abs() > self.cfg.align_frames
+        return torch.cat([torch.zeros(n, 2, dtype=torch.bool, device=device), far], 1)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, audio: torch.Tensor, style: Optional[torch.Tensor],
+                drop_audio: torch.Tensor, drop_style: torch.Tensor) -> torch.Tensor:
+        """Predict x0. x_t (B, N, motion_dim), t (B,), audio (B, N, audio_dim), style (B, style_dim) or
+        None; drop_* (B,) bool: replace that condition by its learned null."""
+        b, n, _ = x_t.shape
+        w = self.cfg.width
+        pos = sinusoid_positions(n, w, x_t.device)
+        h = self.motion_in(x_t) + pos
+        a = self.audio_in(audio) + pos
+        a = torch.where(drop_audio[:, None, None], self.null_audio.to(a.dtype).expand_as(a), a)
+        te = self.time_mlp(timestep_embedding(t, w).to(h.dtype))
+        if style is not None and self.style_in is not None:
+            s = self.style_in(style)
+            s = torch.where(drop_style[:, None], self.null_style.to(s.dtype).expand_as(s), s)
+        else:
+            s = self.null_style.to(h.dtype).expand(b, w)
+        mem = torch.cat([te[:, None], s[:, None], a], 1)
+        h = self.decoder(h + te[:, None], mem, memory_mask=self.cross_mask(n, x_t.device))
+        return self.out(h)
+
+    # --- diffusion ---
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        ab = self.alphas_cumprod[t].to(x0.dtype)[:, None, None]
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def cfg_masks(batch: int, cfg: M2FConfig, generator: torch.Generator | None = None,
+              device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-time condition dropping: (drop_audio, drop_style). A sample drops audio+style with
+    p_drop_all, else style alone with p_drop_style; audio is never dropped while style is kept."""
+    u = torch.rand(batch, generator=generator).to(device)
+    drop_all = u < cfg.p_drop_all
+    drop_style = drop_all | (u < cfg.p_drop_all + cfg.p_drop_style)
+    return drop_all, drop_style
+
+
+def masked_mean(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    m = m.to(x.dtype)
+    while m.dim() < x.dim():
+        m = m[..., None]
+    return (x * m).sum() / (m.expand_as(x).sum().clamp(min=1))
+
+
+def losses(pred: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, cfg: M2FConfig) -> dict[str, torch.Tensor]:
+    """simple + velocity + smooth over valid frames (mask (B, N) bool)."""
+    simple = masked_mean((pred - x0) ** 2, mask)
+    m1 = mask[:, 1:] & mask[:, :-1]
+    vel = masked_mean(((pred[:, 1:] - pred[:, :-1]) - (x0[:, 1:] - x0[:, :-1])) ** 2, m1)
+    m2 = m1[:, 1:] & m1[:, :-1]
+    smooth = masked_mean((pred[:, 2:] - 2 * pred[:, 1:-1] + pred[:, :-2]) ** 2, m2)
+    total = cfg.w_simple * simple + cfg.w_velocity * vel + cfg.w_smooth * smooth
+    return {"loss": total, "simple": simple, "velocity": vel, "smooth": smooth}
+
+
+def training_loss(model: Media2Face, x0: torch.Tensor, audio: torch.Tensor, style: Optional[torch.Tensor],
+                  mask: torch.Tensor, generator: torch.Generator | None = None,
+                  forward: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
+    """One diffusion training loss. ``forward`` is the module to call (a DDP wrapper of ``model``)."""
+    cfg = model.cfg
+    forward = model if forward is None else forward
+    b = x0.shape[0]
+    # random draws on the CPU generator (identical streams on CPU and GPU; resumable state)
+    t = torch.randint(0, cfg.steps, (b,), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    drop_audio, drop_style = cfg_masks(b, cfg, generator, x0.device)
+    pred = forward(model.q_sample(x0, t, noise), t, audio, style, drop_audio, drop_style)
+    return losses(pred.float(), x0.float(), mask, cfg)
+
+
+@torch.no_grad()
+def guided_x0(model: Media2Face, x_t: torch.Tensor, t: torch.Tensor, audio: torch.Tensor, style: Optional[torch.Tensor],
+              s_audio: float = 2.5, s_style: float = 1.5) -> torch.Tensor:
+    """X = (1 - sA - sP) G(null) + sA G(A) + sP G(A, P), the three branches in one batch."""
+    b = x_t.shape[0]
+    dev = x_t.device
+    tt, ff = torch.ones(b, dtype=torch.bool, device=dev), torch.zeros(b, dtype=torch.bool, device=dev)
+    x3 = torch.cat([x_t] * 3)
+    st = torch.cat([style] * 3) if style is not None else None
+    g = model(x3, torch.cat([t] * 3), torch.cat([audio] * 3), st,
+              torch.cat([tt, ff, ff]), torch.cat([tt, tt, ff if style is not None else tt]))
+    g0, ga, gap = g[:b], g[b:2 * b], g[2 * b:]
+    if style is None:  # no style given: X = (1 - sA) G(null) + sA G(A)
+        return (1 - s_audio) * g0 + s_audio * ga
+    return (1 - s_audio - s_style) * g0 + s_audio * ga + s_style * gap
+
+
+@torch.no_grad()
+def ddim_sample(model: Media2Face, audio: torch.Tensor, style: Optional[torch.Tensor] = None, n_steps: int = 50,
+                s_audio: float = 2.5, s_style: float = 1.5, generator: torch.Generator | None = None,
+                known: Optional[torch.Tensor] = None, known_mask: Optional[torch.Tensor] = None,
+                noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DDIM (eta = 0) from noise to x0 for audio (B, N, audio_dim). ``known``/``known_mask`` (B, N)
+    pin frames to given values (noised to each step), which continues a previous window."""
+    cfg = model.cfg
+    b, n, _ = audio.shape
+    dev = audio.device
+    ab = model.alphas_cumprod.to(dev)
+    ts = torch.linspace(cfg.steps - 1, 0, n_steps, device=dev).round().long()
+    x = noise if noise is not None else torch.randn((b, n, cfg.motion_dim), generator=generator, device=dev)
+    x0 = x
+    for i, t in enumerate(ts):
+        if known is not None:  # pinned frames: the known motion noised to this step along the trajectory
+            x = torch.where(known_mask[..., None], ab[t].sqrt() * known + (1 - ab[t]).sqrt() * _eps(x, x0, ab[t], i == 0), x)
+        x0 = guided_x0(model, x, t.expand(b), audio, style, s_audio, s_style).float()
+        eps = (x - ab[t].sqrt() * x0) / (1 - ab[t]).sqrt()
+        if i + 1 < len(ts):
+            tp = ts[i + 1]
+            x = ab[tp].sqrt() * x0 + (1 - ab[tp]).sqrt() * eps
+        else:
+            x = x0
+    if known is not None:
+        x = torch.where(known_mask[..., None], known, x)
+    return x
+
+
+def _eps(x: torch.Tensor, x0: torch.Tensor, ab_t: torch.Tensor, first: bool) -> torch.Tensor:
+    """The noise direction currently implied by x (at step t): used to noise pinned frames
+    consistently with the trajectory (at the first step, x itself is the noise)."""
+    if first:
+        return x
+    return (x - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()
+
+
+def generate_long(model: Media2Face, audio: torch.Tensor, style: Optional[torch.Tensor] = None, n_steps: int = 50,
+                  overlap: int = 50, s_audio: float = 2.5, s_style: float = 1.5, seed: int = 0) -> torch.Tensor:
+    """Motion for audio features of any length (N, audio_dim) -> (N, motion_dim): windows of
+    cfg.window frames with ``overlap`` frames; each window continues the last by pinning its first
+    ``overlap`` frames to the previous result."""
+    cfg = model.cfg
+    w = cfg.window
+    n = audio.shape[0]
+    dev = audio.device
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    out = torch.zeros(n, cfg.motion_dim, device=dev)
+    st = style[None] if style is not None else None
+    start = 0
+    prev_end = 0
+    while True:
+        end = min(start + w, n)
+        a = torch.zeros(1, w, audio.shape[1], device=dev)
+        a[0, : end - start] = audio[start:end]
+        noise = torch.randn((1, w, cfg.motion_dim), generator=g).to(dev)
+        known = km = None
+        if start > 0:
+            known = torch.zeros(1, w, cfg.motion_dim, device=dev)
+            k = prev_end - start
+            known[0, :k] = out[start:prev_end]
+            km = torch.zeros(1, w, dtype=torch.bool, device=dev)
+            km[0, :k] = True
+        x = ddim_sample(model, a, st, n_steps, s_audio, s_style, known=known, known_mask=km, noise=noise)
+        out[start:end] = x[0, : end - start]
+        prev_end = end
+        if end >= n:
+            return out
+        start = end - overlap

@@ -1,0 +1,201 @@
+"""Media2Face: the denoiser overfits, CFG masks and guidance behave as specified, 2-worker DDP runs
+through Ray Train on the real shards, resume continues the same loss curve, generation handles
+long audio (shapes and window continuity), the CLI generates an animation and a video."""
+import csv
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.media2face import (M2FConfig, Media2Face, cfg_masks, ddim_sample, generate_long, guided_x0,
+                               training_loss)
+
+REPO = Path(__file__).resolve().parents[1]
+M2FD = [str(REPO / ".venv" / "bin" / "m2fd")] if (REPO / ".venv" / "bin" / "m2fd").exists() else ["m2fd"]
+TINY = {"width": 64, "layers": 2, "heads": 4, "window": 40, "dropout": 0.0, "z_dim": 8, "audio_dim": 16}
+
+
+def test_regions_match_mediapipe():
+    from mediapipe.python.solutions import face_mesh_connections as c
+
+    from storage_schemas.regions import LIPS, UPPER_FACE
+
+    assert LIPS == tuple(sorted({i for e in c.FACEMESH_LIPS for i in e}))
+    up = (c.FACEMESH_LEFT_EYE, c.FACEMESH_RIGHT_EYE, c.FACEMESH_LEFT_EYEBROW, c.FACEMESH_RIGHT_EYEBROW)
+    assert UPPER_FACE == tuple(sorted({i for s in up for e in s for i in e}))
+
+
+def test_published_architecture_and_schedule():
+    cfg = M2FConfig()
+    assert (cfg.layers, cfg.heads, cfg.width, cfg.window, cfg.steps) == (8, 4, 512, 200, 500)
+    m = Media2Face(cfg)
+    assert len(m.decoder.layers) == 8 and m.decoder.layers[0].self_attn.num_heads == 4
+    ab = m.alphas_cumprod
+    assert len(ab) == 500 and ab[0] > 0.999 and ab[-1] < 1e-3 and bool((ab[1:] < ab[:-1]).all())
+
+
+def test_cfg_masks_follow_the_two_paper_masks():
+    cfg = M2FConfig(p_drop_style=0.2, p_drop_all=0.1)
+    da, ds = cfg_masks(200_000, cfg, torch.Generator().manual_seed(0))
+    assert abs(da.float().mean().item() - 0.1) < 0.005
+    assert abs(ds.float().mean().item() - 0.3) < 0.005
+    assert not (da & ~ds).any()  # audio is only ever dropped together with style
+
+
+def test_dropped_conditions_are_ignored_and_guidance_combines_three_branches():
+    torch.manual_seed(0)
+    cfg = M2FConfig(**TINY, style_dim=12)
+    m = Media2Face(cfg).eval()
+    with torch.no_grad():  # make the null embeddings non-trivial
+        m.null_audio.normal_()
+        m.null_style.normal_()
+    b, n = 2, cfg.window
+    x = torch.randn(b, n, cfg.motion_dim)
+    t = torch.tensor([10, 300])
+    a1, a2 = torch.randn(b, n, cfg.audio_dim), torch.randn(b, n, cfg.audio_dim)
+    s1, s2 = torch.randn(b, 12), torch.randn(b, 12)
+    tt, ff = torch.ones(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)
+    with torch.no_grad():
+        g0 = m(x, t, a1, s1, tt, tt)
+        assert torch.allclose(g0, m(x, t, a2, s2, tt, tt), atol=1e-5)  # drop all: neither matters
+        ga = m(x, t, a1, s1, ff, tt)
+        assert torch.allclose(ga, m(x, t, a1, s2, ff, tt), atol=1e-5)  # style dropped: style does not matter
+        assert not torch.allclose(ga, m(x, t, a2, s1, ff, tt), atol=1e-3)  # audio does
+        gap = m(x, t, a1, s1, ff, ff)
+        assert not torch.allclose(gap, ga, atol=1e-3)
+        got = guided_x0(m, x, t, a1, s1, 2.5, 1.5)
+    assert torch.allclose(got, (1 - 2.5 - 1.5) * g0 + 2.5 * ga + 1.5 * gap, atol=1e-4)
+
+
+def test_small_model_overfits_a_few_windows():
+    torch.manual_seed(0)
+    cfg = M2FConfig(**TINY, style_dim=0, p_drop_style=0.0, p_drop_all=0.0)
+    m = Media2Face(cfg)
+    n = cfg.window
+    tt = torch.linspace(0, 6.28, n)
+    audio = torch.stack([torch.sin(tt[:, None] * (k + 1) + torch.arange(cfg.audio_dim)) for k in range(4)])
+    x0 = torch.cat([audio[..., : cfg.z_dim] * 0.8, audio[..., : 6].roll(3, 1) * 0.3], -1)  # motion follows audio
+    mask = torch.ones(4, n, dtype=torch.bool)
+    baseline = ((x0 - x0.mean((0, 1))) ** 2).mean().item()  # the mean-motion predictor's simple loss
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    hist = []
+    for _ in range(300):
+        L = training_loss(m, x0, audio, None, mask, g)
+        opt.zero_grad()
+        L["loss"].backward()
+        opt.step()
+        hist.append(L["simple"].item())
+    assert np.mean(hist[-20:]) < 0.2 * baseline, (np.mean(hist[-20:]), baseline)
+    m.eval()
+    out = ddim_sample(m, audio[:1], None, n_steps=20, s_audio=1.0, generator=torch.Generator().manual_seed(1))
+    assert ((out - x0[:1]) ** 2).mean().item() < 0.5 * baseline
+
+
+def test_long_audio_generation_shapes_and_window_continuity():
+    torch.manual_seed(0)
+    cfg = M2FConfig(**TINY, style_dim=12)
+    m = Media2Face(cfg).eval()
+    audio = torch.randn(123 + 2 * cfg.window, cfg.audio_dim)
+    out = generate_long(m, audio, torch.randn(12), n_steps=5, overlap=10)
+    assert out.shape == (len(audio), cfg.motion_dim) and torch.isfinite(out).all()
+    short = generate_long(m, audio[:7], None, n_steps=5)
+    assert short.shape == (7, cfg.motion_dim)
+    # continuing a window pins its first frames to the previous window's motion
+    known = torch.randn(1, cfg.window, cfg.motion_dim)
+    km = torch.zeros(1, cfg.window, dtype=torch.bool)
+    km[0, :10] = True
+    x = ddim_sample(m, audio[None, : cfg.window], None, n_steps=5, known=known, known_mask=km)
+    assert torch.equal(x[0, :10], known[0, :10])
+
+
+@pytest.fixture(scope="module")
+def trained(real_run, tiny_clip, tmp_path_factory):
+    """Two Ray Train runs on the real shards (2 DDP workers, gloo): one straight to step 6, one stopped
+    at step 3 and resumed to step 6."""
+    from models.m2f_train import TrainConfig
+    from pipelines.train import run_training
+
+    out, _ = real_run
+    base = tmp_path_factory.mktemp("train")
+    kw = dict(dataset=str(out), style_encoder=str(tiny_clip), model={"width": 64, "layers": 2, "heads": 4},
+              batch_size=1, max_steps=6, log_every=1, val_every=6, ckpt_every=3, loader_workers=0, warmup=2,
+              val_steps=4, val_max_windows=2, lr=1e-3)
+    straight = TrainConfig(run_dir=str(base / "straight"), **kw)
+    m1 = run_training(straight, workers=2, cpus_per_worker=1)
+    resumed = TrainConfig(run_dir=str(base / "resumed"), **kw)
+    run_training(resumed, workers=2, cpus_per_worker=1, stop_after=3)
+    first_part = list(csv.DictReader(open(base / "resumed" / "metrics.csv")))
+    m2 = run_training(resumed, workers=2, cpus_per_worker=1)
+    return base, m1, m2, first_part
+
+
+def test_ray_train_ddp_runs_and_validates(trained):
+    base, m1, _, _ = trained
+    rows = list(csv.DictReader(open(base / "straight" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert m1["step"] == 6
+    last = rows[-1]
+    for k in ("val_lve", "baseline_lve", "val_fdd", "baseline_fdd"):
+        assert np.isfinite(float(last[k])) and float(last[k]) >= 0
+    assert int(last["val_windows"]) >= 1
+    ck = base / "straight" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["step-00000003", "step-00000006"]
+    assert {p.name for p in (ck / "step-00000006").iterdir()} == {"model.safetensors", "ema.safetensors",
+                                                                    "optimizer.safetensors", "state.json"}
+    assert list((base / "straight" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_resume_continues_the_same_loss_curve(trained):
+    base, m1, m2, first_part = trained
+    straight = list(csv.DictReader(open(base / "straight" / "metrics.csv")))
+    resumed = list(csv.DictReader(open(base / "resumed" / "metrics.csv")))
+    assert [int(r["step"]) for r in first_part] == [1, 2, 3]
+    assert [int(r["step"]) for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight, resumed):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-6, abs=1e-7), (a["step"], a["loss"], b["loss"])
+    assert float(straight[-1]["val_lve"]) == pytest.approx(float(resumed[-1]["val_lve"]), rel=1e-5)
+
+
+def test_cli_generates_animation_and_video(trained, tmp_path):
+    base, _, _, _ = trained
+    ck = base / "straight" / "checkpoints" / "step-00000006"
+    wav = tmp_path / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(wav), "Hello there. This is a longer sentence so that the audio is "
+                    "longer than one window of two hundred frames, which takes a while to say."], check=True)
+    out, vid = tmp_path / "anim.npz", tmp_path / "anim.mp4"
+    r = subprocess.run(M2FD + ["generate", str(ck), "--audio", str(wav), "--prompt", "a cheerful person",
+                               "--out", str(out), "--video", str(vid), "--steps", "4"],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = np.load(out, allow_pickle=False)
+    from extractors.probe import probe
+
+    dur = probe(str(wav)).duration_s
+    assert a["latents"].shape[0] == round(dur * 30) > 200 and a["pose"].shape == (a["latents"].shape[0], 6)
+    pv = probe(str(vid))
+    assert abs(pv.duration_s - dur) < 0.2 and pv.audio_codec == "aac"
+    bad = subprocess.run(M2FD + ["generate", str(ck), "--audio", str(wav), "--prompt", "x", "--image", str(wav),
+                                 "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert bad.returncode != 0
+
+
+def test_dagster_train_job_launches_the_same_training(real_run, tmp_path):
+    import dagster as dg
+
+    from pipelines.dagster_defs import M2FDResource, build_defs
+
+    out, _ = real_run
+    run_dir = tmp_path / "run"
+    job = build_defs(M2FDResource(out=str(out), take_lock=False, executor="local")).resolve_job_def("m2fd_train")
+    r = job.execute_in_process(run_config={"ops": {"media2face_model": {"config": {
+        "run_dir": str(run_dir), "max_steps": 2, "batch_size": 1, "workers": 1,
+        "model": {"width": 32, "layers": 1, "heads": 2},
+        "settings": {"val_every": 2, "val_steps": 2, "val_max_windows": 1, "loader_workers": 0, "log_every": 1}}}}},
+        instance=dg.DagsterInstance.ephemeral())
+    assert r.success
+    md = r.get_asset_materialization_events()[0].materialization.metadata
+    assert md["step"].value == 2 and md["val_lve"].value >= 0
+    assert (run_dir / "checkpoints" / "step-00000002" / "state.json").is_file()
