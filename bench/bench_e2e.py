@@ -82,11 +82,12 @@ def run_cli(args: list[str]) -> tuple[float, int]:
 
 
 def input_frames(files: list[Path]) -> int:
+    from extractors.config import IngestConfig
     from extractors.probe import probe
 
     n = 0
     for f in files:
-        n += int(round(probe(str(f)).duration_s * 30))
+        n += int(round(probe(str(f), IngestConfig().video_codecs).duration_s * 30))
     return n
 
 

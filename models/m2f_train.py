@@ -220,7 +220,8 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
                             fused=dev.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, tcfg))
     gen = torch.Generator(device="cpu").manual_seed(tcfg.seed * 1000 + rank)
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "motion_sum": [0.0] * mcfg.motion_dim, "motion_n": 0}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "motion_sum": [0.0] * mcfg.motion_dim, "motion_n": 0,
+             "best_val_lve": None}
     ck = latest_checkpoint(run_dir)
     rng_restore = None
     if ck is not None:  # exact resume
@@ -234,7 +235,7 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
         sched.load_state_dict(st["scheduler"])
         rng_restore = (flat[f"rng.gen{rank}"] if f"rng.gen{rank}" in flat else flat["rng.gen0"],
                        flat[f"rng.torch{rank}"] if f"rng.torch{rank}" in flat else flat["rng.torch0"])
-        state = {k: st[k] for k in state}
+        state = {k: st.get(k, state[k]) for k in state}
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
         if dist else model
     if tcfg.compile:
@@ -339,6 +340,10 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
             if rank == 0 and is_val:
                 sync_state()
                 rec = {**rec, **validate(ema, val_ds, geometry, styles, state, tcfg, dev), "val_on": val_on}
+                if math.isfinite(rec["val_lve"]) and (state["best_val_lve"] is None or rec["val_lve"] < state["best_val_lve"]):  # the EMA model with the lowest validation LVE
+                    state["best_val_lve"] = rec["val_lve"]
+                    save_train_checkpoint(run_dir / "best", model, ema, opt, sched, {**state, "best_step": step},
+                                          mcfg, tcfg, {"gen0": gen.get_state(), "torch0": torch.get_rng_state()})
             if rec is not None:
                 history.append(rec)
                 if rank == 0:

@@ -92,9 +92,10 @@ def run(
         except RunFailed as e:
             console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(1)
-    s = res["ingest"]
-    console.print(f"[green]ingest[/green]: {s.n_inputs} inputs, {s.n_sources} sources, {s.n_clips} clips "
-                  f"({s.clip_hours * 3600:.1f} s); analysed {s.analysed}, reused {s.reused}")
+    if "ingest" in res:
+        s = res["ingest"]
+        console.print(f"[green]ingest[/green]: {s.n_inputs} inputs, {s.n_sources} sources, {s.n_clips} clips "
+                      f"({s.clip_hours * 3600:.1f} s); analysed {s.analysed}, reused {s.reused}")
     if "extract" in res:
         e = res["extract"]
         console.print(f"[green]extract[/green]: {e['frames']} frames, {e['clips_ok']} clips ok, {e['clips_dropped']} "
@@ -169,17 +170,26 @@ def train(
         raise typer.BadParameter("give DATASET or --subset")
     kw: dict = {"dataset": str(dataset) if dataset else None, "subset": str(subset) if subset else None,
                 "run_dir": str(out), "style_encoder": str(style_encoder) if style_encoder else None}
+    from models.media2face import M2FConfig
+
     known = {f.name for f in dataclasses.fields(TrainConfig)}
+    defaults = {**{f"model.{k}": v for k, v in M2FConfig().to_dict().items()}, **TrainConfig().to_dict()}
+
+    def value(k: str, v: str):
+        x = yaml.safe_load(v)
+        if isinstance(defaults.get(k), float) and isinstance(x, (int, str)):
+            x = float(x)  # YAML reads 3e-4 as a string
+        return x
+
     model: dict = {}
     for ov in set_:
         k, _, v = ov.partition("=")
         if k.startswith("model."):
-            model[k[6:]] = yaml.safe_load(v)
+            model[k[6:]] = value(k, v)
         elif k in known:
-            kw[k] = yaml.safe_load(v)
+            kw[k] = value(k, v)
         else:
             raise typer.BadParameter(f"unknown training key {k!r} (known: {sorted(known)}, or model.<key>)")
-    from models.media2face import M2FConfig
 
     try:
         M2FConfig.from_dict(model)

@@ -58,6 +58,7 @@ class M2FDResource(dg.ConfigurableResource):
 
     _ex: Any = PrivateAttr(default=None)
     _lock: Any = PrivateAttr(default=None)
+    _prefetch: Any = PrivateAttr(default=None)  # extraction tasks started during ingest (see TrackPrefetch)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         from .executors import make_executor
@@ -135,8 +136,15 @@ def ingest_batch(context: dg.AssetExecutionContext, config: IngestBatch, m2fd: M
 def clips(context: dg.AssetExecutionContext, m2fd: M2FDResource) -> dg.MaterializeResult:
     from .ingest import run_ingest
 
-    icfg, _, _ = m2fd.configs()
-    s = run_ingest(batch_sources(m2fd.out), m2fd.out, icfg, ex=m2fd.ex, progress=m2fd.progress(context))
+    from .extract import TrackPrefetch
+
+    icfg, ecfg, _ = m2fd.configs()
+    sel = context.run.asset_selection
+    # stream into extraction when this run also materializes `tracks`
+    if sel is None or dg.AssetKey("tracks") in sel:
+        m2fd._prefetch = TrackPrefetch(m2fd.out, ecfg, m2fd.ex)
+    s = run_ingest(batch_sources(m2fd.out), m2fd.out, icfg, ex=m2fd.ex, progress=m2fd.progress(context),
+                   on_source=m2fd._prefetch)
     md = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("quarantine", "stage_seconds")}
     lines = "\n".join(f"| {r} | {n} |" for r, n in sorted(s.quarantine.items()))
     return dg.MaterializeResult(metadata={
@@ -151,7 +159,8 @@ def tracks(context: dg.AssetExecutionContext, m2fd: M2FDResource) -> dg.Material
     from .extract import run_tracks
 
     _, ecfg, _ = m2fd.configs()
-    r = run_tracks(m2fd.out, ecfg, m2fd.ex, progress=m2fd.progress(context))
+    r = run_tracks(m2fd.out, ecfg, m2fd.ex, progress=m2fd.progress(context), prefetch=m2fd._prefetch)
+    m2fd._prefetch = None
     m = r.pop("metrics")
     return dg.MaterializeResult(metadata={**r, "cpu_s": dg.MetadataValue.json({k: round(v, 2) for k, v in m.items()})})
 

@@ -60,6 +60,17 @@ class RayExecutor:
                 item = pending.pop(ref)
                 yield item, ray.get(ref)
 
+    def submit(self, fn: Callable, item: Any) -> Any:
+        """Start one task now (not bounded by max_in_flight); collect it with as_completed."""
+        return self._ray.remote(num_cpus=1, max_retries=self.max_retries)(fn).remote(item)
+
+    def as_completed(self, refs: list) -> Iterator[tuple[Any, Any]]:
+        ray = self._ray
+        left = list(refs)
+        while left:
+            done, left = ray.wait(left, num_returns=1)
+            yield done[0], ray.get(done[0])
+
     def close(self) -> None:
         if self._started:
             self._ray.shutdown()

@@ -66,21 +66,61 @@ def _plan(out: Path, cfg: ExtractConfig) -> tuple[list[dict], dict[str, Path], l
     return clips, parts, work
 
 
-def run_tracks(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callable[[str, int, int], None] | None = None) -> dict:
+class TrackPrefetch:
+    """Streams ingest into extraction: starts a source's extraction task the moment ingest has cut
+    its clips (Ray executors only), so decoding/tracking of early sources overlaps the analysis of
+    later ones. run_tracks collects these tasks instead of starting them again."""
+
+    def __init__(self, out: str | os.PathLike, cfg: ExtractConfig, ex):
+        self.out, self.cfg, self.ex = Path(out), cfg, ex
+        self.pending: dict[str, object] = {}
+
+    def __call__(self, result: dict) -> None:
+        if not result["clips"] or not hasattr(self.ex, "submit"):
+            return
+        import pyarrow as pa
+
+        from storage_schemas.tables import CLIPS, SOURCES
+
+        # the rows exactly as the clips/sources tables will read back (same types and rounding)
+        clips = sorted(pa.Table.from_pylist(result["clips"], schema=CLIPS).to_pylist(), key=lambda c: c["start_frame"])
+        s = pa.Table.from_pylist([result["source"]], schema=SOURCES).to_pylist()[0]
+        npz = self.out / PARTS / f"{s['source_id']}-{_part_key(s, clips, self.cfg)}.npz"
+        if npz.with_suffix(".json").is_file() or str(npz) in self.pending:
+            return
+        self.pending[str(npz)] = self.ex.submit(_extract_task, (s["uri"], s["width"], s["height"], clips,
+                                                                self.cfg.to_dict(), str(npz)))
+
+
+def run_tracks(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callable[[str, int, int], None] | None = None,
+               prefetch: TrackPrefetch | None = None) -> dict:
     """Per-source landmarks, pose, audio features and transcripts as cached parts (one Ray task per
-    source with clips). Sources whose part is complete are not redone."""
+    source with clips). Sources whose part is complete are not redone; tasks a TrackPrefetch already
+    started are collected, not restarted."""
     out = Path(out)
     tick = progress or (lambda *a: None)
+    import time
+
+    t0 = time.perf_counter()
     _, parts, work = _plan(out, cfg)
     metrics: dict[str, float] = {}
     done = len(parts) - len(work)
     tick("extract", done, len(parts))
-    for _, res in ex.map_unordered(_extract_task, work):
+    started = dict(prefetch.pending) if prefetch is not None else {}
+    if started and hasattr(ex, "as_completed"):
+        refs = [started[w[5]] if w[5] in started else ex.submit(_extract_task, w) for w in work]
+        results = (r for _, r in ex.as_completed(refs))
+    else:
+        results = (r for _, r in ex.map_unordered(_extract_task, work))
+    for res in results:
         done += 1
         tick("extract", done, len(parts))
         for k, v in res["metrics"].items():
             metrics[k] = metrics.get(k, 0) + v
-    return {"sources": len(parts), "computed": len(work), "reused": len(parts) - len(work), "metrics": metrics}
+    frames = sum(int(c["n_frames"]) for w in work for c in w[3])
+    wall = time.perf_counter() - t0
+    return {"sources": len(parts), "computed": len(work), "reused": len(parts) - len(work), "frames_computed": frames,
+            "wall_s": round(wall, 2), "frames_per_s": round(frames / wall, 1) if frames else 0.0, "metrics": metrics}
 
 
 def _load_parts(out: Path, cfg: ExtractConfig) -> tuple[list[dict], dict[str, list]]:

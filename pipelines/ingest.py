@@ -52,8 +52,11 @@ def _analyse_task(args: tuple[dict, dict, str]) -> dict:
 
 
 def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | None = None, ex=None,
-               progress: Callable[[str, int, int], None] | None = None) -> IngestSummary:
-    """Ingest stage. The caller holds the dataset lock and owns the executor (see pipelines.job)."""
+               progress: Callable[[str, int, int], None] | None = None,
+               on_source: Callable[[dict], None] | None = None) -> IngestSummary:
+    """Ingest stage. The caller holds the dataset lock and owns the executor (see pipelines.job).
+    ``on_source`` sees each source's analysis (source row, clips) as soon as it exists, so the next
+    stage can start on it while other sources are still being analysed."""
     cfg = cfg or IngestConfig()
     cfg.check()
     out = Path(out)
@@ -88,12 +91,16 @@ def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | N
         cached = _load_part(part, f["uri"])
         if cached is not None:
             results.append(cached)
+            if on_source is not None:
+                on_source(cached)
         else:
             todo.append((f, cfg.to_dict(), str(part)))
     summary.reused = len(results)
     tick("analyse", len(results), len(unique))
     for _, res in ex.map_unordered(_analyse_task, todo):
         results.append(res)
+        if on_source is not None:
+            on_source(res)
         for k, v in res.get("metrics", {}).items():
             summary.stage_seconds[k] = summary.stage_seconds.get(k, 0) + v
         tick("analyse", len(results), len(unique))
