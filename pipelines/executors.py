@@ -5,6 +5,12 @@ import os
 from typing import Any, Callable, Iterable, Iterator
 
 
+# glibc keeps freed memory of native libraries (MediaPipe, decoders, pocketsphinx) in per-thread
+# arenas: a long-lived worker's resident size then drifts up task after task (measured: 0.75 -> 1.45 GB
+# between extraction tasks; with these it returns to about 0.8 GB after every task)
+WORKER_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "65536"}
+
+
 class LocalExecutor:
     name = "local"
 
@@ -29,10 +35,13 @@ class RayExecutor:
         self._started = False
         if not ray.is_initialized():
             address = address or os.environ.get("RAY_ADDRESS")
-            kw: dict[str, Any] = {"log_to_driver": False, "logging_level": "warning"}
+            kw: dict[str, Any] = {"log_to_driver": False, "logging_level": "warning",
+                                  "runtime_env": {"env_vars": WORKER_ENV}}
             if address:  # an existing cluster (ray://host:10001 through Ray Client, or a GCS address)
                 ray.init(address=address, **kw)
             else:
+                for k, v in WORKER_ENV.items():  # the local raylet (and so its workers) inherit these
+                    os.environ.setdefault(k, v)
                 ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kw)
             self._started = True
         self.max_retries = max_retries
