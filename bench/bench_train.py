@@ -100,7 +100,8 @@ def worker(args) -> None:
     tcfg = TrainConfig(subset=args.manifest, run_dir=args.run_dir, batch_size=args.batch,
                        max_steps=args.warmup + args.steps, log_every=args.warmup + args.steps, val_every=0,
                        ckpt_every=10**9, loader_workers=args.loader_workers, device="auto", bf16=True,
-                       compile=args.compile, timing_warmup=args.warmup, model={"window": args.window})
+                       compile=args.compile, compile_mode=args.compile_mode, timing_warmup=args.warmup,
+                       model={"window": args.window})
     res = train(tcfg)
     last = res["history"][-1]
     if rank == 0:
@@ -142,6 +143,7 @@ def main():
     ap.add_argument("--loader-workers", type=int, default=8)
     ap.add_argument("--gpus", default="1,2")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--manifest")
     ap.add_argument("--run-dir")
@@ -159,19 +161,20 @@ def main():
     print(f"prepared {a.samples} windows in {time.perf_counter() - t:.1f} s")
     rows = []
     for g in [int(x) for x in a.gpus.split(",")]:
-        tag = f"b{a.batch}{'-compile' if a.compile else ''}-{g}gpu"
+        tag = f"b{a.batch}{'-compile' if a.compile else ''}{'-' + a.compile_mode if a.compile_mode else ''}-{g}gpu"
         res = work / f"result-{tag}.json"
         shutil.rmtree(work / f"run-{tag}", ignore_errors=True)  # a fresh run (no resume from an earlier one)
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={g}", "--standalone", __file__,
                "--worker", "--manifest", str(man), "--run-dir", str(work / f"run-{tag}"), "--result", str(res),
                "--batch", str(a.batch), "--steps", str(a.steps), "--warmup", str(a.warmup), "--window", str(a.window),
-               "--loader-workers", str(a.loader_workers)] + (["--compile"] if a.compile else [])
+               "--loader-workers", str(a.loader_workers)] + (["--compile"] if a.compile else ["--no-compile"]) + (
+                   ["--compile-mode", a.compile_mode] if a.compile_mode else [])
         env = {**os.environ, "PYTHONPATH": str(REPO), "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                "NVSHMEM_DISABLE_NVLS": "1", "OMP_NUM_THREADS": "2"}
         subprocess.run(cmd, check=True, env=env)
         rows.append(json.loads(res.read_text()))
     print(f"# Media2Face training (8 layers, 4 heads, width 512, window {a.window}; bf16 autocast; "
-          f"{'torch.compile' if a.compile else 'eager'}; {a.steps} timed steps after {a.warmup})")
+          f"{'torch.compile ' + (a.compile_mode or '') if a.compile else 'eager'}; {a.steps} timed steps after {a.warmup})")
     print(f"device: {rows[0]['device']}; batch {a.batch} windows per GPU; "
           f"{rows[0]['flops_per_sample'] / 1e9:.1f} GFLOP per training sample (FlopCounterMode)")
     print()

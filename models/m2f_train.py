@@ -51,6 +51,7 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = True
     compile: bool = False  # torch.compile the denoiser (GPU throughput)
+    compile_mode: Optional[str] = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
     timing_warmup: int = 0  # throughput counters (samples/s, data wait) start after this many steps
 
     def to_dict(self) -> dict:
@@ -239,7 +240,7 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
         if dist else model
     if tcfg.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, mode=tcfg.compile_mode)
     val_ds = None
     tb = None
     csv_path = run_dir / "metrics.csv"
