@@ -168,7 +168,6 @@ def main():
     # ingest done; GNPFA encoding + tables, labels and shards with everything upstream done
     k = a.scale
     frames = rows[k]["frames"]
-    base = work / f"pipe{k}"
     alone = {}
     d = work / "alone-ingest"
     alone["ingest"] = run_cli(["run", str(work / f"in{k}"), "--out", str(d), "--stages", "ingest"] + cpus + ck)[0]

@@ -12,7 +12,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,13 +155,14 @@ class Geometry:
 
     def __init__(self, root: Path):
         from storage_schemas import open_dataset
+        from storage_schemas.dataset import gnpfa_checkpoint_dir
 
         from .gnpfa import load_checkpoint
 
-        lin = root / "lineage" / "extract.json"
-        g = json.loads(lin.read_text())["gnpfa"]
-        p = Path(g["path"])
-        _, self.vae, _, _ = load_checkpoint(p if p.is_absolute() else root / p)
+        ckpt = gnpfa_checkpoint_dir(root)
+        if ckpt is None:
+            raise ValueError(f"{root} has no extraction lineage: no GNPFA checkpoint to decode latents with")
+        _, self.vae, _, _ = load_checkpoint(ckpt)
         ds = open_dataset(root)
         self.neutral = {r["clip_id"]: np.asarray(r["neutral"], np.float32) for r in
                         ds.query("select clip_id, neutral from clip_features where neutral is not null").to_pylist()}

@@ -44,15 +44,14 @@ def render_animation(ckpt: Path, anim: dict, audio_path: Path, video: Path, size
     import torch
 
     from extractors.render import draw_mesh, mesh_edges
+    from models.data import load_entries
     from models.gnpfa import load_checkpoint
     from storage_schemas import open_dataset
+    from storage_schemas.dataset import gnpfa_checkpoint_dir
 
     st = json.loads((Path(ckpt) / "state.json").read_text())
-    root = Path(st["train"]["dataset"]) if st["train"].get("dataset") else \
-        Path(json.loads(Path(st["train"]["subset"]).read_text())["dataset"])
-    g = json.loads((root / "lineage" / "extract.json").read_text())["gnpfa"]
-    gp = Path(g["path"])
-    _, vae, _, _ = load_checkpoint(gp if gp.is_absolute() else root / gp)
+    root, _ = load_entries(st["train"].get("dataset"), None, st["train"].get("subset"))
+    _, vae, _, _ = load_checkpoint(gnpfa_checkpoint_dir(root))
     neutrals = [r["neutral"] for r in open_dataset(root).query(
         "select neutral from clip_features where neutral is not null").to_pylist()]
     neutral = np.mean(np.asarray(neutrals, np.float32), 0).reshape(478, 3)

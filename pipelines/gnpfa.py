@@ -79,15 +79,11 @@ def obtain_gnpfa(out: Path, cfg: ExtractConfig, train: dict, log: Callable[[str]
 def _committed_bootstrap(out: Path) -> Path | None:
     """The bootstrap checkpoint the dataset's committed shards were built with, if any: later
     increments encode with it, so latents of committed clips never change."""
-    import json
+    from storage_schemas.dataset import extract_lineage, gnpfa_checkpoint_dir
 
-    from .extract import EXTRACT_LINEAGE
-
-    lin = out / EXTRACT_LINEAGE
-    if not (out / "tables" / "samples.parquet").is_file() or not lin.is_file():
+    if not (out / "tables" / "samples.parquet").is_file():
         return None
-    g = json.loads(lin.read_text()).get("gnpfa") or {}
-    d = out / g["path"] if g.get("kind") == "bootstrap" and g.get("path") else None
+    d = gnpfa_checkpoint_dir(out) if (extract_lineage(out).get("gnpfa") or {}).get("kind") == "bootstrap" else None
     return d if d is not None and (d / "config.json").is_file() else None
 
 

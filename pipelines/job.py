@@ -12,7 +12,7 @@ from typing import Callable
 from extractors.config import ExtractConfig, IngestConfig, ShardConfig
 from extractors.pose import TEMPLATE_PATH
 from storage_schemas import SCHEMA_VERSION, write_json
-from storage_schemas.dataset import CARD
+from storage_schemas.dataset import CARD, extract_lineage
 
 from .ingest import IngestSummary
 from .lineage import code_version
@@ -107,14 +107,12 @@ def finish_dataset(out: Path, icfg: IngestConfig, ecfg: ExtractConfig, scfg: Sha
     """Write the dataset card (dataset.json + README.md): counts from the tables, lineage (code,
     config, checkpoints of the last extraction), dataset versions, stats."""
     import hashlib
-    import json
 
     from storage_schemas import open_dataset
 
-    from .extract import EXTRACT_LINEAGE
     from .report import card_stats, write_card_md
 
-    ext = json.loads((out / EXTRACT_LINEAGE).read_text()) if (out / EXTRACT_LINEAGE).is_file() else {}
+    ext = extract_lineage(out)
     ds = open_dataset(out)
     one = lambda sql: ds.query(sql).to_pylist()[0]  # noqa: E731
     c = one("select (select count(*) from sources) sources, (select count(*) from clips) clips, "

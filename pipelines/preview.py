@@ -1,7 +1,6 @@
 """m2fd preview: source frames with the landmark overlay beside the GNPFA-decoded mesh, with audio."""
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 from extractors.media import iter_frames, open_video, timeline
 from extractors.render import draw_landmarks, draw_mesh, mesh_edges
 from storage_schemas import open_dataset
+from storage_schemas.dataset import gnpfa_checkpoint_dir
 
 
 def render_preview(root: Path, clip_id: str, out: Path, size: int = 384) -> Path:
@@ -28,9 +28,7 @@ def render_preview(root: Path, clip_id: str, out: Path, size: int = 384) -> Path
     t = ds.query(f"select landmarks, gnpfa_z from frames where clip_id = '{c['clip_id']}' order by frame")
     lms = t.column("landmarks").to_pylist()
     zs = t.column("gnpfa_z").to_pylist()
-    card = json.loads((root / "dataset.json").read_text())
-    g = card["lineage"]["checkpoints"]["gnpfa"]
-    ckpt = Path(g["path"]) if Path(g["path"]).is_absolute() else root / g["path"]
+    ckpt = gnpfa_checkpoint_dir(root)
     _, vae, _, sha = load_checkpoint(ckpt)
     if sha != c["gnpfa_checkpoint"]:
         raise ValueError(f"checkpoint at {ckpt} ({sha[:12]}) is not the one that encoded this clip "

@@ -13,6 +13,22 @@ from .tables import PARTITIONED, TABLES
 
 TABLES_DIR = "tables"
 CARD = "dataset.json"
+EXTRACT_LINEAGE = Path("lineage") / "extract.json"  # GNPFA checkpoint + transcription engines of the last extraction
+
+
+def extract_lineage(root: str | Path) -> dict:
+    """What the last extraction recorded (empty before any extraction)."""
+    p = Path(root) / EXTRACT_LINEAGE
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def gnpfa_checkpoint_dir(root: str | Path) -> Path | None:
+    """The GNPFA checkpoint directory the dataset's latents were encoded with (None before extraction)."""
+    g = extract_lineage(root).get("gnpfa") or {}
+    if not g.get("path"):
+        return None
+    p = Path(g["path"])
+    return p if p.is_absolute() else Path(root) / p
 
 
 def table_path(root: str | Path, name: str, part: str | None = None) -> Path:
