@@ -334,7 +334,7 @@ STAGE_ASSETS = {"ingest": ("ingest_batch", "clips"), "extract": ("tracks", "gnpf
 
 # in-process executor: one Ray (and one dataset lock) per run, shared by every step
 m2fd_job = dg.define_asset_job("m2fd_job", selection=dg.AssetSelection.assets(*ASSETS),
-                               partitions_def=BATCHES, executor_def=dg.in_process_executor,
+                               executor_def=dg.in_process_executor,
                                description="Ingest one batch and bring the dataset up to date (new version if new clips).")
 # training is launched on its own (from the UI or `m2fd train`), never as part of an ingestion run
 train_job = dg.define_asset_job("m2fd_train", selection=dg.AssetSelection.assets(media2face_model),

@@ -17,11 +17,11 @@ from extractors.ingest import quarantine_row
 from extractors.pose import TEMPLATE_PATH
 from extractors.records import clip_features_row, clip_quality, frames_table, training_arrays
 from storage_schemas import atomic_write_bytes, open_dataset, table_path, write_table
+from storage_schemas.dataset import EXTRACT_LINEAGE
 
 from .gnpfa import encode_all, obtain_gnpfa
 
 PARTS = Path("parts") / "extract"
-EXTRACT_LINEAGE = Path("lineage") / "extract.json"
 
 
 def _extract_task(args: tuple) -> dict:
@@ -73,7 +73,7 @@ class TrackPrefetch:
 
     def __init__(self, out: str | os.PathLike, cfg: ExtractConfig, ex):
         self.out, self.cfg, self.ex = Path(out), cfg, ex
-        self.pending: dict[str, object] = {}
+        self.pending: dict[str, tuple] = {}  # part path -> (task ref, work item)
 
     def __call__(self, result: dict) -> None:
         if not result["clips"] or not hasattr(self.ex, "submit"):
@@ -88,8 +88,8 @@ class TrackPrefetch:
         npz = self.out / PARTS / f"{s['source_id']}-{_part_key(s, clips, self.cfg)}.npz"
         if npz.with_suffix(".json").is_file() or str(npz) in self.pending:
             return
-        self.pending[str(npz)] = self.ex.submit(_extract_task, (s["uri"], s["width"], s["height"], clips,
-                                                                self.cfg.to_dict(), str(npz)))
+        item = (s["uri"], s["width"], s["height"], clips, self.cfg.to_dict(), str(npz))
+        self.pending[str(npz)] = (self.ex.submit(_extract_task, item), item)
 
 
 def run_tracks(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callable[[str, int, int], None] | None = None,
@@ -104,11 +104,14 @@ def run_tracks(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callabl
     t0 = time.perf_counter()
     _, parts, work = _plan(out, cfg)
     metrics: dict[str, float] = {}
+    started = dict(prefetch.pending) if prefetch is not None else {}
+    # a prefetched task may have written its part before this plan was made: this run computed it
+    planned = {w[5] for w in work}
+    work = work + [item for key, (_, item) in started.items() if key not in planned]
     done = len(parts) - len(work)
     tick("extract", done, len(parts))
-    started = dict(prefetch.pending) if prefetch is not None else {}
     if started and hasattr(ex, "as_completed"):
-        refs = [started[w[5]] if w[5] in started else ex.submit(_extract_task, w) for w in work]
+        refs = [started[w[5]][0] if w[5] in started else ex.submit(_extract_task, w) for w in work]
         results = (r for _, r in ex.as_completed(refs))
     else:
         results = (r for _, r in ex.map_unordered(_extract_task, work))
