@@ -29,6 +29,46 @@ def _ray_procs(title: bytes) -> list[int]:
     return pids
 
 
+def _descendants(pid: int) -> set[int]:
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, grew = {pid}, True
+    while grew:
+        new = {c for c, pp in parent.items() if pp in tree} - tree
+        tree |= new
+        grew = bool(new)
+    return tree
+
+
+def _kill_tree(p: subprocess.Popen) -> None:
+    """SIGKILL the run and every process it started (Ray's GCS, raylet and workers included, whatever
+    their process group), then wait until all are gone, so nothing writes after the count."""
+    tree = _descendants(p.pid)
+    os.killpg(p.pid, signal.SIGKILL)
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    p.wait()
+    deadline = time.time() + 60
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in tree - {p.pid}):
+        assert time.time() < deadline, "processes of the killed run are still alive"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
 def test_kill_9_mid_run_then_rerun_is_byte_identical_with_a_worker_killed_too(real_result, real_dir, tmp_path):
     """Phase 1: the whole run (driver, Ray, workers) is killed with SIGKILL mid-extraction. Phase 2: the
     rerun redoes only the unfinished sources, and one of its Ray extraction workers is killed with
@@ -42,8 +82,7 @@ def test_kill_9_mid_run_then_rerun_is_byte_identical_with_a_worker_killed_too(re
     while not list((out / "parts" / "extract").glob("*.json")):
         assert p.poll() is None and time.time() < deadline, "run ended before it could be killed"
         time.sleep(0.2)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    _kill_tree(p)
     assert not (out / "tables" / "samples.parquet").exists()  # it really was mid-run
     done_before = len(list((out / "parts" / "extract").glob("*.json")))
     assert done_before < 3
