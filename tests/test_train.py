@@ -37,6 +37,43 @@ def test_published_architecture_and_schedule():
     assert len(ab) == 500 and ab[0] > 0.999 and ab[-1] < 1e-3 and bool((ab[1:] < ab[:-1]).all())
 
 
+def test_decoder_is_torchs_transformer_decoder_with_fused_kernels():
+    """Same parameters and function as nn.TransformerDecoder(norm_first=True) with the alignment mask
+    (checkpoints load both ways); the FlexAttention band used when compiled on CUDA is the same mask."""
+    from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
+
+    from models.media2face import Decoder, band_mask, band_mod
+
+    torch.manual_seed(0)
+    cfg = M2FConfig(**{**TINY, "dropout": 0.1, "align_frames": 3})
+    ref = torch.nn.TransformerDecoder(torch.nn.TransformerDecoderLayer(
+        cfg.width, cfg.heads, cfg.ff_mult * cfg.width, cfg.dropout, activation="gelu", batch_first=True,
+        norm_first=True), cfg.layers).eval()
+    new = Decoder(cfg).eval()
+    new.load_state_dict(ref.state_dict(), strict=True)
+    assert set(Decoder(cfg).state_dict()) == set(ref.state_dict())
+    n = 24
+    x, mem = torch.randn(2, n, cfg.width), torch.randn(2, 2 + n, cfg.width)
+    with torch.no_grad():
+        want = ref(x, mem, memory_mask=~band_mask(n, 2, 3))
+        got = new(x, mem, n_global=2)
+        unmasked = ref(x, mem)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert not torch.allclose(got, unmasked, atol=1e-3)  # the band really masks
+    # FlexAttention's mask_mod is exactly the band mask, and its (unfused, eager) result equals SDPA's
+    assert torch.equal(create_mask(band_mod(2, 3), None, None, n, n + 2, device="cpu")[0, 0], band_mask(n, 2, 3))
+    q, k, v = torch.randn(2, 4, n, 16), torch.randn(2, 4, n + 2, 16), torch.randn(2, 4, n + 2, 16)
+    bm = create_block_mask(band_mod(2, 3), None, None, n, n + 2, device="cpu")
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=band_mask(n, 2, 3))
+    assert torch.allclose(flex_attention(q, k, v, block_mask=bm), sdpa, atol=1e-5)
+    with pytest.raises(ValueError, match="attn_kernel"):
+        M2FConfig(attn_kernel="flash")
+    with pytest.raises(ValueError, match="attention dropout"):
+        M2FConfig(attn_kernel="flex")
+    assert M2FConfig(attn_kernel="flex", attn_dropout=0.0).attention_dropout == 0.0
+    assert M2FConfig(dropout=0.2).attention_dropout == 0.2
+
+
 def test_cfg_masks_follow_the_two_paper_masks():
     cfg = M2FConfig(p_drop_style=0.2, p_drop_all=0.1)
     da, ds = cfg_masks(200_000, cfg, torch.Generator().manual_seed(0))
