@@ -52,6 +52,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the denoiser (GPU throughput)
     compile_mode: Optional[str] = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
     timing_warmup: int = 0  # throughput counters (samples/s, data wait) start after this many steps
+    profile_steps: int = 0  # rank 0 profiles this many steps just before timing starts -> run_dir/profile.txt
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,8 +64,11 @@ def _device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def motion_of(batch: dict) -> torch.Tensor:
-    return torch.cat([batch["latents"], batch["pose"]], -1).float()
+def motion_of(batch: dict, device=None) -> torch.Tensor:
+    """x0 = [latents, pose]: each (pinned) array goes to the device first, then they are joined there
+    (joining on the host would make a pageable tensor, whose copy blocks the host until the GPU drains)."""
+    return torch.cat([batch["latents"].to(device, non_blocking=True), batch["pose"].to(device, non_blocking=True)],
+                     -1).float()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,6 +127,15 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu", ema: bool =
     m = Media2Face(M2FConfig.from_dict(st["model"]))
     m.load_state_dict(load_file(str(d / ("ema.safetensors" if ema else "model.safetensors"))))
     return m.to(device).eval(), st
+
+
+def write_profile(prof, path: Path, device_type: str, steps: int) -> None:
+    """The profiled steps' operators and kernels by self time on the device (CPU time on CPU)."""
+    key = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90)
+    from storage_schemas import atomic_write_bytes
+
+    atomic_write_bytes(path, f"# {steps} training steps, sorted by {key}\n{table}\n".encode())
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -220,7 +233,7 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.99),
                             fused=dev.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr(s, tcfg))
-    gen = torch.Generator(device="cpu").manual_seed(tcfg.seed * 1000 + rank)
+    gen = torch.Generator(device=dev).manual_seed(tcfg.seed * 1000 + rank)  # diffusion draws, on the device
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "motion_sum": [0.0] * mcfg.motion_dim, "motion_n": 0,
              "best_val_lve": None}
     ck = latest_checkpoint(run_dir)
@@ -234,8 +247,8 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
         flat = load_file(str(ck / "optimizer.safetensors"))
         opt.load_state_dict(_unflat_optimizer({k: v for k, v in flat.items() if k.startswith("state.")}, st["optimizer"]))
         sched.load_state_dict(st["scheduler"])
-        rng_restore = (flat[f"rng.gen{rank}"] if f"rng.gen{rank}" in flat else flat["rng.gen0"],
-                       flat[f"rng.torch{rank}"] if f"rng.torch{rank}" in flat else flat["rng.torch0"])
+        rng_restore = {k: flat[f"rng.{k}{rank}"] if f"rng.{k}{rank}" in flat else flat[f"rng.{k}0"]
+                       for k in ("gen", "torch", "cuda") if f"rng.{k}0" in flat}
         state = {k: st.get(k, state[k]) for k in state}
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
         if dist else model
@@ -281,9 +294,9 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
     history: list[dict] = []
     done = False
+    prof = None
     if rng_restore is not None:  # last, after everything that draws random numbers while setting up
-        gen.set_state(rng_restore[0])
-        torch.set_rng_state(rng_restore[1])
+        _restore_rng(gen, rng_restore)
     while not done:
         train_ds.set_epoch(state["epoch"])
         loader = torch.utils.data.DataLoader(train_ds, batch_size=tcfg.batch_size, num_workers=tcfg.loader_workers,
@@ -304,7 +317,11 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
                 state["batch_in_epoch"] = 0
                 break
             t1 = time.perf_counter()
-            x0 = motion_of(batch).to(dev, non_blocking=True)
+            if rank == 0 and tcfg.profile_steps and state["step"] == tcfg.timing_warmup - tcfg.profile_steps:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else []))
+                prof.__enter__()
+            x0 = motion_of(batch, dev)
             audio = batch["audio_feat"].to(dev, non_blocking=True).float()
             mask = batch["mask"].to(dev, non_blocking=True)
             style = torch.from_numpy(np.stack([styles[c] for c in batch["clip_id"]])).to(dev) if styles else None
@@ -323,6 +340,12 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
             t_data += t1 - t0
             samples += x0.shape[0] * world
             state["step"] += 1
+            if prof is not None and state["step"] == tcfg.timing_warmup:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                prof.__exit__(None, None, None)
+                write_profile(prof, run_dir / "profile.txt", dev.type, tcfg.profile_steps)
+                prof = None
             if state["step"] == tcfg.timing_warmup:
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
@@ -344,7 +367,7 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
                 if math.isfinite(rec["val_lve"]) and (state["best_val_lve"] is None or rec["val_lve"] < state["best_val_lve"]):  # the EMA model with the lowest validation LVE
                     state["best_val_lve"] = rec["val_lve"]
                     save_train_checkpoint(run_dir / "best", model, ema, opt, sched, {**state, "best_step": step},
-                                          mcfg, tcfg, {"gen0": gen.get_state(), "torch0": torch.get_rng_state()})
+                                          mcfg, tcfg, {f"{k}0": v for k, v in _rng_states(gen).items()})
             if rec is not None:
                 history.append(rec)
                 if rank == 0:
@@ -362,18 +385,38 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
     return {"step": state["step"], "history": history, "run_dir": str(run_dir)}
 
 
+def _rng_states(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """This process's random streams: the diffusion draws, the CPU default RNG and, on CUDA, the
+    device's default RNG (dropout, also inside compiled kernels)."""
+    out = {"gen": gen.get_state(), "torch": torch.get_rng_state()}
+    if gen.device.type == "cuda":
+        out["cuda"] = torch.cuda.get_rng_state(gen.device)
+    return out
+
+
+def _restore_rng(gen: torch.Generator, saved: dict[str, torch.Tensor]) -> None:
+    try:
+        gen.set_state(saved["gen"])
+    except RuntimeError as e:
+        raise ValueError(f"the checkpoint's random state is not from a {gen.device.type} run: resume it on the "
+                         f"device type it was trained on ({e})") from None
+    torch.set_rng_state(saved["torch"])
+    if "cuda" in saved and gen.device.type == "cuda":
+        torch.cuda.set_rng_state(saved["cuda"], gen.device)
+
+
 def _checkpoint(run_dir, step, model, ema, opt, sched, state, mcfg, tcfg, gen, rank, world, dist):
-    # every rank's RNG states go into the one checkpoint so each resumes its own stream
-    g, t = gen.get_state(), torch.get_rng_state()
-    if dist:
-        gs = [torch.empty_like(g) for _ in range(world)]
-        ts = [torch.empty_like(t) for _ in range(world)]
-        _gather(gs, g)
-        _gather(ts, t)
-    else:
-        gs, ts = [g], [t]
+    # every rank's RNG states go into the one checkpoint so each resumes its own streams
+    mine = _rng_states(gen)
+    rng = {}
+    for name, x in mine.items():
+        if dist:
+            xs = [torch.empty_like(x) for _ in range(world)]
+            _gather(xs, x)
+        else:
+            xs = [x]
+        rng.update({f"{name}{i}": v for i, v in enumerate(xs)})
     if rank == 0:
-        rng = {**{f"gen{i}": x for i, x in enumerate(gs)}, **{f"torch{i}": x for i, x in enumerate(ts)}}
         save_train_checkpoint(run_dir / "checkpoints" / f"step-{step:08d}", model, ema, opt, sched, state, mcfg, tcfg, rng)
     if dist:
         torch.distributed.barrier()
