@@ -97,11 +97,13 @@ def worker(args) -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
+    overrides = json.loads(args.model or "{}")
+    compile_mode = overrides.pop("compile_mode", args.compile_mode)  # a variant may set its own
     tcfg = TrainConfig(subset=args.manifest, run_dir=args.run_dir, batch_size=args.batch,
                        max_steps=args.warmup + args.steps, log_every=args.warmup + args.steps, val_every=0,
                        ckpt_every=10**9, loader_workers=args.loader_workers, device="auto", bf16=True,
-                       compile=args.compile, compile_mode=args.compile_mode, timing_warmup=args.warmup,
-                       model={"window": args.window})
+                       compile=args.compile, compile_mode=compile_mode, timing_warmup=args.warmup,
+                       profile_steps=args.profile, model={"window": args.window, **overrides})
     res = train(tcfg)
     last = res["history"][-1]
     if rank == 0:
@@ -109,7 +111,9 @@ def worker(args) -> None:
         from torch.utils.flop_counter import FlopCounterMode
 
         dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        mcfg = M2FConfig(window=args.window, style_dim=0)
+        # the model's FLOPs, the same for variants that differ only in kernels: dense attention through SDPA
+        mcfg = M2FConfig(**{"window": args.window, **overrides, "style_dim": 0, "attn_kernel": "sdpa",
+                            "attn_dropout": 0.0})
         m = Media2Face(mcfg).to(dev)
         x0 = torch.randn(args.batch, args.window, mcfg.motion_dim, device=dev)
         au = torch.randn(args.batch, args.window, mcfg.audio_dim, device=dev)
@@ -124,7 +128,8 @@ def worker(args) -> None:
         flops_per_sample = fc.get_total_flops() / args.batch
         out = {"gpus": world, "device": name, "batch_per_gpu": args.batch, "samples_per_s": sps,
                "data_wait_frac": last["data_wait_frac"], "flops_per_sample": flops_per_sample,
-               "mfu": sps * flops_per_sample / (peak * world), "loss": last["loss"], "compile": args.compile}
+               "mfu": sps * flops_per_sample / (peak * world), "loss": last["loss"], "compile": args.compile,
+               "compile_mode": compile_mode, "model": overrides}
         Path(args.result).write_text(json.dumps(out))
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -144,6 +149,13 @@ def main():
     ap.add_argument("--gpus", default="1,2")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
+    ap.add_argument("--variants", default="published:{}",
+                    help="';'-separated LABEL:JSON model-config overrides, each benchmarked side by side, e.g. "
+                         "(a variant may also set \"compile_mode\") "
+                         "'sdpa:{};flex:{\"attn_kernel\":\"flex\",\"attn_dropout\":0}'")
+    ap.add_argument("--profile", type=int, default=0, help="profile this many steps (1 GPU runs) and print the top kernels")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per training launch")
+    ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--manifest")
     ap.add_argument("--run-dir")
@@ -160,33 +172,57 @@ def main():
     man = prep(Path(a.src), work / "data", a.samples, a.window)
     print(f"prepared {a.samples} windows in {time.perf_counter() - t:.1f} s")
     rows = []
-    for g in [int(x) for x in a.gpus.split(",")]:
-        tag = f"b{a.batch}{'-compile' if a.compile else ''}{'-' + a.compile_mode if a.compile_mode else ''}-{g}gpu"
-        res = work / f"result-{tag}.json"
-        shutil.rmtree(work / f"run-{tag}", ignore_errors=True)  # a fresh run (no resume from an earlier one)
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={g}", "--standalone", __file__,
-               "--worker", "--manifest", str(man), "--run-dir", str(work / f"run-{tag}"), "--result", str(res),
-               "--batch", str(a.batch), "--steps", str(a.steps), "--warmup", str(a.warmup), "--window", str(a.window),
-               "--loader-workers", str(a.loader_workers)] + (["--compile"] if a.compile else ["--no-compile"]) + (
-                   ["--compile-mode", a.compile_mode] if a.compile_mode else [])
-        env = {**os.environ, "PYTHONPATH": str(REPO), "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-               "NVSHMEM_DISABLE_NVLS": "1", "OMP_NUM_THREADS": "2"}
-        subprocess.run(cmd, check=True, env=env)
-        rows.append(json.loads(res.read_text()))
+    variants = [(v.split(":", 1)[0], v.split(":", 1)[1] or "{}") for v in a.variants.split(";") if v.strip()]
+    for label, model in variants:
+        for g in [int(x) for x in a.gpus.split(",")]:
+            tag = f"{label}-b{a.batch}{'-compile' if a.compile else ''}{'-' + a.compile_mode if a.compile_mode else ''}-{g}gpu"
+            res = work / f"result-{tag}.json"
+            res.unlink(missing_ok=True)
+            shutil.rmtree(work / f"run-{tag}", ignore_errors=True)  # a fresh run (no resume from an earlier one)
+            profile = a.profile if g == 1 else 0
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={g}", "--standalone", __file__,
+                   "--worker", "--manifest", str(man), "--run-dir", str(work / f"run-{tag}"), "--result", str(res),
+                   "--batch", str(a.batch), "--steps", str(a.steps), "--warmup", str(a.warmup), "--window",
+                   str(a.window), "--loader-workers", str(a.loader_workers), "--model", model,
+                   "--profile", str(profile)] + (["--compile"] if a.compile else ["--no-compile"]) + (
+                       ["--compile-mode", a.compile_mode] if a.compile_mode else [])
+            env = {**os.environ, "PYTHONPATH": str(REPO), "NCCL_NVLS_ENABLE": "0",
+                   "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1", "OMP_NUM_THREADS": "2"}
+            t = time.perf_counter()
+            try:
+                subprocess.run(cmd, check=True, env=env, timeout=a.timeout)
+                rows.append({"variant": label, **json.loads(res.read_text())})
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:  # report, go on with the rest
+                print(f"!! {tag}: {type(e).__name__} after {time.perf_counter() - t:.0f} s", flush=True)
+                continue
+            print(f"{tag}: {rows[-1]['samples_per_s']:.0f} samples/s, MFU {rows[-1]['mfu'] * 100:.1f}% "
+                  f"({time.perf_counter() - t:.0f} s incl. compile)", flush=True)
+            prof = work / f"run-{tag}" / "profile.txt"
+            if prof.is_file():
+                print(prof.read_text(), flush=True)
+    if not rows:
+        raise SystemExit("no variant ran")
     print(f"# Media2Face training (8 layers, 4 heads, width 512, window {a.window}; bf16 autocast; "
           f"{'torch.compile ' + (a.compile_mode or '') if a.compile else 'eager'}; {a.steps} timed steps after {a.warmup})")
     print(f"device: {rows[0]['device']}; batch {a.batch} windows per GPU; "
           f"{rows[0]['flops_per_sample'] / 1e9:.1f} GFLOP per training sample (FlopCounterMode)")
     print()
-    print("| GPUs | samples/s | MFU (bf16 dense peak) | data wait (share of step time) | final loss |")
-    print("|---|---|---|---|---|")
+    print("| variant | GPUs | samples/s | MFU (bf16 dense peak) | data wait (share of step time) | final loss |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['gpus']} | {r['samples_per_s']:.0f} | {r['mfu'] * 100:.1f}% | {r['data_wait_frac'] * 100:.2f}% | "
-              f"{r['loss']:.4f} |")
-    if len(rows) >= 2:
-        print()
-        print(f"scaling {rows[1]['gpus']} GPUs vs {rows[0]['gpus']}: "
-              f"{rows[1]['samples_per_s'] / rows[0]['samples_per_s']:.2f}x (target >= 1.85)")
+        print(f"| {r['variant']} | {r['gpus']} | {r['samples_per_s']:.0f} | {r['mfu'] * 100:.1f}% | "
+              f"{r['data_wait_frac'] * 100:.2f}% | {r['loss']:.4f} |")
+    for label, _ in variants:
+        by_g = {r["gpus"]: r for r in rows if r["variant"] == label}
+        if len(by_g) >= 2:
+            g1, g2 = sorted(by_g)[:2]
+            print(f"{label}: scaling {g2} GPUs vs {g1}: "
+                  f"{by_g[g2]['samples_per_s'] / by_g[g1]['samples_per_s']:.2f}x (target >= 1.85)")
+    base = rows[0]
+    for r in rows[1:]:
+        if r["gpus"] == base["gpus"] and r["variant"] != base["variant"]:
+            print(f"{r['variant']} vs {base['variant']} ({r['gpus']} GPU): "
+                  f"{r['samples_per_s'] / base['samples_per_s']:.2f}x samples/s")
     print(json.dumps(rows))
 
 
