@@ -97,6 +97,30 @@ def main():
               f"ratio {t_raw / t_load:.2f} (target >= 0.90) -> {'PASS' if t_raw / t_load >= 0.9 else 'MISS'}")
         print(f"        (raw read with the loader's own mmap tar walk, all members, no decoding: {n / t_walk:9.0f} "
               f"samples/s; loader/that = {t_walk / t_load:.2f})")
+        # epoch boundary: wait for the first batch of epochs 1..3, a fresh loader per epoch (workers
+        # started each time) next to one loader whose workers persist (what the trainer does)
+        import torch
+
+        def first_batch_waits(persistent: bool) -> list[float]:
+            wds = M2FDWindows(subset=man, window=200, shuffle=True)
+            mk = lambda: torch.utils.data.DataLoader(wds, batch_size=32, num_workers=2, drop_last=True,  # noqa: E731
+                                                     persistent_workers=persistent)
+            dl, waits = mk(), []
+            for epoch in range(4):
+                wds.set_epoch(epoch)
+                if not persistent:
+                    dl = mk()
+                t = time.perf_counter()
+                it = iter(dl)
+                next(it)
+                waits.append(time.perf_counter() - t)
+                for _ in it:
+                    pass
+            return waits[1:]
+
+        w_fresh, w_keep = first_batch_waits(False), first_batch_waits(True)
+        print(f"epoch start (first batch of epochs 1-3, 2 workers): fresh loader per epoch "
+              f"{np.median(w_fresh) * 1000:.0f} ms | persistent workers {np.median(w_keep) * 1000:.0f} ms")
         print(f"shard writing: {total / 1e6 / t_write:7.0f} MB/s | plain copy of the same bytes: "
               f"{total / 1e6 / t_copy:7.0f} MB/s | ratio {t_copy / t_write:.2f}")
         # DuckDB on a synthetic 1M-clip index

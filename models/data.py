@@ -73,10 +73,16 @@ class M2FDWindows(torch.utils.data.IterableDataset):
             else:
                 rank, world_size = 0, 1
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        # shared memory: persistent DataLoader workers (started once) read the epoch set here
+        self._epoch = torch.multiprocessing.Value("q", 0, lock=False)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Call before iterating an epoch; DataLoader workers, persistent ones included, follow."""
+        self._epoch.value = int(epoch)
 
     def rank_entries(self) -> list[dict]:
         e = list(self.entries)

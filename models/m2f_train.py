@@ -297,14 +297,16 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
     prof = None
     if rng_restore is not None:  # last, after everything that draws random numbers while setting up
         _restore_rng(gen, rng_restore)
+    # one loader for the whole run: its workers persist across epochs (no start-up stall per epoch)
+    # and follow the dataset's shared epoch; the data order depends on (seed, epoch) only
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=tcfg.batch_size, num_workers=tcfg.loader_workers,
+                                         pin_memory=dev.type == "cuda", drop_last=True,
+                                         persistent_workers=tcfg.loader_workers > 0,
+                                         # its own generator: iterating a loader must not draw from the
+                                         # global RNG (dropout), or a resumed run would diverge
+                                         generator=torch.Generator().manual_seed(tcfg.seed * 7919))
     while not done:
         train_ds.set_epoch(state["epoch"])
-        loader = torch.utils.data.DataLoader(train_ds, batch_size=tcfg.batch_size, num_workers=tcfg.loader_workers,
-                                             pin_memory=dev.type == "cuda", drop_last=True,
-                                             persistent_workers=False,
-                                             # its own generator: creating a loader must not draw from the
-                                             # global RNG (dropout), or a resumed run would diverge
-                                             generator=torch.Generator().manual_seed(tcfg.seed * 7919 + state["epoch"]))
         it = iter(loader)
         for _ in range(state["batch_in_epoch"]):  # resume mid-epoch: same batches as an uninterrupted run
             next(it)

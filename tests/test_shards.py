@@ -109,6 +109,11 @@ def _ddp_worker(rank, world, root, port, outdir):
         ds.set_epoch(epoch)
         dl = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2, drop_last=True)
         res[epoch] = [b["clip_id"][0] for b in dl]
+    # one loader whose workers persist across epochs (as the trainer uses it) follows set_epoch too
+    dl = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2, drop_last=True, persistent_workers=True)
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        res[f"persistent{epoch}"] = [b["clip_id"][0] for b in dl]
     Path(outdir, f"rank{rank}.json").write_text(json.dumps(res))
     dist.destroy_process_group()
 
@@ -132,6 +137,8 @@ def test_loader_under_two_process_ddp(real_run, tmp_path):
         assert len(r0[e]) == len(r1[e]) == n_train // 2  # same batch count on every rank
         assert not set(r0[e]) & set(r1[e])  # no clip twice per epoch
     assert r0["0"] + r1["0"] != r0["1"] + r1["1"] or n_train < 3  # reshuffled between epochs
+    for r in (r0, r1):
+        assert (r["persistent0"], r["persistent1"]) == (r["0"], r["1"])
 
 
 def _rewrite(src: Path, dst: Path, edit):
