@@ -400,8 +400,9 @@ def _restore_rng(gen: torch.Generator, saved: dict[str, torch.Tensor]) -> None:
     try:
         gen.set_state(saved["gen"])
     except RuntimeError as e:
-        raise ValueError(f"the checkpoint's random state is not from a {gen.device.type} run: resume it on the "
-                         f"device type it was trained on ({e})") from None
+        raise ValueError(f"the checkpoint's random state does not fit this run's {gen.device.type} generator: it "
+                         f"was written on another device type, or on a GPU before the diffusion draws moved to "
+                         f"the device; resume where it was trained ({e})") from None
     torch.set_rng_state(saved["torch"])
     if "cuda" in saved and gen.device.type == "cuda":
         torch.cuda.set_rng_state(saved["cuda"], gen.device)

@@ -242,3 +242,16 @@ def test_dagster_train_job_launches_the_same_training(real_run, tmp_path):
     md = r.get_asset_materialization_events()[0].materialization.metadata
     assert md["step"].value == 2 and md["val_lve"].value >= 0
     assert (run_dir / "checkpoints" / "step-00000002" / "state.json").is_file()
+
+
+def test_random_state_of_another_device_type_is_a_clear_error():
+    from models.m2f_train import _restore_rng, _rng_states
+
+    g = torch.Generator().manual_seed(3)
+    saved = _rng_states(g)
+    assert set(saved) == {"gen", "torch"}  # CPU run: no CUDA stream to keep
+    a = torch.rand(4, generator=g)
+    _restore_rng(g, saved)
+    assert torch.equal(torch.rand(4, generator=g), a)
+    with pytest.raises(ValueError, match="another device type"):  # e.g. a CUDA generator's 16-byte state
+        _restore_rng(g, {"gen": torch.zeros(16, dtype=torch.uint8), "torch": torch.get_rng_state()})
