@@ -66,7 +66,7 @@ def section_mesh(ds_dir: Path, max_frames: int):
           f"ratio {t_mp / t_ours:.2f} (target >= 0.90) -> {'PASS' if t_mp / t_ours >= 0.9 else 'MISS'}  [{n} frames, 1 core]")
 
 
-def section_fidelity(ds_dir: Path, ckpt: Path):
+def section_fidelity(ds_dir: Path, ckpt: Path, geometry_steps: int | None = None, image_steps: int | None = None):
     from extractors.config import ExtractConfig
     from extractors.extract import features_from_npz
     from extractors.pose import rotation_angle_deg
@@ -84,14 +84,16 @@ def section_fidelity(ds_dir: Path, ckpt: Path):
     cfg = GNPFAConfig(z_dim=e.gnpfa_z_dim, hidden=e.gnpfa_hidden, crop_size=e.crop_size, enc_width=e.gnpfa_enc_width)
     torch.set_num_threads(e.gnpfa_train_threads)
     t0 = time.perf_counter()
-    vae = train_geometry(tr["offsets"], tr["neutrals"], cfg, steps=e.gnpfa_geometry_steps)
+    geometry_steps = geometry_steps or e.gnpfa_geometry_steps
+    image_steps = image_steps or e.gnpfa_image_steps
+    vae = train_geometry(tr["offsets"], tr["neutrals"], cfg, steps=geometry_steps)
     t_geo = time.perf_counter() - t0
     t0 = time.perf_counter()
-    enc = train_image(tr["crops"], tr["offsets"], tr["neutrals"], tr["rotations"], vae, cfg, steps=e.gnpfa_image_steps)
+    enc = train_image(tr["crops"], tr["offsets"], tr["neutrals"], tr["rotations"], vae, cfg, steps=image_steps)
     t_img = time.perf_counter() - t0
     sha = save_checkpoint(ckpt, cfg, vae, enc, meta={"kind": "bench-default", "trained_on_frames": len(tr["offsets"])})
     print(f"default GNPFA config {cfg.to_dict()}; trained on {len(tr['offsets'])} frames "
-          f"(geometry {t_geo:.0f} s, image {t_img:.0f} s on CPU), held out {len(te['offsets'])} frames "
+          f"(geometry {geometry_steps} steps {t_geo:.0f} s, image {image_steps} steps {t_img:.0f} s on CPU), held out {len(te['offsets'])} frames "
           f"(last 25% of every clip); checkpoint {sha[:12]} -> {ckpt}")
     for name, d in (("train", tr), ("held-out", te)):
         z, dec = reconstruct(vae, d["offsets"], d["neutrals"])
@@ -160,12 +162,14 @@ def main():
     ap.add_argument("--section", action="append", choices=["mesh", "fidelity", "gpu"])
     ap.add_argument("--frames", type=int, default=200_000, help="crops for the gpu section")
     ap.add_argument("--max-frames-per-clip", type=int, default=150)
+    ap.add_argument("--geometry-steps", type=int, default=None, help="default: the run's bootstrap budget")
+    ap.add_argument("--image-steps", type=int, default=None, help="default: the run's bootstrap budget")
     a = ap.parse_args()
     for s in a.section or ["mesh", "fidelity", "gpu"]:
         if s == "mesh":
             section_mesh(a.dataset, a.max_frames_per_clip)
         elif s == "fidelity":
-            section_fidelity(a.dataset, a.ckpt)
+            section_fidelity(a.dataset, a.ckpt, a.geometry_steps, a.image_steps)
         else:
             section_gpu(a.ckpt, a.frames)
 
