@@ -251,7 +251,7 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
                        for k in ("gen", "torch", "cuda") if f"rng.{k}0" in flat}
         state = {k: st.get(k, state[k]) for k in state}
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
-        if dist else model
+        if dist and world > 1 else model  # one process: no gradient all-reduce to pay for
     if tcfg.compile:
         net = torch.compile(net, mode=tcfg.compile_mode)
     val_ds = None
