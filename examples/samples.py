@@ -123,10 +123,12 @@ def make_cases(out_dir: str | os.PathLike, real_dir: str | os.PathLike = DEFAULT
     # variable frame rate: frames at irregular times (~10-30 fps)
     cases["vfr"] = out / "vfr.mkv"
     _ff("-i", str(cases["talk"]), "-vf", "setpts='N/(30*TB)+0.02*sin(N/3)/TB',select='not(eq(mod(n,4),1))'",
-        "-fps_mode", "vfr", "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "copy", str(cases["vfr"]))
+        "-fps_mode", "vfr", "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "copy",
+        "-fflags", "+bitexact", str(cases["vfr"]))  # Matroska: no random UIDs or date (same bytes every time)
     # a codec outside the allow-list
     cases["unsupported_codec"] = out / "ffv1.mkv"
-    _ff("-i", str(cases["talk"]), "-t", "3", "-c:v", "ffv1", "-c:a", "copy", str(cases["unsupported_codec"]))
+    _ff("-i", str(cases["talk"]), "-t", "3", "-c:v", "ffv1", "-c:a", "copy", "-fflags", "+bitexact",
+        str(cases["unsupported_codec"]))
     shutil.rmtree(tmp)
     return cases
 
