@@ -172,10 +172,7 @@ class Geometry:
 
         from .gnpfa import load_checkpoint
 
-        ckpt = gnpfa_checkpoint_dir(root)
-        if ckpt is None:
-            raise ValueError(f"{root} has no extraction lineage: no GNPFA checkpoint to decode latents with")
-        _, self.vae, _, _ = load_checkpoint(ckpt)
+        _, self.vae, _, _ = load_checkpoint(gnpfa_checkpoint_dir(root, required=True))
         ds = open_dataset(root)
         self.neutral = {r["clip_id"]: np.asarray(r["neutral"], np.float32) for r in
                         ds.query("select clip_id, neutral from clip_features where neutral is not null").to_pylist()}
@@ -322,7 +319,7 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
             if rank == 0 and tcfg.profile_steps and state["step"] == tcfg.timing_warmup - tcfg.profile_steps:
                 prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
                     [torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else []))
-                prof.__enter__()
+                prof.start()
             x0 = motion_of(batch, dev)
             audio = batch["audio_feat"].to(dev, non_blocking=True).float()
             mask = batch["mask"].to(dev, non_blocking=True)
@@ -345,7 +342,7 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
             if prof is not None and state["step"] == tcfg.timing_warmup:
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
-                prof.__exit__(None, None, None)
+                prof.stop()
                 write_profile(prof, run_dir / "profile.txt", dev.type, tcfg.profile_steps)
                 prof = None
             if state["step"] == tcfg.timing_warmup:

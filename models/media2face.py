@@ -120,9 +120,7 @@ class Attention(nn.Module):
         return self.out_proj(o.transpose(1, 2).reshape(b, n, h * d))
 
     def self_attention(self, x: torch.Tensor, dropout_p: float) -> torch.Tensor:
-        b, n, w = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.num_heads, -1)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (self._heads(t) for t in F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, -1))
         return self._merge(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p))
 
     def cross_attention(self, x: torch.Tensor, mem: torch.Tensor, n_global: int, band: int, dropout_p: float,
@@ -143,18 +141,17 @@ class Attention(nn.Module):
 
 
 def band_mod(n_global: int, band: int):
-    """band_mask as a FlexAttention mask_mod (evaluated inside the kernel)."""
+    """Which memory token kj query frame qi sees: the global tokens always, memory frame j only from
+    query frames within +-band of it (a FlexAttention mask_mod, evaluated inside the kernel)."""
     def visible(b, h, qi, kj):
         return (kj < n_global) | ((qi - kj + n_global).abs() <= band)
     return visible
 
 
 def band_mask(n: int, n_global: int, band: int, device=None) -> torch.Tensor:
-    """Bool mask (True = visible) of shape (n, n_global + n): the global tokens are always visible,
-    memory frame j only to query frames within +-band of it."""
-    i = torch.arange(n, device=device)
-    near = (i[:, None] - i[None, :]).abs() <= band
-    return torch.cat([torch.ones(n, n_global, dtype=torch.bool, device=device), near], 1)
+    """band_mod as a bool mask (True = visible) of shape (n, n_global + n), for SDPA."""
+    qi, kj = torch.arange(n, device=device)[:, None], torch.arange(n_global + n, device=device)[None, :]
+    return band_mod(n_global, band)(None, None, qi, kj)
 
 
 class DecoderLayer(nn.Module):

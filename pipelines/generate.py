@@ -51,7 +51,7 @@ def render_animation(ckpt: Path, anim: dict, audio_path: Path, video: Path, size
 
     st = json.loads((Path(ckpt) / "state.json").read_text())
     root, _ = load_entries(st["train"].get("dataset"), None, st["train"].get("subset"))
-    _, vae, _, _ = load_checkpoint(gnpfa_checkpoint_dir(root))
+    _, vae, _, _ = load_checkpoint(gnpfa_checkpoint_dir(root, required=True))
     neutrals = [r["neutral"] for r in open_dataset(root).query(
         "select neutral from clip_features where neutral is not null").to_pylist()]
     neutral = np.mean(np.asarray(neutrals, np.float32), 0).reshape(478, 3)

@@ -28,7 +28,7 @@ def render_preview(root: Path, clip_id: str, out: Path, size: int = 384) -> Path
     t = ds.query(f"select landmarks, gnpfa_z from frames where clip_id = '{c['clip_id']}' order by frame")
     lms = t.column("landmarks").to_pylist()
     zs = t.column("gnpfa_z").to_pylist()
-    ckpt = gnpfa_checkpoint_dir(root)
+    ckpt = gnpfa_checkpoint_dir(root, required=True)
     _, vae, _, sha = load_checkpoint(ckpt)
     if sha != c["gnpfa_checkpoint"]:
         raise ValueError(f"checkpoint at {ckpt} ({sha[:12]}) is not the one that encoded this clip "

@@ -22,10 +22,13 @@ def extract_lineage(root: str | Path) -> dict:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
-def gnpfa_checkpoint_dir(root: str | Path) -> Path | None:
-    """The GNPFA checkpoint directory the dataset's latents were encoded with (None before extraction)."""
+def gnpfa_checkpoint_dir(root: str | Path, required: bool = False) -> Path | None:
+    """The GNPFA checkpoint directory the dataset's latents were encoded with (None before extraction,
+    or a clear error where the caller needs it)."""
     g = extract_lineage(root).get("gnpfa") or {}
     if not g.get("path"):
+        if required:
+            raise ValueError(f"{root} has no extraction lineage: no GNPFA checkpoint to decode latents with")
         return None
     p = Path(g["path"])
     return p if p.is_absolute() else Path(root) / p

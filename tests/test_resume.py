@@ -29,14 +29,17 @@ def _ray_procs(title: bytes) -> list[int]:
     return pids
 
 
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat fields after the command name (state, ppid, ...); None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def _descendants(pid: int) -> set[int]:
-    parent: dict[int, int] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
+    stats = {int(d.name): _stat(int(d.name)) for d in Path("/proc").iterdir() if d.name.isdigit()}
+    parent = {p: int(st[1]) for p, st in stats.items() if st}
     tree, grew = {pid}, True
     while grew:
         new = {c for c, pp in parent.items() if pp in tree} - tree
@@ -57,16 +60,9 @@ def _kill_tree(p: subprocess.Popen) -> None:
             pass
     p.wait()
     deadline = time.time() + 60
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in tree - {p.pid}):
+    while any((_stat(pid) or ["Z"])[0] != "Z" for pid in tree - {p.pid}):  # gone or a zombie
         assert time.time() < deadline, "processes of the killed run are still alive"
         time.sleep(0.1)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "Z"
 
 
 def test_kill_9_mid_run_then_rerun_is_byte_identical_with_a_worker_killed_too(real_result, real_dir, tmp_path):

@@ -60,6 +60,8 @@ def test_decoder_is_torchs_transformer_decoder_with_fused_kernels():
         unmasked = ref(x, mem)
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
     assert not torch.allclose(got, unmasked, atol=1e-3)  # the band really masks
+    row = band_mask(n, 2, 3)[10]  # frame 10 sees the two global tokens and audio frames 7..13
+    assert row.nonzero().flatten().tolist() == [0, 1] + [2 + j for j in range(7, 14)]
     # FlexAttention's mask_mod is exactly the band mask, and its (unfused, eager) result equals SDPA's
     assert torch.equal(create_mask(band_mod(2, 3), None, None, n, n + 2, device="cpu")[0, 0], band_mask(n, 2, 3))
     q, k, v = torch.randn(2, 4, n, 16), torch.randn(2, 4, n + 2, 16), torch.randn(2, 4, n + 2, 16)
