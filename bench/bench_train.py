@@ -151,7 +151,7 @@ def main():
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
     ap.add_argument("--variants", default="published:{}",
                     help="';'-separated LABEL:JSON model-config overrides, each benchmarked side by side, e.g. "
-                         "(a variant may also set \"compile_mode\") "
+                         "(a variant may also set \"compile_mode\" and \"batch\") "
                          "'sdpa:{};flex:{\"attn_kernel\":\"flex\",\"attn_dropout\":0}'")
     ap.add_argument("--profile", type=int, default=0, help="profile this many steps (1 GPU runs) and print the top kernels")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per training launch")
@@ -174,15 +174,22 @@ def main():
     rows = []
     variants = [(v.split(":", 1)[0], v.split(":", 1)[1] or "{}") for v in a.variants.split(";") if v.strip()]
     for label, model in variants:
+        ov = json.loads(model)
+        batch = int(ov.pop("batch", a.batch))  # a variant may set its own batch per GPU
+        model = json.dumps(ov)
+        if batch * (a.warmup + a.steps) > a.samples:
+            print(f"!! {label}: batch {batch} x {a.warmup + a.steps} steps > --samples {a.samples} (the timed "
+                  f"steps would cross an epoch): skipped", flush=True)
+            continue
         for g in [int(x) for x in a.gpus.split(",")]:
-            tag = f"{label}-b{a.batch}{'-compile' if a.compile else ''}{'-' + a.compile_mode if a.compile_mode else ''}-{g}gpu"
+            tag = f"{label}-b{batch}{'-compile' if a.compile else ''}{'-' + a.compile_mode if a.compile_mode else ''}-{g}gpu"
             res = work / f"result-{tag}.json"
             res.unlink(missing_ok=True)
             shutil.rmtree(work / f"run-{tag}", ignore_errors=True)  # a fresh run (no resume from an earlier one)
             profile = a.profile if g == 1 else 0
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={g}", "--standalone", __file__,
                    "--worker", "--manifest", str(man), "--run-dir", str(work / f"run-{tag}"), "--result", str(res),
-                   "--batch", str(a.batch), "--steps", str(a.steps), "--warmup", str(a.warmup), "--window",
+                   "--batch", str(batch), "--steps", str(a.steps), "--warmup", str(a.warmup), "--window",
                    str(a.window), "--loader-workers", str(a.loader_workers), "--model", model,
                    "--profile", str(profile)] + (["--compile"] if a.compile else ["--no-compile"]) + (
                        ["--compile-mode", a.compile_mode] if a.compile_mode else [])
@@ -204,13 +211,13 @@ def main():
         raise SystemExit("no variant ran")
     print(f"# Media2Face training (8 layers, 4 heads, width 512, window {a.window}; bf16 autocast; "
           f"{'torch.compile ' + (a.compile_mode or '') if a.compile else 'eager'}; {a.steps} timed steps after {a.warmup})")
-    print(f"device: {rows[0]['device']}; batch {a.batch} windows per GPU; "
+    print(f"device: {rows[0]['device']}; batch {a.batch} windows per GPU unless the variant sets one; "
           f"{rows[0]['flops_per_sample'] / 1e9:.1f} GFLOP per training sample (FlopCounterMode)")
     print()
-    print("| variant | GPUs | samples/s | MFU (bf16 dense peak) | data wait (share of step time) | final loss |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | GPUs | batch/GPU | samples/s | MFU (bf16 dense peak) | data wait (share of step time) | final loss |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['gpus']} | {r['samples_per_s']:.0f} | {r['mfu'] * 100:.1f}% | "
+        print(f"| {r['variant']} | {r['gpus']} | {r['batch_per_gpu']} | {r['samples_per_s']:.0f} | {r['mfu'] * 100:.1f}% | "
               f"{r['data_wait_frac'] * 100:.2f}% | {r['loss']:.4f} |")
     for label, _ in variants:
         by_g = {r["gpus"]: r for r in rows if r["variant"] == label}

@@ -59,14 +59,19 @@ class M2FDWindows(torch.utils.data.IterableDataset):
     rank, DataLoader workers take contiguous blocks of the rank's samples in shard order (few shards
     walked per worker) and read them in shard order. Windows start at
     a per-(seed, epoch, clip) offset; clips shorter than the window are zero-padded with ``mask`` false.
+
+    ``batch_size``: the DataLoader's batch size, when it batches; worker blocks are then cut at whole
+    batches, so only the last worker has a partial batch (each worker batches its own stream: blocks
+    cut anywhere would leave up to one partial batch per worker, dropped with drop_last).
     """
 
     def __init__(self, root: str | Path | None = None, split: str | None = "train", subset: str | Path | None = None,
                  window: int = 200, seed: int = 0, shuffle: bool = True, rank: int | None = None,
-                 world_size: int | None = None):
+                 world_size: int | None = None, batch_size: int | None = None):
         super().__init__()
         self.root, self.entries = load_entries(root, split, subset)
         self.window, self.seed, self.shuffle = window, seed, shuffle
+        self.batch_size = batch_size
         if rank is None or world_size is None:
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -102,7 +107,9 @@ class M2FDWindows(torch.utils.data.IterableDataset):
             # so it walks few shards instead of all of them (the shard walk is the loader's main cost)
             order = {sh: _u(self.seed, self.epoch, sh) if self.shuffle else sh for sh in {x["shard"] for x in mine}}
             mine = sorted(mine, key=lambda x: (order[x["shard"]], x["index_in_shard"]))
-            cuts = np.linspace(0, len(mine), info.num_workers + 1).astype(int)
+            bs = self.batch_size or 1
+            cuts = np.linspace(0, len(mine) // bs, info.num_workers + 1).astype(int) * bs
+            cuts[-1] = len(mine)  # the remainder (a partial batch) goes to the last worker
             mine = mine[cuts[info.id]:cuts[info.id + 1]]
         by_shard: dict[str, dict[int, dict]] = {}
         for x in mine:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .data import M2FDWindows
-from .media2face import M2FConfig, Media2Face, ddim_sample, training_loss
+from .media2face import DiffusionLoss, M2FConfig, Media2Face, ddim_sample, training_loss
 
 
 @dataclass
@@ -216,7 +216,7 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
     dev = _device(tcfg)
     run_dir = Path(tcfg.run_dir)
     train_ds = M2FDWindows(tcfg.dataset, tcfg.split, tcfg.subset, window=M2FConfig(**tcfg.model).window,
-                           seed=tcfg.seed, rank=rank, world_size=world)
+                           seed=tcfg.seed, rank=rank, world_size=world, batch_size=tcfg.batch_size)
     root = train_ds.root
     if len(train_ds) == 0:
         raise ValueError(f"no training clips for rank {rank} of {world} in {root} (split {tcfg.split!r})")
@@ -247,8 +247,10 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
         rng_restore = {k: flat[f"rng.{k}{rank}"] if f"rng.{k}{rank}" in flat else flat[f"rng.{k}0"]
                        for k in ("gen", "torch", "cuda") if f"rng.{k}0" in flat}
         state = {k: st.get(k, state[k]) for k in state}
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None) \
-        if dist and world > 1 else model  # one process: no gradient all-reduce to pay for
+    # the whole loss (noising, denoiser, loss terms) is one module: DDP wraps it, torch.compile fuses it
+    step_loss = DiffusionLoss(model)
+    net = torch.nn.parallel.DistributedDataParallel(step_loss, device_ids=[dev.index] if dev.type == "cuda" else None) \
+        if dist and world > 1 else step_loss  # one process: no gradient all-reduce to pay for
     if tcfg.compile:
         net = torch.compile(net, mode=tcfg.compile_mode)
     val_ds = None

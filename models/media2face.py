@@ -259,21 +259,46 @@ def losses(pred: torch.Tensor, x0: torch.Tensor, mask: torch.Tensor, cfg: M2FCon
     return {"loss": total, "simple": simple, "velocity": vel, "smooth": smooth}
 
 
-def training_loss(model: Media2Face, x0: torch.Tensor, audio: torch.Tensor, style: Optional[torch.Tensor],
-                  mask: torch.Tensor, generator: torch.Generator | None = None,
-                  forward: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
-    """One diffusion training loss. ``forward`` is the module to call (a DDP wrapper of ``model``)."""
-    cfg = model.cfg
-    forward = model if forward is None else forward
-    b = x0.shape[0]
-    # random draws on the generator's device (a CUDA generator on GPU: no host work, no pageable copy
-    # that would stall the host until the GPU drains); its state is saved with checkpoints
+def diffusion_draws(x0: torch.Tensor, cfg: M2FConfig, generator: torch.Generator | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random draws of one training step, in a fixed order: timesteps t (B,), noise like x0, and
+    the condition-dropping masks. On the generator's device (a CUDA generator on GPU: no host work and
+    no pageable copy, which would stall the host until the GPU drains); its state goes in checkpoints."""
     gdev = generator.device if generator is not None else x0.device
+    b = x0.shape[0]
     t = torch.randint(0, cfg.steps, (b,), generator=generator, device=gdev).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=gdev).to(x0.device, x0.dtype)
     drop_audio, drop_style = cfg_masks(b, cfg, generator, x0.device)
-    pred = forward(model.q_sample(x0, t, noise), t, audio, style, drop_audio, drop_style)
-    return losses(pred.float(), x0.float(), mask, cfg)
+    return t, noise, drop_audio, drop_style
+
+
+class DiffusionLoss(nn.Module):
+    """The training loss as one module (noising, denoiser, losses), so that torch.compile fuses the
+    noising and the loss terms with the denoiser and DDP can wrap the whole step. The random draws
+    come in as inputs (``diffusion_draws``): the module itself is deterministic given them (dropout
+    aside). Returns the stacked [loss, simple, velocity, smooth] (one tensor: one output buffer)."""
+
+    names = ("loss", "simple", "velocity", "smooth")
+
+    def __init__(self, model: Media2Face):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x0: torch.Tensor, audio: torch.Tensor, style: Optional[torch.Tensor], mask: torch.Tensor,
+                t: torch.Tensor, noise: torch.Tensor, drop_audio: torch.Tensor, drop_style: torch.Tensor) -> torch.Tensor:
+        pred = self.model(self.model.q_sample(x0, t, noise), t, audio, style, drop_audio, drop_style)
+        L = losses(pred.float(), x0.float(), mask, self.model.cfg)
+        return torch.stack([L[k] for k in self.names])
+
+
+def training_loss(model: Media2Face, x0: torch.Tensor, audio: torch.Tensor, style: Optional[torch.Tensor],
+                  mask: torch.Tensor, generator: torch.Generator | None = None,
+                  forward: Optional[nn.Module] = None) -> dict[str, torch.Tensor]:
+    """One diffusion training loss. ``forward`` is the DiffusionLoss module to call (a DDP or compiled
+    wrapper of ``DiffusionLoss(model)``); by default a plain one."""
+    forward = DiffusionLoss(model) if forward is None else forward
+    out = forward(x0, audio, style, mask, *diffusion_draws(x0, model.cfg, generator))
+    return dict(zip(DiffusionLoss.names, out.unbind(0)))
 
 
 @torch.no_grad()

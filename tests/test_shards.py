@@ -98,6 +98,22 @@ def test_subset_and_loader_yield_exactly_the_selected_clips(real_run, tmp_path):
         assert b["latents"].shape[1:] == (90, 32) and b["audio_feat"].shape[1:] == (90, 80)
 
 
+
+def test_loader_workers_split_at_whole_batches(real_run):
+    """Each DataLoader worker batches its own stream: blocks cut at whole batches lose no full batch
+    per epoch (cut anywhere, every worker's partial batch is dropped with drop_last)."""
+    out, _ = real_run
+    n = len(open_dataset(out).query("select clip_id from samples where split='train'"))
+    assert n >= 4
+    seen = {}
+    for hint in (None, 2):
+        ds = M2FDWindows(out, split="train", window=60, batch_size=hint)
+        seen[hint] = [c for b in torch.utils.data.DataLoader(ds, batch_size=2, num_workers=3, drop_last=True)
+                      for c in b["clip_id"]]
+    assert len(seen[2]) == n // 2 * 2 and len(set(seen[2])) == len(seen[2])
+    assert len(seen[None]) < len(seen[2])  # without the hint, workers' partial batches are dropped
+
+
 def _ddp_worker(rank, world, root, port, outdir):
     import torch.distributed as dist
 
