@@ -19,6 +19,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -196,12 +197,19 @@ def main():
             env = {**os.environ, "PYTHONPATH": str(REPO), "NCCL_NVLS_ENABLE": "0",
                    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1", "OMP_NUM_THREADS": "2"}
             t = time.perf_counter()
+            # its own process group: on timeout the workers go too (killing torchrun alone orphans them)
+            p = subprocess.Popen(cmd, env=env, start_new_session=True)
             try:
-                subprocess.run(cmd, check=True, env=env, timeout=a.timeout)
-                rows.append({"variant": label, **json.loads(res.read_text())})
-            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:  # report, go on with the rest
-                print(f"!! {tag}: {type(e).__name__} after {time.perf_counter() - t:.0f} s", flush=True)
+                rc = p.wait(timeout=a.timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                rc = "timeout"
+            if rc != 0:  # report, go on with the rest
+                print(f"!! {tag}: {'timed out' if rc == 'timeout' else f'exit {rc}'} after "
+                      f"{time.perf_counter() - t:.0f} s", flush=True)
                 continue
+            rows.append({"variant": label, **json.loads(res.read_text())})
             print(f"{tag}: {rows[-1]['samples_per_s']:.0f} samples/s, MFU {rows[-1]['mfu'] * 100:.1f}% "
                   f"({time.perf_counter() - t:.0f} s incl. compile)", flush=True)
             prof = work / f"run-{tag}" / "profile.txt"
