@@ -66,7 +66,19 @@ def section_mesh(ds_dir: Path, max_frames: int):
           f"ratio {t_mp / t_ours:.2f} (target >= 0.90) -> {'PASS' if t_mp / t_ours >= 0.9 else 'MISS'}  [{n} frames, 1 core]")
 
 
-def section_fidelity(ds_dir: Path, ckpt: Path, geometry_steps: int | None = None, image_steps: int | None = None):
+def _resize_crops(crops: np.ndarray, size: int) -> np.ndarray:
+    """(N, S, S, 3) uint8 crops to (N, size, size, 3), area-averaged (downsampling only)."""
+    if crops.shape[1] == size:
+        return crops
+    if size > crops.shape[1]:
+        raise SystemExit(f"--crop-size {size} is larger than the dataset's crops ({crops.shape[1]} px)")
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="area")
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def section_fidelity(ds_dir: Path, ckpt: Path, geometry_steps: int | None = None, image_steps: int | None = None,
+                     crop_sizes: list[int] | None = None, enc_width: int | None = None, device: str = "cpu"):
     from extractors.config import ExtractConfig
     from extractors.extract import features_from_npz
     from extractors.pose import rotation_angle_deg
@@ -81,29 +93,43 @@ def section_fidelity(ds_dir: Path, ckpt: Path, geometry_steps: int | None = None
     tr, te = split_tail(feats)
     tr, te = training_arrays(tr), training_arrays(te)
     e = ExtractConfig()
-    cfg = GNPFAConfig(z_dim=e.gnpfa_z_dim, hidden=e.gnpfa_hidden, crop_size=e.crop_size, enc_width=e.gnpfa_enc_width)
     torch.set_num_threads(e.gnpfa_train_threads)
-    t0 = time.perf_counter()
     geometry_steps = geometry_steps or e.gnpfa_geometry_steps
     image_steps = image_steps or e.gnpfa_image_steps
-    vae = train_geometry(tr["offsets"], tr["neutrals"], cfg, steps=geometry_steps)
-    t_geo = time.perf_counter() - t0
+    stored = tr["crops"].shape[1]  # the dataset's crop size (extraction's crop_size)
+    base_cfg = GNPFAConfig(z_dim=e.gnpfa_z_dim, hidden=e.gnpfa_hidden, crop_size=stored,
+                           enc_width=enc_width or e.gnpfa_enc_width)
     t0 = time.perf_counter()
-    enc = train_image(tr["crops"], tr["offsets"], tr["neutrals"], tr["rotations"], vae, cfg, steps=image_steps)
-    t_img = time.perf_counter() - t0
-    sha = save_checkpoint(ckpt, cfg, vae, enc, meta={"kind": "bench-default", "trained_on_frames": len(tr["offsets"])})
-    print(f"default GNPFA config {cfg.to_dict()}; trained on {len(tr['offsets'])} frames "
-          f"(geometry {geometry_steps} steps {t_geo:.0f} s, image {image_steps} steps {t_img:.0f} s on CPU), held out {len(te['offsets'])} frames "
-          f"(last 25% of every clip); checkpoint {sha[:12]} -> {ckpt}")
+    vae = train_geometry(tr["offsets"], tr["neutrals"], base_cfg, steps=geometry_steps, device=device).cpu()
+    t_geo = time.perf_counter() - t0
+    print(f"default GNPFA config {base_cfg.to_dict()}; trained on {len(tr['offsets'])} frames, held out "
+          f"{len(te['offsets'])} frames (last 25% of every clip); geometry {geometry_steps} steps {t_geo:.0f} s "
+          f"on {device}; stored crops {stored} px")
     for name, d in (("train", tr), ("held-out", te)):
         z, dec = reconstruct(vae, d["offsets"], d["neutrals"])
         err = np.linalg.norm(dec - d["offsets"], axis=-1).mean() * 100
         base = np.linalg.norm(tr["offsets"].mean(0) - d["offsets"], axis=-1).mean() * 100
-        zi, ri = encode_images(enc, d["crops"])
-        pose = np.mean([rotation_angle_deg(a, b) for a, b in zip(ri, d["rotations"])])
-        rel = np.linalg.norm(zi - z, axis=1).mean() / np.linalg.norm(z, axis=1).mean() * 100
-        print(f"  {name:9s} geometry recon {err:5.2f}% IOD (mean-face baseline {base:5.2f}%, target < 1%) | "
-              f"image vs mesh: pose {pose:5.2f} deg (target < 2) latent rel err {rel:6.1f}% (target < 5%)")
+        print(f"  {name:9s} geometry recon {err:5.2f}% IOD (mean-face baseline {base:5.2f}%, target < 1%)")
+    for size in crop_sizes or [stored]:
+        cfg = GNPFAConfig(**{**base_cfg.to_dict(), "crop_size": size})
+        t0 = time.perf_counter()
+        enc = train_image(_resize_crops(tr["crops"], size), tr["offsets"], tr["neutrals"], tr["rotations"], vae, cfg,
+                          steps=image_steps, device=device).cpu()
+        vae.cpu()
+        t_img = time.perf_counter() - t0
+        if size == (crop_sizes or [stored])[0]:
+            sha = save_checkpoint(ckpt, cfg, vae, enc, meta={"kind": "bench-default", "trained_on_frames": len(tr["offsets"])})
+            print(f"  checkpoint {sha[:12]} -> {ckpt}")
+        print(f"  image encoders: {size} px crops, width {cfg.enc_width}, {image_steps} steps {t_img:.0f} s on {device}")
+        for name, d in (("train", tr), ("held-out", te)):
+            z, _ = reconstruct(vae, d["offsets"], d["neutrals"])
+            zi, ri = encode_images(enc, _resize_crops(d["crops"], size))
+            pose = np.mean([rotation_angle_deg(a, b) for a, b in zip(ri, d["rotations"])])
+            rel = np.linalg.norm(zi - z, axis=1).mean() / np.linalg.norm(z, axis=1).mean() * 100
+            print(f"    {name:9s} image vs mesh: pose {pose:5.2f} deg (target < 2) latent rel err {rel:6.1f}% "
+                  f"(target < 5%)")
+    if not (ds_dir / "tables").is_dir():
+        return  # extraction parts only (e.g. carried to a GPU machine): no clip tables for the lip-sync proxy
     rows = open_dataset(ds_dir).query("select c.clip_id, regexp_extract(c.uri, '[^/]+$') v, f.lip_sync from clips c "
                                       "join clip_features f using (clip_id) order by 1").to_pylist()
     print("  lip-sync proxy (corr. of mouth opening with the speech-band envelope, best lag +-6 frames): " +
@@ -113,13 +139,13 @@ def section_fidelity(ds_dir: Path, ckpt: Path, geometry_steps: int | None = None
 def section_gpu(ckpt: Path, n: int):
     from models.gnpfa import encode_images, load_checkpoint
 
-    crops = np.random.default_rng(0).integers(0, 255, (n, 64, 64, 3), dtype=np.uint8)
-    _, _, enc_cpu, sha = load_checkpoint(ckpt, device="cpu")
+    cfg, _, enc_cpu, sha = load_checkpoint(ckpt, device="cpu")
+    crops = np.random.default_rng(0).integers(0, 255, (n, cfg.crop_size, cfg.crop_size, 3), dtype=np.uint8)
     m = min(n, 4096)
     t0 = time.perf_counter()
     z_cpu, r_cpu = encode_images(enc_cpu, crops[:m], device="cpu", amp=False, batch=1024)
     cpu_fps = m / (time.perf_counter() - t0)
-    line = f"image encoder {sha[:12]}: CPU fp32 {cpu_fps:9.0f} frames/s ({torch.get_num_threads()} threads)"
+    line = f"image encoder {sha[:12]} ({cfg.crop_size} px, width {cfg.enc_width}): CPU fp32 {cpu_fps:9.0f} frames/s ({torch.get_num_threads()} threads)"
     if not torch.cuda.is_available():
         print(line + " | CUDA: not available on this machine")
         return
@@ -164,12 +190,16 @@ def main():
     ap.add_argument("--max-frames-per-clip", type=int, default=150)
     ap.add_argument("--geometry-steps", type=int, default=None, help="default: the run's bootstrap budget")
     ap.add_argument("--image-steps", type=int, default=None, help="default: the run's bootstrap budget")
+    ap.add_argument("--crop-size", type=int, action="append", help="image-encoder crop size(s), side by side "
+                    "(downsampled from the dataset's crops; default: as stored)")
+    ap.add_argument("--enc-width", type=int, default=None, help="image-encoder width (default: the run's)")
+    ap.add_argument("--device", default="cpu", help="where the fidelity section trains (cpu, cuda)")
     a = ap.parse_args()
     for s in a.section or ["mesh", "fidelity", "gpu"]:
         if s == "mesh":
             section_mesh(a.dataset, a.max_frames_per_clip)
         elif s == "fidelity":
-            section_fidelity(a.dataset, a.ckpt, a.geometry_steps, a.image_steps)
+            section_fidelity(a.dataset, a.ckpt, a.geometry_steps, a.image_steps, a.crop_size, a.enc_width, a.device)
         else:
             section_gpu(a.ckpt, a.frames)
 
