@@ -1,10 +1,12 @@
-"""Ingest configuration with the embedded defaults. Pure data; no I/O."""
+"""Pipeline configuration with the embedded defaults. Pure data; the one read is a provided GNPFA
+checkpoint's config.json (its crop size)."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -102,9 +104,22 @@ class ExtractConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExtractConfig":
+        """From user config. With a GNPFA checkpoint, face crops are cut at the size its image encoders
+        take (crop_size follows the checkpoint; an explicit different crop_size is an error)."""
         cfg = cls(**_checked_keys(cls, d, "extract"))
         if cfg.device not in ("auto", "cpu", "cuda"):
             raise ValueError("device must be auto, cpu or cuda")
+        if cfg.gnpfa_checkpoint:
+            meta_path = Path(cfg.gnpfa_checkpoint) / "config.json"
+            if not meta_path.is_file():
+                raise ValueError(f"gnpfa_checkpoint {cfg.gnpfa_checkpoint}: no config.json there (a GNPFA checkpoint "
+                                 f"folder holds model.safetensors + config.json, as `m2fd gnpfa` writes it)")
+            size = json.loads(meta_path.read_text()).get("gnpfa", {}).get("crop_size")
+            if size and size != cfg.crop_size:
+                if "crop_size" in d:
+                    raise ValueError(f"crop_size {cfg.crop_size} does not fit the GNPFA checkpoint "
+                                     f"{cfg.gnpfa_checkpoint}, whose image encoders take {size} px crops")
+                cfg = dataclasses.replace(cfg, crop_size=int(size))
         return cfg
 
     def digest(self) -> str:

@@ -284,3 +284,21 @@ def test_checkpoint_bytes_are_deterministic(tmp_path):
         shas.append(r.stdout.strip())
     assert len(set(shas)) == 1
     assert len({(tmp_path / f"c{i}" / "model.safetensors").read_bytes() for i in range(6)}) == 1
+
+
+def test_crop_size_follows_a_provided_gnpfa_checkpoint(tmp_path):
+    """Crops are cut at the size the provided checkpoint's image encoders take; a conflicting explicit
+    crop_size, or a folder that is not a checkpoint, is a clear error before any work starts."""
+    from extractors.config import ExtractConfig
+    from models.gnpfa import GeometryVAE, GNPFAConfig, ImageEncoder, save_checkpoint
+
+    g = GNPFAConfig(hidden=32, crop_size=32, enc_width=4)
+    save_checkpoint(tmp_path / "ck", g, GeometryVAE(g), ImageEncoder(g))
+    ck = str(tmp_path / "ck")
+    assert ExtractConfig.from_dict({}).crop_size == ExtractConfig().crop_size == 64
+    assert ExtractConfig.from_dict({"gnpfa_checkpoint": ck}).crop_size == 32
+    assert ExtractConfig.from_dict({"gnpfa_checkpoint": ck, "crop_size": 32}).crop_size == 32
+    with pytest.raises(ValueError, match="take 32 px crops"):
+        ExtractConfig.from_dict({"gnpfa_checkpoint": ck, "crop_size": 64})
+    with pytest.raises(ValueError, match="no config.json"):
+        ExtractConfig.from_dict({"gnpfa_checkpoint": str(tmp_path)})
