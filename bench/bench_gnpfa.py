@@ -126,8 +126,11 @@ def section_fidelity(ds_dir: Path, ckpt: Path, geometry_steps: int | None = None
             zi, ri = encode_images(enc, _resize_crops(d["crops"], size))
             pose = np.mean([rotation_angle_deg(a, b) for a, b in zip(ri, d["rotations"])])
             rel = np.linalg.norm(zi - z, axis=1).mean() / np.linalg.norm(z, axis=1).mean() * 100
+            # context: the same error for a constant prediction (the training frames' mean latent)
+            z_tr = reconstruct(vae, tr["offsets"], tr["neutrals"])[0].mean(0)
+            rel0 = np.linalg.norm(z_tr - z, axis=1).mean() / np.linalg.norm(z, axis=1).mean() * 100
             print(f"    {name:9s} image vs mesh: pose {pose:5.2f} deg (target < 2) latent rel err {rel:6.1f}% "
-                  f"(target < 5%)")
+                  f"(target < 5%; mean-latent baseline {rel0:.1f}%)")
     if not (ds_dir / "tables").is_dir():
         return  # extraction parts only (e.g. carried to a GPU machine): no clip tables for the lip-sync proxy
     rows = open_dataset(ds_dir).query("select c.clip_id, regexp_extract(c.uri, '[^/]+$') v, f.lip_sync from clips c "
