@@ -1,12 +1,10 @@
-"""Pipeline configuration with the embedded defaults. Pure data; the one read is a provided GNPFA
-checkpoint's config.json (its crop size)."""
+"""Ingest configuration with the embedded defaults. Pure data; no I/O."""
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 
@@ -80,7 +78,7 @@ class IngestConfig:
 @dataclass(frozen=True)
 class ExtractConfig:
     mesh_max_side: int = 1280  # frames for Face Mesh are decoded at most this large
-    crop_size: int = 64  # face crops for the GNPFA image encoders (square, RGB)
+    crop_size: int = 64  # face crops for the GNPFA image encoders (square, RGB); a provided checkpoint's size wins
     crop_expand: float = 1.3  # crop side = this x the landmark box's larger side
     conf_resid_scale: float = 0.03  # landmark_conf = exp(-(stable-point rms off the clip neutral / this)^2), IOD
     whisper_checkpoint: str | None = "base"  # name in ~/.cache/whisper or a path; falls back to pocketsphinx
@@ -104,22 +102,9 @@ class ExtractConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExtractConfig":
-        """From user config. With a GNPFA checkpoint, face crops are cut at the size its image encoders
-        take (crop_size follows the checkpoint; an explicit different crop_size is an error)."""
         cfg = cls(**_checked_keys(cls, d, "extract"))
         if cfg.device not in ("auto", "cpu", "cuda"):
             raise ValueError("device must be auto, cpu or cuda")
-        if cfg.gnpfa_checkpoint:
-            meta_path = Path(cfg.gnpfa_checkpoint) / "config.json"
-            if not meta_path.is_file():
-                raise ValueError(f"gnpfa_checkpoint {cfg.gnpfa_checkpoint}: no config.json there (a GNPFA checkpoint "
-                                 f"folder holds model.safetensors + config.json, as `m2fd gnpfa` writes it)")
-            size = json.loads(meta_path.read_text()).get("gnpfa", {}).get("crop_size")
-            if size and size != cfg.crop_size:
-                if "crop_size" in d:
-                    raise ValueError(f"crop_size {cfg.crop_size} does not fit the GNPFA checkpoint "
-                                     f"{cfg.gnpfa_checkpoint}, whose image encoders take {size} px crops")
-                cfg = dataclasses.replace(cfg, crop_size=int(size))
         return cfg
 
     def digest(self) -> str:

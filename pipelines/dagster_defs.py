@@ -90,7 +90,10 @@ class M2FDResource(dg.ConfigurableResource):
             doc.update(yaml.safe_load(Path(self.config_yaml).read_text()) or {})
         if self.config_doc:
             doc.update(yaml.safe_load(self.config_doc) or {})
-        return (IngestConfig.from_dict(doc.get("ingest") or {}), ExtractConfig.from_dict(doc.get("extract") or {}),
+        from .gnpfa import crops_for_checkpoint
+
+        return (IngestConfig.from_dict(doc.get("ingest") or {}),
+                crops_for_checkpoint(ExtractConfig.from_dict(doc.get("extract") or {})),
                 ShardConfig.from_dict(doc.get("shard") or {}))
 
     def progress(self, context) -> Callable[[str, int, int], None]:

@@ -18,6 +18,22 @@ def _gcfg(cfg: ExtractConfig):
                        enc_width=cfg.gnpfa_enc_width)
 
 
+def crops_for_checkpoint(cfg: ExtractConfig) -> ExtractConfig:
+    """With a provided GNPFA checkpoint, face crops are cut at the size its image encoders take (its
+    config.json says; a folder without one is a clear error before any work starts)."""
+    if not cfg.gnpfa_checkpoint:
+        return cfg
+    import dataclasses
+    import json
+
+    meta = Path(cfg.gnpfa_checkpoint) / "config.json"
+    if not meta.is_file():
+        raise ValueError(f"gnpfa_checkpoint {cfg.gnpfa_checkpoint}: no config.json there (a GNPFA checkpoint folder "
+                         f"holds model.safetensors + config.json, as `m2fd gnpfa train-image` writes it)")
+    size = json.loads(meta.read_text()).get("gnpfa", {}).get("crop_size")
+    return dataclasses.replace(cfg, crop_size=int(size)) if size and size != cfg.crop_size else cfg
+
+
 def _device(cfg: ExtractConfig) -> str:
     import torch
 

@@ -287,18 +287,19 @@ def test_checkpoint_bytes_are_deterministic(tmp_path):
 
 
 def test_crop_size_follows_a_provided_gnpfa_checkpoint(tmp_path):
-    """Crops are cut at the size the provided checkpoint's image encoders take; a conflicting explicit
-    crop_size, or a folder that is not a checkpoint, is a clear error before any work starts."""
+    """Crops are cut at the size the provided checkpoint's image encoders take; a folder that is not a
+    checkpoint is a clear error before any work starts. Config parsing itself reads no files (a
+    cluster's checkpoint path need not exist where a job's config is checked)."""
     from extractors.config import ExtractConfig
     from models.gnpfa import GeometryVAE, GNPFAConfig, ImageEncoder, save_checkpoint
+    from pipelines.gnpfa import crops_for_checkpoint
 
     g = GNPFAConfig(hidden=32, crop_size=32, enc_width=4)
     save_checkpoint(tmp_path / "ck", g, GeometryVAE(g), ImageEncoder(g))
-    ck = str(tmp_path / "ck")
-    assert ExtractConfig.from_dict({}).crop_size == ExtractConfig().crop_size == 64
-    assert ExtractConfig.from_dict({"gnpfa_checkpoint": ck}).crop_size == 32
-    assert ExtractConfig.from_dict({"gnpfa_checkpoint": ck, "crop_size": 32}).crop_size == 32
-    with pytest.raises(ValueError, match="take 32 px crops"):
-        ExtractConfig.from_dict({"gnpfa_checkpoint": ck, "crop_size": 64})
+    assert crops_for_checkpoint(ExtractConfig()).crop_size == ExtractConfig().crop_size == 64
+    for explicit in ({}, {"crop_size": 64}, {"crop_size": 32}):
+        cfg = ExtractConfig.from_dict({"gnpfa_checkpoint": str(tmp_path / "ck"), **explicit})
+        assert crops_for_checkpoint(cfg).crop_size == 32
+    missing = ExtractConfig.from_dict({"gnpfa_checkpoint": str(tmp_path / "nothing")})  # parsing reads nothing
     with pytest.raises(ValueError, match="no config.json"):
-        ExtractConfig.from_dict({"gnpfa_checkpoint": str(tmp_path)})
+        crops_for_checkpoint(missing)
