@@ -40,6 +40,9 @@ class M2FConfig:
     dropout: float = 0.1  # residual and feed-forward dropout
     attn_dropout: Optional[float] = None  # on attention probabilities; None: = dropout (as nn.TransformerDecoderLayer)
     attn_kernel: str = "sdpa"  # see ATTN_KERNELS; both give the same function ("flex" takes no attn_dropout)
+    # the residual stream's dtype under autocast: "float32" (fp32 position embeddings promote it, as
+    # usual with autocast) or "compute" (bf16 on GPU: half the bytes in every layer-norm/residual kernel)
+    residual_dtype: str = "float32"
     window: int = 200
     steps: int = 500
     align_frames: int = 15  # audio context per motion frame (+-0.5 s)
@@ -71,6 +74,8 @@ class M2FConfig:
     def __post_init__(self):
         if self.attn_kernel not in ATTN_KERNELS:
             raise ValueError(f"model.attn_kernel must be one of {ATTN_KERNELS}, got {self.attn_kernel!r}")
+        if self.residual_dtype not in ("float32", "compute"):
+            raise ValueError(f"model.residual_dtype must be 'float32' or 'compute', got {self.residual_dtype!r}")
         if self.attn_kernel == "flex" and self.attention_dropout:
             raise ValueError("model.attn_kernel 'flex' takes no attention dropout: set model.attn_dropout=0")
 
@@ -212,7 +217,10 @@ class Media2Face(nn.Module):
         b, n, _ = x_t.shape
         w = self.cfg.width
         pos = sinusoid_positions(n, w, x_t.device)
-        h = self.motion_in(x_t) + pos
+        h = self.motion_in(x_t)
+        if self.cfg.residual_dtype == "compute":  # keep the stream in autocast's compute dtype
+            pos = pos.to(h.dtype)
+        h = h + pos
         a = self.audio_in(audio) + pos
         a = torch.where(drop_audio[:, None, None], self.null_audio.to(a.dtype).expand_as(a), a)
         te = self.time_mlp(timestep_embedding(t, w).to(h.dtype))

@@ -281,3 +281,28 @@ def test_compiled_training_step_equals_eager():
     assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-6), (l0, l1)
     assert max((a - c).abs().max().item() for a, c in zip(g0, g1)) < 1e-5
     assert sum(int(g.abs().sum() > 0) for g in g0) >= len(g0) - 2  # all but the nulls of conditions not dropped
+
+
+def test_residual_stream_dtype_under_autocast():
+    """residual_dtype "compute" keeps the decoder's residual stream in autocast's dtype (bf16) and gives
+    nearly the fp32-stream function; without autocast both settings are the same function."""
+    torch.manual_seed(0)
+    outs, dtypes = {}, {}
+    for rd in ("float32", "compute"):
+        torch.manual_seed(0)
+        m = Media2Face(M2FConfig(**TINY, style_dim=0, residual_dtype=rd)).eval()
+        b, n = 2, m.cfg.window
+        args = (torch.randn(b, n, m.cfg.motion_dim, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 400]),
+                torch.randn(b, n, m.cfg.audio_dim, generator=torch.Generator().manual_seed(2)), None,
+                torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool))
+        m.decoder.layers[1].register_forward_pre_hook(lambda mod, a: dtypes.__setitem__(rd, a[0].dtype))
+        with torch.no_grad():
+            outs[rd, "fp32"] = m(*args)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs[rd, "bf16"] = m(*args).float()
+    assert dtypes == {"float32": torch.float32, "compute": torch.bfloat16}
+    assert torch.equal(outs["float32", "fp32"], outs["compute", "fp32"])
+    err = (outs["compute", "bf16"] - outs["float32", "fp32"]).abs().max() / outs["float32", "fp32"].abs().max()
+    assert err < 0.05, err
+    with pytest.raises(ValueError, match="residual_dtype"):
+        M2FConfig(residual_dtype="bf16")
