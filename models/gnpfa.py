@@ -221,12 +221,17 @@ def save_checkpoint(out_dir: str | Path, cfg: GNPFAConfig, vae: GeometryVAE, enc
     return digest
 
 
+def checkpoint_config(ckpt_dir: str | Path) -> tuple[GNPFAConfig, dict]:
+    """A checkpoint's GNPFA config and its whole config.json, without loading the weights."""
+    meta = json.loads((Path(ckpt_dir) / "config.json").read_text())
+    return GNPFAConfig(**meta["gnpfa"]), meta
+
+
 def load_checkpoint(ckpt_dir: str | Path, device: str = "cpu") -> tuple[GNPFAConfig, GeometryVAE, ImageEncoder | None, str]:
     from safetensors.torch import load_file
 
     d = Path(ckpt_dir)
-    meta = json.loads((d / "config.json").read_text())
-    cfg = GNPFAConfig(**meta["gnpfa"])
+    cfg, meta = checkpoint_config(d)
     blob = (d / "model.safetensors").read_bytes()
     digest = hashlib.sha256(blob).hexdigest()
     if meta.get("sha256") and meta["sha256"] != digest:

@@ -24,14 +24,14 @@ def crops_for_checkpoint(cfg: ExtractConfig) -> ExtractConfig:
     if not cfg.gnpfa_checkpoint:
         return cfg
     import dataclasses
-    import json
 
-    meta = Path(cfg.gnpfa_checkpoint) / "config.json"
-    if not meta.is_file():
+    from models.gnpfa import checkpoint_config
+
+    if not (Path(cfg.gnpfa_checkpoint) / "config.json").is_file():
         raise ValueError(f"gnpfa_checkpoint {cfg.gnpfa_checkpoint}: no config.json there (a GNPFA checkpoint folder "
                          f"holds model.safetensors + config.json, as `m2fd gnpfa train-image` writes it)")
-    size = json.loads(meta.read_text()).get("gnpfa", {}).get("crop_size")
-    return dataclasses.replace(cfg, crop_size=int(size)) if size and size != cfg.crop_size else cfg
+    size = checkpoint_config(cfg.gnpfa_checkpoint)[0].crop_size
+    return dataclasses.replace(cfg, crop_size=size) if size != cfg.crop_size else cfg
 
 
 def _device(cfg: ExtractConfig) -> str:
