@@ -100,10 +100,13 @@ def worker(args) -> None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     overrides = json.loads(args.model or "{}")
     compile_mode = overrides.pop("compile_mode", args.compile_mode)  # a variant may set its own
+    compile_options = overrides.pop("compile_options", None)  # inductor options instead of a mode
+    if compile_options:
+        compile_mode = None
     tcfg = TrainConfig(subset=args.manifest, run_dir=args.run_dir, batch_size=args.batch,
                        max_steps=args.warmup + args.steps, log_every=args.warmup + args.steps, val_every=0,
                        ckpt_every=10**9, loader_workers=args.loader_workers, device="auto", bf16=True,
-                       compile=args.compile, compile_mode=compile_mode, timing_warmup=args.warmup,
+                       compile=args.compile, compile_mode=compile_mode, compile_options=compile_options, timing_warmup=args.warmup,
                        profile_steps=args.profile, model={"window": args.window, **overrides})
     res = train(tcfg)
     last = res["history"][-1]
@@ -130,7 +133,7 @@ def worker(args) -> None:
         out = {"gpus": world, "device": name, "batch_per_gpu": args.batch, "samples_per_s": sps,
                "data_wait_frac": last["data_wait_frac"], "flops_per_sample": flops_per_sample,
                "mfu": sps * flops_per_sample / (peak * world), "loss": last["loss"], "compile": args.compile,
-               "compile_mode": compile_mode, "model": overrides}
+               "compile_mode": compile_mode, "compile_options": compile_options, "model": overrides}
         Path(args.result).write_text(json.dumps(out))
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -152,7 +155,7 @@ def main():
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
     ap.add_argument("--variants", default="published:{}",
                     help="';'-separated LABEL:JSON model-config overrides, each benchmarked side by side, e.g. "
-                         "(a variant may also set \"compile_mode\" and \"batch\") "
+                         "(a variant may also set \"compile_mode\", \"compile_options\" and \"batch\") "
                          "'sdpa:{};flex:{\"attn_kernel\":\"flex\",\"attn_dropout\":0}'")
     ap.add_argument("--profile", type=int, default=0, help="profile this many steps (1 GPU runs) and print the top kernels")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per training launch")

@@ -51,8 +51,15 @@ class TrainConfig:
     bf16: bool = True
     compile: bool = False  # torch.compile the denoiser (GPU throughput)
     compile_mode: Optional[str] = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
+    # or inductor options instead of a mode (torch takes one or the other), e.g. {"max_autotune_gemm": true}:
+    # Triton GEMM templates with the following pointwise ops (bias, GELU, dropout) fused into their epilogues
+    compile_options: Optional[dict] = None
     timing_warmup: int = 0  # throughput counters (samples/s, data wait) start after this many steps
     profile_steps: int = 0  # rank 0 profiles this many steps just before timing starts -> run_dir/profile.txt
+
+    def __post_init__(self):
+        if self.compile_mode and self.compile_options:
+            raise ValueError("set compile_mode or compile_options, not both (torch.compile takes one of them)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -252,7 +259,7 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
     net = torch.nn.parallel.DistributedDataParallel(step_loss, device_ids=[dev.index] if dev.type == "cuda" else None) \
         if dist and world > 1 else step_loss  # one process: no gradient all-reduce to pay for
     if tcfg.compile:
-        net = torch.compile(net, mode=tcfg.compile_mode)
+        net = torch.compile(net, mode=tcfg.compile_mode, options=tcfg.compile_options)
     val_ds = None
     tb = None
     csv_path = run_dir / "metrics.csv"

@@ -195,7 +195,10 @@ def train(
         M2FConfig.from_dict(model)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
-    tcfg = TrainConfig(**kw, model=model)
+    try:
+        tcfg = TrainConfig(**kw, model=model)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
     m = run_training(tcfg, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
              if k in ("step", "loss", "val_lve", "baseline_lve", "val_fdd", "baseline_fdd", "samples_per_s")}

@@ -306,3 +306,12 @@ def test_residual_stream_dtype_under_autocast():
     assert err < 0.05, err
     with pytest.raises(ValueError, match="residual_dtype"):
         M2FConfig(residual_dtype="bf16")
+
+
+def test_compile_mode_and_inductor_options_are_exclusive():
+    """torch.compile takes a mode or inductor options; the trainer's config says so before any work."""
+    from models.m2f_train import TrainConfig
+
+    assert TrainConfig(compile=True, compile_options={"max_autotune_gemm": True}).compile_options
+    with pytest.raises(ValueError, match="compile_mode or compile_options"):
+        TrainConfig(compile=True, compile_mode="max-autotune", compile_options={"max_autotune_gemm": True})
