@@ -50,6 +50,42 @@ def export(dataset: Path, out: Path) -> None:
     print(f"exported {len(arrays) // 4} samples to {out} ({out.stat().st_size / 1e6:.1f} MB)")
 
 
+def descendants(pid: int) -> set[int]:
+    """pid and every process below it (from /proc: parent links)."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, grew = {pid}, True
+    while grew:
+        new = {c for c, pp in parent.items() if pp in tree} - tree
+        tree |= new
+        grew = bool(new)
+    return tree
+
+
+def kill_tree(p: subprocess.Popen) -> None:
+    """Stop a timed-out torchrun and its workers. torchrun starts each worker in a session of its own,
+    so killing torchrun's process group leaves them running (holding the GPU, and printing NCCL
+    heartbeat errors once torchrun's store is gone): SIGTERM first (torchrun forwards it to its
+    workers), then SIGKILL to every process of the tree, collected before anything dies."""
+    tree = descendants(p.pid)
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in tree | descendants(p.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    p.wait()
+
+
 def prep(src: Path, root: Path, n: int, window: int) -> Path:
     """Shards of ``n`` windows cut from the real samples (distinct keys; the trainer's four arrays with
     minimal other members), and a subset manifest."""
@@ -200,13 +236,11 @@ def main():
             env = {**os.environ, "PYTHONPATH": str(REPO), "NCCL_NVLS_ENABLE": "0",
                    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1", "OMP_NUM_THREADS": "2"}
             t = time.perf_counter()
-            # its own process group: on timeout the workers go too (killing torchrun alone orphans them)
             p = subprocess.Popen(cmd, env=env, start_new_session=True)
             try:
                 rc = p.wait(timeout=a.timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+                kill_tree(p)
                 rc = "timeout"
             if rc != 0:  # report, go on with the rest
                 print(f"!! {tag}: {'timed out' if rc == 'timeout' else f'exit {rc}'} after "
