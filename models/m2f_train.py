@@ -51,8 +51,9 @@ class TrainConfig:
     bf16: bool = True
     compile: bool = False  # torch.compile the denoiser (GPU throughput)
     compile_mode: Optional[str] = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
-    # or inductor options instead of a mode (torch takes one or the other), e.g. {"max_autotune_gemm": true}:
-    # Triton GEMM templates with the following pointwise ops (bias, GELU, dropout) fused into their epilogues
+    # or inductor options instead of a mode (torch takes one or the other), e.g. {"max_autotune_gemm": true}
+    # (Triton GEMM templates, which can take the following pointwise ops into their epilogues, benchmarked
+    # against cuBLAS; on an H100 cuBLAS won every GEMM of the published model: bench/RESULTS.md)
     compile_options: Optional[dict] = None
     timing_warmup: int = 0  # throughput counters (samples/s, data wait) start after this many steps
     profile_steps: int = 0  # rank 0 profiles this many steps just before timing starts -> run_dir/profile.txt

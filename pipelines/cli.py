@@ -193,9 +193,6 @@ def train(
 
     try:
         M2FConfig.from_dict(model)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from e
-    try:
         tcfg = TrainConfig(**kw, model=model)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
