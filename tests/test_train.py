@@ -308,10 +308,13 @@ def test_residual_stream_dtype_under_autocast():
         M2FConfig(residual_dtype="bf16")
 
 
-def test_compile_mode_and_inductor_options_are_exclusive():
+def test_compile_mode_and_inductor_options_are_exclusive(tmp_path):
     """torch.compile takes a mode or inductor options; the trainer's config says so before any work."""
     from models.m2f_train import TrainConfig
 
     assert TrainConfig(compile=True, compile_options={"max_autotune_gemm": True}).compile_options
     with pytest.raises(ValueError, match="compile_mode or compile_options"):
         TrainConfig(compile=True, compile_mode="max-autotune", compile_options={"max_autotune_gemm": True})
+    r = subprocess.run(M2FD + ["train", str(tmp_path), "--set", "compile_mode=max-autotune", "--set",
+                               "compile_options={max_autotune_gemm: true}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "compile_mode or compile_options" in r.stderr
