@@ -30,6 +30,8 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
+from pipelines.procs import descendants  # noqa: E402
+
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak (SXM)
 
 
@@ -48,23 +50,6 @@ def export(dataset: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(buf.getvalue())
     print(f"exported {len(arrays) // 4} samples to {out} ({out.stat().st_size / 1e6:.1f} MB)")
-
-
-def descendants(pid: int) -> set[int]:
-    """pid and every process below it (from /proc: parent links)."""
-    parent = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    tree, grew = {pid}, True
-    while grew:
-        new = {c for c, pp in parent.items() if pp in tree} - tree
-        tree |= new
-        grew = bool(new)
-    return tree
 
 
 def kill_tree(p: subprocess.Popen) -> None:

@@ -12,6 +12,7 @@ from conftest import dataset_bytes
 
 from extractors.config import ExtractConfig
 from pipelines.job import run_job
+from pipelines.procs import descendants, proc_stat
 from storage_schemas import open_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,29 +32,10 @@ def _ray_procs(title: bytes) -> list[int]:
     return pids
 
 
-def _stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat fields after the command name (state, ppid, ...); None once it is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _descendants(pid: int) -> set[int]:
-    stats = {int(d.name): _stat(int(d.name)) for d in Path("/proc").iterdir() if d.name.isdigit()}
-    parent = {p: int(st[1]) for p, st in stats.items() if st}
-    tree, grew = {pid}, True
-    while grew:
-        new = {c for c, pp in parent.items() if pp in tree} - tree
-        tree |= new
-        grew = bool(new)
-    return tree
-
-
 def _kill_tree(p: subprocess.Popen) -> None:
     """SIGKILL the run and every process it started (Ray's GCS, raylet and workers included, whatever
     their process group), then wait until all are gone, so nothing writes after the count."""
-    tree = _descendants(p.pid)
+    tree = descendants(p.pid)
     os.killpg(p.pid, signal.SIGKILL)
     for pid in tree:
         try:
@@ -62,7 +44,7 @@ def _kill_tree(p: subprocess.Popen) -> None:
             pass
     p.wait()
     deadline = time.time() + 60
-    while any((_stat(pid) or ["Z"])[0] != "Z" for pid in tree - {p.pid}):  # gone or a zombie
+    while any((proc_stat(pid) or ["Z"])[0] != "Z" for pid in tree - {p.pid}):  # gone or a zombie
         assert time.time() < deadline, "processes of the killed run are still alive"
         time.sleep(0.1)
 
