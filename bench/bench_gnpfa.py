@@ -118,7 +118,6 @@ def section_fidelity(ds_dir: Path, ckpt: Path, geometry_steps: int | None = None
         t0 = time.perf_counter()
         enc = train_image(_resize_crops(tr["crops"], size), tr["offsets"], tr["neutrals"], tr["rotations"], vae, cfg,
                           steps=image_steps, device=device).cpu()
-        vae.cpu()
         t_img = time.perf_counter() - t0
         if size == sizes[0]:
             sha = save_checkpoint(ckpt, cfg, vae, enc, meta={"kind": "bench-default", "trained_on_frames": len(tr["offsets"])})

@@ -19,7 +19,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from pipelines.procs import descendants  # noqa: E402
+from pipelines.procs import kill_tree  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak (SXM)
 
@@ -50,25 +49,6 @@ def export(dataset: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(buf.getvalue())
     print(f"exported {len(arrays) // 4} samples to {out} ({out.stat().st_size / 1e6:.1f} MB)")
-
-
-def kill_tree(p: subprocess.Popen) -> None:
-    """Stop a timed-out torchrun and its workers. torchrun starts each worker in a session of its own,
-    so killing torchrun's process group leaves them running (holding the GPU, and printing NCCL
-    heartbeat errors once torchrun's store is gone): SIGTERM first (torchrun forwards it to its
-    workers), then SIGKILL to every process of the tree, collected before anything dies."""
-    tree = descendants(p.pid)
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        pass
-    for pid in tree | descendants(p.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    p.wait()
 
 
 def prep(src: Path, root: Path, n: int, window: int) -> Path:
@@ -225,7 +205,9 @@ def main():
             try:
                 rc = p.wait(timeout=a.timeout)
             except subprocess.TimeoutExpired:
-                kill_tree(p)
+                # torchrun starts each worker in a session of its own: its process group alone would
+                # orphan them (holding the GPU); SIGTERM first, torchrun forwards it to its workers
+                kill_tree(p, grace_s=15)
                 rc = "timeout"
             if rc != 0:  # report, go on with the rest
                 print(f"!! {tag}: {'timed out' if rc == 'timeout' else f'exit {rc}'} after "

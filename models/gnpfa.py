@@ -6,6 +6,7 @@ sha256 of the weights file.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -165,10 +166,11 @@ def train_image(crops: np.ndarray, offsets: np.ndarray, neutrals: np.ndarray, ro
                 vae: GeometryVAE, cfg: GNPFAConfig, steps: int = 1500, batch: int = 128, lr: float = 2e-3,
                 device: str = "cpu", log=None, augment: bool = True, shift: float = 0.06) -> ImageEncoder:
     """Train the image encoders with the VAE frozen; the mesh path is the teacher: latent loss (VAE
-    mean), decoded-geometry loss and pose loss (rotation matrices)."""
+    mean), decoded-geometry loss and pose loss (rotation matrices). The caller's VAE is left as it was
+    (a frozen copy moves to ``device``)."""
     g = _seed(cfg.seed + 1)
     enc = ImageEncoder(cfg).to(device).to(memory_format=torch.channels_last)
-    vae = vae.to(device).eval()
+    vae = copy.deepcopy(vae).to(device).eval()
     for p in vae.parameters():
         p.requires_grad_(False)
     crops_t = torch.as_tensor(crops)

@@ -2,6 +2,10 @@
 children sit in sessions of their own (torchrun's workers, Ray's GCS and raylet)."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 
@@ -24,3 +28,35 @@ def descendants(pid: int) -> set[int]:
         tree |= new
         grew = bool(new)
     return tree
+
+
+def kill_tree(p: subprocess.Popen, grace_s: float = 0.0, wait_s: float = 60.0) -> None:
+    """Stop a launched run and every process it started, whatever their process group or session
+    (torchrun's workers, Ray's GCS, raylet and workers), then wait until all are gone or zombies, so
+    nothing runs or writes afterwards. grace_s > 0: SIGTERM first and give the run that long to stop
+    its children itself; 0: SIGKILL straight away (a crash, as kill -9). The tree is collected first:
+    children of a dead parent are reparented and no longer found from it."""
+    tree = descendants(p.pid)
+    if grace_s > 0:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    tree |= descendants(p.pid)
+    try:
+        os.killpg(p.pid, signal.SIGKILL)  # its own group, when it was started with start_new_session
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in tree - {p.pid}:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    p.kill()
+    p.wait()
+    deadline = time.time() + wait_s
+    while any((proc_stat(pid) or ["Z"])[0] != "Z" for pid in tree - {p.pid}):
+        if time.time() > deadline:
+            raise TimeoutError(f"processes of the killed run {p.pid} are still alive")
+        time.sleep(0.1)

@@ -12,7 +12,7 @@ from conftest import dataset_bytes
 
 from extractors.config import ExtractConfig
 from pipelines.job import run_job
-from pipelines.procs import descendants, proc_stat
+from pipelines.procs import kill_tree
 from storage_schemas import open_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,23 +32,6 @@ def _ray_procs(title: bytes) -> list[int]:
     return pids
 
 
-def _kill_tree(p: subprocess.Popen) -> None:
-    """SIGKILL the run and every process it started (Ray's GCS, raylet and workers included, whatever
-    their process group), then wait until all are gone, so nothing writes after the count."""
-    tree = descendants(p.pid)
-    os.killpg(p.pid, signal.SIGKILL)
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    p.wait()
-    deadline = time.time() + 60
-    while any((proc_stat(pid) or ["Z"])[0] != "Z" for pid in tree - {p.pid}):  # gone or a zombie
-        assert time.time() < deadline, "processes of the killed run are still alive"
-        time.sleep(0.1)
-
-
 def test_kill_9_mid_run_then_rerun_is_byte_identical_with_a_worker_killed_too(real_result, real_dir, tmp_path):
     """Phase 1: the whole run (driver, Ray, workers) is killed with SIGKILL mid-extraction. Phase 2: the
     rerun redoes only the unfinished sources, and one of its Ray extraction workers is killed with
@@ -62,7 +45,7 @@ def test_kill_9_mid_run_then_rerun_is_byte_identical_with_a_worker_killed_too(re
     while not list((out / "parts" / "extract").glob("*.json")):
         assert p.poll() is None and time.time() < deadline, "run ended before it could be killed"
         time.sleep(0.2)
-    _kill_tree(p)
+    kill_tree(p)  # SIGKILL to the run and every process it started (Ray included)
     assert not (out / "tables" / "samples.parquet").exists()  # it really was mid-run
     done_before = len(list((out / "parts" / "extract").glob("*.json")))
     assert done_before < 3
