@@ -77,7 +77,12 @@ class IngestConfig:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    mesh_max_side: int = 1280  # frames for Face Mesh are decoded at most this large
+    mesh_max_side: int = 1280  # frames for Face Mesh are decoded at most this large ...
+    mesh_min_face_px: int = 128  # ... unless the speaker's face would then be narrower than this (up to full size)
+    # a speaker face narrower than this fraction of the frame's longer side is meshed in an upscaled window
+    # of mesh_window_scale x its box (Face Mesh's own detector misses small faces in a whole frame)
+    mesh_window_below: float = 0.15
+    mesh_window_scale: float = 3.0
     crop_size: int = 64  # face crops for the GNPFA image encoders (square, RGB); a provided checkpoint's size wins
     crop_expand: float = 1.3  # crop side = this x the landmark box's larger side
     conf_resid_scale: float = 0.03  # landmark_conf = exp(-(stable-point rms off the clip neutral / this)^2), IOD

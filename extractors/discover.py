@@ -95,14 +95,21 @@ def _expand_url(url: str, extensions: tuple[str, ...]) -> list[InputRef]:
     out = []
     for p in sorted(paths):
         try:
-            if fs.isdir(p):
+            # one metadata call (a HEAD over HTTP: isdir/exists there GET the whole body); a listing
+            # is tried only where the path does not name a video file
+            try:
+                info = fs.info(p)
+            except FileNotFoundError:
+                info = None
+            if info is None and not fs.isdir(p):
+                out.append(InputRef(url, "not_a_file", f"{url} does not exist"))
+            elif (info or {}).get("type") == "directory" or info is None or (
+                    Path(p).suffix.lower() not in extensions and fs.isdir(p)):
                 for q in sorted(fs.find(p)):
                     if Path(q).suffix.lower() in extensions and not Path(q).name.startswith("."):
                         out.append(InputRef(fs.unstrip_protocol(q) if proto != "file" else q))
-            elif fs.exists(p):
-                out.append(InputRef(fs.unstrip_protocol(p) if proto != "file" else p))
             else:
-                out.append(InputRef(url, "not_a_file", f"{url} does not exist"))
+                out.append(InputRef(fs.unstrip_protocol(p) if proto != "file" else p))
         except Exception as e:  # noqa: BLE001
             out.append(InputRef(url, "fetch_error", f"cannot list {url}: {e}"))
     return out or [InputRef(url, "not_a_file", f"{url} matched nothing")]

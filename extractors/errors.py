@@ -16,3 +16,10 @@ class Reject(Exception):
         self.reason = reason
         self.message = message
         self.detail = detail
+
+    def __reduce__(self):  # survives a process boundary (a Ray task raising it) with its fields
+        return _rebuild_reject, (self.reason, self.message, self.detail)
+
+
+def _rebuild_reject(reason: str, message: str, detail: dict) -> "Reject":
+    return Reject(reason, message, **detail)

@@ -91,6 +91,16 @@ def lip_sync_proxy(mouth_open: np.ndarray, envelope: np.ndarray, max_lag: int = 
     return best
 
 
+def mesh_decode_side(width: int, height: int, clips: list[dict], cfg: ExtractConfig) -> int:
+    """The longest side frames are decoded at for Face Mesh: ``mesh_max_side``, or larger (up to the
+    video's own size) where the smallest speaker face of the clips would be narrower than
+    ``mesh_min_face_px`` there. Ingest measured the face in display pixels."""
+    full = max(width, height)
+    face = min((float(c["face_size_px"]) for c in clips), default=float(full))
+    need = full * cfg.mesh_min_face_px / max(face, 1.0)
+    return int(min(full, max(cfg.mesh_max_side, np.ceil(need))))
+
+
 def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: ExtractConfig,
                    transcriber=None, template: np.ndarray | None = None, timings: dict | None = None) -> list[ClipFeatures]:
     """Extract every clip of one source in one sequential decoding pass."""
@@ -99,7 +109,7 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
     t0 = time.perf_counter()
     audio = decode_audio(path)
     tm["audio_decode_s"] = tm.get("audio_decode_s", 0) + time.perf_counter() - t0
-    vr = open_video(path, width, height, cfg.mesh_max_side)
+    vr = open_video(path, width, height, mesh_decode_side(width, height, clips, cfg))
     tl = timeline(vr, 1e9)
     clips = sorted(clips, key=lambda c: c["start_frame"])
     need = np.concatenate([np.arange(c["start_frame"], c["start_frame"] + c["n_frames"]) for c in clips])
@@ -110,7 +120,8 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
         lms = np.full((n, 478, 3), np.nan, np.float32)
         crops = np.zeros((n, cfg.crop_size, cfg.crop_size, 3), np.uint8)
         box = c["face_box"]
-        with MeshTracker() as mt:
+        small = float(c["face_size_px"]) < cfg.mesh_window_below * max(width, height)
+        with MeshTracker(window_scale=cfg.mesh_window_scale if small else None) as mt:
             for i in range(n):
                 t0 = time.perf_counter()
                 _, frame = next(frames)

@@ -45,6 +45,15 @@ def quarantine_row(uri: str, source_id: str | None, reason: str, message: str, d
             "detail": json.dumps(detail, sort_keys=True, default=float) if detail else None, "clip_id": clip_id}
 
 
+def failed_analysis(uri: str, sha: str, size: int, reason: str, message: str, detail: dict | None = None,
+                    stage: str = "ingest") -> dict[str, Any]:
+    """The analysis result of a source that could not be analysed: a quarantined source row and one
+    quarantine row (the same shape ``analyse`` returns)."""
+    return {"source": _source_row(uri, sha, size, None),
+            "clips": [], "quarantine": [quarantine_row(uri, source_id_of(sha), reason, message, detail, stage=stage)],
+            "metrics": {}}
+
+
 class SourceAnalysis:
     """Everything measured on one source; the clip decision is made from these arrays."""
 

@@ -23,13 +23,46 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def cache_name(uri: str, sha256: str) -> str:
+    """File name of a remote input's local copy: its sha256 plus the URL path's extension (decoders
+    and ffmpeg use it as a container hint); query strings and odd characters never reach the name."""
+    from urllib.parse import urlsplit
+
+    ext = Path(urlsplit(uri).path).suffix.lower()
+    return sha256 + (ext if ext[1:].isalnum() and len(ext) <= 8 else "")
+
+
+def local_copy(uri: str, sha256: str, size: int | None, cache_dir: str | os.PathLike) -> str:
+    """The local file every stage after ingest reads for a source: the file itself for local
+    inputs, else the copy fetched into ``cache_dir`` under its sha256. A local file whose size no
+    longer matches what was ingested, or a missing copy, is Reject('source_changed'): its clips
+    would not be the bytes the dataset describes."""
+    path = _local_path(uri) if is_local(uri) else str(Path(cache_dir) / cache_name(uri, sha256))
+    if not os.path.isfile(path):
+        what = "the input file" if is_local(uri) else f"its local copy {path}"
+        raise Reject("source_changed", f"{what} is gone since ingest (sha256 {sha256[:16]})", path=path)
+    if size is not None and os.path.getsize(path) != size:
+        raise Reject("source_changed", f"{path} is {os.path.getsize(path)} bytes, not the {size} bytes ingested "
+                     f"(sha256 {sha256[:16]}): the file changed after ingest", path=path,
+                     size_now=os.path.getsize(path), size_ingested=size)
+    return path
+
+
 def fetch(uri: str, cache_dir: str | os.PathLike) -> tuple[str, str, int]:
     """Return (local_path, sha256, size) for ``uri``; remote URLs are copied into ``cache_dir``.
 
     Remote bytes are hashed while they stream and stored under their hash, written atomically.
     """
-    if "://" not in uri or uri.startswith("file://"):
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
+    if is_local(uri):
+        path = _local_path(uri)
         if not os.path.isfile(path):
             raise Reject("not_a_file", f"{uri} is not a regular file")
         return path, sha256_file(path), os.path.getsize(path)
@@ -52,7 +85,7 @@ def fetch(uri: str, cache_dir: str | os.PathLike) -> tuple[str, str, int]:
         os.unlink(tmp)
         raise Reject("fetch_error", f"cannot read {uri}: {e}") from e
     digest = h.hexdigest()
-    final = cache / f"{digest}{Path(uri).suffix}"
+    final = cache / cache_name(uri, digest)
     os.replace(tmp, final)
     return str(final), digest, size
 

@@ -312,3 +312,30 @@ def reconstruct(vae: GeometryVAE, offsets: np.ndarray, neutrals: np.ndarray, dev
     if not zs:
         return np.zeros((0, vae.enc[-1].out_features // 2), np.float32), np.zeros((0, N_VERTS, 3), np.float32)
     return np.concatenate(zs), np.concatenate(outs)
+
+
+ENCODE_BATCH = 256  # rows of every encoding batch (see encode_frames)
+
+
+def _pad_rows(a: np.ndarray, n: int) -> np.ndarray:
+    if len(a) == n:
+        return a
+    return np.concatenate([a, np.zeros((n - len(a),) + a.shape[1:], a.dtype)])
+
+
+def encode_frames(vae: GeometryVAE, enc: ImageEncoder, offsets: np.ndarray, neutrals: np.ndarray,
+                  crops: np.ndarray, device: str = "cpu", batch: int = ENCODE_BATCH) -> dict[str, np.ndarray]:
+    """Both GNPFA paths for the tracked frames of one clip: mesh-path latent ``z`` (posterior mean),
+    its round-trip error ``recon_err`` (% IOD per frame), and the image path's ``image_z`` and
+    ``image_rot`` (N, 3, 3).
+
+    Frames go through the networks in batches of exactly ``batch`` rows starting at the clip's first
+    frame, the last batch zero-padded: every kernel sees the same shapes and each frame the same
+    position whatever else is encoded in the run, so a clip's latents do not depend on which other
+    clips share its run or batch (a float GEMM's rounding can depend on its shape)."""
+    n = len(offsets)
+    m = -(-n // batch) * batch
+    z, dec = reconstruct(vae, _pad_rows(offsets, m), _pad_rows(neutrals, m), device=device, batch=batch)
+    iz, ir = encode_images(enc, _pad_rows(crops, m), device=device, batch=batch)
+    err = np.linalg.norm(dec[:n] - offsets, axis=-1).mean(-1) * 100
+    return {"z": z[:n], "recon_err": err.astype(np.float32), "image_z": iz[:n], "image_rot": ir[:n]}

@@ -110,6 +110,16 @@ def run(
         lb = res["label"]
         console.print(f"[green]label[/green]: {lb['rows']} label rows for {lb['clips']} clips by {', '.join(lb['labelers'])}")
     card = json.loads((out / "dataset.json").read_text())
+    failed = card["counts"]["quarantine"].get("processing_error", 0) + card["counts"]["quarantine"].get("source_changed", 0)
+    if failed:
+        from storage_schemas import open_dataset
+
+        rows = open_dataset(out).query("select stage, message from quarantine where reason in ('processing_error', "
+                                       "'source_changed') order by uri, stage, clip_id limit 5").to_pylist()
+        console.print(f"[yellow]failed[/yellow]: {failed} item(s) failed and were quarantined (the rest of the run "
+                      f"completed; a rerun tries them again):")
+        for r in rows:
+            console.print(f"  [yellow]{r['stage']}[/yellow] {r['message'][:200]}")
     checks = ", ".join(f"{k} {'passed' if v else 'FAILED'}" for k, v in sorted(res["checks"].items()))
     console.print(f"[green]checks[/green]: {checks or '-'}")
     console.print(f"[green]done[/green]: quarantine {card['counts']['quarantine']} -> {out} "

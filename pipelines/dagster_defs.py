@@ -253,7 +253,7 @@ def quarantine_ratio(m2fd: M2FDResource) -> dg.AssetCheckResult:
     from storage_schemas import open_dataset
 
     ds = open_dataset(m2fd.out)
-    q = ds.query("select (select count(*) from quarantine where stage <> 'extract') q, "
+    q = ds.query("select (select count(*) from quarantine where stage in ('discover', 'ingest')) q, "
                  "(select count(*) from sources where status <> 'quarantined') s").to_pylist()[0]
     ratio = q["q"] / max(1, q["q"] + q["s"])
     return dg.AssetCheckResult(passed=ratio < 0.9, metadata={"ratio": round(ratio, 4), "quarantined": q["q"]})

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import traceback
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 
@@ -11,12 +13,42 @@ from typing import Any, Callable, Iterable, Iterator
 WORKER_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "65536"}
 
 
+@dataclass(frozen=True)
+class TaskFailure:
+    """What a stage gets instead of a result when its task raised or its worker died (after Ray's
+    retries): the stage turns it into quarantine rows for that item, and the run goes on."""
+
+    error: str  # "ExceptionType: message", one line
+    trace: str  # the last lines of the traceback
+    reject: Any = None  # the extractors.errors.Reject the task raised, if that is what it raised
+
+    @classmethod
+    def of(cls, e: BaseException) -> "TaskFailure":
+        from extractors.errors import Reject
+
+        cause = getattr(e, "cause", None)  # RayTaskError wraps the task's own exception
+        inner = cause if isinstance(cause, BaseException) else e
+        msg = str(inner).strip().splitlines()
+        tb = "".join(traceback.format_exception(inner))
+        return cls(f"{type(inner).__name__}: {msg[0][:300] if msg else ''}".rstrip(": "), tb[-2000:],
+                   inner if isinstance(inner, Reject) else None)
+
+    def detail(self) -> dict:
+        return {"error": self.error, "traceback_tail": self.trace[-800:]}
+
+
 class LocalExecutor:
     name = "local"
 
-    def map_unordered(self, fn: Callable, items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+    def map_unordered(self, fn: Callable, items: Iterable[Any], **resources: Any) -> Iterator[tuple[Any, Any]]:
+        """(item, result) per item; a task that raises yields a TaskFailure as its result. Ray resource
+        requests (``num_gpus=1``) mean nothing in-process."""
         for it in items:
-            yield it, fn(it)
+            try:
+                res = fn(it)
+            except Exception as e:  # noqa: BLE001 - one item's failure is that item's, not the run's
+                res = TaskFailure.of(e)
+            yield it, res
 
     def close(self) -> None:
         pass
@@ -51,9 +83,10 @@ class RayExecutor:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.max_in_flight = max_in_flight or max(2, 2 * cpus)
 
-    def map_unordered(self, fn: Callable, items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+    def map_unordered(self, fn: Callable, items: Iterable[Any], **resources: Any) -> Iterator[tuple[Any, Any]]:
+        """(item, result) as tasks finish; ``resources`` override the task options (``num_gpus=1``)."""
         ray = self._ray
-        remote = ray.remote(**self._opts())(fn)
+        remote = ray.remote(**{**self._opts(), **resources})(fn)
         pending: dict[Any, Any] = {}
         it = iter(items)
         exhausted = False
@@ -70,7 +103,7 @@ class RayExecutor:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 item = pending.pop(ref)
-                yield item, ray.get(ref)
+                yield item, self._get(ref)
 
     def submit(self, fn: Callable, item: Any) -> Any:
         """Start one task now (not bounded by max_in_flight); collect it with as_completed."""
@@ -84,7 +117,14 @@ class RayExecutor:
         left = list(refs)
         while left:
             done, left = ray.wait(left, num_returns=1)
-            yield done[0], ray.get(done[0])
+            yield done[0], self._get(done[0])
+
+    def _get(self, ref) -> Any:
+        """The task's result, or a TaskFailure when it raised or its worker died past its retries."""
+        try:
+            return self._ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - RayTaskError, WorkerCrashedError, OutOfMemoryError, ...
+            return TaskFailure.of(e)
 
     def close(self) -> None:
         if self._started:

@@ -1,11 +1,20 @@
-"""Wire the extraction stage: per-source Face Mesh/pose/audio/transcripts on Ray CPU workers, then
-GNPFA (provided checkpoint, or a bootstrap trained on this run's meshes), batch encoding on a GPU
-worker when the cluster has one, quality gates, and the frames/clip_features/transcripts tables."""
+"""Wire the extraction stage: per-source Face Mesh/pose/audio/transcripts on Ray CPU workers (the
+`tracks` parts), the GNPFA checkpoint (provided, or a bootstrap trained on this dataset's meshes),
+then per source again: GNPFA encoding, quality gates and the frames table (the `encode` parts), and
+the clip_features/transcripts/quarantine tables from their rows.
+
+Every per-source result is a part keyed by the source's bytes, its clips, the config and (for the
+encode parts) the checkpoint's sha256: a new batch computes only its new sources, and the rows of
+committed clips are reused byte for byte. A source whose task fails, or whose worker dies past
+Ray's retries, becomes quarantine rows (its clips are dropped) and the run goes on; the next run
+tries it again."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,23 +28,43 @@ from extractors.records import clip_features_row, clip_quality, frames_table, tr
 from storage_schemas import atomic_write_bytes, open_dataset, table_path, write_table
 from storage_schemas.dataset import EXTRACT_LINEAGE
 
-from .gnpfa import encode_all, obtain_gnpfa
+from .executors import TaskFailure
+from .faults import maybe_fail
+from .gnpfa import NotEnoughFrames, gnpfa_device, obtain_gnpfa
+from .stage_io import failure_rows, replace_quarantine, source_path
 
 PARTS = Path("parts") / "extract"
+ENCODE_PARTS = Path("parts") / "encode"
 
 
-def _extract_task(args: tuple) -> dict:
-    uri, width, height, clips, cfg_dict, npz_path = args
+@dataclass(frozen=True)
+class TrackWork:
+    """One source's landmark/pose/audio/transcript task."""
+
+    out: str
+    source: dict
+    clips: list
+    cfg: dict
+    npz: str  # the part it writes (its .json sibling, written last, marks it complete)
+
+    @property
+    def failed_marker(self) -> Path:
+        return Path(self.npz).with_suffix(".failed.json")
+
+
+def _extract_task(w: TrackWork) -> dict:
     from extractors.transcribe import make_transcriber
 
-    cfg = ExtractConfig(**cfg_dict)
+    cfg = ExtractConfig(**w.cfg)
+    s = w.source
+    maybe_fail("extract", s["uri"])
     tm: dict = {}
-    feats = extract_source(uri, width, height, clips, cfg, transcriber=make_transcriber(cfg.whisper_checkpoint),
-                           timings=tm)
+    feats = extract_source(source_path(w.out, s), s["width"], s["height"], w.clips, cfg,
+                           transcriber=make_transcriber(cfg.whisper_checkpoint), timings=tm)
     blob, meta = features_to_npz(feats)
     # the JSON is written last: its presence marks the part as complete
-    atomic_write_bytes(npz_path, blob)
-    atomic_write_bytes(npz_path[:-4] + ".json", json.dumps({"clips": meta, "metrics": tm}, sort_keys=True).encode())
+    atomic_write_bytes(w.npz, blob)
+    atomic_write_bytes(w.npz[:-4] + ".json", json.dumps({"clips": meta, "metrics": tm}, sort_keys=True).encode())
     return {"metrics": tm}
 
 
@@ -49,21 +78,25 @@ def _part_key(source: dict, clips: list[dict], cfg: ExtractConfig) -> str:
     return h.hexdigest()[:24]
 
 
-def _plan(out: Path, cfg: ExtractConfig) -> tuple[list[dict], dict[str, Path], list[tuple]]:
+def _work(out: Path, source: dict, clips: list[dict], cfg: ExtractConfig) -> TrackWork:
+    clips = sorted(clips, key=lambda c: c["start_frame"])
+    npz = out / PARTS / f"{source['source_id']}-{_part_key(source, clips, cfg)}.npz"
+    return TrackWork(str(out), source, clips, cfg.to_dict(), str(npz))
+
+
+def _plan(out: Path, cfg: ExtractConfig) -> tuple[list[TrackWork], list[TrackWork]]:
+    """(every source with clips, those whose part is not complete yet), by source id."""
     ds = open_dataset(out)
     sources = {s["source_id"]: s for s in ds.table("sources").to_pylist()}
-    clips = ds.table("clips").to_pylist()
     by_src: dict[str, list[dict]] = {}
-    for c in clips:
+    for c in ds.table("clips").to_pylist():
         by_src.setdefault(c["source_id"], []).append(c)
-    work, parts = [], {}
-    for sid in sorted(by_src):
-        s, cs = sources[sid], sorted(by_src[sid], key=lambda c: c["start_frame"])
-        npz = out / PARTS / f"{sid}-{_part_key(s, cs, cfg)}.npz"
-        parts[sid] = npz
-        if not npz.with_suffix(".json").is_file():
-            work.append((s["uri"], s["width"], s["height"], cs, cfg.to_dict(), str(npz)))
-    return clips, parts, work
+    all_work = [_work(out, sources[sid], by_src[sid], cfg) for sid in sorted(by_src)]
+    return all_work, [w for w in all_work if not Path(w.npz).with_suffix(".json").is_file()]
+
+
+def _complete(w: TrackWork) -> bool:
+    return Path(w.npz).with_suffix(".json").is_file()
 
 
 class TrackPrefetch:
@@ -83,67 +116,185 @@ class TrackPrefetch:
         from storage_schemas.tables import CLIPS, SOURCES
 
         # the rows exactly as the clips/sources tables will read back (same types and rounding)
-        clips = sorted(pa.Table.from_pylist(result["clips"], schema=CLIPS).to_pylist(), key=lambda c: c["start_frame"])
+        clips = pa.Table.from_pylist(result["clips"], schema=CLIPS).to_pylist()
         s = pa.Table.from_pylist([result["source"]], schema=SOURCES).to_pylist()[0]
-        npz = self.out / PARTS / f"{s['source_id']}-{_part_key(s, clips, self.cfg)}.npz"
-        if npz.with_suffix(".json").is_file() or str(npz) in self.pending:
+        w = _work(self.out, s, clips, self.cfg)
+        if _complete(w) or w.npz in self.pending:
             return
-        item = (s["uri"], s["width"], s["height"], clips, self.cfg.to_dict(), str(npz))
-        self.pending[str(npz)] = (self.ex.submit(_extract_task, item), item)
+        self.pending[w.npz] = (self.ex.submit(_extract_task, w), w)
 
 
 def run_tracks(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callable[[str, int, int], None] | None = None,
                prefetch: TrackPrefetch | None = None) -> dict:
     """Per-source landmarks, pose, audio features and transcripts as cached parts (one Ray task per
     source with clips). Sources whose part is complete are not redone; tasks a TrackPrefetch already
-    started are collected, not restarted."""
+    started are collected, not restarted. A failed source leaves a `.failed.json` marker with its
+    quarantine rows (the extraction step drops its clips) and is tried again by the next run."""
     out = Path(out)
     tick = progress or (lambda *a: None)
-    import time
-
     t0 = time.perf_counter()
-    _, parts, work = _plan(out, cfg)
+    all_work, work = _plan(out, cfg)
     metrics: dict[str, float] = {}
     started = dict(prefetch.pending) if prefetch is not None else {}
     # a prefetched task may have written its part before this plan was made: this run computed it
-    planned = {w[5] for w in work}
-    work = work + [item for key, (_, item) in started.items() if key not in planned]
-    done = len(parts) - len(work)
-    tick("extract", done, len(parts))
+    planned = {w.npz for w in work}
+    work = work + [w for key, (_, w) in started.items() if key not in planned]
+    done = len(all_work) - len(work)
+    tick("extract", done, len(all_work))
     if started and hasattr(ex, "as_completed"):
-        refs = [started[w[5]][0] if w[5] in started else ex.submit(_extract_task, w) for w in work]
-        results = (r for _, r in ex.as_completed(refs))
+        refs = {started[w.npz][0] if w.npz in started else ex.submit(_extract_task, w): w for w in work}
+        results = ((refs[ref], r) for ref, r in ex.as_completed(list(refs)))
     else:
-        results = (r for _, r in ex.map_unordered(_extract_task, work))
-    for res in results:
+        results = ex.map_unordered(_extract_task, work)
+    failed = 0
+    for w, res in results:
         done += 1
-        tick("extract", done, len(parts))
+        tick("extract", done, len(all_work))
+        if isinstance(res, TaskFailure):
+            failed += 1
+            rows = failure_rows(res, "extract", "landmarks/pose/audio", w.source["uri"], w.source["source_id"],
+                                [c["clip_id"] for c in w.clips])
+            atomic_write_bytes(w.failed_marker, json.dumps(rows, sort_keys=True).encode())
+            continue
+        w.failed_marker.unlink(missing_ok=True)
         for k, v in res["metrics"].items():
             metrics[k] = metrics.get(k, 0) + v
-    frames = sum(int(c["n_frames"]) for w in work for c in w[3])
+    frames = sum(int(c["n_frames"]) for w in work for c in w.clips)
     wall = time.perf_counter() - t0
-    return {"sources": len(parts), "computed": len(work), "reused": len(parts) - len(work), "frames_computed": frames,
-            "wall_s": round(wall, 2), "frames_per_s": round(frames / wall, 1) if frames else 0.0, "metrics": metrics}
+    return {"sources": len(all_work), "computed": len(work), "reused": len(all_work) - len(work), "failed": failed,
+            "frames_computed": frames, "wall_s": round(wall, 2), "frames_per_s": round(frames / wall, 1) if frames else 0.0,
+            "metrics": metrics}
 
 
-def _load_parts(out: Path, cfg: ExtractConfig) -> tuple[list[dict], dict[str, list]]:
-    clips, parts, work = _plan(out, cfg)
-    if work:
-        raise RuntimeError(f"{len(work)} source(s) have no extraction part yet; run the tracks step first")
-    feats_by_src = {}
-    for sid, npz in parts.items():
-        meta = json.loads(npz.with_suffix(".json").read_text())
-        feats_by_src[sid] = features_from_npz(str(npz), meta["clips"])
-    return clips, feats_by_src
+def _obtain_gnpfa(out: Path, cfg: ExtractConfig, all_work: list[TrackWork], log: Callable[[str], None]):
+    """The checkpoint (obtain_gnpfa); a bootstrap trains on the complete parts, loaded only then."""
+    done = [w for w in all_work if _complete(w)]
+
+    def load() -> dict:
+        feats = []
+        for w in done:
+            feats += features_from_npz(w.npz, json.loads(Path(w.npz).with_suffix(".json").read_text())["clips"])
+        return training_arrays(feats)
+
+    return obtain_gnpfa(out, cfg, ",".join(Path(w.npz).stem for w in done), load, log=log)
 
 
 def run_gnpfa(out: str | os.PathLike, cfg: ExtractConfig, log: Callable[[str], None] = print) -> dict:
     """The GNPFA checkpoint the dataset is encoded with (provided, or a bootstrap trained on its meshes)."""
     out = Path(out)
-    _, feats_by_src = _load_parts(out, cfg)
-    train = training_arrays([f for sid in sorted(feats_by_src) for f in feats_by_src[sid]])
-    d, sha, info = obtain_gnpfa(out, cfg, train, log=log)
-    return {"sha256": sha, **info, "frames": int(len(train["offsets"]))}
+    all_work, _ = _plan(out, cfg)
+    try:
+        _, sha, info = _obtain_gnpfa(out, cfg, all_work, log)
+    except NotEnoughFrames as e:
+        return {"skipped": str(e)}
+    return {"sha256": sha, **info}
+
+
+@dataclass(frozen=True)
+class EncodeWork:
+    """One source's GNPFA encoding, quality gates and frames table."""
+
+    track: TrackWork
+    ckpt_dir: str
+    ckpt_sha: str
+    device: str
+
+    @property
+    def part(self) -> Path:
+        """parts/encode/<tracks part>-<checkpoint sha>.{npz,json}: latents, then the table rows."""
+        return Path(self.track.out) / ENCODE_PARTS / f"{Path(self.track.npz).stem}-{self.ckpt_sha[:16]}.json"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _encode_task(w: EncodeWork) -> dict:
+    """Rows of clip_features / transcripts / quarantine for one source, its frames table and crops.
+
+    Latents are cached per source under the checkpoint's sha256 and the rows with the sha256 of
+    every file written: a later run reuses them as they are (it never re-encodes a committed clip),
+    and rebuilds only what is missing or was changed on disk."""
+    out = Path(w.track.out)
+    sid = w.track.source["source_id"]
+    files = {"frames": table_path(out, "frames", sid)}
+    files.update({c["clip_id"]: out / "arrays" / "crops" / f"{c['clip_id']}.npy" for c in w.track.clips})
+    if w.part.is_file():
+        doc = json.loads(w.part.read_text())
+        if all(p.is_file() and _sha(p) == doc["outputs"].get(k) for k, p in files.items()):
+            return doc["rows"]
+    maybe_fail("encode", w.track.source["uri"])
+    cfg = ExtractConfig(**w.track.cfg)
+    meta = json.loads(Path(w.track.npz).with_suffix(".json").read_text())
+    feats = features_from_npz(w.track.npz, meta["clips"])
+    enc = _encodings(w, feats, cfg)
+    clip_by_id = {c["clip_id"]: c for c in w.track.clips}
+    rows: dict = {"features": [], "transcripts": [], "quarantine": [], "frames": 0}
+    tables = []
+    for f in feats:
+        c = clip_by_id[f.clip_id]
+        z, rec, iz, ir = (enc[f"{f.clip_id}/{k}"] for k in ("z", "recon_err", "image_z", "image_rot"))
+        if np.isnan(f.neutral).any():  # nothing tracked: no latents, every frame untracked
+            f.tracked = np.zeros_like(f.tracked)
+        tables.append(frames_table(c, f, z, rec, iz, ir))
+        q, reason, msg = clip_quality(f, z, rec, iz, ir, cfg)
+        if reason:
+            rows["quarantine"].append(quarantine_row(c["uri"], sid, reason, f"clip {c['clip_id']}: {msg}",
+                                                     {k: v for k, v in q.items() if v is not None}, stage="extract",
+                                                     clip_id=c["clip_id"]))
+        rows["features"].append(clip_features_row(c, f, q, "dropped" if reason else "ok", reason, w.ckpt_sha,
+                                                  f.transcript["engine"] if f.transcript else None))
+        if f.transcript:
+            rows["transcripts"].append({"clip_id": f.clip_id, **{k: f.transcript[k] for k in
+                                                                ("engine", "language", "text", "words")}})
+        rows["frames"] += int(f.n_frames)
+        _write_npy(files[f.clip_id], f.crops)
+    import pyarrow as pa
+
+    write_table(files["frames"], "frames", pa.concat_tables(tables))
+    doc = {"rows": rows, "outputs": {k: _sha(p) for k, p in files.items()}}
+    atomic_write_bytes(w.part, json.dumps(doc, sort_keys=True).encode())
+    return rows
+
+
+def _encodings(w: EncodeWork, feats: list, cfg: ExtractConfig) -> dict[str, np.ndarray]:
+    """Per clip: z, recon_err, image_z, image_rot of its tracked frames (cached in the part's .npz)."""
+    npz = w.part.with_suffix(".npz")
+    if npz.is_file():
+        with np.load(npz, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    import torch
+
+    from models.gnpfa import encode_frames, load_checkpoint
+
+    threads = torch.get_num_threads()
+    if w.device == "cpu":  # a fixed thread count: the same CPU reductions wherever this runs
+        torch.set_num_threads(cfg.gnpfa_train_threads)
+    try:
+        _, vae, enc, _ = load_checkpoint(w.ckpt_dir, device=w.device)
+        out: dict[str, np.ndarray] = {}
+        for f, arrays in zip(feats, (training_arrays([f]) for f in feats)):
+            r = encode_frames(vae, enc, arrays["offsets"], arrays["neutrals"], arrays["crops"], device=w.device)
+            out.update({f"{f.clip_id}/{k}": v for k, v in r.items()})
+    finally:
+        torch.set_num_threads(threads)
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **out)
+    atomic_write_bytes(npz, buf.getvalue())
+    return out
+
+
+def _dropped(w: TrackWork, qrows: list[dict], ckpt_sha: str) -> dict:
+    """Rows for a source none of whose clips could be extracted: each clip dropped with the reason."""
+    by_clip = {q["clip_id"]: q for q in qrows}
+    feats = [{"clip_id": c["clip_id"], "source_id": c["source_id"], "status": "dropped",
+              "drop_reason": by_clip[c["clip_id"]]["reason"], "n_frames": int(c["n_frames"]), "tracked_ratio": 0.0,
+              "landmark_conf": 0.0, "jitter": None, "lip_sync": None, "recon_err": None, "image_pose_err_deg": None,
+              "image_latent_rel_err": None, "neutral": None, "gnpfa_checkpoint": ckpt_sha, "transcript_engine": None}
+             for c in w.clips]
+    return {"features": feats, "transcripts": [], "quarantine": qrows, "frames": 0}
 
 
 def run_extract(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callable[[str, int, int], None] | None = None,
@@ -153,63 +304,63 @@ def run_extract(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callab
     out = Path(out)
     tick = progress or (lambda *a: None)
     metrics = run_tracks(out, cfg, ex, progress)["metrics"]
-    clips, feats_by_src = _load_parts(out, cfg)
-    ds = open_dataset(out)
-    all_feats = [f for sid in sorted(feats_by_src) for f in feats_by_src[sid]]
-
-    # --- GNPFA: checkpoint (provided or bootstrap), then mesh-path and image-path encoding ---
-    train = training_arrays(all_feats)
-    ckpt_dir, ckpt_sha, ckpt_info = obtain_gnpfa(out, cfg, train, log=log)
+    all_work, _ = _plan(out, cfg)
+    try:
+        ckpt_dir, ckpt_sha, ckpt_info = _obtain_gnpfa(out, cfg, all_work, log)
+    except NotEnoughFrames as e:
+        ckpt_dir, ckpt_sha, ckpt_info, no_ckpt = None, "none", {"kind": "none", "why": str(e)}, str(e)
+    else:
+        no_ckpt = None
     tick("gnpfa", 1, 1)
-    enc = encode_all(ckpt_dir, train, cfg, on_ray=ex.name == "ray")
-    # split the concatenated results back per clip (training_arrays order = tracked frames in clip order)
-    clip_by_id = {c["clip_id"]: c for c in clips}
-    quarantine = [q for q in ds.table("quarantine").to_pylist() if q["stage"] != "extract"]
-    feature_rows, transcript_rows, n_ok = [], [], 0
-    offset = 0
-    for sid in sorted(feats_by_src):
-        tables = []
-        for f in feats_by_src[sid]:
-            c = clip_by_id[f.clip_id]
-            k = int(f.tracked.sum()) if not np.isnan(f.neutral).any() else 0
-            sl = slice(offset, offset + k)
-            offset += k
-            z, rec, iz, ir = enc["z"][sl], enc["recon_err"][sl], enc["image_z"][sl], enc["image_rot"][sl]
-            if k == 0:  # nothing tracked: empty latent arrays of the right width
-                f.tracked = np.zeros_like(f.tracked)
-            tables.append(frames_table(c, f, z, rec, iz, ir))
-            q, reason, msg = clip_quality(f, z, rec, iz, ir, cfg)
-            status = "dropped" if reason else "ok"
-            n_ok += status == "ok"
-            if reason:
-                quarantine.append(quarantine_row(c["uri"], sid, reason, f"clip {c['clip_id']}: {msg}",
-                                                 {k2: v for k2, v in q.items() if v is not None}, stage="extract",
-                                                 clip_id=c["clip_id"]))
-            engine = f.transcript["engine"] if f.transcript else None
-            feature_rows.append(clip_features_row(c, f, q, status, reason, ckpt_sha, engine))
-            if f.transcript:
-                transcript_rows.append({"clip_id": f.clip_id, **{k2: f.transcript[k2] for k2 in
-                                                                  ("engine", "language", "text", "words")}})
-            crops_path = out / "arrays" / "crops" / f"{f.clip_id}.npy"
-            _write_npy(crops_path, f.crops)
-        import pyarrow as pa
-
-        write_table(table_path(out, "frames", sid), "frames", pa.concat_tables(tables))
-    # frames parts of sources that no longer have clips are stale: remove them
+    results: dict[str, dict] = {}
+    todo = []
+    for w in all_work:
+        sid = w.source["source_id"]
+        if no_ckpt is not None or not _complete(w):
+            if no_ckpt is not None and _complete(w):
+                qrows = [quarantine_row(w.source["uri"], sid, "processing_error", f"clip {c['clip_id']}: extract stage, "
+                                        f"GNPFA: {no_ckpt}", stage="extract", clip_id=c["clip_id"]) for c in w.clips]
+            elif w.failed_marker.is_file():
+                qrows = json.loads(w.failed_marker.read_text())
+            else:
+                qrows = failure_rows(TaskFailure("no extraction part was written", ""), "extract", "landmarks/pose/audio",
+                                     w.source["uri"], sid, [c["clip_id"] for c in w.clips])
+            results[sid] = _dropped(w, qrows, ckpt_sha)
+        else:
+            todo.append(EncodeWork(w, str(ckpt_dir), ckpt_sha, gnpfa_device(cfg, ex)))
+    done = len(results)
+    tick("encode", done, len(all_work))
+    for w, res in ex.map_unordered(_encode_task, todo, **encode_resources(cfg, ex)):
+        if isinstance(res, TaskFailure):
+            res = _dropped(w.track, failure_rows(res, "extract", "GNPFA encoding/frames table", w.track.source["uri"],
+                                                 w.track.source["source_id"], [c["clip_id"] for c in w.track.clips]),
+                           ckpt_sha)
+        results[w.track.source["source_id"]] = res
+        done += 1
+        tick("encode", done, len(all_work))
+    # frames parts of sources that no longer have clips, or whose extraction failed, are stale
     fdir = table_path(out, "frames")
     if fdir.is_dir():
         for p in fdir.glob("*.parquet"):
-            if p.stem not in feats_by_src:
+            if p.stem not in results or not results[p.stem]["frames"]:
                 p.unlink()
-    write_table(table_path(out, "clip_features"), "clip_features", sorted(feature_rows, key=lambda r: r["clip_id"]))
-    write_table(table_path(out, "transcripts"), "transcripts", sorted(transcript_rows, key=lambda r: r["clip_id"]))
-    quarantine.sort(key=lambda q: (q["uri"], q["stage"], q["reason"], q["clip_id"] or ""))
-    write_table(table_path(out, "quarantine"), "quarantine", quarantine)
-    res = {"clips_ok": n_ok, "clips_dropped": len(feature_rows) - n_ok, "frames": int(sum(f.n_frames for f in all_feats)),
+    feature_rows = sorted((r for res in results.values() for r in res["features"]), key=lambda r: r["clip_id"])
+    transcript_rows = sorted((r for res in results.values() for r in res["transcripts"]), key=lambda r: r["clip_id"])
+    write_table(table_path(out, "clip_features"), "clip_features", feature_rows)
+    write_table(table_path(out, "transcripts"), "transcripts", transcript_rows)
+    replace_quarantine(out, ("extract",), [q for res in results.values() for q in res["quarantine"]])
+    n_ok = sum(r["status"] == "ok" for r in feature_rows)
+    res = {"clips_ok": n_ok, "clips_dropped": len(feature_rows) - n_ok,
+           "frames": int(sum(r["frames"] for r in results.values())),
            "gnpfa": {"sha256": ckpt_sha, **ckpt_info}, "engines": sorted({r["engine"] for r in transcript_rows})}
     # what the dataset card records of this stage (read by finish_dataset)
     atomic_write_bytes(out / EXTRACT_LINEAGE, json.dumps(res, sort_keys=True).encode())
     return {**res, "metrics": metrics}
+
+
+def encode_resources(cfg: ExtractConfig, ex) -> dict:
+    """Ray resources of an encoding task: a GPU where the cluster has one (and the config allows it)."""
+    return {"num_gpus": 1} if gnpfa_device(cfg, ex) == "cuda" and ex.name == "ray" else {}
 
 
 def _write_npy(path: Path, arr: np.ndarray) -> None:
@@ -218,3 +369,4 @@ def _write_npy(path: Path, arr: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
+

@@ -34,16 +34,33 @@ def crops_for_checkpoint(cfg: ExtractConfig) -> ExtractConfig:
     return dataclasses.replace(cfg, crop_size=size) if size != cfg.crop_size else cfg
 
 
-def _device(cfg: ExtractConfig) -> str:
-    import torch
-
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
+class NotEnoughFrames(RuntimeError):
+    """Too few tracked frames to train a bootstrap GNPFA (and no checkpoint was provided)."""
 
 
-def obtain_gnpfa(out: Path, cfg: ExtractConfig, train: dict, log: Callable[[str], None] = print) -> tuple[Path, str, dict]:
-    """Return (checkpoint dir, weights sha256, lineage info)."""
+def gnpfa_device(cfg: ExtractConfig, ex=None) -> str:
+    """Where GNPFA encoding runs: 'cuda' where the config allows it and a GPU is there (in the Ray
+    cluster for a Ray executor, in this process otherwise), else 'cpu'."""
+    if cfg.device == "cpu":
+        return "cpu"
+    if ex is not None and ex.name == "ray":
+        import ray
+
+        has_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
+    else:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    if cfg.device == "cuda" and not has_gpu:
+        raise ValueError("device=cuda but no GPU is available (in the Ray cluster, or in this process)")
+    return "cuda" if has_gpu else "cpu"
+
+
+def obtain_gnpfa(out: Path, cfg: ExtractConfig, data_id: str, training_frames: Callable[[], dict],
+                 log: Callable[[str], None] = print) -> tuple[Path, str, dict]:
+    """Return (checkpoint dir, weights sha256, lineage info). A bootstrap is named by ``data_id``
+    (what identifies its training frames: the content-keyed extraction parts) and the GNPFA config;
+    ``training_frames`` is called, and the frames loaded, only when it has to be trained."""
     if cfg.gnpfa_checkpoint:
         from models.gnpfa import load_checkpoint
 
@@ -62,9 +79,7 @@ def obtain_gnpfa(out: Path, cfg: ExtractConfig, train: dict, log: Callable[[str]
 
     from models.gnpfa import save_checkpoint, train_geometry, train_image
 
-    h = hashlib.sha256()
-    for k in ("offsets", "neutrals", "crops", "rotations"):
-        h.update(np.ascontiguousarray(train[k]).tobytes())
+    h = hashlib.sha256(data_id.encode())
     h.update(repr(sorted((k, v) for k, v in cfg.to_dict().items() if k.startswith("gnpfa"))).encode())
     key = h.hexdigest()[:16]
     d = out / "models" / f"gnpfa-bootstrap-{key}"
@@ -73,8 +88,9 @@ def obtain_gnpfa(out: Path, cfg: ExtractConfig, train: dict, log: Callable[[str]
 
         sha = load_checkpoint(d)[3]
         return d, sha, {"kind": "bootstrap", "path": str(d.relative_to(out))}
+    train = training_frames()
     if len(train["offsets"]) < 16:
-        raise RuntimeError(f"only {len(train['offsets'])} tracked frames: too few to bootstrap GNPFA; "
+        raise NotEnoughFrames(f"only {len(train['offsets'])} tracked frames: too few to bootstrap GNPFA; "
                            f"provide --set gnpfa_checkpoint=DIR")
     g = _gcfg(cfg)
     threads = torch.get_num_threads()
@@ -101,50 +117,6 @@ def _committed_bootstrap(out: Path) -> Path | None:
         return None
     d = gnpfa_checkpoint_dir(out) if (extract_lineage(out).get("gnpfa") or {}).get("kind") == "bootstrap" else None
     return d if d is not None and (d / "config.json").is_file() else None
-
-
-class _Encoder:
-    """A GNPFA encoder held on one device (the Ray actor of the GPU pool; plain object elsewhere)."""
-
-    def __init__(self, ckpt_dir: str, device: str):
-        from models.gnpfa import load_checkpoint
-
-        self.device = device
-        _, self.vae, self.enc, _ = load_checkpoint(ckpt_dir, device=device)
-
-    def encode(self, train: dict) -> dict:
-        from models.gnpfa import encode_images, reconstruct
-
-        z, dec = reconstruct(self.vae, train["offsets"], train["neutrals"], device=self.device)
-        recon_err = np.linalg.norm(dec - train["offsets"], axis=-1).mean(-1) * 100  # % of IOD
-        iz, ir = encode_images(self.enc, train["crops"], device=self.device)
-        return {"z": z, "recon_err": recon_err.astype(np.float32), "image_z": iz, "image_rot": ir}
-
-
-def _chunks(train: dict, n: int) -> list[dict]:
-    m = len(train["offsets"])
-    cuts = np.linspace(0, m, n + 1).astype(int)
-    return [{k: v[a:b] for k, v in train.items()} for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-
-
-def encode_all(ckpt_dir: Path, train: dict, cfg: ExtractConfig, on_ray: bool = False) -> dict:
-    """Mesh path (VAE mean + round-trip error) and image path for all tracked frames.
-
-    With Ray and GPUs in the cluster, frames are split over a pool of num_gpus=1 actors (one per
-    GPU, each loading the checkpoint once); otherwise they are encoded in this process."""
-    if on_ray and cfg.device != "cpu":
-        import ray
-
-        n_gpu = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
-        if n_gpu >= 1 and len(train["offsets"]):
-            from ray.util import ActorPool
-
-            actor = ray.remote(num_gpus=1, max_restarts=2, max_task_retries=2)(_Encoder)
-            parts = _chunks(train, n_gpu)
-            pool = ActorPool([actor.remote(str(ckpt_dir), "cuda") for _ in parts])
-            res = list(pool.map(lambda a, chunk: a.encode.remote(chunk), parts))
-            return {k: np.concatenate([r[k] for r in res]) for k in res[0]}
-    return _Encoder(str(ckpt_dir), _device(cfg)).encode(train)
 
 
 def dataset_training_arrays(ds_dir: Path, only_ok: bool = True) -> dict:

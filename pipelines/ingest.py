@@ -15,9 +15,16 @@ from typing import Callable
 from extractors.config import IngestConfig
 from extractors.discover import InputRef, discover
 from extractors.errors import Reject
-from extractors.ingest import analyse, quarantine_row, source_id_of
+from extractors.ingest import analyse, failed_analysis, quarantine_row, source_id_of
 from extractors.probe import fetch
 from storage_schemas import atomic_write_bytes, table_path, write_table
+
+from .executors import LocalExecutor, TaskFailure
+from .faults import maybe_fail
+from .stage_io import CACHE, replace_quarantine
+
+# fsspec filesystems whose files exist only inside the process that made them: fetched in the driver
+PROCESS_LOCAL_PROTOCOLS = ("memory://",)
 
 PARTS = Path("parts") / "ingest"
 
@@ -45,10 +52,18 @@ def _fetch_task(args: tuple[str, str]) -> dict:
 
 def _analyse_task(args: tuple[dict, dict, str]) -> dict:
     item, cfg_dict, part = args
+    maybe_fail("ingest", item["uri"])
     cfg = IngestConfig.from_dict(cfg_dict)
     result = analyse(item["path"], item["uri"], item["sha256"], item["size"], cfg)
     atomic_write_bytes(part, json.dumps(result, sort_keys=True).encode())
     return result
+
+
+def _analysis_failed(item: dict, failure: TaskFailure) -> dict:
+    """A source whose analysis task raised or whose worker died: quarantined for this run (no part is
+    written, so the next run tries it again)."""
+    return failed_analysis(item["uri"], item["sha256"], item["size"], "processing_error",
+                           f"ingest stage, analyse: {failure.error}", failure.detail())
 
 
 def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | None = None, ex=None,
@@ -68,8 +83,15 @@ def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | N
                   for r in refs if r.problem]
     good: list[InputRef] = [r for r in refs if not r.problem]
     fetched = []
-    for i, (_, res) in enumerate(ex.map_unordered(_fetch_task, [(r.uri, str(out / "cache")) for r in good])):
+    items = [(r.uri, str(out / CACHE)) for r in good]
+    local = [it for it in items if it[0].startswith(PROCESS_LOCAL_PROTOCOLS)]
+    remote = [it for it in items if not it[0].startswith(PROCESS_LOCAL_PROTOCOLS)]
+    fetches = list(LocalExecutor().map_unordered(_fetch_task, local)) if local else []
+    for i, (item, res) in enumerate(fetches + list(ex.map_unordered(_fetch_task, remote))):
         tick("hash", i + 1, len(good))
+        if isinstance(res, TaskFailure):
+            res = {"reject": quarantine_row(item[0], None, "fetch_error", f"cannot read {item[0]}: {res.error}",
+                                            res.detail(), stage="discover")}
         if "reject" in res:
             quarantine.append(res["reject"])
         else:
@@ -97,7 +119,9 @@ def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | N
             todo.append((f, cfg.to_dict(), str(part)))
     summary.reused = len(results)
     tick("analyse", len(results), len(unique))
-    for _, res in ex.map_unordered(_analyse_task, todo):
+    for item, res in ex.map_unordered(_analyse_task, todo):
+        if isinstance(res, TaskFailure):
+            res = _analysis_failed(item[0], res)
         results.append(res)
         if on_source is not None:
             on_source(res)
@@ -108,10 +132,10 @@ def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | N
     src_rows = sorted((r["source"] for r in results), key=lambda r: r["source_id"])
     clip_rows = sorted((c for r in results for c in r["clips"]), key=lambda c: c["clip_id"])
     quarantine += [q for r in results for q in r["quarantine"]]
-    quarantine.sort(key=lambda q: (q["uri"], q["stage"], q["reason"]))
     write_table(table_path(out, "sources"), "sources", src_rows)
     write_table(table_path(out, "clips"), "clips", clip_rows)
-    write_table(table_path(out, "quarantine"), "quarantine", quarantine)
+    # later stages' rows stay until those stages run again
+    replace_quarantine(out, ("discover", "ingest"), quarantine)
     summary.n_sources = len(src_rows)
     summary.n_clips = len(clip_rows)
     summary.clip_hours = round(sum(c["duration_s"] for c in clip_rows) / 3600, 6)

@@ -2,6 +2,8 @@
 labeler chain; rows land in the long `label_rows` table (the `labels` view is the wide face)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -9,15 +11,25 @@ from typing import Callable
 import numpy as np
 
 from extractors.labels.context import DEFAULT_CHAIN, contexts_for_source, decode_value, run_chain
-from storage_schemas import open_dataset, table_path, write_table
+from extractors.ingest import quarantine_row
+from storage_schemas import atomic_write_bytes, open_dataset, table_path, write_table
 
+from .executors import TaskFailure
+from .faults import maybe_fail
 from .frames import clip_frame_arrays
+from .stage_io import failure_rows, replace_quarantine, source_path
 
 
-def _label_task(args: tuple) -> list[dict]:
-    ds_dir, uri, clips, chain, options, prior, run = args
+PARTS = Path("parts") / "label"
+
+
+def _label_task(args: tuple) -> dict:
+    ds_dir, source, clips, chain, options, prior, run, part = args
     from extractors.labels import get_labeler
 
+    if part and Path(part).is_file():  # the same inputs, chain and versions: the rows as they were
+        return json.loads(Path(part).read_text())
+    maybe_fail("label", source["uri"])
     ds = open_dataset(ds_dir)
     ids = [c["clip_id"] for c in clips]
     frames = {c: clip_frame_arrays(ds, c) for c in ids}
@@ -27,9 +39,34 @@ def _label_task(args: tuple) -> list[dict]:
         for r in ds.table("transcripts").to_pylist():
             if r["clip_id"] in frames:
                 tr[r["clip_id"]] = r
-    ctxs = contexts_for_source(uri, clips, frames, crops, tr)
+    ctxs = contexts_for_source(source_path(ds_dir, source), clips, frames, crops, tr)
     labelers = [get_labeler(name, **options.get(name, {})) for name in chain]
-    return [{**r.record(), "run": run} for r in run_chain(ctxs, labelers, prior)]
+    failures: list[tuple[str, str, str]] = []
+    rows = [{**r.record(), "run": run} for r in run_chain(ctxs, labelers, prior, failures)]
+    res = {"rows": rows, "quarantine": [
+        quarantine_row(source["uri"], source["source_id"], "processing_error",
+                       f"clip {cid}: label stage, labeler {lab}: {err}", {"labeler": lab, "error": err},
+                       stage="label", clip_id=cid) for cid, lab, err in failures]}
+    if part and not failures:
+        atomic_write_bytes(part, json.dumps(res, sort_keys=True).encode())
+    return res
+
+
+def _part(out: Path, source: dict, clips: list[dict], chain, options, prior: dict, run: int) -> str:
+    """parts/label/<source>-<key>.json: the key covers every input of the chain on this source (the
+    frames table and crops by sha256, transcripts, clips, chain, labeler versions, options, prior
+    values), so a later run reuses committed clips' rows byte for byte instead of labelling again."""
+    from extractors.labels.base import REGISTRY
+
+    h = hashlib.sha256()
+    files = [table_path(out, "frames", source["source_id"])] + [out / "arrays" / "crops" / f"{c['clip_id']}.npy"
+                                                                 for c in clips]
+    for p in files:
+        h.update(hashlib.sha256(p.read_bytes()).digest() if p.is_file() else b"-")
+    doc = {"clips": clips, "chain": [(n, getattr(REGISTRY.get(n), "version", None)) for n in chain],
+           "options": options, "prior": prior, "run": run, "sha256": source["sha256"]}
+    h.update(json.dumps(doc, sort_keys=True, default=str).encode())
+    return str(out / PARTS / f"{source['source_id']}-{h.hexdigest()[:24]}.json")
 
 
 def run_labels(out: str | os.PathLike, ex, chain: tuple[str, ...] = DEFAULT_CHAIN, options: dict | None = None,
@@ -54,16 +91,36 @@ def run_labels(out: str | os.PathLike, ex, chain: tuple[str, ...] = DEFAULT_CHAI
     prior: dict[str, dict] = {}
     for r in sorted(keep, key=lambda r: r["run"]):
         prior.setdefault(r["clip_id"], {})[r["field"]] = decode_value(r["value"])
+    sources = {s["source_id"]: s for s in ds.table("sources").to_pylist()}
     by_src: dict[str, list[dict]] = {}
     for c in clips:
-        by_src.setdefault(c["uri"], []).append(c)
-    work = [(str(out), uri, cs, chain, options or {}, {c["clip_id"]: prior.get(c["clip_id"], {}) for c in cs}, run)
-            for uri, cs in sorted(by_src.items())]
+        by_src.setdefault(c["source_id"], []).append(c)
+    trans = {r["clip_id"]: r for r in ds.table("transcripts").to_pylist()} if "transcripts" in ds.tables else {}
+    work = []
+    for sid, cs in sorted(by_src.items()):
+        pr = {c["clip_id"]: prior.get(c["clip_id"], {}) for c in cs}
+        key_clips = [{**c, "transcript": trans.get(c["clip_id"])} for c in cs]
+        work.append((str(out), sources[sid], cs, chain, options or {}, pr, run,
+                     _part(out, sources[sid], key_clips, chain, options or {}, pr, run)))
     rows: list[dict] = []
+    quarantine: list[dict] = []
     tick("label", 0, len(work))
-    for i, (_, res) in enumerate(ex.map_unordered(_label_task, work)):
-        rows += res
+    for i, (item, res) in enumerate(ex.map_unordered(_label_task, work)):
+        if isinstance(res, TaskFailure):  # the whole source's task: each of its clips is held back
+            s, cs = item[1], item[2]
+            res = {"rows": [], "quarantine": failure_rows(res, "label", "labeler chain", s["uri"], s["source_id"],
+                                                          [c["clip_id"] for c in cs])}
+        rows += res["rows"]
+        quarantine += res["quarantine"]
         tick("label", i + 1, len(work))
+    # a clip a labeler failed on is held out of new shards until a later run labels it (see shards),
+    # and keeps the rows it had of that labeler
+    failed = {(q["clip_id"], (json.loads(q["detail"] or "{}")).get("labeler")) for q in quarantine}
+    if failed:
+        old = [r for r in existing if r not in keep and ((r["clip_id"], r["labeler"]) in failed
+                                                         or (r["clip_id"], None) in failed)]
+        keep = keep + old
+    replace_quarantine(out, ("label",), quarantine)
     if relabel:
         # the same labeler re-run keeps its original run number's place: replace, don't stack
         old_runs = {r["run"] for r in existing if r["labeler"] in names}
@@ -74,4 +131,5 @@ def run_labels(out: str | os.PathLike, ex, chain: tuple[str, ...] = DEFAULT_CHAI
     allrows = keep + rows
     allrows.sort(key=lambda r: (r["clip_id"], r["run"], r["labeler"], r["field"]))
     write_table(table_path(out, "label_rows"), "label_rows", allrows)
-    return {"rows": len(rows), "run": rows[0]["run"] if rows else run, "labelers": list(chain), "clips": len(clips)}
+    return {"rows": len(rows), "run": rows[0]["run"] if rows else run, "labelers": list(chain), "clips": len(clips),
+            "failed_clips": len({q["clip_id"] for q in quarantine})}

@@ -11,6 +11,8 @@ from extractors.render import draw_landmarks, draw_mesh, mesh_edges
 from storage_schemas import open_dataset
 from storage_schemas.dataset import gnpfa_checkpoint_dir
 
+from .stage_io import source_path
+
 
 def render_preview(root: Path, clip_id: str, out: Path, size: int = 384) -> Path:
     import cv2
@@ -19,7 +21,7 @@ def render_preview(root: Path, clip_id: str, out: Path, size: int = 384) -> Path
     from models.gnpfa import load_checkpoint
 
     ds = open_dataset(root)
-    rows = ds.query(f"select c.*, s.width sw, s.height sh, f.neutral, f.gnpfa_checkpoint from clips c join sources s "
+    rows = ds.query(f"select c.*, s.width sw, s.height sh, s.sha256, s.size_bytes, f.neutral, f.gnpfa_checkpoint from clips c join sources s "
                     f"using (source_id) join clip_features f using (clip_id) where clip_id = "
                     f"'{clip_id.replace(chr(39), '')}'").to_pylist()
     if not rows:
@@ -42,7 +44,8 @@ def render_preview(root: Path, clip_id: str, out: Path, size: int = 384) -> Path
         if ok.any():
             dec = vae.decode(torch.from_numpy(Z[ok]), torch.from_numpy(np.repeat(neutral[None], ok.sum(), 0))).numpy()
             verts[ok] = neutral + dec
-    vr = open_video(c["uri"], c["sw"], c["sh"], size)
+    src = source_path(root, c)  # the bytes the clip was cut from (a URL's local copy)
+    vr = open_video(src, c["sw"], c["sh"], size)
     tl = timeline(vr, 1e9)
     edges = mesh_edges()
     out = Path(out)
@@ -62,7 +65,7 @@ def render_preview(root: Path, clip_id: str, out: Path, size: int = 384) -> Path
         if first:
             cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s",
                    f"{panel.shape[1]}x{panel.shape[0]}", "-r", "30", "-i", "-", "-ss", f"{c['start_s']:.6f}",
-                   "-t", f"{c['duration_s']:.6f}", "-i", c["uri"], "-map", "0:v", "-map", "1:a:0", "-c:v", "libx264",
+                   "-t", f"{c['duration_s']:.6f}", "-i", src, "-map", "0:v", "-map", "1:a:0", "-c:v", "libx264",
                    "-preset", "veryfast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(out)]
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
             first = False

@@ -16,7 +16,10 @@ from extractors.config import ShardConfig
 from extractors.shards import build_sample, keyframe_crop, pack, split_of, write_shard
 from storage_schemas import SCHEMA_VERSION, open_dataset, table_path, write_json, write_table
 
+from .executors import TaskFailure
+from .faults import maybe_fail
 from .frames import clip_frame_arrays
+from .stage_io import failure_rows, replace_quarantine, source_path
 
 SHARD_DIR = "shards"
 
@@ -33,11 +36,13 @@ def _sample_task(args: tuple) -> list[tuple[str, dict]]:
     from extractors.transcribe import clip_audio
 
     cfg = ShardConfig(**cfg_d)
+    maybe_fail("shard", source["uri"])
     ds = open_dataset(ds_dir)
-    audio = decode_audio(source["uri"])
+    path = source_path(ds_dir, source)
+    audio = decode_audio(path)
     tr = {r["clip_id"]: {k: r[k] for k in ("engine", "language", "text", "words")}
           for r in ds.table("transcripts").to_pylist()} if "transcripts" in ds.tables else {}
-    vr = decord.VideoReader(source["uri"], ctx=decord.cpu(0), num_threads=1)
+    vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
     ts = np.asarray(vr.get_frame_timestamp(np.arange(len(vr))))[:, 0]
     out = []
     for c in clips:
@@ -97,18 +102,26 @@ def run_shards(out: str | os.PathLike, cfg: ShardConfig, ex, progress: Callable[
         raise ShardCommitted(f"{len(changed)} clip(s) already in committed shards have changed inputs (e.g. "
                              f"{changed[0]} in {committed[changed[0]]['shard']}); committed shards are never "
                              f"rewritten: build the changed data into a new dataset (--out)")
-    new = [c for c in clips if c["clip_id"] not in committed]
-    version = max((r["version"] for r in old_shards), default=0) + (1 if new else 0)
+    # clips a labeler failed on wait for a run that labels them (a shard is never rewritten)
+    held = {q["clip_id"] for q in ds.table("quarantine").to_pylist() if q["stage"] == "label"}
+    new = [c for c in clips if c["clip_id"] not in committed and c["clip_id"] not in held]
     by_src: dict[str, list[dict]] = {}
     for c in new:
         by_src.setdefault(c["source_id"], []).append(c)
     work = [(str(out), sources[sid], cs, splits, {c["clip_id"]: labels.get(c["clip_id"], {}) for c in cs},
              cfg.to_dict()) for sid, cs in sorted(by_src.items())]
     samples: dict[str, dict] = {}
+    failed: list[dict] = []
     tick("shard", 0, len(work))
-    for i, (_, res) in enumerate(ex.map_unordered(_sample_task, work)):
+    for i, (item, res) in enumerate(ex.map_unordered(_sample_task, work)):
+        if isinstance(res, TaskFailure):  # this source's clips go into a later version
+            failed += failure_rows(res, "shard", "sample building", item[1]["uri"], item[1]["source_id"],
+                                   [c["clip_id"] for c in item[2]])
+            continue
         samples.update(dict(res))
         tick("shard", i + 1, len(work))
+    new = [c for c in new if c["clip_id"] in samples]
+    version = max((r["version"] for r in old_shards), default=0) + (1 if new else 0)
     shard_rows, sample_rows = list(old_shards), list(old_samples)
     n_frames = {c["clip_id"]: int(c["n_frames"]) for c in clips}
     for split in ("train", "val", "test"):
@@ -126,6 +139,7 @@ def run_shards(out: str | os.PathLike, cfg: ShardConfig, ex, progress: Callable[
     sample_rows.sort(key=lambda r: (r["shard"], r["index_in_shard"]))
     write_table(table_path(out, "shards"), "shards", shard_rows)
     write_table(table_path(out, "samples"), "samples", sample_rows)
+    replace_quarantine(out, ("shard",), failed)
     for split in ("train", "val", "test"):
         write_json(out / SHARD_DIR / f"{split}.wids.json", {
             "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": f"M2F-D {split}",
@@ -133,6 +147,6 @@ def run_shards(out: str | os.PathLike, cfg: ShardConfig, ex, progress: Callable[
                           for r in shard_rows if r["split"] == split]})
     added = [r for r in shard_rows if r["version"] == version and new]
     return {"version": version, "shards": len(shard_rows), "samples": len(sample_rows),
-            "added_shards": len(added), "added_samples": len(samples),
+            "added_shards": len(added), "added_samples": len(samples), "failed_clips": len(failed),
             "bytes": int(sum(r["bytes"] for r in shard_rows)),
             "splits": {s: sum(1 for r in sample_rows if r["split"] == s) for s in ("train", "val", "test")}}

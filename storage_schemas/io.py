@@ -23,20 +23,75 @@ class SchemaError(ValueError):
     """A record or file does not match its declared storage schema."""
 
 
-def _records_to_table(name: str, records: Iterable[Mapping[str, Any]]) -> pa.Table:
+def _value_problem(typ: pa.DataType, v: Any, nullable: bool) -> str | None:
+    """Why ``v`` cannot be stored as ``typ`` (None when it can). Checks shapes and nullability, the
+    things Arrow's conversion may let through or report without a row; scalar dtypes are left to
+    Arrow's own conversion."""
+    if v is None:
+        return None if nullable else "null in a non-nullable field"
+    if pa.types.is_fixed_size_list(typ) or pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        if isinstance(v, (str, bytes, dict)) or not hasattr(v, "__len__"):
+            return f"expected a list, got {type(v).__name__}"
+        if pa.types.is_fixed_size_list(typ) and len(v) != typ.list_size:
+            return (f"expected exactly {typ.list_size} values, got {len(v)}"
+                    + (" (store null for a missing value, not an empty list)" if len(v) == 0 else ""))
+        vf = typ.value_field
+        if pa.types.is_nested(vf.type) or not vf.nullable:
+            for j, x in enumerate(v):
+                p = _value_problem(vf.type, x, vf.nullable)
+                if p:
+                    return f"item {j}: {p}"
+        return None
+    if pa.types.is_struct(typ):
+        if not isinstance(v, Mapping):
+            return f"expected a struct (mapping), got {type(v).__name__}"
+        names = {typ.field(i).name for i in range(typ.num_fields)}
+        if set(v) - names:
+            return f"unknown struct fields {sorted(set(v) - names)}"
+        if names - set(v):
+            return f"missing struct fields {sorted(names - set(v))}"
+        for i in range(typ.num_fields):
+            f = typ.field(i)
+            p = _value_problem(f.type, v.get(f.name), f.nullable)
+            if p:
+                return f"{f.name}: {p}"
+        return None
+    if isinstance(v, float) and pa.types.is_integer(typ):
+        return f"float {v!r} in an integer field"
+    return None
+
+
+def _row_label(row: Mapping[str, Any]) -> str:
+    key = next((k for k in ("clip_id", "source_id", "shard", "uri") if row.get(k) is not None), None)
+    return f" ({key} {row[key]})" if key else ""
+
+
+def validate_rows(name: str, rows: list[Mapping[str, Any]]) -> None:
+    """Raise SchemaError naming the table, row and field of the first record that does not fit
+    storage schema ``name``: unknown or missing fields, nulls where the schema forbids them, lists
+    of the wrong length for fixed-size fields, malformed structs."""
     schema = TABLES[name]
-    rows = list(records)
     names = set(schema.names)
     for i, row in enumerate(rows):
         extra = set(row) - names
         missing = names - set(row)
         if extra or missing:
             raise SchemaError(
-                f"table {name!r} row {i}: unknown fields {sorted(extra)}, missing fields {sorted(missing)}"
+                f"table {name!r} row {i}{_row_label(row)}: unknown fields {sorted(extra)}, missing fields {sorted(missing)}"
             )
+        for field in schema:
+            p = _value_problem(field.type, row[field.name], field.nullable)
+            if p:
+                raise SchemaError(f"table {name!r} row {i}{_row_label(row)} field {field.name!r}: {p}")
+
+
+def _records_to_table(name: str, records: Iterable[Mapping[str, Any]]) -> pa.Table:
+    schema = TABLES[name]
+    rows = list(records)
+    validate_rows(name, rows)
     try:
         table = pa.Table.from_pylist(rows, schema=schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as e:
         raise SchemaError(f"table {name!r}: {e}") from e
     validate_table(name, table)
     return table
@@ -55,10 +110,27 @@ def validate_table(name: str, table: pa.Table) -> None:
             raise SchemaError(f"table {name!r}.{field.name}: type {col.type} != {field.type}")
         if not field.nullable and col.null_count:
             raise SchemaError(f"table {name!r}.{field.name}: {col.null_count} nulls in a non-nullable field")
+    try:
+        table.validate(full=True)
+    except pa.ArrowInvalid as e:
+        raise SchemaError(f"table {name!r}: invalid Arrow data ({e})") from e
     if name == "quarantine" and table.num_rows:
         bad = set(table.column("reason").to_pylist()) - set(QUARANTINE_REASONS)
         if bad:
             raise SchemaError(f"quarantine reasons not in the vocabulary: {sorted(bad)}")
+
+
+def _parquet_schema(schema: pa.Schema) -> pa.Schema:
+    """The schema a table is stored under in Parquet: fixed-size lists as plain lists.
+
+    Parquet has no fixed-size list (both are LIST there), but Arrow C++ up to at least pyarrow 25
+    cannot read back a fixed-size list column holding a null (apache/arrow#35692: 'Expected all
+    lists to be of size=N but index i had size=0'), so a dropped clip's null neutral made the whole
+    clip_features table unreadable. Stored as lists, cast back to the storage schema on read."""
+    def conv(t: pa.DataType) -> pa.DataType:
+        return pa.list_(t.value_field) if pa.types.is_fixed_size_list(t) else t
+
+    return pa.schema([f.with_type(conv(f.type)) for f in schema], metadata=schema.metadata)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -90,7 +162,7 @@ def write_table(path: str | os.PathLike, name: str, data: pa.Table | Iterable[Ma
     """
     table = data if isinstance(data, pa.Table) else _records_to_table(name, data)
     validate_table(name, table)
-    table = table.replace_schema_metadata(
+    stored = table.cast(_parquet_schema(TABLES[name])).replace_schema_metadata(
         {**(TABLES[name].metadata or {}), b"m2fd.table": name.encode(), b"m2fd.schema_version": SCHEMA_VERSION.encode()}
     )
     path = Path(path)
@@ -98,9 +170,13 @@ def write_table(path: str | os.PathLike, name: str, data: pa.Table | Iterable[Ma
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        pq.write_table(table, tmp, compression="zstd", write_statistics=True)
+        pq.write_table(stored, tmp, compression="zstd", write_statistics=True)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        # what replaces the old file must read back as what was validated
+        back = read_table(tmp, name)
+        if back.num_rows != table.num_rows:
+            raise SchemaError(f"table {name!r}: wrote {table.num_rows} rows but {back.num_rows} read back")
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
@@ -125,5 +201,9 @@ def read_table(path: str | os.PathLike, name: str) -> pa.Table:
         raise SchemaError(f"{path}: holds table {md.get(b'm2fd.table', b'?').decode()!r}, expected {name!r}")
     if version.split(".")[:1] != SCHEMA_VERSION.split(".")[:1] or not version:
         raise SchemaError(f"{path}: schema version {version!r} is incompatible with {SCHEMA_VERSION}")
-    validate_table(name, table.replace_schema_metadata(None))
-    return table
+    try:
+        table = table.replace_schema_metadata(None).cast(TABLES[name])
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
+        raise SchemaError(f"{path}: does not match the {name!r} schema ({e})") from e
+    validate_table(name, table)
+    return table.replace_schema_metadata(md)

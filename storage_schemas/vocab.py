@@ -19,6 +19,9 @@ QUARANTINE_REASONS: dict[str, str] = {
     "face_too_small": "faces were detected but none reaches the minimum usable size",
     "multiple_faces": "more than one usable face is visible wherever a face is visible",
     "fetch_error": "the remote URL could not be read",
+    "source_changed": "the input's bytes changed (or its local copy vanished) after it was ingested",
+    "processing_error": "a stage failed on this input or clip (the message names the stage, step and error); "
+                        "the rest of the run went on, and a rerun tries it again",
     # extraction quality (stage "extract", one row per dropped clip)
     "low_tracking": "Face Mesh lost the speaker in too many frames of the clip",
     "low_landmark_conf": "landmarks are inconsistent with the speaker's own rigid shape",
@@ -26,7 +29,7 @@ QUARANTINE_REASONS: dict[str, str] = {
     "poor_lip_sync": "mouth opening does not follow the speech level",
 }
 
-QUARANTINE_STAGES = ("discover", "ingest", "extract")
+QUARANTINE_STAGES = ("discover", "ingest", "extract", "label", "shard")
 
 
 # Label fields and how the wide `labels` view decodes each JSON value.

@@ -27,7 +27,7 @@ def test_roundtrip_carries_version_and_validates(tmp_path):
     (_q(extra=1), "unknown fields"),
     ({k: v for k, v in _q().items() if k != "message"}, "missing fields"),
     (_q(reason="bogus"), "not in the vocabulary"),
-    (_q(message=None), "nulls in a non-nullable"),
+    (_q(message=None), "row 0 .*field .message.: null in a non-nullable"),
     (_q(stage=3), "quarantine"),
 ])
 def test_writer_rejects_bad_rows(tmp_path, row, msg):

@@ -1,0 +1,42 @@
+"""What every stage after ingest shares: the local file a source is read from, and the quarantine
+table, where each stage replaces only its own rows (a failed item is a row there, never a failed run)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from extractors.ingest import quarantine_row
+from extractors.probe import local_copy
+from storage_schemas import open_dataset, table_path, write_table
+
+CACHE = "cache"
+
+
+def source_path(out: str | os.PathLike, source: dict) -> str:
+    """The local bytes of a source (a row of `sources`): the input file itself, or the copy that
+    ingest fetched into DATASET/cache/ under its sha256. Stages never reopen a URL."""
+    return local_copy(source["uri"], source["sha256"], source.get("size_bytes"), Path(out) / CACHE)
+
+
+def failure_rows(failure, stage: str, step: str, uri: str, source_id: str | None,
+                 clip_ids: list[str | None]) -> list[dict]:
+    """Quarantine rows for the items a failed task held (one per clip, or one for the source)."""
+    if failure.reject is not None:
+        r = failure.reject
+        reason, msg, detail = r.reason, r.message, r.detail
+    else:
+        reason, msg, detail = "processing_error", f"{stage} stage, {step}: {failure.error}", failure.detail()
+    return [quarantine_row(uri, source_id, reason, (f"clip {c}: " if c else "") + msg, detail, stage=stage, clip_id=c)
+            for c in (clip_ids or [None])]
+
+
+def sort_quarantine(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda q: (q["uri"], q["stage"], q["reason"], q["clip_id"] or "", q["message"]))
+
+
+def replace_quarantine(out: str | os.PathLike, stages: tuple[str, ...], rows: list[dict]) -> None:
+    """Write the quarantine table with ``stages``' rows replaced by ``rows`` (other stages' rows stay)."""
+    ds = open_dataset(out) if (Path(out) / "tables").is_dir() else None
+    keep = [q for q in ds.table("quarantine").to_pylist() if q["stage"] not in stages] \
+        if ds is not None and "quarantine" in ds.tables else []
+    write_table(table_path(out, "quarantine"), "quarantine", sort_quarantine(keep + list(rows)))
