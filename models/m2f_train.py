@@ -214,10 +214,67 @@ def _lr(step: int, cfg: TrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
 
 
+class RunClock:
+    """Wall-time estimate of a training run from its own steps: seconds per training step measured
+    after the first ``skip`` steps (start-up, first-step allocation and compilation excluded), plus
+    the validation rounds still to come at the measured cost of the last one."""
+
+    def __init__(self, start_step: int, max_steps: int, val_every: int, skip: int = 2):
+        self.max_steps, self.val_every, self.skip = max_steps, val_every, skip
+        self.t0 = time.perf_counter()
+        self.first_step = start_step
+        self.t_mark: float | None = None
+        self.step_mark = start_step
+        self.val_s = 0.0  # wall time spent validating since the mark
+        self.last_val_s: float | None = None
+
+    def step_done(self, step: int) -> None:
+        if self.t_mark is None and step >= self.first_step + self.skip:
+            self.t_mark, self.step_mark, self.val_s = time.perf_counter(), step, 0.0
+
+    def validated(self, seconds: float) -> None:
+        self.last_val_s = seconds
+        if self.t_mark is not None:
+            self.val_s += seconds
+
+    def sec_per_step(self, step: int) -> float | None:
+        if self.t_mark is None or step <= self.step_mark:
+            return None
+        return (time.perf_counter() - self.t_mark - self.val_s) / (step - self.step_mark)
+
+    def eta_s(self, step: int) -> float | None:
+        sps = self.sec_per_step(step)
+        if sps is None:
+            return None
+        left = max(0, self.max_steps - step)
+        vals = 0
+        if self.val_every > 0:  # rounds at multiples of val_every, and one at max_steps
+            vals = self.max_steps // self.val_every - step // self.val_every
+            vals += self.max_steps % self.val_every != 0 and step < self.max_steps
+        return left * sps + vals * (self.last_val_s or 0.0)
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def _agree(flags: list[bool], dist: bool, dev: torch.device) -> list[bool]:
+    """Per flag, whether any rank raised it (every rank calls this at the same steps)."""
+    if not dist:
+        return flags
+    t = torch.tensor([1.0 if f else 0.0 for f in flags],
+                     device=dev if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(x > 0) for x in t.tolist()]
+
+
 def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
-          stop_after: Optional[int] = None) -> dict:
+          stop_after: Optional[int] = None, should_stop: Callable[[], bool] | None = None,
+          report_every_s: float = 0.0) -> dict:
     """Train (or resume from the run's latest checkpoint) until max_steps. ``report`` gets the metrics
-    of every logged step (Ray Train's report in pipelines). ``stop_after`` ends early (tests)."""
+    of every logged step (Ray Train's report in pipelines), with ``eta_s`` (this run's remaining wall
+    time, once measured), ``elapsed_s`` and ``validation`` (1 on a validation round). ``should_stop``
+    is asked at every logged step (the same steps on every rank; any rank's yes stops all): the run
+    then writes a checkpoint and returns, to be resumed from it. ``stop_after`` ends early (tests)."""
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if dist else 0
     world = torch.distributed.get_world_size() if dist else 1
@@ -228,6 +285,10 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
     root = train_ds.root
     if len(train_ds) == 0:
         raise ValueError(f"no training clips for rank {rank} of {world} in {root} (split {tcfg.split!r})")
+    if len(train_ds) < tcfg.batch_size:  # one window per clip per epoch: not one full batch (drop_last)
+        raise ValueError(f"{len(train_ds)} training window(s) per epoch on each of {world} rank(s) in {root} "
+                         f"(one per clip of split {tcfg.split!r}), fewer than batch_size={tcfg.batch_size}: no epoch "
+                         f"would yield a batch; use --set batch_size={len(train_ds)} (or fewer workers, or more clips)")
     styles, style_dim = style_table(tcfg, root, [e["clip_id"] for e in train_ds.entries])
     mcfg = M2FConfig(**{**tcfg.model, "style_dim": style_dim})
     torch.manual_seed(tcfg.seed)
@@ -312,19 +373,28 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
                                          # its own generator: iterating a loader must not draw from the
                                          # global RNG (dropout), or a resumed run would diverge
                                          generator=torch.Generator().manual_seed(tcfg.seed * 7919))
+    clock = RunClock(state["step"], tcfg.max_steps, tcfg.val_every)
+    stopped = False
+    last_report = -float("inf")
     while not done:
         train_ds.set_epoch(state["epoch"])
         it = iter(loader)
         for _ in range(state["batch_in_epoch"]):  # resume mid-epoch: same batches as an uninterrupted run
             next(it)
+        batches_this_epoch = state["batch_in_epoch"]
         while True:
             t0 = time.perf_counter()
             try:
                 batch = next(it)
             except StopIteration:
+                if batches_this_epoch == 0:
+                    raise RuntimeError(f"epoch {state['epoch']} yielded no full batch of {tcfg.batch_size} on rank "
+                                       f"{rank} (loader workers each keep whole batches): lower batch_size or "
+                                       f"loader_workers") from None
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
                 break
+            batches_this_epoch += 1
             t1 = time.perf_counter()
             if rank == 0 and tcfg.profile_steps and state["step"] == tcfg.timing_warmup - tcfg.profile_steps:
                 prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
@@ -361,6 +431,7 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
                 t_data, samples, t_start = 0.0, 0, time.perf_counter()
             state["batch_in_epoch"] += 1
             step = state["step"]
+            clock.step_done(step)
             rec = None
             is_val = tcfg.val_every > 0 and (step % tcfg.val_every == 0 or step == tcfg.max_steps)
             if step % tcfg.log_every == 0 or step == 1 or is_val:  # the same steps on every rank
@@ -370,28 +441,43 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
                 rec = {"step": step, "epoch": state["epoch"], **{k: float(v.detach()) for k, v in L.items()},
                        "grad_norm": float(gnorm), "lr": sched.get_last_lr()[0],
                        "data_wait_frac": t_data / max(1e-9, wall), "samples_per_s": samples / max(1e-9, wall)}
+            if rec is not None:
+                eta = clock.eta_s(step)
+                rec.update({"elapsed_s": clock.elapsed_s(), "validation": int(is_val), "max_steps": tcfg.max_steps,
+                            **({"eta_s": eta, "sec_per_step": clock.sec_per_step(step)} if eta is not None else {})})
             if rank == 0 and is_val:
                 sync_state()
+                tv = time.perf_counter()
                 rec = {**rec, **validate(ema, val_ds, geometry, styles, state, tcfg, dev), "val_on": val_on}
+                clock.validated(time.perf_counter() - tv)
                 if math.isfinite(rec["val_lve"]) and (state["best_val_lve"] is None or rec["val_lve"] < state["best_val_lve"]):  # the EMA model with the lowest validation LVE
                     state["best_val_lve"] = rec["val_lve"]
                     save_train_checkpoint(run_dir / "best", model, ema, opt, sched, {**state, "best_step": step},
                                           mcfg, tcfg, {f"{k}0": v for k, v in _rng_states(gen).items()})
+            if rec is None and should_stop is not None and dev.type == "cpu":
+                # CPU steps are slow (seconds for the published size): ask every step, not every log step
+                stopped = _agree([should_stop()], dist, dev)[0]
             if rec is not None:
                 history.append(rec)
                 if rank == 0:
                     _log(rec, tb, csv_path)
-                if report is not None:
+                now = time.perf_counter()
+                last = step >= tcfg.max_steps or bool(stop_after and step >= stop_after)
+                due, stop_now = _agree([is_val or last or now - last_report >= report_every_s,
+                                        should_stop is not None and should_stop()], dist, dev)
+                stopped = stop_now
+                if report is not None and (due or stopped):
                     report(rec)
-            if step % tcfg.ckpt_every == 0 or step == tcfg.max_steps or (stop_after and step == stop_after):
+                    last_report = now
+            if step % tcfg.ckpt_every == 0 or step == tcfg.max_steps or (stop_after and step == stop_after) or stopped:
                 sync_state()
                 _checkpoint(run_dir, step, model, ema, opt, sched, state, mcfg, tcfg, gen, rank, world, dist)
-            if step >= tcfg.max_steps or (stop_after and step >= stop_after):
+            if step >= tcfg.max_steps or (stop_after and step >= stop_after) or stopped:
                 done = True
                 break
     if tb is not None:
         tb.close()
-    return {"step": state["step"], "history": history, "run_dir": str(run_dir)}
+    return {"step": state["step"], "history": history, "run_dir": str(run_dir), "stopped": stopped}
 
 
 def _rng_states(gen: torch.Generator) -> dict[str, torch.Tensor]:

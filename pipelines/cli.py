@@ -206,9 +206,28 @@ def train(
         tcfg = TrainConfig(**kw, model=model)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
-    m = run_training(tcfg, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker)
+    from pipelines.train import cpu_warning
+    from pipelines.train_progress import TrainProgress
+
+    warn = cpu_warning(tcfg, gpus_per_worker)
+    if warn:
+        console.print(f"[yellow]note[/yellow]: {warn}")
+    from pipelines.train import check_windows
+
+    try:
+        check_windows(tcfg, workers)
+    except (ValueError, FileNotFoundError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2)
+    with TrainProgress(console, tcfg.max_steps, on_cpu=gpus_per_worker == 0) as bar:
+        m = run_training(tcfg, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
+                         on_progress=bar.update, handle_signals=True)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()
              if k in ("step", "loss", "val_lve", "baseline_lve", "val_fdd", "baseline_fdd", "samples_per_s")}
+    if m.get("stopped"):
+        console.print(f"[yellow]stopped[/yellow] at step {m.get('stopped_at_step')} (checkpoint kept): the same command with "
+                      f"--out {out} resumes from it")
+        raise typer.Exit(130)
     console.print(f"[green]trained[/green]: {shown} -> {out}")
 
 

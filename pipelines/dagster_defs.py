@@ -322,8 +322,23 @@ def media2face_model(context: dg.AssetExecutionContext, config: TrainRun, m2fd: 
     tcfg = TrainConfig(dataset=None if config.subset else m2fd.out, subset=config.subset, run_dir=str(run_dir),
                        max_steps=config.max_steps, batch_size=config.batch_size, style_encoder=config.style_encoder,
                        model=dict(config.model), **dict(config.settings))
+    from .train import cpu_warning
+    from .train_progress import describe, estimate_line, validation_line
+
+    warn = cpu_warning(tcfg, config.gpus_per_worker)
+    if warn:
+        context.log.warning(warn)
+    shown = {"estimate": False}
+
+    def on_progress(rec: dict) -> None:  # the run's reported steps, in the run's log as they come
+        context.log.info(describe(rec))
+        for line in (validation_line(rec), None if shown["estimate"] else estimate_line(rec, config.gpus_per_worker == 0)):
+            if line:
+                context.log.info(line)
+        shown["estimate"] = shown["estimate"] or rec.get("eta_s") is not None
+
     m = run_training(tcfg, workers=config.workers, gpus_per_worker=config.gpus_per_worker,
-                     cpus_per_worker=config.cpus_per_worker)
+                     cpus_per_worker=config.cpus_per_worker, on_progress=on_progress, handle_signals=False)
     ck = latest_checkpoint(run_dir)
     md = {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
     return dg.MaterializeResult(metadata={**md, "checkpoint": dg.MetadataValue.path(str(ck)) if ck else "none",

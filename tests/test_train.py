@@ -235,12 +235,16 @@ def test_dagster_train_job_launches_the_same_training(real_run, tmp_path):
     out, _ = real_run
     run_dir = tmp_path / "run"
     job = build_defs(M2FDResource(out=str(out), take_lock=False, executor="local")).resolve_job_def("m2fd_train")
+    instance = dg.DagsterInstance.ephemeral()
     r = job.execute_in_process(run_config={"ops": {"media2face_model": {"config": {
         "run_dir": str(run_dir), "max_steps": 2, "batch_size": 1, "workers": 1,
         "model": {"width": 32, "layers": 1, "heads": 2},
         "settings": {"val_every": 2, "val_steps": 2, "val_max_windows": 1, "loader_workers": 0, "log_every": 1}}}}},
-        instance=dg.DagsterInstance.ephemeral())
+        instance=instance)
     assert r.success
+    msgs = [e.user_message for e in instance.all_logs(r.run_id)]
+    assert any(m.startswith("step 1/2, loss ") for m in msgs)  # progress in the run's log while it runs
+    assert any(m.startswith("step 2/2, loss ") for m in msgs) and any("validation at step 2" in m for m in msgs)
     md = r.get_asset_materialization_events()[0].materialization.metadata
     assert md["step"].value == 2 and md["val_lve"].value >= 0
     assert (run_dir / "checkpoints" / "step-00000002" / "state.json").is_file()
@@ -318,3 +322,91 @@ def test_compile_mode_and_inductor_options_are_exclusive(tmp_path):
     r = subprocess.run(M2FD + ["train", str(tmp_path), "--set", "compile_mode=max-autotune", "--set",
                                "compile_options={max_autotune_gemm: true}"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "compile_mode or compile_options" in r.stderr
+
+
+def test_progress_reaches_the_driver_and_the_estimate_holds(real_run, tmp_path):
+    """Logged steps reach the driver through Ray Train's reporting every few seconds (validation rounds
+    and the last step always), without slowing the steps, and the whole-run estimate made after the
+    first timed steps is within a factor of 2 of the real time."""
+    import time
+
+    from models.m2f_train import TrainConfig
+    from pipelines.train import REPORT_EVERY_S, run_training
+
+    out, _ = real_run
+    seen: list[tuple[float, dict]] = []
+    tcfg = TrainConfig(dataset=str(out), run_dir=str(tmp_path / "run"), model={"width": 64, "layers": 2, "heads": 4},
+                       batch_size=2, max_steps=400, log_every=10, val_every=200, val_steps=2, val_max_windows=1,
+                       ckpt_every=1000, loader_workers=0, warmup=2)
+    m = run_training(tcfg, workers=1, cpus_per_worker=2, on_progress=lambda r: seen.append((time.perf_counter(), r)),
+                     handle_signals=False)
+    t_end = time.perf_counter()
+    logged = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))]
+    assert logged == [1] + list(range(10, 401, 10)) and m["step"] == 400 and not m["stopped"]
+    steps = [r["step"] for _, r in seen]
+    assert steps[0] == 1 and steps[-1] == 400 and set(steps) <= set(logged) and steps == sorted(steps)
+    assert {200, 400} <= {r["step"] for _, r in seen if r["validation"]} and "val_lve" in seen[-1][1]
+    gaps = [b[1]["elapsed_s"] - a[1]["elapsed_s"] for a, b in zip(seen, seen[1:])]
+    assert max(gaps) < REPORT_EVERY_S + 10, gaps  # the bar moves every few seconds
+    assert all(r["max_steps"] == 400 and r["loss"] > 0 and "samples_per_s" in r for _, r in seen)
+    t_est, first = next((t, r) for t, r in seen if r.get("eta_s") is not None)
+    real_left = t_end - t_est
+    assert first["step"] < 200 and 0.5 <= real_left / first["eta_s"] <= 2.0, (first, real_left)
+    from pipelines.train_progress import describe, estimate_line
+
+    assert f"step {first['step']}/400" in describe(first) and "estimate:" in estimate_line(first, on_cpu=True)
+
+
+def test_sigint_and_sigterm_stop_training_cleanly_and_it_resumes(real_run, tmp_path):
+    """`m2fd train` stopped by SIGINT keeps a checkpoint at the step it stopped, leaves no Ray process,
+    and the same command resumes from there (not from step 1); SIGTERM does the same."""
+    import signal
+    import time
+
+    from pipelines.procs import descendants, proc_stat
+
+    out, _ = real_run
+    run = tmp_path / "run"
+    cmd = M2FD + ["train", str(out), "--out", str(run), "--set", "max_steps=100000", "--set", "model.width=64",
+                  "--set", "model.layers=2", "--set", "model.heads=4", "--set", "batch_size=1", "--set", "log_every=2",
+                  "--set", "ckpt_every=100000", "--set", "val_every=0", "--set", "loader_workers=0"]
+
+    def steps() -> list[int]:
+        p = run / "metrics.csv"
+        return [int(r["step"]) for r in csv.DictReader(open(p))] if p.is_file() else []
+
+    stopped_at = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        before = len(steps())
+        p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 240
+        while len(steps()) < before + 3:
+            assert p.poll() is None and time.time() < deadline, p.communicate()[0][-3000:]
+            time.sleep(0.2)
+        tree = descendants(p.pid)
+        p.send_signal(sig)
+        text, _ = p.communicate(timeout=180)
+        assert p.returncode == 130, text[-3000:]
+        assert "stopped" in text and "resumes" in text
+        ck = sorted((run / "checkpoints").iterdir())[-1]
+        step = json.loads((ck / "state.json").read_text())["step"]
+        assert step >= steps()[before + 2], (step, steps())
+        stopped_at.append(step)
+        time.sleep(1.0)
+        alive = [pid for pid in tree - {p.pid} if (proc_stat(pid) or ["Z"])[0] != "Z"]
+        assert not alive, alive  # the Ray workers, raylet and GCS are gone
+    rows = steps()
+    assert rows.count(1) == 1  # the second launch resumed: it logged no step 1 again
+    assert stopped_at[1] > stopped_at[0] and rows[-1] >= stopped_at[1] - 2
+
+
+def test_a_batch_larger_than_the_clips_is_a_clear_error_before_anything_starts(real_run, tmp_path):
+    """The demo dataset has a few training clips (one window each per epoch): the default batch of 8
+    used to make every epoch empty and the run wait forever; now `m2fd train` says so at once."""
+    out, _ = real_run
+    r = subprocess.run(M2FD + ["train", str(out), "--out", str(tmp_path / "run"), "--set", "max_steps=2"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    err = " ".join(r.stderr.split())
+    assert "fewer than batch_size=8" in err and "use --set batch_size=" in err
+    assert not (tmp_path / "run" / "metrics.csv").exists()
