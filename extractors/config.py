@@ -100,6 +100,9 @@ class ExtractConfig:
     gnpfa_geometry_steps: int = 600
     gnpfa_image_steps: int = 300
     gnpfa_train_threads: int = 2  # fixed so bootstrap weights are reproducible across machines
+    # a bootstrap trains on at most about this many tracked frames: a seeded per-clip sample, read source by
+    # source (about 24 KB a frame at 64 px crops: 20,000 frames ~0.5 GB, whatever the dataset's size)
+    gnpfa_bootstrap_max_frames: int = 20_000
     device: str = "auto"  # auto | cpu | cuda
 
     def to_dict(self) -> dict[str, Any]:

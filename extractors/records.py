@@ -126,6 +126,23 @@ def training_arrays(feats) -> dict[str, np.ndarray]:
             "crops": np.concatenate(crops), "rotations": np.concatenate(rots).astype(np.float32)}
 
 
+def sample_tracked(feats, fraction: float, seed: int = 0) -> list:
+    """Copies of ``feats`` whose ``tracked`` masks keep each tracked frame with probability ``fraction``,
+    drawn from a generator seeded by (seed, clip_id): the same frames whatever else is in the dataset
+    and in whatever order the clips come."""
+    import hashlib
+
+    if fraction >= 1.0:
+        return list(feats)
+    out = []
+    for f in feats:
+        s = int.from_bytes(hashlib.sha256(f"{seed}:{f.clip_id}".encode()).digest()[:8], "little")
+        g = f.__class__(**f.__dict__)
+        g.tracked = f.tracked & (np.random.default_rng(s).random(f.n_frames) < fraction)
+        out.append(g)
+    return out
+
+
 def split_tail(feats, frac: float = 0.75) -> tuple[list, list]:
     """Per clip, frames before ``frac`` of its length stay in the first list and the rest go to the
     second (as copies whose ``tracked`` masks select those frames): a held-out split in time."""

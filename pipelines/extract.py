@@ -24,7 +24,7 @@ from extractors.config import ExtractConfig
 from extractors.extract import extract_source, features_from_npz, features_to_npz
 from extractors.ingest import quarantine_row
 from extractors.pose import TEMPLATE_PATH
-from extractors.records import clip_features_row, clip_quality, frames_table, training_arrays
+from extractors.records import clip_features_row, clip_quality, frames_table, sample_tracked, training_arrays
 from storage_schemas import atomic_write_bytes, open_dataset, table_path, write_table
 from storage_schemas.dataset import EXTRACT_LINEAGE
 
@@ -171,10 +171,16 @@ def _obtain_gnpfa(out: Path, cfg: ExtractConfig, all_work: list[TrackWork], log:
     done = [w for w in all_work if _complete(w)]
 
     def load() -> dict:
-        feats = []
-        for w in done:
-            feats += features_from_npz(w.npz, json.loads(Path(w.npz).with_suffix(".json").read_text())["clips"])
-        return training_arrays(feats)
+        """A bounded, seeded sample of the tracked frames (gnpfa_bootstrap_max_frames), read source by
+        source: memory does not grow with the dataset."""
+        metas = [json.loads(Path(w.npz).with_suffix(".json").read_text())["clips"] for w in done]
+        total = sum(round(m["quality"]["tracked_ratio"] * m["n_frames"]) for ms in metas for m in ms.values())
+        frac = min(1.0, cfg.gnpfa_bootstrap_max_frames / max(1, total))
+        if frac < 1.0:
+            log(f"GNPFA bootstrap: a seeded sample of {frac:.1%} of {total} tracked frames "
+                f"(gnpfa_bootstrap_max_frames={cfg.gnpfa_bootstrap_max_frames})")
+        parts = [training_arrays(sample_tracked(features_from_npz(w.npz, ms), frac)) for w, ms in zip(done, metas)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else training_arrays([])
 
     return obtain_gnpfa(out, cfg, ",".join(Path(w.npz).stem for w in done), load, log=log)
 

@@ -177,3 +177,29 @@ def test_a_clips_rows_do_not_depend_on_the_other_clips_of_its_run(real_result, r
     assert row(out) == row(ref)
     crops = sorted((out / "arrays" / "crops").glob("*.npy"))
     assert crops and all(np.array_equal(np.load(p), np.load(ref / "arrays" / "crops" / p.name)) for p in crops)
+
+
+def test_the_bootstrap_sample_is_bounded_and_per_clip(real_dir, tmp_path):
+    """The bootstrap GNPFA trains on a seeded sample of at most about gnpfa_bootstrap_max_frames tracked
+    frames, drawn per clip (a clip's frames are the same whatever else the dataset holds)."""
+    from extractors.extract import ClipFeatures
+    from extractors.records import sample_tracked
+
+    def clip(cid, n):
+        z = np.zeros((n, 478, 3), np.float32)
+        return ClipFeatures(cid, n, np.ones(n, bool), z, np.ones(n, np.float32), np.zeros((n, 3, 3)), np.zeros((n, 3)),
+                            np.ones(n), z, z[0], np.zeros((n, 8, 8, 3), np.uint8), np.zeros((n, 80)), np.zeros(n))
+
+    a, b = clip("a", 1000), clip("b", 500)
+    alone, both = sample_tracked([a], 0.3), sample_tracked([b, a], 0.3)
+    assert np.array_equal(alone[0].tracked, both[1].tracked) and 230 < alone[0].tracked.sum() < 370
+    assert a.tracked.all()  # the input is left as it was
+
+    out = tmp_path / "D"
+    ecfg = ExtractConfig(**FAST_BOOTSTRAP, gnpfa_bootstrap_max_frames=100)
+    res = run_job([str(real_dir / "d12.mp4")], out, ecfg=ecfg, executor="local", stages=("ingest", "extract"),
+                  log=lambda m: None)
+    meta = json.loads((out / res["extract"]["gnpfa"]["path"] / "config.json").read_text())
+    n = meta["meta"]["trained_on_frames"] if "meta" in meta else meta["trained_on_frames"]
+    tracked = res["extract"]["frames"]
+    assert 50 <= n <= 150 < tracked, (n, tracked)
