@@ -323,14 +323,12 @@ def run_extract(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callab
     for w in all_work:
         sid = w.source["source_id"]
         if no_ckpt is not None or not _complete(w):
-            if no_ckpt is not None and _complete(w):
-                qrows = [quarantine_row(w.source["uri"], sid, "processing_error", f"clip {c['clip_id']}: extract stage, "
-                                        f"GNPFA: {no_ckpt}", stage="extract", clip_id=c["clip_id"]) for c in w.clips]
-            elif w.failed_marker.is_file():
+            if w.failed_marker.is_file() and not _complete(w):
                 qrows = json.loads(w.failed_marker.read_text())
             else:
-                qrows = failure_rows(TaskFailure("no extraction part was written", ""), "extract", "landmarks/pose/audio",
-                                     w.source["uri"], sid, [c["clip_id"] for c in w.clips])
+                step, why = ("GNPFA", no_ckpt) if _complete(w) else ("landmarks/pose/audio", "no extraction part was written")
+                qrows = failure_rows(TaskFailure(why, ""), "extract", step, w.source["uri"], sid,
+                                     [c["clip_id"] for c in w.clips])
             results[sid] = _dropped(w, qrows, ckpt_sha)
         else:
             todo.append(EncodeWork(w, str(ckpt_dir), ckpt_sha, gnpfa_device(cfg, ex)))
