@@ -4,7 +4,7 @@ PY := .venv/bin/python
 REAL ?= ../shared/data/real
 OUT ?= out/demo
 
-.PHONY: setup demo test bench samples clean
+.PHONY: setup demo test bench samples clean gnpfa
 
 setup:
 	@bash scripts/setup.sh
@@ -30,6 +30,11 @@ bench: setup
 	$(PY) bench/bench_shards.py --dataset out/bench-real
 	$(PY) bench/bench_e2e.py --real $(REAL)
 	$(PY) bench/bench_train.py --export out/bench-real
+
+# rebuild the shipped GNPFA (models/assets/gnpfa-v1) from ../shared, then measure it on its held-out people
+gnpfa: setup
+	SHARED=$(abspath $(REAL)/../..) bash scripts/build_gnpfa.sh
+	$(PY) bench/bench_gnpfa.py --section heldout --section cost --real $(REAL)
 
 clean:
 	rm -rf out examples/samples .pytest_cache

@@ -7,6 +7,10 @@
                       < 1%) next to the mean-face baseline; image path against mesh path (pose error in
                       degrees, target < 2; latent relative error, target < 5%); lip-sync proxy per clip.
                       Saves the trained checkpoint to --ckpt for the gpu section.
+  --section heldout   the shipped GNPFA on held-out people (scripts/build_gnpfa.sh's datasets) side by
+                      side with today's per-run bootstrap (in-sample on those people, and trained on the
+                      training people): geometry % IOD, image-path pose and latent error with baselines.
+  --section cost      a default demo run with the shipped GNPFA next to the per-run bootstrap (wall s).
   --section gpu       image-encoder frames/s of that checkpoint: CUDA bf16 (target >= 50,000/s per H100)
                       next to this machine's CPU, plus GPU-vs-CPU agreement.
 
@@ -139,6 +143,98 @@ def section_fidelity(ds_dir: Path, ckpt: Path, geometry_steps: int | None = None
           ", ".join(f"{r['v']}:{r['lip_sync']:.2f}" for r in rows))
 
 
+def _fidelity(name: str, vae, enc, data: dict, train_offsets: np.ndarray, mean_z: np.ndarray, crop: int) -> dict:
+    """One GNPFA on one set of frames: geometry round trip (% IOD) next to the mean-face baseline; the
+    image path against the mesh path (pose in degrees; latent relative error next to the mean-latent
+    baseline)."""
+    from extractors.pose import rotation_angle_deg
+    from models.gnpfa import encode_images, reconstruct
+
+    z, dec = reconstruct(vae, data["offsets"], data["neutrals"])
+    geo = np.linalg.norm(dec - data["offsets"], axis=-1).mean() * 100
+    geo0 = np.linalg.norm(train_offsets.mean(0) - data["offsets"], axis=-1).mean() * 100
+    zi, ri = encode_images(enc, _resize_crops(data["crops"], crop))
+    pose = float(np.mean([rotation_angle_deg(a, b) for a, b in zip(ri, data["rotations"])]))
+    norm = np.linalg.norm(z, axis=1).mean()
+    rel = np.linalg.norm(zi - z, axis=1).mean() / norm * 100
+    rel0 = np.linalg.norm(mean_z - z, axis=1).mean() / norm * 100
+    print(f"  {name:58s} geometry {geo:5.2f}% IOD (mean face {geo0:5.2f}%) | pose {pose:5.2f} deg | "
+          f"latent rel err {rel:5.1f}% (mean latent {rel0:5.1f}%)")
+    return {"geometry": geo, "pose": pose, "latent": rel}
+
+
+def _bootstrap(data: dict, log_name: str):
+    """Today's per-run bootstrap: the pipeline's bootstrap config and budget (64 px crops), as a run
+    trains it on its own frames."""
+    from extractors.config import ExtractConfig
+    from models.gnpfa import train_geometry, train_image
+    from pipelines.gnpfa import _gcfg
+
+    e = ExtractConfig(gnpfa_checkpoint="bootstrap")
+    g = _gcfg(e)
+    torch.set_num_threads(e.gnpfa_train_threads)
+    t0 = time.perf_counter()
+    vae = train_geometry(data["offsets"], data["neutrals"], g, steps=e.gnpfa_geometry_steps)
+    enc = train_image(_resize_crops(data["crops"], g.crop_size), data["offsets"], data["neutrals"], data["rotations"],
+                      vae, g, steps=e.gnpfa_image_steps)
+    print(f"  (bootstrap trained on {len(data['offsets'])} frames of {log_name}: {time.perf_counter() - t0:.0f} s)")
+    return vae, enc, g.crop_size
+
+
+def section_heldout(train_ds: Path, heldout_ds: Path, ckpt: Path, max_frames: int):
+    """The shipped GNPFA on people it never saw, side by side with today's per-run bootstrap (trained
+    on the same held-out people's own frames, in-sample, as a run over their videos trains it; and
+    trained on the training people, then applied to the held-out ones)."""
+    from models.gnpfa import load_checkpoint, reconstruct
+    from pipelines.gnpfa import training_data
+
+    cfg, vae, enc, sha = load_checkpoint(ckpt)
+    meta = json.loads((ckpt / "config.json").read_text())
+    tr, _ = training_data([train_ds], max_frames)
+    ho, rec = training_data([heldout_ds], max_frames)
+    people = [s["file"] for d in rec["inputs"] for s in d["sources"]]
+    print(f"GNPFA {meta.get('name') or ckpt.name} {sha[:12]} ({cfg.crop_size} px, head pool {cfg.head_pool}, "
+          f"{(ckpt / 'model.safetensors').stat().st_size / 2**20:.2f} MiB), trained on {meta.get('trained_on_frames')} "
+          f"frames; held-out people ({len(ho['offsets'])} frames): {', '.join(people)}")
+    out = {}
+    mz = reconstruct(vae, tr["offsets"], tr["neutrals"])[0].mean(0)
+    out["shipped"] = _fidelity("shipped, held-out people", vae, enc, ho, tr["offsets"], mz, cfg.crop_size)
+    bvae, benc, bcrop = _bootstrap(ho, "the held-out people")
+    bz = reconstruct(bvae, ho["offsets"], ho["neutrals"])[0].mean(0)
+    out["bootstrap_in"] = _fidelity("per-run bootstrap on its own run (held-out people, in-sample)", bvae, benc, ho,
+                                    ho["offsets"], bz, bcrop)
+    bvae, benc, bcrop = _bootstrap(tr, "the training people")
+    bz = reconstruct(bvae, tr["offsets"], tr["neutrals"])[0].mean(0)
+    out["bootstrap_out"] = _fidelity("per-run bootstrap of the training people, held-out people", bvae, benc, ho,
+                                     tr["offsets"], bz, bcrop)
+    s = out["shipped"]
+    print(f"  targets on held-out people (shipped): geometry < 1% -> {'PASS' if s['geometry'] < 1 else 'MISS'}; "
+          f"pose < 2 deg -> {'PASS' if s['pose'] < 2 else 'MISS'}; latent < 5% -> {'PASS' if s['latent'] < 5 else 'MISS'}")
+
+
+def section_cost(real: Path, samples: Path):
+    """A default `make demo` run (the bundled videos) with the shipped GNPFA, next to the same run with
+    today's per-run bootstrap (`--set gnpfa_checkpoint=bootstrap`), wall seconds side by side."""
+    import subprocess
+    import tempfile
+
+    srcs = [str(real)] + ([str(samples)] if samples.is_dir() and any(samples.iterdir()) else [])
+    res = {}
+    for name, extra in (("bootstrap", ["--set", "gnpfa_checkpoint=bootstrap"]), ("shipped", [])):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", *srcs, "--out", f"{tmp}/D", *extra],
+                               cwd=REPO, capture_output=True, text=True)
+            res[name] = time.perf_counter() - t0
+            if r.returncode != 0:
+                raise SystemExit(f"{name} run failed: {r.stderr[-2000:]}")
+            card = json.loads((Path(tmp) / "D" / "dataset_card.json").read_text())
+            g = card["lineage"]["checkpoints"]["gnpfa"]
+            print(f"  demo run, GNPFA {name:9s}: {res[name]:6.1f} s wall (GNPFA {g['kind']} {g['sha256'][:12]}, "
+                  f"{card['counts']['clips_extracted_ok']} clips)")
+    print(f"  default demo cost: shipped / bootstrap = {res['shipped'] / res['bootstrap']:.2f}")
+
+
 def section_gpu(ckpt: Path, n: int):
     from models.gnpfa import encode_images, load_checkpoint
 
@@ -188,7 +284,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", type=Path, default=REPO / "out" / "bench-real")
     ap.add_argument("--ckpt", type=Path, default=REPO / "bench" / "results" / "gnpfa_default")
-    ap.add_argument("--section", action="append", choices=["mesh", "fidelity", "gpu"])
+    ap.add_argument("--section", action="append", choices=["mesh", "fidelity", "gpu", "heldout", "cost"])
+    ap.add_argument("--train-dataset", type=Path, default=REPO / "out" / "gnpfa-build" / "train",
+                    help="heldout: the shipped GNPFA's training dataset (scripts/build_gnpfa.sh)")
+    ap.add_argument("--heldout-dataset", type=Path, default=REPO / "out" / "gnpfa-build" / "heldout",
+                    help="heldout: the held-out people's dataset (scripts/build_gnpfa.sh)")
+    ap.add_argument("--shipped", type=Path, default=None, help="heldout: checkpoint (default: the shipped one)")
+    ap.add_argument("--max-train-frames", type=int, default=20_000)
+    ap.add_argument("--real", type=Path, default=REPO.parent / "shared" / "data" / "real")
     ap.add_argument("--frames", type=int, default=200_000, help="crops for the gpu section")
     ap.add_argument("--max-frames-per-clip", type=int, default=150)
     ap.add_argument("--geometry-steps", type=int, default=None, help="default: the run's bootstrap budget")
@@ -201,6 +304,12 @@ def main():
     for s in a.section or ["mesh", "fidelity", "gpu"]:
         if s == "mesh":
             section_mesh(a.dataset, a.max_frames_per_clip)
+        elif s == "heldout":
+            from models.gnpfa import SHIPPED_DIR
+
+            section_heldout(a.train_dataset, a.heldout_dataset, a.shipped or SHIPPED_DIR, a.max_train_frames)
+        elif s == "cost":
+            section_cost(a.real, REPO / "examples" / "samples")
         elif s == "fidelity":
             section_fidelity(a.dataset, a.ckpt, a.geometry_steps, a.image_steps, a.crop_size, a.enc_width, a.device)
         else:

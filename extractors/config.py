@@ -83,7 +83,7 @@ class ExtractConfig:
     # of mesh_window_scale x its box (Face Mesh's own detector misses small faces in a whole frame)
     mesh_window_below: float = 0.15
     mesh_window_scale: float = 3.0
-    crop_size: int = 64  # face crops for the GNPFA image encoders (square, RGB); a provided checkpoint's size wins
+    crop_size: int = 64  # face crops for the GNPFA image encoders (square, RGB); a chosen checkpoint's size wins
     crop_expand: float = 1.3  # crop side = this x the landmark box's larger side
     conf_resid_scale: float = 0.03  # landmark_conf = exp(-(stable-point rms off the clip neutral / this)^2), IOD
     whisper_checkpoint: str | None = "base"  # name in ~/.cache/whisper or a path; falls back to pocketsphinx
@@ -92,8 +92,11 @@ class ExtractConfig:
     min_landmark_conf: float = 0.5
     max_jitter: float = 0.05
     min_lip_sync: float = -1.0  # off by default; the proxy is reported per clip
-    # GNPFA: a checkpoint folder (model.safetensors + config.json); empty = train a bootstrap on this run
-    gnpfa_checkpoint: str | None = None
+    # GNPFA: "shipped" (models/assets/gnpfa-v1, the same latent space for every dataset), "bootstrap" (train
+    # one on this run's meshes: a private latent space) or a checkpoint folder (model.safetensors + config.json).
+    # A dataset whose shards were committed with a shipped or bootstrap GNPFA keeps its own copy of it.
+    gnpfa_checkpoint: str | None = "shipped"
+    # the bootstrap's architecture and budget (the shipped and provided checkpoints carry their own)
     gnpfa_z_dim: int = 32
     gnpfa_hidden: int = 256
     gnpfa_enc_width: int = 16

@@ -130,17 +130,23 @@ def sample_tracked(feats, fraction: float, seed: int = 0) -> list:
     """Copies of ``feats`` whose ``tracked`` masks keep each tracked frame with probability ``fraction``,
     drawn from a generator seeded by (seed, clip_id): the same frames whatever else is in the dataset
     and in whatever order the clips come."""
-    import hashlib
-
     if fraction >= 1.0:
         return list(feats)
     out = []
     for f in feats:
-        s = int.from_bytes(hashlib.sha256(f"{seed}:{f.clip_id}".encode()).digest()[:8], "little")
         g = f.__class__(**f.__dict__)
-        g.tracked = f.tracked & (np.random.default_rng(s).random(f.n_frames) < fraction)
+        g.tracked = f.tracked & sample_mask(f.clip_id, f.n_frames, fraction, seed)
         out.append(g)
     return out
+
+
+def sample_mask(clip_id: str, n_frames: int, fraction: float, seed: int = 0) -> np.ndarray:
+    """Which of a clip's frames a seeded sample keeps (each with probability ``fraction``), from a
+    generator seeded by (seed, clip_id) alone."""
+    import hashlib
+
+    s = int.from_bytes(hashlib.sha256(f"{seed}:{clip_id}".encode()).digest()[:8], "little")
+    return np.random.default_rng(s).random(n_frames) < fraction
 
 
 def split_tail(feats, frac: float = 0.75) -> tuple[list, list]:

@@ -28,6 +28,9 @@ class GNPFAConfig:
     enc_width: int = 32  # channels of the first image-encoder stage (doubles per stage)
     beta: float = 1e-3  # KL weight
     seed: int = 0
+    # image-encoder head: 0 flattens the whole (crop/16)^2 feature map (the first checkpoints); N averages it
+    # to N x N first (a 128 px encoder's head: 8.4 MB of fp32 weights flattened, 0.5 MB at N = 2)
+    head_pool: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,8 +89,9 @@ class ImageEncoder(nn.Module):
             layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.SiLU(),
                        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.SiLU()]
         self.backbone = nn.Sequential(*layers)
-        feat = chans[-1] * (cfg.crop_size // 16) ** 2
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(feat, 256), nn.SiLU())
+        side = cfg.head_pool or cfg.crop_size // 16
+        pool = [nn.AdaptiveAvgPool2d(cfg.head_pool)] if cfg.head_pool else []
+        self.head = nn.Sequential(*pool, nn.Flatten(), nn.Linear(chans[-1] * side ** 2, 256), nn.SiLU())
         self.z_head = nn.Linear(256, cfg.z_dim)
         self.pose_head = nn.Linear(256, 6)
         self.register_buffer("pix_mean", torch.tensor([0.5, 0.45, 0.4]).view(1, 3, 1, 1) * 255)
@@ -202,15 +206,22 @@ def train_image(crops: np.ndarray, offsets: np.ndarray, neutrals: np.ndarray, ro
 
 
 def save_checkpoint(out_dir: str | Path, cfg: GNPFAConfig, vae: GeometryVAE, enc: ImageEncoder | None,
-                    meta: dict | None = None) -> str:
-    """Write model.safetensors + config.json into out_dir atomically; return the weights' sha256."""
+                    meta: dict | None = None, half: bool = False) -> str:
+    """Write model.safetensors + config.json into out_dir atomically; return the weights' sha256.
+    ``half`` stores the learnt weights as float16 (half the bytes; buffers such as normalisation
+    statistics stay float32; everything loads back as float32, and a model is evaluated as stored)."""
     from safetensors.torch import save
 
     from storage_schemas import atomic_write_bytes, write_json
 
-    tensors = {f"vae.{k}": v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
+    def tensors_of(prefix: str, m: nn.Module) -> dict[str, torch.Tensor]:
+        params = {k for k, _ in m.named_parameters()}
+        return {f"{prefix}.{k}": (v.detach().cpu().half() if half and k in params else v.detach().cpu()).contiguous()
+                for k, v in m.state_dict().items()}
+
+    tensors = tensors_of("vae", vae)
     if enc is not None:
-        tensors.update({f"image.{k}": v.detach().cpu().contiguous() for k, v in enc.state_dict().items()})
+        tensors.update(tensors_of("image", enc))
     # no safetensors __metadata__: it is serialised from a hash map in arbitrary key order, which would make
     # the bytes (and so the checkpoint's sha256) differ between identical trainings; config.json carries it
     blob = save(dict(sorted(tensors.items())))
@@ -221,6 +232,14 @@ def save_checkpoint(out_dir: str | Path, cfg: GNPFAConfig, vae: GeometryVAE, enc
                                      "has_image_encoder": enc is not None,
                                      **(meta or {})})
     return digest
+
+
+# The GNPFA every run uses unless told otherwise (``gnpfa_checkpoint: shipped``): trained by
+# scripts/build_gnpfa.sh on the shared real footage, recipe in its config.json. A new version gets a new
+# folder and name; the sha256 here is checked before it is used.
+SHIPPED_NAME = "gnpfa-v1"
+SHIPPED_DIR = Path(__file__).resolve().parent / "assets" / SHIPPED_NAME
+SHIPPED_SHA256 = "d19252b2e2b60d4da1c244dbf06b1610336930dd4080982da711aad1fd87de6d"
 
 
 def checkpoint_config(ckpt_dir: str | Path) -> tuple[GNPFAConfig, dict]:
@@ -238,7 +257,8 @@ def load_checkpoint(ckpt_dir: str | Path, device: str = "cpu") -> tuple[GNPFACon
     digest = hashlib.sha256(blob).hexdigest()
     if meta.get("sha256") and meta["sha256"] != digest:
         raise ValueError(f"{d}: weights sha256 {digest[:12]} does not match config.json {meta['sha256'][:12]}")
-    sd = load_file(str(d / "model.safetensors"), device="cpu")
+    sd = {k: v.float() if v.dtype == torch.float16 else v
+          for k, v in load_file(str(d / "model.safetensors"), device="cpu").items()}
     vae = GeometryVAE(cfg)
     vae.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("vae.")})
     enc = None

@@ -99,7 +99,7 @@ def run(
     if "extract" in res:
         e = res["extract"]
         console.print(f"[green]extract[/green]: {e['frames']} frames, {e['clips_ok']} clips ok, {e['clips_dropped']} "
-                      f"dropped; GNPFA {e['gnpfa']['kind']} {e['gnpfa']['sha256'][:12]}; transcripts by "
+                      f"dropped; GNPFA {e['gnpfa'].get('name') or e['gnpfa']['kind']} {e['gnpfa']['sha256'][:12]}; transcripts by "
                       f"{', '.join(e['engines']) or '-'}")
     if "shard" in res:
         sh = res["shard"]
@@ -444,28 +444,34 @@ gnpfa_app = typer.Typer(help="Train and inspect GNPFA checkpoints.", no_args_is_
 app.add_typer(gnpfa_app, name="gnpfa")
 
 
+def _train_threads(threads: int, device: str) -> str:
+    """Fixed torch threads (CPU reductions then give the same weights on every run) and the device."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 @gnpfa_app.command("train-geometry")
 def gnpfa_train_geometry(
     datasets: List[Path] = typer.Argument(..., help="Extracted datasets (m2fd run) to train on."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (model.safetensors + config.json)."),
-    z_dim: int = typer.Option(32), hidden: int = typer.Option(512), steps: int = typer.Option(3000),
+    z_dim: int = typer.Option(32), hidden: int = typer.Option(256), steps: int = typer.Option(3000),
     beta: float = typer.Option(1e-3), seed: int = typer.Option(0), device: str = typer.Option("auto"),
+    max_frames: int = typer.Option(60_000, help="Train on a seeded per-clip sample of at most about this many tracked frames."),
+    threads: int = typer.Option(2, help="torch threads (fixed: the same weights on every CPU run)."),
 ):
     """Train the geometry VAE (expression offsets -> z -> offsets, decoder conditioned on the neutral)."""
-    import numpy as np
-    import torch
-
     from models.gnpfa import GNPFAConfig, save_checkpoint, train_geometry
-    from pipelines.gnpfa import dataset_training_arrays
+    from pipelines.gnpfa import training_data
 
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    data = [dataset_training_arrays(d) for d in datasets]
-    off = np.concatenate([d["offsets"] for d in data])
-    neu = np.concatenate([d["neutrals"] for d in data])
+    dev = _train_threads(threads, device)
+    data, recipe = training_data(datasets, max_frames, log=console.print)
     cfg = GNPFAConfig(z_dim=z_dim, hidden=hidden, beta=beta, seed=seed)
-    vae = train_geometry(off, neu, cfg, steps=steps, device=dev, log=console.print)
-    sha = save_checkpoint(out, cfg, vae, None, meta={"kind": "geometry", "trained_on_frames": int(len(off)),
-                                                     "datasets": [str(d) for d in datasets], "steps": steps})
+    vae = train_geometry(data["offsets"], data["neutrals"], cfg, steps=steps, device=dev, log=console.print)
+    recipe["geometry"] = {"steps": steps, "threads": threads, "device": dev, "argv": sys.argv[1:]}
+    sha = save_checkpoint(out, cfg, vae, None, meta={"kind": "geometry", "trained_on_frames": int(len(data["offsets"])),
+                                                     "recipe": recipe})
     console.print(f"wrote {out} (sha256 {sha[:16]})")
 
 
@@ -474,30 +480,35 @@ def gnpfa_train_image(
     datasets: List[Path] = typer.Argument(..., help="Extracted datasets (m2fd run) to train on."),
     geometry: Path = typer.Option(..., help="Checkpoint from train-geometry (its VAE is frozen)."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (VAE + image encoders)."),
-    enc_width: int = typer.Option(16), steps: int = typer.Option(3000), batch: int = typer.Option(128),
-    device: str = typer.Option("auto"),
+    enc_width: int = typer.Option(16), head_pool: int = typer.Option(2, help="Average the feature map to N x N "
+                                                                         "before the head (0: flatten it whole)."),
+    steps: int = typer.Option(3000), batch: int = typer.Option(128), device: str = typer.Option("auto"),
+    max_frames: int = typer.Option(60_000, help="Train on a seeded per-clip sample of at most about this many tracked frames."),
+    threads: int = typer.Option(2, help="torch threads (fixed: the same weights on every CPU run)."),
+    half: bool = typer.Option(False, help="Store the weights as float16 (half the size; loaded as float32)."),
+    name: Optional[str] = typer.Option(None, help="A name for the checkpoint (e.g. gnpfa-v1), kept in its config.json."),
 ):
-    """Train the image encoders (crop -> z, crop -> rotation) with the VAE frozen; mesh path as teacher."""
+    """Train the image encoders (crop -> z, crop -> rotation) with the VAE frozen; mesh path as teacher.
+    The recipe (the datasets' inputs and their sha256, both configs, code version, argv) goes into
+    config.json."""
     import dataclasses
 
-    import numpy as np
-    import torch
+    from models.gnpfa import checkpoint_config, load_checkpoint, save_checkpoint, train_image
+    from pipelines.gnpfa import training_data
 
-    from models.gnpfa import load_checkpoint, save_checkpoint, train_image
-    from pipelines.gnpfa import dataset_training_arrays
-
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dev = _train_threads(threads, device)
     gcfg, vae, _, gsha = load_checkpoint(geometry, device=dev)
-    cfg = dataclasses.replace(gcfg, enc_width=enc_width)
-    data = [dataset_training_arrays(d) for d in datasets]
-    cat = {k: np.concatenate([d[k] for d in data]) for k in data[0]}
-    if cat["crops"].shape[1] != cfg.crop_size:
-        raise typer.BadParameter(f"crops are {cat['crops'].shape[1]} px but the checkpoint expects {cfg.crop_size}")
-    enc = train_image(cat["crops"], cat["offsets"], cat["neutrals"], cat["rotations"], vae, cfg, steps=steps,
+    data, recipe = training_data(datasets, max_frames, log=console.print)
+    cfg = dataclasses.replace(gcfg, enc_width=enc_width, head_pool=head_pool, crop_size=int(data["crops"].shape[1]))
+    enc = train_image(data["crops"], data["offsets"], data["neutrals"], data["rotations"], vae, cfg, steps=steps,
                       batch=batch, device=dev, log=console.print)
-    sha = save_checkpoint(out, cfg, vae, enc, meta={"kind": "gnpfa", "geometry_sha256": gsha, "steps": steps,
-                                                    "trained_on_frames": int(len(cat["crops"])),
-                                                    "datasets": [str(d) for d in datasets]})
+    geo_recipe = checkpoint_config(geometry)[1].get("recipe") or {}
+    recipe = {**recipe, "geometry": {**geo_recipe, "sha256": gsha},
+              "image": {"steps": steps, "batch": batch, "threads": threads, "device": dev, "argv": sys.argv[1:]}}
+    sha = save_checkpoint(out, cfg, vae, enc, half=half,
+                          meta={"kind": "gnpfa", "name": name, "geometry_sha256": gsha, "steps": steps,
+                                "trained_on_frames": int(len(data["crops"])), "weights_dtype": "float16" if half else "float32",
+                                "recipe": recipe})
     console.print(f"wrote {out} (sha256 {sha[:16]}); use it with --set gnpfa_checkpoint={out}")
 
 

@@ -93,7 +93,7 @@ class M2FDResource(dg.ConfigurableResource):
         from .gnpfa import crops_for_checkpoint
 
         return (IngestConfig.from_dict(doc.get("ingest") or {}),
-                crops_for_checkpoint(ExtractConfig.from_dict(doc.get("extract") or {})),
+                crops_for_checkpoint(ExtractConfig.from_dict(doc.get("extract") or {}), Path(self.out)),
                 ShardConfig.from_dict(doc.get("shard") or {}))
 
     def progress(self, context) -> Callable[[str, int, int], None]:
@@ -169,7 +169,7 @@ def tracks(context: dg.AssetExecutionContext, m2fd: M2FDResource) -> dg.Material
 
 
 @dg.asset(group_name="m2fd", deps=[tracks],
-          description="The GNPFA checkpoint: the configured one, or a bootstrap trained on the dataset's meshes.")
+          description="The GNPFA checkpoint: the shipped one (default), a configured folder, the dataset's committed one, or a bootstrap trained on its meshes.")
 def gnpfa_checkpoint(context: dg.AssetExecutionContext, m2fd: M2FDResource) -> dg.MaterializeResult:
     from .extract import run_gnpfa
 

@@ -1,5 +1,6 @@
 """Wire the extraction stage: per-source Face Mesh/pose/audio/transcripts on Ray CPU workers (the
-`tracks` parts), the GNPFA checkpoint (provided, or a bootstrap trained on this dataset's meshes),
+`tracks` parts), the GNPFA checkpoint (pipelines.gnpfa.choose_gnpfa: shipped, provided, or a bootstrap trained on
+this dataset's meshes),
 then per source again: GNPFA encoding, quality gates and the frames table (the `encode` parts), and
 the clip_features/transcripts/quarantine tables from their rows.
 
@@ -186,7 +187,7 @@ def _obtain_gnpfa(out: Path, cfg: ExtractConfig, all_work: list[TrackWork], log:
 
 
 def run_gnpfa(out: str | os.PathLike, cfg: ExtractConfig, log: Callable[[str], None] = print) -> dict:
-    """The GNPFA checkpoint the dataset is encoded with (provided, or a bootstrap trained on its meshes)."""
+    """The GNPFA checkpoint the dataset is encoded with (pipelines.gnpfa.choose_gnpfa)."""
     out = Path(out)
     all_work, _ = _plan(out, cfg)
     try:

@@ -92,7 +92,13 @@ def test_real_run_has_every_frame_at_30fps(real_run):
     tr = ds.table("transcripts").to_pylist()
     assert len(tr) == len(clips) and all(t["engine"].startswith(("whisper:", "pocketsphinx:")) for t in tr)
     card = json.loads((out / "dataset.json").read_text())
-    assert card["lineage"]["checkpoints"]["gnpfa"]["kind"] == "bootstrap"
+    from models.gnpfa import SHIPPED_NAME, SHIPPED_SHA256
+
+    g = card["lineage"]["checkpoints"]["gnpfa"]  # the default: the shipped GNPFA, the dataset's own copy of it
+    assert g["kind"] == "shipped" and g["name"] == SHIPPED_NAME and g["sha256"] == SHIPPED_SHA256
+    assert (out / g["path"] / "model.safetensors").read_bytes() == \
+        (Path(__file__).resolve().parents[1] / "models" / "assets" / SHIPPED_NAME / "model.safetensors").read_bytes()
+    assert {f["gnpfa_checkpoint"] for f in feats} == {SHIPPED_SHA256}
     assert card["counts"]["frames"] == sum(c["n_frames"] for c in clips.values())
 
 
@@ -136,7 +142,7 @@ def test_vae_beats_the_mean_face_on_held_out_frames(real_run, tmp_path):
 def test_image_encoder_learns_the_mesh_path(real_run):
     out, _ = real_run
     tr, _ = _real_training_data(out)
-    cfg = GNPFAConfig(hidden=128, enc_width=8)
+    cfg = GNPFAConfig(hidden=128, enc_width=8, crop_size=tr["crops"].shape[1], head_pool=2)  # the shipped head
     vae = train_geometry(tr["offsets"], tr["neutrals"], cfg, steps=200)
     idx = np.arange(0, len(tr["crops"]), 3)
     sub = {k: v[idx] for k, v in tr.items()}
@@ -255,13 +261,24 @@ def test_train_commands_and_a_provided_checkpoint(real_run, real_dir, tmp_path):
     m2fd = [sys.executable, "-m", "pipelines.cli"]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     kw = dict(capture_output=True, text=True, cwd=repo, env=env, timeout=600)
-    r = subprocess.run(m2fd + ["gnpfa", "train-geometry", str(out), "--out", str(tmp_path / "geo"), "--steps", "60",
-                               "--hidden", "128"], **kw)
-    assert r.returncode == 0, r.stderr[-2000:]
+    for geo in ("geo", "geo2"):  # the same command twice: the same weights (fixed seed and threads)
+        r = subprocess.run(m2fd + ["gnpfa", "train-geometry", str(out), "--out", str(tmp_path / geo), "--steps", "60",
+                                   "--hidden", "128", "--max-frames", "300"], **kw)
+        assert r.returncode == 0, r.stderr[-2000:]
+    geo_sha = {json.loads((tmp_path / g / "config.json").read_text())["sha256"] for g in ("geo", "geo2")}
+    assert len(geo_sha) == 1
     r = subprocess.run(m2fd + ["gnpfa", "train-image", str(out), "--geometry", str(tmp_path / "geo"), "--out",
-                               str(tmp_path / "ck"), "--steps", "20", "--enc-width", "8"], **kw)
+                               str(tmp_path / "ck"), "--steps", "20", "--enc-width", "8", "--max-frames", "300",
+                               "--half"], **kw)
     assert r.returncode == 0, r.stderr[-2000:]
-    sha = json.loads((tmp_path / "ck" / "config.json").read_text())["sha256"]
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    sha = meta["sha256"]
+    # the recipe: every input with its sha256, the extraction config, the code, both trainings
+    srcs = {r["sha256"] for r in open_dataset(out).table("sources").to_pylist()}
+    rec = meta["recipe"]
+    assert {s["sha256"] for s in rec["inputs"][0]["sources"]} == srcs and rec["inputs"][0]["extract_config"]
+    assert rec["code"]["package"] and rec["geometry"]["sha256"] in geo_sha and rec["image"]["steps"] == 20
+    assert 200 <= meta["trained_on_frames"] <= 400 and meta["weights_dtype"] == "float16"
     r = subprocess.run(m2fd + ["run", str(real_dir / "d12.mp4"), "--out", str(tmp_path / "D"), "--executor", "local",
                                "--set", f"gnpfa_checkpoint={tmp_path / 'ck'}"], **kw)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -299,7 +316,8 @@ def test_crop_size_follows_a_provided_gnpfa_checkpoint(tmp_path):
 
     g = GNPFAConfig(hidden=32, crop_size=32, enc_width=4)
     save_checkpoint(tmp_path / "ck", g, GeometryVAE(g), ImageEncoder(g))
-    assert crops_for_checkpoint(ExtractConfig()).crop_size == ExtractConfig().crop_size == 64
+    assert crops_for_checkpoint(ExtractConfig(gnpfa_checkpoint="bootstrap")).crop_size == ExtractConfig().crop_size == 64
+    assert crops_for_checkpoint(ExtractConfig()).crop_size == 128  # the shipped GNPFA's
     for explicit in ({}, {"crop_size": 64}, {"crop_size": 32}):
         cfg = ExtractConfig.from_dict({"gnpfa_checkpoint": str(tmp_path / "ck"), **explicit})
         assert crops_for_checkpoint(cfg).crop_size == 32

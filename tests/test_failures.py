@@ -16,7 +16,7 @@ from extractors.config import ExtractConfig, IngestConfig
 from pipelines.job import run_job
 from storage_schemas import SchemaError, open_dataset, read_table, table_path, write_table
 
-FAST_BOOTSTRAP = {"gnpfa_geometry_steps": 120, "gnpfa_image_steps": 40}
+FAST_BOOTSTRAP = {"gnpfa_checkpoint": "bootstrap", "gnpfa_geometry_steps": 120, "gnpfa_image_steps": 40}
 
 
 def _features_row(**kw) -> dict:
@@ -92,7 +92,7 @@ def test_one_failing_source_and_labeler_leave_the_rest_of_a_ray_run_whole(real_d
     succeeds, d12 is sharded, the failures are quarantine rows naming stage and error, and the next
     run (no faults) adds d14 and s18 as a new version without touching the committed shard."""
     out = tmp_path / "D"
-    ecfg = ExtractConfig(**FAST_BOOTSTRAP)
+    ecfg = ExtractConfig()
     inputs = [str(real_dir / n) for n in ("d12.mp4", "d14.mp4", "s18.mp4")]
     monkeypatch.setenv("M2FD_INJECT_FAULT", "extract:d14.mp4,label:s18.mp4")  # Ray workers inherit it
     first = run_job(inputs, out, ecfg=ecfg, executor="ray", num_cpus=2, log=lambda m: None)
@@ -118,7 +118,7 @@ def test_one_failing_source_and_labeler_leave_the_rest_of_a_ray_run_whole(real_d
     assert second["shard"]["version"] == 2
     assert {r["clip_id"] for r in ds.table("samples").to_pylist()} == set(d12 + d14 + s18)
     assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar") if p.name in v1} == v1
-    assert second["extract"]["gnpfa"]["sha256"] == first["extract"]["gnpfa"]["sha256"]  # frozen bootstrap
+    assert second["extract"]["gnpfa"] == first["extract"]["gnpfa"]
     assert all(second["checks"].values())
 
 
@@ -136,7 +136,7 @@ def test_url_and_memory_inputs_are_fetched_once_and_reach_shards_on_ray(real_dir
         fs.pipe("/m2fd-test/s18.mp4", (real_dir / "s18.mp4").read_bytes())
         url, mem = f"http://127.0.0.1:{port}/d12.mp4", "memory://m2fd-test/s18.mp4"
         out = tmp_path / "D"
-        res = run_job([url, mem], out, ecfg=ExtractConfig(**FAST_BOOTSTRAP), executor="ray", num_cpus=2,
+        res = run_job([url, mem], out, ecfg=ExtractConfig(), executor="ray", num_cpus=2,
                       log=lambda m: None)
         time.sleep(0.2)
         gets = [ln for ln in log.read_text().splitlines() if '"GET /d12.mp4' in ln]

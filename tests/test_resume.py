@@ -16,7 +16,7 @@ from pipelines.procs import kill_tree
 from storage_schemas import open_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-FAST_BOOTSTRAP = {"gnpfa_geometry_steps": 120, "gnpfa_image_steps": 40}
+FAST_BOOTSTRAP = {"gnpfa_checkpoint": "bootstrap", "gnpfa_geometry_steps": 120, "gnpfa_image_steps": 40}
 M2FD = [str(REPO / ".venv" / "bin" / "m2fd")] if (REPO / ".venv" / "bin" / "m2fd").exists() else ["m2fd"]
 
 
@@ -88,12 +88,15 @@ def test_new_batch_adds_a_version_and_leaves_committed_shards_alone(real_dir, tm
     assert first["shard"]["version"] == 1
     v1 = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "shards").glob("*.tar")}
     ckpt1 = first["extract"]["gnpfa"]["sha256"]
-    second = run_job([str(real_dir / "d14.mp4"), str(real_dir / "d3.mp4")], out, ecfg=ecfg, executor="local",
-                    log=lambda m: None)
+    # the next batch with the default config (the shipped GNPFA): the dataset keeps its bootstrap
+    second = run_job([str(real_dir / "d14.mp4"), str(real_dir / "d3.mp4")], out, ecfg=ExtractConfig(), executor="local",
+                     log=lambda m: None)
     s = second["ingest"]
     assert (s.analysed, s.reused, s.n_sources) == (2, 1, 3)  # only the new videos are analysed
     assert second["assets"]["tracks"]["computed"] == 1  # d14 (d3 is silent: no clips)
-    assert second["extract"]["gnpfa"]["sha256"] == ckpt1  # the bootstrap is frozen once shards are committed
+    # the bootstrap is frozen once shards are committed, and the dataset says it is a bootstrap
+    assert second["extract"]["gnpfa"] == first["extract"]["gnpfa"] and second["extract"]["gnpfa"]["kind"] == "bootstrap"
+    assert second["extract"]["gnpfa"]["sha256"] == ckpt1
     sh = second["shard"]
     assert sh["version"] == 2 and sh["added_samples"] >= 1 and sh["added_shards"] >= 1
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in v1} == v1
@@ -113,9 +116,8 @@ def test_new_batch_adds_a_version_and_leaves_committed_shards_alone(real_dir, tm
 
 def test_two_runs_at_once_one_gets_a_lock_error(real_dir, tmp_path):
     out = tmp_path / "D"
-    # a short bootstrap: this test is about the lock, not the GNPFA fit (the first run still takes ~30 s)
     args = M2FD + ["run", str(real_dir / "d12.mp4"), "--out", str(out), "--stages", "ingest,extract", "--executor",
-                   "local"] + [a for kv in FAST_BOOTSTRAP.items() for a in ("--set", f"{kv[0]}={kv[1]}")]
+                   "local"]
     a = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not (out / ".m2fd.lock").exists() or not (out / ".m2fd.lock").read_text():
         time.sleep(0.05)
