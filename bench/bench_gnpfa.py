@@ -218,6 +218,8 @@ def section_cost(real: Path, samples: Path):
     import subprocess
     import tempfile
 
+    from storage_schemas.dataset import CARD
+
     srcs = [str(real)] + ([str(samples)] if samples.is_dir() and any(samples.iterdir()) else [])
     res = {}
     for name, extra in (("bootstrap", ["--set", "gnpfa_checkpoint=bootstrap"]), ("shipped", [])):
@@ -228,7 +230,7 @@ def section_cost(real: Path, samples: Path):
             res[name] = time.perf_counter() - t0
             if r.returncode != 0:
                 raise SystemExit(f"{name} run failed: {r.stderr[-2000:]}")
-            card = json.loads((Path(tmp) / "D" / "dataset_card.json").read_text())
+            card = json.loads((Path(tmp) / "D" / CARD).read_text())
             g = card["lineage"]["checkpoints"]["gnpfa"]
             print(f"  demo run, GNPFA {name:9s}: {res[name]:6.1f} s wall (GNPFA {g['kind']} {g['sha256'][:12]}, "
                   f"{card['counts']['clips_extracted_ok']} clips)")

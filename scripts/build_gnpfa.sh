@@ -35,4 +35,7 @@ $M2FD run "${held[@]}" --out "$WORK/heldout" "${SET[@]}"
 $M2FD gnpfa train-geometry "$WORK/train" --out "$WORK/geometry" --steps "$GEOMETRY_STEPS" --device cpu
 $M2FD gnpfa train-image "$WORK/train" --geometry "$WORK/geometry" --out "$DEST" --steps "$IMAGE_STEPS" \
   --device cpu --half --name "$NAME"
-echo "built $DEST; held-out people: $HELD_OUT (dataset $WORK/heldout)"
+sha=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['sha256'])" "$DEST/config.json")
+want=$($PY -c "from models.gnpfa import SHIPPED_SHA256; print(SHIPPED_SHA256)")
+echo "built $DEST (sha256 $sha); held-out people: $HELD_OUT (dataset $WORK/heldout)"
+[ "$sha" = "$want" ] || echo "note: models.gnpfa.SHIPPED_SHA256 is $want; runs refuse $DEST until it names $sha" >&2
