@@ -18,6 +18,7 @@ demo: samples
 	$(PY) -m pipelines.cli query $(OUT) "select c.clip_id, regexp_extract(c.uri, '[^/]+$$') as video, c.start_s, c.end_s, c.speech_ratio, c.face_size_px from clips c order by c.uri, c.start_s"
 	$(PY) -m pipelines.cli query $(OUT) "select regexp_extract(uri, '[^/]+$$') as video, reason, message from quarantine order by uri"
 	$(PY) -m pipelines.cli query $(OUT) "select clip_id, emotion, intensity, style_tags, caption from labels order by clip_id"
+	$(PY) -m pipelines.cli previews $(OUT) --limit 3
 
 test: setup
 	$(PY) -m pytest -q -ra --durations=10 tests

@@ -25,6 +25,14 @@ class IngestConfig:
     track_iou: float = 0.3
     track_max_gap_s: float = 0.5
     min_face_ratio: float = 0.9  # fraction of a clip's analysed frames with the speaker visible
+    # active-speaker detection (Light-ASD): which face speaks, and whether the clip's face speaks at all.
+    # A relative path is looked up under $M2FD_MODELS (default: ../shared/models beside the repository);
+    # empty = off (the largest face is the speaker; a comparable second face blocks the frame).
+    asd_weights: str = "light-asd/pretrain_AVA_CVPR.model"
+    asd_durations_s: tuple[int, ...] = (4,)  # window lengths (s) scored and averaged (the original demo: 1-6 s)
+    asd_threads: int = 1  # torch threads per worker: fixed, so scores do not depend on the machine
+    min_speaking_score: float = -2.5  # clips whose mean speaking logit is below this: not_speaking (bench_asd)
+    asd_margin: float = 1.0  # among comparable faces, the speaker must lead the next by this logit
     # voice activity detection
     vad_mode: int = 2  # aggressiveness of the packaged WebRTC-style GMM voice detector (0-3)
     vad_min_dbfs: float = -45.0  # quieter 30 ms frames are never speech
@@ -68,6 +76,8 @@ class IngestConfig:
             raise ValueError(f"need 0 < min_clip_s <= max_clip_s, got {self.min_clip_s}, {self.max_clip_s}")
         if not 0 < self.detect_fps <= 30:
             raise ValueError(f"detect_fps must be in (0, 30], got {self.detect_fps}")
+        if self.asd_weights and not self.asd_durations_s:
+            raise ValueError("asd_durations_s needs at least one window length")
         if self.face_model not in (0, 1):
             raise ValueError("face_model must be 0 or 1")
 

@@ -54,6 +54,7 @@ class Track:
     track_id: int
     samples: list[int] = field(default_factory=list)  # indices into the detection sample list
     boxes: list[np.ndarray] = field(default_factory=list)  # [x0,y0,x1,y1,score]
+    dets: list[int] = field(default_factory=list)  # index of the detection within its sample
 
     @property
     def last_box(self) -> np.ndarray:
@@ -101,9 +102,10 @@ def track(detections: list[np.ndarray], iou_thr: float, max_gap: int) -> TrackRe
                 used_d.add(j)
                 alive[i].samples.append(s)
                 alive[i].boxes.append(dets[j])
+                alive[i].dets.append(j)
             unmatched = [j for j in range(len(dets)) if j not in used_d]
         for j in unmatched:
-            t = Track(track_id=len(tracks), samples=[s], boxes=[dets[j]])
+            t = Track(track_id=len(tracks), samples=[s], boxes=[dets[j]], dets=[j])
             tracks.append(t)
             alive.append(t)
         active = alive

@@ -15,6 +15,8 @@ from storage_schemas import FPS
 
 from .config import IngestConfig
 from .errors import Reject
+from .asd import TrackCrops, per_sample, span_score, track_scores
+from .audio_features import mfcc_100hz
 from .faces import FaceDetector, track
 from .media import decode_audio, iter_frames, open_video, timeline
 from .probe import Probe, probe
@@ -61,13 +63,17 @@ class SourceAnalysis:
         self.timings: dict[str, float] = {"probe": 0.0, "audio": 0.0, "decode": 0.0, "detect": 0.0}
         self.frames_decoded = 0
         self.frames_detected = 0
+        self.timings["asd"] = 0.0
+        self.asd_frames = 0
 
 
 def analyse(path: str, uri: str, sha: str, size: int, cfg: IngestConfig, detector: FaceDetector | None = None,
-            stats: SourceAnalysis | None = None) -> dict[str, Any]:
-    """Return {"source": row, "clips": [rows], "quarantine": [rows], "metrics": {...}} for one local file.
+            stats: SourceAnalysis | None = None, asd=None) -> dict[str, Any]:
+    """Return {"source": row, "clips": [rows], "quarantine": [rows], "tracks": [rows], "metrics": {...}}
+    for one local file. ``asd`` scores a face track: ``asd(faces (T,112,112) uint8 at 25 fps, mfcc (4T,13))
+    -> (T,) speaking logits`` (extractors.asd); None = no active-speaker detection.
 
-    The rows are a deterministic function of the bytes and config; wall-clock figures go only
+    The rows are a deterministic function of the bytes, config and model; wall-clock figures go only
     into "metrics" (never into a table)."""
     st = stats or SourceAnalysis()
     t_start = time.perf_counter()
@@ -78,21 +84,24 @@ def analyse(path: str, uri: str, sha: str, size: int, cfg: IngestConfig, detecto
         pr = probe(path, cfg.video_codecs)
         st.timings["probe"] += time.perf_counter() - t0
         src = _source_row(uri, sha, size, pr)
-        clips = _analyse(path, uri, sid, pr, cfg, detector, st, src)
+        out: dict[str, list] = {"tracks": [], "dropped": []}
+        clips = _analyse(path, uri, sid, pr, cfg, detector, st, src, asd, out)
     except Reject as r:
         src = _source_row(uri, sha, size, pr)
         return {"source": src, "clips": [], "quarantine": [quarantine_row(uri, sid, r.reason, r.message, r.detail)],
-                "metrics": _metrics(st, t_start)}
+                "tracks": out.get("tracks", []) if "out" in locals() else [], "metrics": _metrics(st, t_start)}
     src["status"], src["n_clips"] = "ok", len(clips)
-    return {"source": src, "clips": clips, "quarantine": [], "metrics": _metrics(st, t_start)}
+    return {"source": src, "clips": clips, "quarantine": out["dropped"], "tracks": out["tracks"],
+            "metrics": _metrics(st, t_start)}
 
 
 def _metrics(st: SourceAnalysis, t_start: float) -> dict[str, float]:
     return {"wall_s": time.perf_counter() - t_start, **{f"{k}_s": v for k, v in st.timings.items()},
-            "frames_decoded": st.frames_decoded, "frames_detected": st.frames_detected}
+            "frames_decoded": st.frames_decoded, "frames_detected": st.frames_detected, "asd_frames": st.asd_frames}
 
 
-def _analyse(path, uri, sid, pr: Probe, cfg: IngestConfig, detector, st: SourceAnalysis, src: dict) -> list[dict]:
+def _analyse(path, uri, sid, pr: Probe, cfg: IngestConfig, detector, st: SourceAnalysis, src: dict, asd,
+             out: dict) -> list[dict]:
     if pr.duration_s < cfg.min_clip_s:
         raise Reject("too_short", f"video lasts {pr.duration_s:.2f} s, below the {cfg.min_clip_s} s minimum clip",
                      duration_s=pr.duration_s)
@@ -131,29 +140,54 @@ def _analyse(path, uri, sid, pr: Probe, cfg: IngestConfig, detector, st: SourceA
     sample_idx = np.arange(0, n_out, stride)
     own = detector is None
     det = detector or FaceDetector(cfg.face_model, cfg.face_min_score)
-    detections = []
+    # active-speaker detection reads grey crops of every usable face at 25 fps from the same pass
+    tc = TrackCrops(n_out, stride, cfg.min_face_px, float(pr.width)) if asd is not None else None
+    need = np.union1d(sample_idx, tc.needed()) if tc is not None else sample_idx
+    detections: list[np.ndarray] = []
     try:
-        it = iter_frames(vr, tl, sample_idx)
+        it = iter_frames(vr, tl, need)
         while True:
             t0 = time.perf_counter()
             try:
-                _, frame = next(it)
+                k, frame = next(it)
             except StopIteration:
                 break
             t1 = time.perf_counter()
-            detections.append(det.detect(frame))
             st.timings["decode"] += t1 - t0
-            st.timings["detect"] += time.perf_counter() - t1
+            if k % stride == 0:
+                detections.append(det.detect(frame))
+                st.timings["detect"] += time.perf_counter() - t1
+            if tc is not None and detections:
+                t2 = time.perf_counter()
+                tc.add(k, frame, detections[-1])
+                st.timings["asd"] += time.perf_counter() - t2
     finally:
         if own:
             det.close()
     st.frames_decoded += int(tl.source_index(sample_idx[-1:] if len(sample_idx) else np.zeros(1, int))[0]) + 1
     st.frames_detected += len(detections)
-    return cut_clips(uri, sid, pr, cfg, detections, sample_idx, n_out, vad)
+    scorer = None
+    if tc is not None:
+        def scorer(tr):
+            t0 = time.perf_counter()
+            sc = track_scores(asd, tr, tc, mfcc_100hz(audio))
+            st.timings["asd"] += time.perf_counter() - t0
+            st.asd_frames += int(sum(np.isfinite(v).sum() for _, v in sc.values()))
+            return sc
+    return cut_clips(uri, sid, pr, cfg, detections, sample_idx, n_out, vad, scorer, tc, out)
 
 
-def cut_clips(uri, sid, pr: Probe, cfg: IngestConfig, detections, sample_idx, n_out, vad) -> list[dict]:
-    """Decide the clips from detections (per sample) and the VAD; raise Reject when none remain."""
+def cut_clips(uri, sid, pr: Probe, cfg: IngestConfig, detections, sample_idx, n_out, vad, scorer=None, tc=None,
+              out: dict | None = None) -> list[dict]:
+    """Decide the clips from detections (per sample) and the VAD; raise Reject when none remain.
+
+    Without active-speaker detection (``scorer`` None) the speaker is the usable track with the largest
+    area over time, and a frame where another face of comparable size is visible is blocked. With it,
+    each analysed frame's speaker is its only comparable face or, among several, the one whose speaking
+    logit leads the others by ``asd_margin`` (a frame where none does is blocked), and clips whose face
+    speaks less than ``min_speaking_score`` are dropped as ``not_speaking`` (``out["dropped"]``).
+    ``out["tracks"]`` receives the face_tracks rows."""
+    out = out if out is not None else {"tracks": [], "dropped": []}
     stride = int(sample_idx[1] - sample_idx[0]) if len(sample_idx) > 1 else 1
     tr = track(detections, cfg.track_iou, int(round(cfg.track_max_gap_s * cfg.detect_fps)))
     n_s = len(detections)
@@ -161,68 +195,112 @@ def cut_clips(uri, sid, pr: Probe, cfg: IngestConfig, detections, sample_idx, n_
     any_face = any(len(d) for d in detections)
     if not any_face:
         raise Reject("no_face", f"no face in {n_s} frames analysed at {cfg.detect_fps:g} fps", frames_analysed=n_s)
-    # per sample: which detections are usable (big enough) and which track is the speaker
     widths = [(d[:, 2] - d[:, 0]) * w_px for d in detections]
     usable_any = np.array([bool((w >= cfg.min_face_px).any()) for w in widths])
     if not usable_any.any():
         biggest = max(float(w.max()) for w in widths if len(w))
         raise Reject("face_too_small", f"largest face is {biggest:.0f} px wide, below the {cfg.min_face_px} px minimum",
                      largest_face_px=round(biggest, 1))
-    # speaker = the usable track with the largest area summed over time
-    best, best_score = None, 0.0
-    for t in tr.tracks:
-        b = np.stack(t.boxes)
-        wpx = (b[:, 2] - b[:, 0]) * w_px
-        score = float(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) * (wpx >= cfg.min_face_px)).sum())
-        if score > best_score:
-            best, best_score = t.track_id, score
-    spk_box = tr.box_at(best)
-    spk_w = (spk_box[:, 2] - spk_box[:, 0]) * w_px
-    present = ~np.isnan(spk_box[:, 0]) & (spk_w >= cfg.min_face_px)
-    # a frame is blocked by another face that is usable and comparable in size to the speaker
+    boxes = {t.track_id: tr.box_at(t.track_id) for t in tr.tracks}
+    wid = {t: (b[:, 2] - b[:, 0]) * w_px for t, b in boxes.items()}  # NaN where absent
+    scores = scorer(tr) if scorer is not None else None
+    speaker = np.full(n_s, -1, np.int64)  # per sample: the speaker's track, -1 for none
     blocked = np.zeros(n_s, bool)
-    other_tracks: list[set[int]] = [set() for _ in range(n_s)]
-    for t in tr.tracks:
-        if t.track_id == best:
-            continue
-        for s, b in zip(t.samples, t.boxes):
-            other_tracks[s].add(t.track_id)
-            ow = (b[2] - b[0]) * w_px
-            if ow >= cfg.min_face_px and present[s] and ow >= cfg.other_face_ratio * spk_w[s]:
-                blocked[s] = True
-    ok_s = present & ~blocked
+    if scores is None:
+        best, best_score = None, 0.0
+        for t in tr.tracks:
+            w = np.nan_to_num(wid[t.track_id])
+            b = boxes[t.track_id]
+            score = float(np.nansum((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) * (w >= cfg.min_face_px)))
+            if score > best_score:
+                best, best_score = t.track_id, score
+        present = np.nan_to_num(wid[best]) >= cfg.min_face_px
+        for t in tr.tracks:
+            if t.track_id != best:
+                ow = np.nan_to_num(wid[t.track_id])
+                blocked |= present & (ow >= cfg.min_face_px) & (ow >= cfg.other_face_ratio * np.nan_to_num(wid[best]))
+        speaker[present & ~blocked] = best
+    else:
+        per = per_sample(scores, tc, n_s, int(round(cfg.detect_fps)))
+        W = np.stack([np.nan_to_num(wid[t.track_id]) for t in tr.tracks])  # (tracks, samples)
+        S = np.stack([per.get(t.track_id, np.full(n_s, np.nan)) for t in tr.tracks])
+        ids = np.array([t.track_id for t in tr.tracks])
+        for s_ in range(n_s):
+            usable = W[:, s_] >= cfg.min_face_px
+            if not usable.any():
+                continue
+            comp = usable & (W[:, s_] >= cfg.other_face_ratio * W[usable, s_].max())
+            if comp.sum() == 1:
+                speaker[s_] = ids[comp][0]
+                continue
+            sc = np.where(comp & np.isfinite(S[:, s_]), S[:, s_], -np.inf)
+            order = np.argsort(-sc, kind="stable")
+            if np.isfinite(sc[order[0]]) and sc[order[0]] >= cfg.min_speaking_score and \
+                    sc[order[0]] - sc[order[1]] >= cfg.asd_margin:
+                speaker[s_] = ids[order[0]]
+            else:
+                blocked[s_] = True
+    ok_s = speaker >= 0
     if not ok_s.any():
-        raise Reject("multiple_faces", f"another face of comparable size is visible in every frame where the speaker is "
-                     f"({int(blocked.sum())} of {n_s} frames blocked)", frames_blocked=int(blocked.sum()), frames_analysed=n_s)
+        raise Reject("multiple_faces", f"several faces of comparable size are visible in every analysed frame "
+                     f"with a usable face, and none is clearly the speaker ({int(blocked.sum())} of {n_s} frames "
+                     "blocked)", frames_blocked=int(blocked.sum()), frames_analysed=n_s)
     # hold each sample over its stride on the 30 fps grid
     grid_s = np.minimum(np.arange(n_out) // stride, n_s - 1)
-    face_ok = ok_s[grid_s]
     speech = vad.on_grid(n_out, FPS)
-    spans, diag = talking_spans(face_ok, speech, FPS, cfg.min_clip_s, cfg.max_clip_s, cfg.vad_max_pause_s,
-                                cfg.track_max_gap_s, cfg.min_speech_ratio)
+    spans, diag = [], {"candidate_frames": 0, "too_short": 0, "low_speech": 0}
+    for tid in sorted(set(speaker[ok_s].tolist())):
+        sp, dg = talking_spans(speaker[grid_s] == tid, speech, FPS, cfg.min_clip_s, cfg.max_clip_s,
+                               cfg.vad_max_pause_s, cfg.track_max_gap_s, cfg.min_speech_ratio)
+        spans += [(a, b, tid) for a, b in sp]
+        for k in diag:
+            diag[k] += dg[k]
+    spans.sort()
+    if scores is not None:
+        out["tracks"] = [{"source_id": sid, "track_id": int(tid), "start_s": round(float(tc.grid[k0]) / FPS, 6),
+                          "asd_fps": 25, "face_size_px": float(np.nanmedian(wid[tid])),
+                          "speaking_score": [float(round(v, 4)) if np.isfinite(v) else float("nan") for v in sc],
+                          "speaker": any(t == tid for _, _, t in spans)}
+                         for tid, (k0, sc) in sorted(scores.items())]
     if not spans:
-        if diag["candidate_frames"] == 0:
-            if blocked[present].mean() > 0.5:
-                raise Reject("multiple_faces", "a second face of comparable size is visible while the speaker talks",
-                             frames_blocked=int(blocked.sum()), frames_analysed=n_s)
+        if diag["candidate_frames"] == 0 or (blocked.any() and blocked[usable_any].mean() > 0.5):
+            if blocked.any() and blocked[usable_any].mean() > 0.5:
+                raise Reject("multiple_faces", "several faces of comparable size are visible while there is speech, "
+                             "and none is clearly the speaker", frames_blocked=int(blocked.sum()), frames_analysed=n_s)
             raise Reject("no_speech", "speech never overlaps the frames where the speaker's face is visible",
-                         speech_frames=int(speech.sum()), face_frames=int(face_ok.sum()))
+                         speech_frames=int(speech.sum()), face_frames=int(ok_s[grid_s].sum()))
         raise Reject("too_short", f"every talking span is shorter than {cfg.min_clip_s} s or has too little speech",
                      **diag)
     rows = []
-    for a, b in spans:
+    for a, b, tid in spans:
+        if rows and a < rows[-1]["start_frame"] + rows[-1]["n_frames"]:
+            continue  # never two clips over the same frames
         ss = np.unique(grid_s[a:b])
-        boxes = spk_box[ss]
-        boxes = boxes[~np.isnan(boxes[:, 0])]
-        med = np.median(boxes, axis=0)
-        rows.append({
+        bx = boxes[tid][ss]
+        bx = bx[~np.isnan(bx[:, 0])]
+        med = np.median(bx, axis=0)
+        others = {t.track_id for t in tr.tracks if t.track_id != tid and np.isfinite(wid[t.track_id][ss]).any()}
+        sp_score = span_score(scores, tid, a, b) if scores is not None else None
+        row = {
             "clip_id": f"{sid}-{a:06d}", "source_id": sid, "uri": uri,
             "start_s": round(a / FPS, 6), "end_s": round(b / FPS, 6), "start_frame": int(a), "n_frames": int(b - a),
             "duration_s": round((b - a) / FPS, 6), "fps": FPS,
-            "speech_ratio": float(speech[a:b].mean()), "face_ratio": float(ok_s[ss].mean()),
-            "face_track_id": int(best), "face_box": [float(x) for x in med[:4]],
+            "speech_ratio": float(speech[a:b].mean()), "face_ratio": float((speaker[ss] == tid).mean()),
+            "face_track_id": int(tid), "face_box": [float(x) for x in med[:4]],
             "face_size_px": float((med[2] - med[0]) * w_px), "face_score": float(med[4]),
-            "n_other_faces": len(set().union(*[other_tracks[s] for s in ss])),
+            "n_other_faces": len(others), "speaking_score": None if sp_score is None else round(sp_score, 4),
             "width": pr.width, "height": pr.height, "rotation": pr.rotation,
-        })
+        }
+        if sp_score is not None and sp_score < cfg.min_speaking_score:
+            out["dropped"].append(quarantine_row(uri, sid, "not_speaking", f"clip {a / FPS:.2f}-{b / FPS:.2f} s: speaking "
+                                                 f"score {sp_score:.2f} (< {cfg.min_speaking_score}): the face does "
+                                                 "not speak", {"speaking_score": round(sp_score, 4)},
+                                                 clip_id=row["clip_id"]))
+            continue
+        rows.append(row)
+    if not rows:
+        q = out["dropped"]
+        raise Reject("not_speaking", f"the face of every talking span is not speaking ({len(q)} spans, speaking "
+                     f"scores {', '.join(json.loads(r['detail'])['speaking_score'].__format__('.2f') for r in q)}; "
+                     f"threshold {cfg.min_speaking_score})", spans=len(q))
     return rows

@@ -101,7 +101,8 @@ def clip_features_row(clip: dict, f, q: dict, status: str, reason: str | None, c
     return {
         "clip_id": clip["clip_id"], "source_id": clip["source_id"], "status": status, "drop_reason": reason,
         "n_frames": int(f.n_frames), "tracked_ratio": float(q["tracked_ratio"]), "landmark_conf": float(q["landmark_conf"]),
-        "jitter": _f(q.get("jitter")), "lip_sync": _f(q.get("lip_sync")), "recon_err": _f(q.get("recon_err")),
+        "jitter": _f(q.get("jitter")), "lip_sync": _f(q.get("lip_sync")),
+        "speaking_score": _f(clip.get("speaking_score")), "recon_err": _f(q.get("recon_err")),
         "image_pose_err_deg": _f(q.get("image_pose_err_deg")), "image_latent_rel_err": _f(q.get("image_latent_rel_err")),
         "neutral": None if np.isnan(f.neutral).any() else f.neutral.reshape(-1).astype(float).tolist(),
         "gnpfa_checkpoint": ckpt, "transcript_engine": engine,

@@ -405,6 +405,25 @@ def preview(
         raise typer.Exit(2)
 
 
+@app.command()
+def previews(
+    dataset: Path = typer.Argument(..., help="Dataset directory."),
+    limit: int = typer.Option(3, help="How many clips (the first extracted clips by id)."),
+    size: int = typer.Option(256, help="Panel height in pixels."),
+):
+    """Render previews of the first clips into DATASET/previews/<clip_id>.mp4 and rewrite report.html,
+    whose cards link them."""
+    from pipelines.preview import render_preview
+    from pipelines.report import write_report
+    from storage_schemas import open_dataset
+
+    ids = open_dataset(dataset).query(f"select clip_id from clip_features where status = 'ok' order by clip_id "
+                                      f"limit {int(limit)}").column(0).to_pylist()
+    for cid in ids:
+        console.print(f"preview -> {render_preview(dataset, cid, dataset / 'previews' / f'{cid}.mp4', size)}")
+    console.print(f"report -> {write_report(dataset)}")
+
+
 template_app = typer.Typer(help="The canonical face template used for head pose.", no_args_is_help=True)
 app.add_typer(template_app, name="template")
 

@@ -43,7 +43,7 @@ def render_animation(ckpt: Path, anim: dict, audio_path: Path, video: Path, size
     """Decode latents with the training dataset's GNPFA on its mean neutral face; mux with the audio."""
     import torch
 
-    from extractors.render import draw_mesh, mesh_edges
+    from extractors.render import draw_mesh, mesh_edges, mesh_view
     from models.data import load_entries
     from models.gnpfa import load_checkpoint
     from storage_schemas import open_dataset
@@ -59,13 +59,14 @@ def render_animation(ckpt: Path, anim: dict, audio_path: Path, video: Path, size
     with torch.no_grad():
         verts = neutral + vae.decode(z, torch.from_numpy(np.repeat(neutral[None], len(z), 0))).numpy()
     edges = mesh_edges()
+    view = mesh_view(verts)  # one framing for the whole animation
     video.parent.mkdir(parents=True, exist_ok=True)
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{size}x{size}",
            "-r", "30", "-i", "-", "-i", str(audio_path), "-map", "0:v", "-map", "1:a:0", "-c:v", "libx264",
            "-preset", "veryfast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(video)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
     for v in verts:
-        proc.stdin.write(np.ascontiguousarray(draw_mesh(v, size, edges)).tobytes())
+        proc.stdin.write(np.ascontiguousarray(draw_mesh(v, size, edges, view)).tobytes())
     proc.stdin.close()
     if proc.wait() != 0:
         raise RuntimeError("ffmpeg failed to write the animation video")

@@ -6,6 +6,7 @@ the inputs and config.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -50,11 +51,29 @@ def _fetch_task(args: tuple[str, str]) -> dict:
         return {"uri": uri, "reject": quarantine_row(uri, None, r.reason, r.message, r.detail, stage="discover")}
 
 
+@functools.lru_cache(maxsize=2)
+def asd_scorer(weights: str, durations_s: tuple[int, ...], threads: int):
+    """The active-speaker model of a config, loaded once per process (sha256-checked)."""
+    from models.light_asd import Scorer, resolve
+
+    return Scorer(resolve(weights), durations_s, threads)
+
+
+def asd_lineage(cfg: IngestConfig) -> dict | None:
+    """{"name", "path", "sha256"} of the configured Light-ASD weights (None when off); raises with the
+    path when the file is missing or is not the released one."""
+    if not cfg.asd_weights:
+        return None
+    s = asd_scorer(cfg.asd_weights, tuple(cfg.asd_durations_s), cfg.asd_threads)
+    return {"name": "light-asd", "path": s.path, "sha256": s.sha256}
+
+
 def _analyse_task(args: tuple[dict, dict, str]) -> dict:
     item, cfg_dict, part = args
     maybe_fail("ingest", item["uri"])
     cfg = IngestConfig.from_dict(cfg_dict)
-    result = analyse(item["path"], item["uri"], item["sha256"], item["size"], cfg)
+    asd = asd_scorer(cfg.asd_weights, tuple(cfg.asd_durations_s), cfg.asd_threads) if cfg.asd_weights else None
+    result = analyse(item["path"], item["uri"], item["sha256"], item["size"], cfg, asd=asd)
     atomic_write_bytes(part, json.dumps(result, sort_keys=True).encode())
     return result
 
@@ -106,7 +125,8 @@ def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | N
                                              f"same bytes (sha256 {f['sha256'][:16]}) as {keep}", {"kept": keep}))
         else:
             unique[f["sha256"]] = f
-    digest = cfg.digest()
+    asd = asd_lineage(cfg)  # fails the run at once, naming the file, when the configured model is missing
+    digest = cfg.digest() + (f"-{asd['sha256'][:8]}" if asd else "")
     results, todo = [], []
     for f in unique.values():
         part = out / PARTS / f"{f['sha256'][:32]}-{digest}.json"
@@ -131,9 +151,11 @@ def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | N
     summary.analysed = len(todo)
     src_rows = sorted((r["source"] for r in results), key=lambda r: r["source_id"])
     clip_rows = sorted((c for r in results for c in r["clips"]), key=lambda c: c["clip_id"])
+    track_rows = sorted((t for r in results for t in r.get("tracks", [])), key=lambda t: (t["source_id"], t["track_id"]))
     quarantine += [q for r in results for q in r["quarantine"]]
     write_table(table_path(out, "sources"), "sources", src_rows)
     write_table(table_path(out, "clips"), "clips", clip_rows)
+    write_table(table_path(out, "face_tracks"), "face_tracks", track_rows)
     # later stages' rows stay until those stages run again
     replace_quarantine(out, ("discover", "ingest"), quarantine)
     summary.n_sources = len(src_rows)

@@ -110,6 +110,7 @@ def finish_dataset(out: Path, icfg: IngestConfig, ecfg: ExtractConfig, scfg: Sha
 
     from storage_schemas import open_dataset
 
+    from .ingest import asd_lineage
     from .report import card_stats, write_card_md
 
     ext = extract_lineage(out)
@@ -129,6 +130,7 @@ def finish_dataset(out: Path, icfg: IngestConfig, ecfg: ExtractConfig, scfg: Sha
                 "mediapipe": "face_detection full-range + face_mesh refined (mediapipe 0.10.21 wheel)",
                 "face_template": hashlib.sha256(TEMPLATE_PATH.read_bytes()).hexdigest(),
                 "gnpfa": ext.get("gnpfa"),
+                "active_speaker": asd_lineage(icfg),
                 "transcription": ext.get("engines"),
             },
         },

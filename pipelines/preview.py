@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 
 from extractors.media import iter_frames, open_video, timeline
-from extractors.render import draw_landmarks, draw_mesh, mesh_edges
+from extractors.render import draw_landmarks, draw_mesh, mesh_edges, mesh_view
 from storage_schemas import open_dataset
 from storage_schemas.dataset import gnpfa_checkpoint_dir
 
 from .stage_io import source_path
 
 
-def render_preview(root: Path, clip_id: str, out: Path, size: int = 384) -> Path:
-    import cv2
+def clip_meshes(root: Path, clip_id: str) -> tuple[dict, list, np.ndarray]:
+    """(clip row, per-frame landmarks, (n, 478, 3) GNPFA-decoded meshes, NaN where untracked) of a clip."""
     import torch
 
     from models.gnpfa import load_checkpoint
@@ -36,18 +36,26 @@ def render_preview(root: Path, clip_id: str, out: Path, size: int = 384) -> Path
         raise ValueError(f"checkpoint at {ckpt} ({sha[:12]}) is not the one that encoded this clip "
                          f"({c['gnpfa_checkpoint'][:12]})")
     neutral = np.asarray(c["neutral"], np.float32).reshape(478, 3)
-    zdim = max(len(z) for z in zs if z)
-    Z = np.asarray([z if z else [np.nan] * zdim for z in zs], np.float32)
+    zdim = max((len(z) for z in zs if z), default=1)
+    Z = np.asarray([z if z else [np.nan] * zdim for z in zs], np.float32).reshape(len(zs), zdim)
     ok = ~np.isnan(Z[:, 0])
     verts = np.full((len(Z), 478, 3), np.nan, np.float32)
     with torch.no_grad():
         if ok.any():
             dec = vae.decode(torch.from_numpy(Z[ok]), torch.from_numpy(np.repeat(neutral[None], ok.sum(), 0))).numpy()
             verts[ok] = neutral + dec
+    return c, lms, verts
+
+
+def render_preview(root: Path, clip_id: str, out: Path, size: int = 384) -> Path:
+    import cv2
+
+    c, lms, verts = clip_meshes(root, clip_id)
     src = source_path(root, c)  # the bytes the clip was cut from (a URL's local copy)
     vr = open_video(src, c["sw"], c["sh"], size)
     tl = timeline(vr, 1e9)
     edges = mesh_edges()
+    view = mesh_view(verts)  # one framing for the whole clip
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     first = True
@@ -56,7 +64,7 @@ def render_preview(root: Path, clip_id: str, out: Path, size: int = 384) -> Path
         lm = np.asarray(lms[i], np.float32).reshape(478, 3) if lms[i] else None
         left = draw_landmarks(frame, lm)
         h = left.shape[0]
-        right = cv2.resize(draw_mesh(verts[i], size, edges), (h, h))
+        right = cv2.resize(draw_mesh(verts[i], size, edges, view), (h, h))
         panel = np.concatenate([left, right], 1)
         if panel.shape[1] % 2:
             panel = panel[:, :-1]

@@ -55,55 +55,164 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+_CSS = """body{font-family:sans-serif;margin:16px;color:#222}figure{display:inline-block;margin:6px}
+img.plot{border:1px solid #ddd}.cards{display:flex;flex-wrap:wrap;gap:10px}
+.card{width:236px;border:1px solid #ccc;border-radius:6px;padding:6px;font-size:12px;background:#fafafa}
+.card img{width:224px;height:224px;object-fit:cover;background:#333;display:block}
+.card .cap{font-style:italic;margin:4px 0}.card .k{color:#666}.tag{background:#e3ecf8;border-radius:3px;padding:0 3px;margin-right:2px}
+.dropped{background:#fbeaea}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
+#filters select{margin-right:12px}pre{font-size:11px;background:#f4f4f4;padding:6px;overflow:auto;max-height:300px}"""
+
+_JS = """function applyFilters(){var f={};document.querySelectorAll('#filters select').forEach(function(s){f[s.name]=s.value});
+var n=0;document.querySelectorAll('.card').forEach(function(c){var show=true;for(var k in f){if(f[k]&&c.dataset[k]!==f[k])show=false}
+c.style.display=show?'':'none';if(show)n++});document.getElementById('shown').textContent=n}
+document.querySelectorAll('#filters select').forEach(function(s){s.addEventListener('change',applyFilters)});
+location.hash.slice(1).split('&').forEach(function(kv){var p=kv.split('=');var s=document.querySelector('#filters select[name="'+p[0]+'"]');
+if(s&&p.length==2)s.value=decodeURIComponent(p[1])});applyFilters();"""
+
+MAX_CARDS = 2000  # a larger dataset's report shows the first clips by id (the tables hold them all)
+
+
+def _keyframes(root: Path, rows: list[dict]) -> dict[str, str]:
+    """clip_id -> base64 JPEG keyframe, read from the clip's shard (tar member <key>.keyframe.jpg)."""
+    import tarfile
+
+    out: dict[str, str] = {}
+    by_shard: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("shard"):
+            by_shard.setdefault(r["shard"], []).append(r["clip_id"])
+    for shard, ids in sorted(by_shard.items()):
+        p = root / shard
+        if not p.is_file():
+            continue
+        want = {f"{i}.keyframe.jpg": i for i in ids}
+        with tarfile.open(p) as tf:
+            for m in tf:
+                if m.name in want:
+                    out[want[m.name]] = base64.b64encode(tf.extractfile(m).read()).decode()
+    return out
+
+
+def _card(r: dict, key: str | None, preview: str | None) -> str:
+    e = lambda v: html.escape("" if v is None else str(v))  # noqa: E731
+    status = r.get("fstatus") or "not extracted"
+    reason = r.get("drop_reason") or ""
+    tags = "".join(f'<span class="tag">{e(t)}</span>' for t in (r.get("style_tags") or []))
+    img = f'<img alt="keyframe" src="data:image/jpeg;base64,{key}">' if key else '<img alt="no keyframe">'
+    link = f'<a href="{e(preview)}">preview video</a>' if preview else '<span class="k">no preview rendered</span>'
+    num = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+    return (f'<div class="card{" dropped" if reason else ""}" data-split="{e(r.get("split") or "none")}" '
+            f'data-emotion="{e(r.get("emotion") or "none")}" data-reason="{e(reason or "ok")}" data-clip="{e(r["clip_id"])}">'
+            f'{img}<b>{e(r["clip_id"])}</b><br><span class="k">{e(r.get("video"))} {num(r.get("start_s"), "{:.1f}")}-'
+            f'{num(r.get("end_s"), "{:.1f}")} s</span><br>'
+            f'<b>{e(r.get("emotion") or "-")}</b> ({e(r.get("intensity") or "-")}) {tags}'
+            f'<div class="cap">{e(r.get("caption") or "")}</div>'
+            f'<span class="k">split</span> {e(r.get("split") or "-")} · <span class="k">language</span> {e(r.get("language") or "-")} · '
+            f'<span class="k">speaker</span> {e(r.get("source_id"))}/face {e(r.get("face_track_id"))}<br>'
+            f'<span class="k">speaking score</span> {num(r.get("speaking_score"))} · <span class="k">lip-sync</span> '
+            f'{num(r.get("lip_sync"))}<br><span class="k">tracked</span> {num(r.get("tracked_ratio"), "{:.0%}")} · '
+            f'<span class="k">landmark conf</span> {num(r.get("landmark_conf"))} · <span class="k">GNPFA err</span> '
+            f'{num(r.get("recon_err"))}% IOD<br><span class="k">status</span> {e(status)} {e(reason)}<br>{link}</div>')
+
+
 def write_report(root: Path, out: Path | None = None) -> Path:
-    """A single HTML file with every plot embedded as PNG (no external resources)."""
+    """A single HTML file (no external resources): one card per clip (keyframe from its shard, labels,
+    caption, speaking score, quality figures, language, speaker, preview link where
+    ``previews/<clip_id>.mp4`` exists), filters by split, emotion and drop reason (inline script), the
+    quarantine table, plots and the dataset's lineage. Filters can be preset in the URL: report.html#emotion=happy&split=train."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    root = Path(root)
+    out = Path(out) if out else root / "report.html"
     ds = open_dataset(root)
     q = lambda sql: ds.query(sql).to_pylist()  # noqa: E731
+    has = ds.tables
     figs: list[tuple[str, str]] = []
 
-    def bar(title, rows, k, v="n", color="#3b7dd8"):
-        fig, ax = plt.subplots(figsize=(5, 2.8))
-        ax.bar([str(r[k]) for r in rows], [r[v] for r in rows], color=color)
+    def bar(title, rows, k, v="n", color="#3b7dd8", xlabel="clips"):
+        labels = [str(r[k]) for r in rows][::-1]
+        fig, ax = plt.subplots(figsize=(5, 0.6 + 0.28 * max(len(labels), 3)))
+        ax.barh(labels, [r[v] for r in rows][::-1], color=color)
         ax.set_title(title)
-        ax.tick_params(axis="x", rotation=35, labelsize=8)
+        ax.set_xlabel(xlabel)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         figs.append((title, _png(fig)))
 
-    def hist(title, values, bins=20, color="#d8703b"):
+    def hist(title, values, xlabel, bins=20, color="#d8703b"):
         fig, ax = plt.subplots(figsize=(5, 2.8))
         ax.hist([v for v in values if v is not None], bins=bins, color=color)
         ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("count")
         figs.append((title, _png(fig)))
 
-    hist("Clip durations (s)", [r["d"] for r in q("select duration_s d from clips")])
-    if "label_rows" in ds.tables:
-        bar("Emotions", q("select emotion e, count(*) n from labels group by 1 order by 1"), "e")
-        bar("Style tags", q("select unnest(style_tags) t, count(*) n from labels group by 1 order by 2 desc"), "t",
+    hist("Clip durations", [r["d"] for r in q("select duration_s d from clips")], "seconds")
+    if "label_rows" in has:
+        bar("Emotions", q("select emotion e, count(*) n from labels group by 1 order by 2 desc, 1"), "e")
+        bar("Style tags", q("select unnest(style_tags) t, count(*) n from labels group by 1 order by 2 desc, 1"), "t",
             color="#5aa55a")
-    if "frames" in ds.tables:
+    if "frames" in has:
         for a in ("yaw", "pitch", "roll"):
-            hist(f"Head {a} (deg)", [r["v"] for r in q(f"select {a} v from frames where tracked")], bins=40,
+            hist(f"Head {a}", [r["v"] for r in q(f"select {a} v from frames where tracked")], "degrees", bins=40,
                  color="#8a5ad8")
-    if "clip_features" in ds.tables:
-        for col, t in (("recon_err", "GNPFA round-trip error (% IOD)"), ("landmark_conf", "Landmark confidence"),
-                       ("lip_sync", "Lip-sync proxy")):
-            hist(t, [r["v"] for r in q(f"select {col} v from clip_features")], bins=10, color="#c44")
-    qr = q("select reason r, count(*) n from quarantine group by 1 order by 2 desc")
+    if "clip_features" in has:
+        for col, t, x in (("recon_err", "GNPFA round-trip error", "% of inter-ocular distance"),
+                          ("landmark_conf", "Landmark confidence", "confidence (0-1)"),
+                          ("speaking_score", "Speaking score (Light-ASD)", "mean logit (>= 0: speaking)"),
+                          ("lip_sync", "Lip-sync proxy", "correlation")):
+            hist(t, [r["v"] for r in q(f"select {col} v from clip_features")], x, bins=10, color="#c44")
+    qr = q("select reason r, count(*) n from quarantine group by 1 order by 2 desc, 1")
     if qr:
-        bar("Quarantine reasons", qr, "r", color="#888")
+        bar("Quarantine reasons", qr, "r", color="#888", xlabel="inputs or clips")
+    # one row per clip with everything a card shows
+    joins, cols = [], ["c.clip_id", "c.source_id", "c.start_s", "c.end_s", "c.face_track_id",
+                       "regexp_extract(c.uri, '[^/]+$') video", "c.speaking_score"]
+    if "clip_features" in has:
+        joins.append("left join clip_features f using (clip_id)")
+        cols += ["f.status fstatus", "f.drop_reason", "f.lip_sync", "f.tracked_ratio", "f.landmark_conf", "f.recon_err"]
+    if "label_rows" in has:
+        joins.append("left join labels l using (clip_id)")
+        cols += ["l.emotion", "l.intensity", "l.style_tags", "l.caption"]
+    if "transcripts" in has:
+        joins.append("left join transcripts t using (clip_id)")
+        cols += ["t.language"]
+    if "samples" in has:
+        joins.append("left join samples s using (clip_id)")
+        cols += ["s.split", "s.shard"]
+    rows = q(f"select {', '.join(cols)} from clips c {' '.join(joins)} order by c.clip_id limit {MAX_CARDS}")
+    n_clips = q("select count(*) n from clips")[0]["n"]
+    keys = _keyframes(root, rows)
+    prev = lambda cid: (f"previews/{cid}.mp4" if (root / "previews" / f"{cid}.mp4").is_file() and  # noqa: E731
+                        out.parent.resolve() == root.resolve() else None)
+    cards = "".join(_card(r, keys.get(r["clip_id"]), prev(r["clip_id"])) for r in rows)
+
+    def options(name, values):
+        opts = "".join(f'<option value="{html.escape(v)}">{html.escape(v)}</option>' for v in sorted(set(values)))
+        return f'<label>{name} <select name="{name}"><option value="">all</option>{opts}</select></label>'
+
+    e = html.escape
+    filters = ('<div id="filters">' + options("split", [r.get("split") or "none" for r in rows])
+               + options("emotion", [r.get("emotion") or "none" for r in rows])
+               + options("reason", [r.get("drop_reason") or "ok" for r in rows])
+               + ' <span id="shown"></span> shown</div>')
+    qrows = q("select regexp_extract(uri, '[^/]+$') f, stage, reason, message, clip_id from quarantine order by uri, clip_id")
+    qtable = ("<table><tr><th>input</th><th>stage</th><th>reason</th><th>clip</th><th>message</th></tr>" + "".join(
+        f"<tr><td>{e(str(r['f']))}</td><td>{e(r['stage'])}</td><td>{e(r['reason'])}</td><td>{e(str(r['clip_id'] or ''))}"
+        f"</td><td>{e(r['message'])}</td></tr>" for r in qrows) + "</table>") if qrows else "<p>none</p>"
     card = json.loads((root / "dataset.json").read_text()) if (root / "dataset.json").is_file() else {}
     c = card.get("counts", {})
-    body = "".join(f'<figure><img alt="{html.escape(t)}" src="data:image/png;base64,{b}"><figcaption>'
-                   f'{html.escape(t)}</figcaption></figure>' for t, b in figs)
-    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>M2F-D report</title><style>"
-           f"body{{font-family:sans-serif;margin:16px}}figure{{display:inline-block;margin:6px}}"
-           f"img{{border:1px solid #ddd}}</style></head><body><h1>M2F-D report</h1>"
-           f"<p>{c.get('sources')} sources, {c.get('clips')} clips, {c.get('frames')} frames, "
-           f"schema {html.escape(str(card.get('schema_version')))}</p>{body}</body></html>")
-    out = out or root / "report.html"
+    plots = "".join(f'<figure><img class="plot" alt="{e(t)}" src="data:image/png;base64,{b}"><figcaption>'
+                    f'{e(t)}</figcaption></figure>' for t, b in figs)
+    more = f"<p>showing the first {len(rows)} of {n_clips} clips by id</p>" if n_clips > len(rows) else ""
+    doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>M2F-D report</title><style>{_CSS}</style></head>"
+           f"<body><h1>M2F-D report</h1><p>{c.get('sources')} sources, {c.get('clips')} clips, {c.get('frames')} frames, "
+           f"schema {e(str(card.get('schema_version')))}</p><h2>Clips</h2>{filters}{more}<div class='cards'>{cards}</div>"
+           f"<h2>Quarantine</h2>{qtable}<h2>Plots</h2>{plots}<h2>Lineage</h2><pre>"
+           f"{e(json.dumps(card.get('lineage', {}), indent=1, sort_keys=True))}</pre><script>{_JS}</script></body></html>")
     atomic_write_bytes(out, doc.encode())
     return out

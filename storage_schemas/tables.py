@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "0.2.0"  # 0.2.0: shards.version, samples.input_digest (dataset versions)
+SCHEMA_VERSION = "0.3.0"  # 0.3.0: clips/clip_features.speaking_score, face_tracks; 0.2.0: shards.version, samples.input_digest (dataset versions)
 FPS = 30  # every per-frame array in M2F-D is sampled at exactly this rate
 AUDIO_SAMPLE_RATE = 16_000
 
@@ -61,6 +61,8 @@ CLIPS = pa.schema(
         _f("face_size_px", pa.float32(), doc="median speaker face width in display pixels"),
         _f("face_score", pa.float32(), doc="median detector confidence"),
         _f("n_other_faces", pa.int32(), doc="distinct non-speaker (background) face tracks in the clip"),
+        _f("speaking_score", pa.float32(), True, "mean Light-ASD speaking logit of the clip's face over the clip "
+                                                 "(>= 0: speaking); null where active-speaker detection is off"),
         _f("width", pa.int32()),
         _f("height", pa.int32()),
         _f("rotation", pa.int32()),
@@ -119,12 +121,27 @@ CLIP_FEATURES = pa.schema(
         _f("landmark_conf", pa.float32(), doc="mean over tracked frames"),
         _f("jitter", pa.float32(), True, "mean |second difference| of the normalised mesh, IOD/frame^2"),
         _f("lip_sync", pa.float32(), True, "best correlation (+-3 frames) of mouth opening with speech level"),
+        _f("speaking_score", pa.float32(), True, "the clip's Light-ASD speaking score (clips.speaking_score)"),
         _f("recon_err", pa.float32(), True, "mean GNPFA round-trip error, % IOD"),
         _f("image_pose_err_deg", pa.float32(), True, "image vs mesh head rotation, mean geodesic degrees"),
         _f("image_latent_rel_err", pa.float32(), True, "|z_image - z_mesh| / |z_mesh|, mean"),
         _f("neutral", pa.list_(pa.float32(), N_LANDMARKS * 3), True, "speaker's neutral geometry, template frame"),
         _f("gnpfa_checkpoint", pa.string(), doc="sha256 of the GNPFA weights used"),
         _f("transcript_engine", pa.string(), True),
+    ]
+)
+
+# One row per face track of a source that ingest scored with active-speaker detection (Light-ASD).
+FACE_TRACKS = pa.schema(
+    [
+        _f("source_id", pa.string()),
+        _f("track_id", pa.int32(), doc="the tracker's id (clips.face_track_id)"),
+        _f("start_s", pa.float64(), doc="time of the first score on the source timeline"),
+        _f("asd_fps", pa.int32(), doc="rate of speaking_score (25, Light-ASD's)"),
+        _f("face_size_px", pa.float32(), doc="median face width in display pixels"),
+        _f("speaking_score", pa.list_(pa.float32()), doc="per-frame speaking logit at asd_fps from start_s "
+                                                         "(>= 0: speaking; NaN where the track was not detected)"),
+        _f("speaker", pa.bool_(), doc="the track is the face of at least one clip"),
     ]
 )
 
@@ -185,13 +202,14 @@ TABLES: dict[str, pa.Schema] = {
     "quarantine": QUARANTINE,
     "frames": FRAMES,
     "clip_features": CLIP_FEATURES,
+    "face_tracks": FACE_TRACKS,
     "transcripts": TRANSCRIPTS,
     "label_rows": LABEL_ROWS,
     "shards": SHARDS,
     "samples": SAMPLES,
 }
 # Tables written by the stages that exist now; the others are planned.
-ACTIVE_TABLES = ("sources", "clips", "quarantine", "frames", "clip_features", "transcripts", "label_rows",
+ACTIVE_TABLES = ("sources", "clips", "quarantine", "face_tracks", "frames", "clip_features", "transcripts", "label_rows",
                  "shards", "samples")
 # Tables stored as a folder of Parquet parts (one per source) rather than one file.
 PARTITIONED = ("frames",)

@@ -17,7 +17,10 @@ QUARANTINE_REASONS: dict[str, str] = {
     "no_speech": "the audio has signal but the voice-activity detector found no speech",
     "no_face": "no face was detected in any analysed frame",
     "face_too_small": "faces were detected but none reaches the minimum usable size",
-    "multiple_faces": "more than one usable face is visible wherever a face is visible",
+    "multiple_faces": "several faces of comparable size are visible and active-speaker detection cannot tell "
+                      "which one is speaking (or it is off)",
+    "not_speaking": "the clip's face is not the one speaking (Light-ASD speaking score below the threshold): "
+                    "a silent face over narration, a listener, a still image (one row per dropped clip)",
     "fetch_error": "the remote URL could not be read",
     "source_changed": "the input's bytes changed (or its local copy vanished) after it was ingested",
     "processing_error": "a stage failed on this input or clip (the message names the stage, step and error); "

@@ -208,8 +208,19 @@ def test_wids_reads_the_shards(real_run):
     assert got == keys
 
 
-def test_card_and_report(real_run, tmp_path):
+def _chromium(tmp_path, url: str, *args: str) -> subprocess.CompletedProcess:
     import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is installed by scripts/setup.sh"
+    return subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={tmp_path / 'profile'}", *args, url],
+                          capture_output=True, text=True, timeout=120, check=True)
+
+
+def test_card_and_report(real_run, tmp_path):
+    import re
 
     out, _ = real_run
     card = json.loads((out / "dataset.json").read_text())
@@ -217,15 +228,34 @@ def test_card_and_report(real_run, tmp_path):
     assert card["stats"]["emotion"] and card["lineage"]["checkpoints"]["gnpfa"]["sha256"]
     md = (out / "README.md").read_text()
     assert "## Emotion" in md and "schema version" in md
-    html = (out / "report.html").read_text()
+    # a preview for one clip, then the report again: its card links the video
+    from pipelines.preview import render_preview
+    from pipelines.report import write_report
+
+    ds = open_dataset(out)
+    clips = ds.query("select c.clip_id, l.emotion from clips c join labels l using (clip_id) order by 1").to_pylist()
+    first = clips[0]["clip_id"]
+    render_preview(out, first, out / "previews" / f"{first}.mp4", 128)
+    page = write_report(out)
+    html = page.read_text()
     assert html.count("data:image/png;base64,") >= 8 and "http" not in html.split("<body>")[1]
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "chromium is installed by scripts/setup.sh"
+    n_quarantine = ds.query("select count(*) from quarantine").column(0)[0].as_py()
+    assert html.count("<tr><td>") == n_quarantine  # every quarantine row, with its message
+    # cards render after the script runs: one per clip, each with its keyframe from the shard
+    dom = _chromium(tmp_path, page.as_uri(), "--dump-dom").stdout
+    cards = re.findall(r'<div class="card(?: dropped)?" data-[^>]*>', dom)
+    assert len(cards) == len(clips)
+    assert dom.count('src="data:image/jpeg;base64,') == len(clips)
+    assert f'href="previews/{first}.mp4"' in dom and re.search(r'id="shown">%d<' % len(clips), dom)
+    # a filter (preset in the URL) hides the cards of other emotions
+    emo = clips[-1]["emotion"]
+    want = sum(c["emotion"] == emo for c in clips)
+    dom_f = _chromium(tmp_path, page.as_uri() + f"#emotion={emo}", "--dump-dom").stdout
+    hidden = [c for c in re.findall(r'<div class="card(?: dropped)?" data-[^>]*>', dom_f) if "display: none" in c]
+    assert len(hidden) == len(clips) - want and re.search(r'id="shown">%d<' % want, dom_f)
+    # and on screen: the cards' keyframes and the plots' bar colours
     shot = tmp_path / "report.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1600", f"--screenshot={shot}",
-                    (out / "report.html").as_uri()], capture_output=True, timeout=120, check=True)
+    _chromium(tmp_path, page.as_uri(), "--window-size=1280,5000", "--hide-scrollbars", f"--screenshot={shot}")
     import matplotlib.image as mpimg
 
     img = (mpimg.imread(shot)[:, :, :3] * 255).astype(int)
@@ -233,8 +263,9 @@ def test_card_and_report(real_run, tmp_path):
     def share(rgb):
         return float((np.abs(img - np.array(rgb)).sum(-1) < 30).mean())
 
+    assert share((0xFA, 0xFA, 0xFA)) > 0.01  # card backgrounds
     # the plots' bar colours are on screen: emotions (blue), style tags (green), head pose (purple)
-    assert share((0x3B, 0x7D, 0xD8)) > 0.002 and share((0x5A, 0xA5, 0x5A)) > 0.002 and share((0x8A, 0x5A, 0xD8)) > 0.002
+    assert share((0x3B, 0x7D, 0xD8)) > 0.001 and share((0x5A, 0xA5, 0x5A)) > 0.001 and share((0x8A, 0x5A, 0xD8)) > 0.001
 
 
 def test_ray_data_reader(real_run):
@@ -289,3 +320,26 @@ def test_hugging_face_datasets_reads_the_shards(real_run, tmp_path):
         assert x["meta.json"]["clip_id"] == x["__key__"] and x["__key__"] in want
         assert np.asarray(x["latents.npy"]).shape == (want[x["__key__"]], 32)
         assert x["audio.flac"]["bytes"][:4] == b"fLaC"
+
+
+def test_preview_frames_the_whole_mesh_steadily_on_real_clips(real_run):
+    from extractors.render import mesh_view, project
+    from pipelines.preview import clip_meshes
+
+    out, _ = real_run
+    ids = open_dataset(out).query("select clip_id from clip_features where status = 'ok' order by clip_id").column(0).to_pylist()
+    assert ids
+    size = 384
+    for cid in ids:
+        _, _, verts = clip_meshes(out, cid)
+        ok = ~np.isnan(verts[:, 0, 0])
+        view = mesh_view(verts)  # what the preview uses: one framing per clip
+        for v in verts[ok]:
+            p = project(v, size, view)
+            assert p.min() >= 0 and p.max() < size, (cid, p.min(), p.max())
+        # the chin (lowest vertex) and the lower lip sit inside the frame with a margin, not on its edge
+        low = max(float(project(v, size, view)[:, 1].max()) for v in verts[ok])
+        assert low <= size * 0.97
+        # and the face fills the panel: the mesh spans most of it
+        span = max(float(np.ptp(project(v, size, view)[:, 1])) for v in verts[ok])
+        assert span > size * 0.6

@@ -1,0 +1,214 @@
+"""Active-speaker detection (Light-ASD in ingest) on real footage, measured side by side in one run.
+
+From the shared speaking videos (real d12, d14, s18 and the 17 corpus people) it makes, with ffmpeg:
+  * real:      a <= 10 s excerpt with its own audio;
+  * dubbed:    the same frames with the speech of the next person in the list (another person's voice);
+  * still:     the excerpt's first frame held for the whole excerpt, with its own speech (a photo over
+               narration: a face that does not speak);
+  * composite: two people side by side (each scaled to the same height) with the speech of one of them,
+               the speaker on the left and on the right in turn.
+Each goes through the ingest stage's own `analyse` (extractors.ingest) with the default config, except
+that no clip is dropped, so that every clip's speaking score is seen. Printed: the per-clip AUC of the
+speaking score for real vs dubbed and real vs still, and of the old lip-sync proxy (Face Mesh, `--proxy`);
+the share of real clips kept and of dubbed / still clips dropped at the default threshold; on composites,
+the share of clip frames whose chosen face is the one speaking and the share of talking time that became a
+clip; the cost per scored frame.
+
+    .venv/bin/python bench/bench_asd.py [--seconds 10] [--proxy] [--weights light-asd/pretrain_AVA_CVPR.model]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("GLOG_minloglevel", "2")
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from extractors.config import ExtractConfig, IngestConfig  # noqa: E402  (pure dataclasses)
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+def ff(*a):
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *a], check=True)
+
+
+ENC = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p", "-c:a", "aac", "-ar", "44100"]
+
+
+def speaking_videos() -> list[Path]:
+    vids = [SHARED / "real" / f"{n}.mp4" for n in ("d12", "d14", "s18")]
+    return vids + sorted((SHARED / "corpus").glob("*.mp4"))
+
+
+def make_cases(tmp: Path, secs: float) -> dict[str, list[tuple[str, Path, dict]]]:
+    vids = speaking_videos()
+    ex = []
+    for v in vids:
+        p = tmp / f"real_{v.stem}.mp4"
+        ff("-i", str(v), "-t", str(secs), "-vf", "scale=-2:'min(720,ih)',fps=30", *ENC, str(p))
+        ex.append(p)
+    cases: dict[str, list] = {"real": [], "dubbed": [], "still": [], "composite": []}
+    n = len(ex)
+    for i, p in enumerate(ex):
+        cases["real"].append((p.stem, p, {}))
+        o = ex[(i + 1) % n]
+        d = tmp / f"dub_{p.stem[5:]}_{o.stem[5:]}.mp4"
+        ff("-i", str(p), "-i", str(o), "-map", "0:v", "-map", "1:a", "-c:v", "copy", "-c:a", "aac", "-shortest", str(d))
+        cases["dubbed"].append((d.stem, d, {}))
+        s = tmp / f"still_{p.stem[5:]}.mp4"
+        ff("-i", str(p), "-filter_complex", "[0:v]trim=end_frame=1,loop=loop=-1:size=1,setpts=N/30/TB[v]",
+           "-map", "[v]", "-map", "0:a", "-t", str(secs), *ENC, "-shortest", str(s))
+        cases["still"].append((s.stem, s, {}))
+    for i in range(0, n - 1, 2):
+        a, b = ex[i], ex[i + 1]
+        left_speaks = (i // 2) % 2 == 0
+        first, second = (a, b) if left_speaks else (b, a)
+        c = tmp / f"comp_{a.stem[5:]}_{b.stem[5:]}.mp4"
+        ff("-i", str(first), "-i", str(second), "-filter_complex",
+           "[0:v]scale=-2:360,setsar=1[l];[1:v]scale=-2:360,setsar=1[r];[l][r]hstack=inputs=2[v]",
+           "-map", "[v]", "-map", f"{0 if left_speaks else 1}:a", *ENC, "-shortest", str(c))
+        cases["composite"].append((c.stem, c, {"speaker_left": left_speaks, "split_x": None, "first": first}))
+    return cases
+
+
+def auc(pos, neg) -> float:
+    pos, neg = np.asarray([x for x in pos if x is not None]), np.asarray([x for x in neg if x is not None])
+    if not len(pos) or not len(neg):
+        return float("nan")
+    return float((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--weights", default=IngestConfig().asd_weights)
+    ap.add_argument("--proxy", action="store_true", help="also run Face Mesh for the lip-sync proxy's AUC")
+    ap.add_argument("--cost-only", action="store_true", help="only the model's cost per frame, CPU and CUDA "
+                    "(needs torch and the weights only: runs on the lent GPU machine)")
+    args = ap.parse_args()
+    if args.cost_only:
+        return cost(args.weights)
+    from extractors.ingest import analyse
+    from extractors.probe import sha256_file
+    from pipelines.ingest import asd_scorer
+
+    base = IngestConfig(asd_weights=args.weights)
+    keep_all = dataclasses.replace(base, min_speaking_score=-1e9)
+    asd = asd_scorer(base.asd_weights, tuple(base.asd_durations_s), base.asd_threads)
+    thr = base.min_speaking_score
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        cases = make_cases(tmp, args.seconds)
+        scores: dict[str, list] = {k: [] for k in cases}
+        proxy: dict[str, list] = {"real": [], "dubbed": []}
+        asd_s, asd_frames = 0.0, 0
+        for kind in ("real", "dubbed", "still"):
+            for name, p, _ in cases[kind]:
+                r = analyse(str(p), str(p), sha256_file(p), p.stat().st_size, keep_all, asd=asd)
+                asd_s += r["metrics"].get("asd_s", 0.0)
+                asd_frames += r["metrics"].get("asd_frames", 0)
+                got = [c["speaking_score"] for c in r["clips"]]
+                scores[kind] += got
+                reason = r["quarantine"][0]["reason"] if r["quarantine"] else ""
+                print(f"{kind:9s} {name:40s} clips {len(got)} scores {[round(g, 2) for g in got]} {reason}", flush=True)
+                if args.proxy and kind in proxy and r["clips"]:
+                    from extractors.extract import extract_source
+
+                    s = r["source"]
+                    feats = extract_source(str(p), s["width"], s["height"], r["clips"], ExtractConfig())
+                    proxy[kind] += [f.quality.get("lip_sync") for f in feats]
+        right = wrong = talk = covered = 0
+        for name, p, meta in cases["composite"]:
+            r = analyse(str(p), str(p), sha256_file(p), p.stat().st_size, base, asd=asd)
+            asd_s += r["metrics"].get("asd_s", 0.0)
+            asd_frames += r["metrics"].get("asd_frames", 0)
+            for c in r["clips"]:
+                on_left = (c["face_box"][0] + c["face_box"][2]) / 2 < _left_share(p, meta["first"])
+                ok = on_left == meta["speaker_left"]
+                right += c["n_frames"] * ok
+                wrong += c["n_frames"] * (not ok)
+            # talking time: the speech the VAD found on the composite's timeline
+            talk += int(round((r["source"]["speech_s"] or 0) * 30))
+            covered += sum(c["n_frames"] for c in r["clips"])
+            q = r["quarantine"][0]["reason"] if r["quarantine"] else ""
+            print(f"composite {name:40s} clips {[(c['face_track_id'], round(c['speaking_score'], 2)) for c in r['clips']]} "
+                  f"speaker {'left' if meta['speaker_left'] else 'right'} {q}", flush=True)
+    real, dub, still = scores["real"], scores["dubbed"], scores["still"]
+    kept = np.mean([s >= thr for s in real]) if real else float("nan")
+    print()
+    print(f"model {args.weights}, windows {base.asd_durations_s} s, threshold {thr}")
+    print(f"clips: real {len(real)}, dubbed {len(dub)}, still {len(still)}")
+    print(f"AUC speaking score, real vs dubbed: {auc(real, dub):.3f} (target >= 0.95)")
+    print(f"AUC speaking score, real vs still:  {auc(real, still):.3f}")
+    if args.proxy:
+        print(f"AUC lip-sync proxy, real vs dubbed: {auc(proxy['real'], proxy['dubbed']):.3f}")
+    print(f"real clips kept: {kept:.1%} (target >= 95%)")
+    print(f"dubbed clips dropped: {np.mean([s < thr for s in dub]):.1%} (target >= 90%)")
+    print(f"still clips dropped: {np.mean([s < thr for s in still]):.1%}")
+    tot = right + wrong
+    print(f"composites: right speaker on {right / max(tot, 1):.1%} of clip frames ({right}/{tot}; target >= 95%); "
+          f"clips cover {covered / max(talk, 1):.1%} of the speech frames")
+    print(f"cost: {1000 * asd_s / max(asd_frames, 1):.1f} ms CPU per scored face frame (crops + model, "
+          f"{base.asd_threads} thread), {asd_frames} frames")
+
+
+def cost(weights: str) -> None:
+    """Model cost per 25 fps face frame on synthetic inputs of the real shapes: one track window by window
+    (what ingest does, 1 CPU thread), and on CUDA where present also a batch of 64 windows of 4 s."""
+    import time
+
+    import torch
+
+    from models.light_asd import load, resolve, score_track
+
+    model, sha = load(resolve(weights))
+    rng = np.random.default_rng(0)
+    faces = rng.integers(0, 255, (500, 112, 112), dtype=np.uint8)
+    mfcc = rng.normal(0, 10, (2000, 13)).astype(np.float32)
+    torch.set_num_threads(1)
+    score_track(model, faces[:100], mfcc[:400], (4,))
+    t = time.perf_counter()
+    score_track(model, faces, mfcc, (4,))
+    cpu = (time.perf_counter() - t) / len(faces)
+    print(f"cost: CPU (1 thread) {1000 * cpu:.2f} ms per face frame, one track of {len(faces)} frames, 4 s windows")
+    if torch.cuda.is_available():
+        m = model.cuda()
+        f = torch.from_numpy(faces[:100]).cuda()[None].repeat(64, 1, 1, 1)
+        a = torch.from_numpy(mfcc[:400]).cuda()[None].repeat(64, 1, 1)
+        with torch.no_grad():
+            for _ in range(3):
+                m(f, a)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(10):
+                m(f, a)
+            torch.cuda.synchronize()
+        gpu_b = (time.perf_counter() - t) / (10 * 64 * 100)
+        m.cpu()
+        print(f"cost: CUDA ({torch.cuda.get_device_name(0)}) batched 64 x 4 s windows: {1000 * gpu_b:.4f} ms per "
+              f"face frame; CPU 1 thread / CUDA batched = {cpu / gpu_b:.0f}x")
+
+
+def _left_share(comp: Path, first: Path) -> float:
+    """Fraction of the composite's width taken by the left video (both scaled to 360 px high)."""
+    def size(p):
+        out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries", "stream=width,height",
+                              "-of", "csv=p=0", str(p)], capture_output=True, text=True, check=True).stdout
+        w, h = (int(x) for x in out.strip().split(",")[:2])
+        return w, h
+    lw, lh = size(first)
+    cw, _ = size(comp)
+    return (round(lw * 360 / lh / 2) * 2) / cw
+
+
+if __name__ == "__main__":
+    main()

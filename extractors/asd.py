@@ -1,0 +1,132 @@
+"""Face-track inputs of active-speaker detection (Light-ASD): grayscale 112 px crops at 25 fps around a
+face box, as the original demo cuts them, and the track bookkeeping between the 30 fps analysis grid
+and the model's 25 fps. Pure numpy."""
+from __future__ import annotations
+
+import numpy as np
+
+CROP = 112
+PAD_VALUE = 110  # the original pads frames with this grey before cropping
+
+
+def asd_crop(frame: np.ndarray, box: np.ndarray, size: int = CROP) -> np.ndarray:
+    """(size, size) uint8 grey crop of an RGB frame around a face box (x0, y0, x1, y1 in pixels).
+
+    The original crops a square of side 2.8 s (s = half the box's larger side) reaching from s above the
+    box centre, resizes it to 224 px and keeps the central 112 px: a square of side 1.4 s centred 0.4 s
+    below the box centre (mouth, nose and cheeks). Sampled bilinearly; outside the frame reads grey 110."""
+    h, w = frame.shape[:2]
+    x0, y0, x1, y1 = (float(v) for v in box[:4])
+    s = max(x1 - x0, y1 - y0) / 2
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2 + 0.4 * s
+    side = 1.4 * s
+    g = (np.arange(size) + 0.5) / size * side - side / 2 - 0.5
+    xs, ys = cx + g, cy + g
+    xi, yi = np.floor(xs).astype(np.int64), np.floor(ys).astype(np.int64)
+    fx, fy = (xs - xi).astype(np.float32), (ys - yi).astype(np.float32)
+    out = np.zeros((size, size), np.float32)
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            yy, xx = yi + dy, xi + dx
+            vy, vx = (yy >= 0) & (yy < h), (xx >= 0) & (xx < w)
+            px = frame[np.clip(yy, 0, h - 1)[:, None], np.clip(xx, 0, w - 1)[None, :]].astype(np.float32)
+            grey = px[..., 0] * 0.299 + px[..., 1] * 0.587 + px[..., 2] * 0.114
+            grey = np.where(vy[:, None] & vx[None, :], grey, PAD_VALUE)
+            out += grey * (wy[:, None] * wx[None, :])
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def asd_grid(n_out: int, fps_in: int = 30, fps_asd: int = 25) -> np.ndarray:
+    """Indices on the ``fps_in`` grid of the frames shown at each 1/``fps_asd`` s step."""
+    n = int(np.floor((n_out - 1) * fps_asd / fps_in)) + 1 if n_out > 0 else 0
+    return np.minimum(np.floor(np.arange(n) * fps_in / fps_asd + 1e-9).astype(np.int64), n_out - 1)
+
+
+class TrackCrops:
+    """Crops of every usable detection, collected while the frames stream by: for each 25 fps frame k,
+    the detection sample that governs it (the latest one at or before it) and a crop per detection."""
+
+    def __init__(self, n_out: int, stride: int, min_width_px: float, width_px: float):
+        self.grid = asd_grid(n_out)
+        self.stride, self.min_w, self.w_px = stride, min_width_px, width_px
+        self.sample = np.minimum(self.grid // stride, max(0, (n_out - 1) // stride))
+        self.crops: list[dict[int, np.ndarray]] = [{} for _ in range(len(self.grid))]
+        self._want = {}
+        for k, g in enumerate(self.grid.tolist()):
+            self._want.setdefault(g, []).append(k)
+
+    def needed(self) -> np.ndarray:
+        return np.unique(self.grid)
+
+    def add(self, out_idx: int, frame: np.ndarray, dets: np.ndarray) -> None:
+        """``dets`` are the governing sample's detections (normalised boxes)."""
+        ks = self._want.get(out_idx)
+        if not ks:
+            return
+        h, w = frame.shape[:2]
+        for j, d in enumerate(dets):
+            if (d[2] - d[0]) * self.w_px < self.min_w:
+                continue
+            c = asd_crop(frame, d[:4] * np.array([w, h, w, h], np.float32))
+            for k in ks:
+                self.crops[k][j] = c
+
+
+def track_scores(score, tr, tc: TrackCrops, mfcc: np.ndarray, min_run: int = 5) -> dict[int, tuple[int, np.ndarray]]:
+    """Speaking logits of every track that has crops: {track_id: (first 25 fps frame, scores)}; scores
+    run from that frame to the track's last, NaN where the track was not detected. Each contiguous run
+    of frames is scored on its own by ``score(faces, mfcc) -> logits``; runs shorter than ``min_run``
+    frames (0.2 s) stay NaN."""
+    from models.light_asd import AUDIO_PER_VIDEO
+
+    out = {}
+    for t in tr.tracks:
+        det_of = dict(zip(t.samples, t.dets))
+        ks = [k for k in range(len(tc.grid)) if det_of.get(int(tc.sample[k])) in tc.crops[k]]
+        if not ks:
+            continue
+        k0, k1 = ks[0], ks[-1] + 1
+        sc = np.full(k1 - k0, np.nan, np.float32)
+        ks_a = np.asarray(ks)
+        breaks = np.flatnonzero(np.diff(ks_a) > 1)
+        for run in np.split(ks_a, breaks + 1):
+            a, b = int(run[0]), int(run[-1]) + 1
+            if b - a < min_run or a * AUDIO_PER_VIDEO >= len(mfcc):
+                continue
+            faces = np.stack([tc.crops[k][det_of[int(tc.sample[k])]] for k in range(a, b)])
+            s = score(faces, mfcc[a * AUDIO_PER_VIDEO: b * AUDIO_PER_VIDEO])
+            sc[a - k0: a - k0 + len(s)] = s
+        out[t.track_id] = (k0, sc)
+    return out
+
+
+def per_sample(scores: dict[int, tuple[int, np.ndarray]], tc: TrackCrops, n_samples: int,
+               half_window: int = 0) -> dict[int, np.ndarray]:
+    """Each track's mean logit per detection sample over the samples within +-``half_window`` of it
+    (NaN where it has none): who speaks is decided over about a second, not frame by frame."""
+    out = {}
+    for tid, (k0, sc) in scores.items():
+        s = tc.sample[k0: k0 + len(sc)]
+        tot = np.zeros(n_samples)
+        cnt = np.zeros(n_samples)
+        ok = ~np.isnan(sc)
+        np.add.at(tot, s[ok], sc[ok])
+        np.add.at(cnt, s[ok], 1)
+        here = cnt > 0
+        if half_window > 0:
+            k = np.ones(2 * half_window + 1)
+            tot, cnt = np.convolve(tot, k, "same"), np.convolve(cnt, k, "same")
+        out[tid] = np.where(here & (cnt > 0), tot / np.maximum(cnt, 1), np.nan)
+    return out
+
+
+def span_score(scores: dict[int, tuple[int, np.ndarray]], tid: int, a: int, b: int, fps_in: int = 30,
+               fps_asd: int = 25) -> float | None:
+    """Mean logit of track ``tid`` over the 30 fps frames [a, b); None where it has no score there."""
+    if tid not in scores:
+        return None
+    k0, sc = scores[tid]
+    ka, kb = int(np.ceil(a * fps_asd / fps_in - 1e-9)), int(np.ceil(b * fps_asd / fps_in - 1e-9))
+    seg = sc[max(0, ka - k0): max(0, kb - k0)]
+    seg = seg[~np.isnan(seg)]
+    return float(seg.mean()) if seg.size else None

@@ -1,0 +1,280 @@
+"""Light-ASD (Liao et al., CVPR 2023): audio-visual active-speaker detection, our own implementation of
+the published architecture so that its released state dicts (``../shared/models/light-asd``, MIT) load
+as they are (``weights_only=True``, strict).
+
+Inputs per face track: grayscale 112 x 112 crops at 25 fps (uint8) and 13 MFCCs at 100 Hz, four audio
+frames per video frame. Output: one logit per video frame, >= 0 meaning "this face is speaking".
+Pure: no Ray, no Dagster; callers pick the threads.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+VIDEO_FPS = 25
+AUDIO_PER_VIDEO = 4  # MFCC frames (100 Hz) per video frame
+CROP = 112
+MEAN, STD = 0.4161, 0.1688
+
+# the released weights, by file name: the default is the TalkSet fine-tune (chosen by bench/bench_asd.py)
+WEIGHTS = {
+    "finetuning_TalkSet.model": "efc375833887eefa9d209dc92810e18519b04c3c73ea35a549f2a7f40b7d94d5",
+    "pretrain_AVA_CVPR.model": "d44bc3ea7baa8e0946fa3921311714a630ed8b90a1928fab0dbe30d918909317",
+}
+
+
+def _bn3(c):
+    return nn.BatchNorm3d(c, momentum=0.01, eps=0.001)
+
+
+def _bn2(c):
+    return nn.BatchNorm2d(c, momentum=0.01, eps=0.001)
+
+
+class VisualBlock(nn.Module):
+    """Two branches (1xkxk spatial then kx1x1 temporal conv, k = 3 and 5), summed, then a 1x1x1 conv."""
+
+    def __init__(self, cin: int, cout: int, down: bool = False):
+        super().__init__()
+        st = (1, 2, 2) if down else (1, 1, 1)
+        self.s_3 = nn.Conv3d(cin, cout, (1, 3, 3), stride=st, padding=(0, 1, 1), bias=False)
+        self.bn_s_3 = _bn3(cout)
+        self.t_3 = nn.Conv3d(cout, cout, (3, 1, 1), padding=(1, 0, 0), bias=False)
+        self.bn_t_3 = _bn3(cout)
+        self.s_5 = nn.Conv3d(cin, cout, (1, 5, 5), stride=st, padding=(0, 2, 2), bias=False)
+        self.bn_s_5 = _bn3(cout)
+        self.t_5 = nn.Conv3d(cout, cout, (5, 1, 1), padding=(2, 0, 0), bias=False)
+        self.bn_t_5 = _bn3(cout)
+        self.last = nn.Conv3d(cout, cout, (1, 1, 1), bias=False)
+        self.bn_last = _bn3(cout)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        r = self.relu
+        a = r(self.bn_t_3(self.t_3(r(self.bn_s_3(self.s_3(x))))))
+        b = r(self.bn_t_5(self.t_5(r(self.bn_s_5(self.s_5(x))))))
+        return r(self.bn_last(self.last(a + b)))
+
+    def forward_2d(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """The same function on (B*T, C, H, W): the 1xkxk convs as 2-D convs per frame and the kx1x1
+        ones as 2-D convs over (T, H*W), which CPUs run several times faster than the 3-D forms."""
+        r = self.relu
+
+        def bn(m, y):
+            return F.batch_norm(y, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+        def spatial(conv, y):
+            return F.conv2d(y, conv.weight[:, :, 0], stride=conv.stride[1:], padding=conv.padding[1:])
+
+        def temporal(conv, y):  # y (B*T, C, H, W) -> same, conv along T
+            bt, c, h, w = y.shape
+            z = y.reshape(bt // t, t, c, h * w).transpose(1, 2)  # (B, C, T, HW)
+            z = F.conv2d(z, conv.weight[..., 0], padding=(conv.padding[0], 0))
+            return z.transpose(1, 2).reshape(bt, -1, h, w)
+
+        a = r(bn(self.bn_t_3, temporal(self.t_3, r(bn(self.bn_s_3, spatial(self.s_3, x))))))
+        b = r(bn(self.bn_t_5, temporal(self.t_5, r(bn(self.bn_s_5, spatial(self.s_5, x))))))
+        return r(bn(self.bn_last, F.conv2d(a + b, self.last.weight[:, :, 0])))
+
+
+class VisualEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block1 = VisualBlock(1, 32, down=True)
+        self.pool1 = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.block2 = VisualBlock(32, 64)
+        self.pool2 = nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.block3 = VisualBlock(64, 128)
+
+    def forward(self, x):  # (B, 1, T, 112, 112) -> (B, T, 128)
+        x = self.block3(self.pool2(self.block2(self.pool1(self.block1(x)))))
+        return x.amax(dim=(3, 4)).transpose(1, 2)
+
+    def forward_2d(self, x: torch.Tensor) -> torch.Tensor:  # (B, 1, T, 112, 112) -> (B, T, 128)
+        b, _, t, h, w = x.shape
+        y = x.transpose(1, 2).reshape(b * t, 1, h, w)
+        y = F.max_pool2d(self.block1.forward_2d(y, t), 3, 2, 1)
+        y = F.max_pool2d(self.block2.forward_2d(y, t), 3, 2, 1)
+        y = self.block3.forward_2d(y, t)
+        return y.amax(dim=(2, 3)).reshape(b, t, -1)
+
+
+class AudioBlock(nn.Module):
+    """The same two-branch block in 2-D over (MFCC, time): kx1 then 1xk convs, k = 3 and 5."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.m_3 = nn.Conv2d(cin, cout, (3, 1), padding=(1, 0), bias=False)
+        self.bn_m_3 = _bn2(cout)
+        self.t_3 = nn.Conv2d(cout, cout, (1, 3), padding=(0, 1), bias=False)
+        self.bn_t_3 = _bn2(cout)
+        self.m_5 = nn.Conv2d(cin, cout, (5, 1), padding=(2, 0), bias=False)
+        self.bn_m_5 = _bn2(cout)
+        self.t_5 = nn.Conv2d(cout, cout, (1, 5), padding=(0, 2), bias=False)
+        self.bn_t_5 = _bn2(cout)
+        self.last = nn.Conv2d(cout, cout, (1, 1), bias=False)
+        self.bn_last = _bn2(cout)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        r = self.relu
+        a = r(self.bn_t_3(self.t_3(r(self.bn_m_3(self.m_3(x))))))
+        b = r(self.bn_t_5(self.t_5(r(self.bn_m_5(self.m_5(x))))))
+        return r(self.bn_last(self.last(a + b)))
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block1 = AudioBlock(1, 32)
+        self.pool1 = nn.MaxPool2d((1, 3), stride=(1, 2), padding=(0, 1))  # along time: 100 Hz -> 50 Hz
+        self.block2 = AudioBlock(32, 64)
+        self.pool2 = nn.MaxPool2d((1, 3), stride=(1, 2), padding=(0, 1))  # -> 25 Hz
+        self.block3 = AudioBlock(64, 128)
+
+    def forward(self, x):  # (B, 1, 13, 4T) -> (B, T, 128)
+        x = self.block3(self.pool2(self.block2(self.pool1(self.block1(x)))))
+        return x.mean(dim=2).transpose(1, 2)
+
+
+class BGRU(nn.Module):
+    """Two one-directional GRUs: forward, GELU, time-flip, second GRU, flip back, GELU."""
+
+    def __init__(self, c: int = 128):
+        super().__init__()
+        self.gru_forward = nn.GRU(c, c, num_layers=1, batch_first=True)
+        self.gru_backward = nn.GRU(c, c, num_layers=1, batch_first=True)
+        self.gelu = nn.GELU()
+
+    def forward(self, x):
+        x = self.gelu(self.gru_forward(x)[0])
+        x = torch.flip(self.gru_backward(torch.flip(x, dims=[1]))[0], dims=[1])
+        return self.gelu(x)
+
+
+class Backbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.visualEncoder = VisualEncoder()
+        self.audioEncoder = AudioEncoder()
+        self.GRU = BGRU(128)
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.FC = nn.Linear(128, 2)
+
+
+class LightASD(nn.Module):
+    """The whole released network; state-dict keys ``model.*``, ``lossAV.FC.*`` and ``lossV.FC.*``."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = Backbone()
+        self.lossAV = Head()
+        self.lossV = Head()
+
+    def forward(self, faces: torch.Tensor, mfcc: torch.Tensor) -> torch.Tensor:
+        """faces (B, T, 112, 112) uint8 or float in [0, 255]; mfcc (B, 4T, 13) -> (B, T) speaking logits."""
+        b, t = faces.shape[:2]
+        v = ((faces.float() / 255.0 - MEAN) / STD).unsqueeze(1)
+        v = self.model.visualEncoder.forward_2d(v)
+        a = self.model.audioEncoder(mfcc.float().unsqueeze(1).transpose(2, 3))
+        x = self.model.GRU(a + v)
+        return self.lossAV.FC(x)[..., 1]
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for blk in iter(lambda: f.read(1 << 20), b""):
+            h.update(blk)
+    return h.hexdigest()
+
+
+def load(path: str | Path, expect_sha256: str | None = None) -> tuple[LightASD, str]:
+    """Load a released Light-ASD state dict (``torch.load(weights_only=True)``, strict) -> (eval model,
+    sha256). A file whose sha256 differs from ``expect_sha256`` (default: the released one of that file
+    name, where known) raises."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"Light-ASD weights not found: {p} (set ingest.asd_weights to the file; the "
+                                f"released ones are {', '.join(WEIGHTS)})")
+    sha = sha256_file(p)
+    want = expect_sha256 or WEIGHTS.get(p.name)
+    if want and sha != want:
+        raise ValueError(f"Light-ASD weights {p} have sha256 {sha}, expected {want}")
+    sd = torch.load(p, map_location="cpu", weights_only=True)
+    m = LightASD()
+    m.load_state_dict(sd, strict=True)
+    return m.eval(), sha
+
+
+# the original demo scores a track over windows of these lengths (s) and averages them per frame
+DURATIONS_S = (1, 1, 1, 2, 2, 2, 3, 3, 4, 5, 6)
+
+
+@torch.no_grad()
+def score_track(model: LightASD, faces: np.ndarray, mfcc: np.ndarray, durations_s=DURATIONS_S,
+                smooth: int = 2) -> np.ndarray:
+    """Per-frame speaking logits of one contiguous track: faces (T, 112, 112) uint8 at 25 fps and
+    mfcc (>= 4T, 13) float at 100 Hz. As the original demo: the track is cut into windows of each of
+    ``durations_s``, each window scored on its own, the per-frame scores averaged over the durations and
+    smoothed over +-``smooth`` frames. Each window's result depends on that window only, so a frame's
+    score is the same whatever else is scored with it."""
+    t = min(len(faces), len(mfcc) // AUDIO_PER_VIDEO)
+    if t == 0:
+        return np.zeros(0, np.float32)
+    faces, mfcc = faces[:t], mfcc[: t * AUDIO_PER_VIDEO]
+    fv = torch.from_numpy(np.ascontiguousarray(faces))
+    fa = torch.from_numpy(np.ascontiguousarray(mfcc, dtype=np.float32))
+    total = np.zeros(t, np.float64)
+    for d in durations_s:
+        w = d * VIDEO_FPS
+        out = np.empty(t, np.float64)
+        for i in range(math.ceil(t / w)):
+            a, b = i * w, min(t, (i + 1) * w)
+            s = model(fv[None, a:b], fa[None, a * AUDIO_PER_VIDEO: b * AUDIO_PER_VIDEO])
+            out[a:b] = s[0].double().numpy()
+        total += out
+    total /= len(durations_s)
+    if smooth > 0 and t > 1:
+        pad = np.pad(total, smooth, mode="edge")
+        total = np.convolve(pad, np.ones(2 * smooth + 1) / (2 * smooth + 1), "valid")
+    return total.astype(np.float32)
+
+
+def models_dir() -> Path:
+    """Where relative model paths are looked up: $M2FD_MODELS, else ../shared/models beside the repository."""
+    import os
+
+    env = os.environ.get("M2FD_MODELS")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "models"
+
+
+def resolve(path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else models_dir() / p
+
+
+class Scorer:
+    """``Scorer(path)(faces, mfcc) -> logits``: a loaded model with fixed threads and windows."""
+
+    def __init__(self, path: str | Path, durations_s=(2, 4), threads: int = 1):
+        self.model, self.sha256 = load(path)
+        self.path, self.durations_s, self.threads = str(path), tuple(durations_s), int(threads)
+
+    def __call__(self, faces: np.ndarray, mfcc: np.ndarray) -> np.ndarray:
+        prev = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return score_track(self.model, faces, mfcc, self.durations_s)
+        finally:
+            torch.set_num_threads(prev)

@@ -1,0 +1,126 @@
+"""Active-speaker detection (Light-ASD) in ingest: the released weights, the MFCC it was trained on,
+the speaking score of real talking faces vs faces that do not speak, and the speaker among two faces."""
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from extractors.audio_features import mfcc_100hz
+from extractors.config import IngestConfig
+from extractors.ingest import analyse
+from extractors.media import decode_audio
+from extractors.probe import sha256_file
+from models import light_asd
+from pipelines.ingest import asd_scorer
+from storage_schemas import open_dataset
+
+CFG = IngestConfig()
+ENC = ["-c:v", "libx264", "-preset", "ultrafast", "-crf", "20", "-pix_fmt", "yuv420p", "-c:a", "aac"]
+
+
+def _ff(*a):
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *a], check=True)
+
+
+def _analyse(p: Path, cfg: IngestConfig = CFG) -> dict:
+    asd = asd_scorer(cfg.asd_weights, tuple(cfg.asd_durations_s), cfg.asd_threads) if cfg.asd_weights else None
+    return analyse(str(p), str(p), sha256_file(p), p.stat().st_size, cfg, asd=asd)
+
+
+def test_released_weights_load_strictly_and_are_checked(tmp_path):
+    path = light_asd.resolve(CFG.asd_weights)
+    model, sha = light_asd.load(path)
+    assert sha == light_asd.WEIGHTS[path.name]
+    assert sum(p.numel() for p in model.parameters()) > 1_000_000
+    bad = tmp_path / path.name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        light_asd.load(bad)
+    with pytest.raises(FileNotFoundError, match="asd_weights"):
+        light_asd.load(tmp_path / "missing.model")
+
+
+def test_mfcc_is_the_definition_light_asd_was_trained_on(real_dir):
+    psf = pytest.importorskip("python_speech_features")
+    a = decode_audio(str(real_dir / "d12.mp4"))[:48000]
+    ref = psf.mfcc(a * 32768.0, 16000, numcep=13, winlen=0.025, winstep=0.010)
+    got = mfcc_100hz(a)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+
+
+def test_the_2d_visual_path_equals_the_released_3d_network():
+    import torch
+
+    model, _ = light_asd.load(light_asd.resolve(CFG.asd_weights))
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (1, 1, 12, 112, 112)).astype(np.float32) / 255)
+    with torch.no_grad():
+        a, b = model.model.visualEncoder(x), model.model.visualEncoder.forward_2d(x)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, real_dir):
+    d = tmp_path_factory.mktemp("asd")
+    talk = d / "talk.mp4"
+    _ff("-i", str(real_dir / "d12.mp4"), "-vf", "scale=320:320,fps=30", *ENC, str(talk))
+    # the same person's first frame held over the same speech: a face that does not speak
+    still = d / "still.mp4"
+    _ff("-i", str(talk), "-filter_complex", "[0:v]trim=end_frame=1,loop=loop=-1:size=1,setpts=N/30/TB[v]",
+        "-map", "[v]", "-map", "0:a", *ENC, "-shortest", str(still))
+    # two people side by side, of the same size: the talking one (right) and another person held still
+    other = d / "other_still.mp4"
+    _ff("-i", str(real_dir / "d14.mp4"), "-t", "8", "-filter_complex",
+        "[0:v]scale=320:320,trim=end_frame=1,loop=loop=-1:size=1,setpts=N/30/TB[v]", "-map", "[v]", "-an",
+        "-t", "8", *ENC[:-2], str(other))
+    comp = d / "two_people.mp4"
+    _ff("-i", str(other), "-i", str(talk), "-filter_complex", "[0:v][1:v]hstack=inputs=2[v]", "-map", "[v]",
+        "-map", "1:a", *ENC, "-shortest", str(comp))
+    return {"talk": talk, "still": still, "two_people": comp}
+
+
+def test_a_talking_face_is_kept_and_a_still_face_over_speech_is_not_speaking(made):
+    r = _analyse(made["talk"])
+    assert r["source"]["status"] == "ok" and r["clips"]
+    assert all(c["speaking_score"] >= CFG.min_speaking_score for c in r["clips"])
+    assert r["tracks"] and r["tracks"][0]["asd_fps"] == 25 and r["tracks"][0]["speaker"]
+    s = _analyse(made["still"])
+    assert s["source"]["status"] == "quarantined"
+    assert s["quarantine"][0]["reason"] == "not_speaking", s["quarantine"]
+    # the same scores, nothing dropped, when the gate is opened: the still face scores below the talking one
+    keep = IngestConfig(min_speaking_score=-1e9)
+    low = _analyse(made["still"], keep)["clips"]
+    assert low and max(c["speaking_score"] for c in low) < min(c["speaking_score"] for c in r["clips"])
+
+
+def test_of_two_faces_of_the_same_size_the_speaking_one_is_chosen(made):
+    r = _analyse(made["two_people"])
+    assert r["source"]["status"] == "ok", r["quarantine"]
+    for c in r["clips"]:
+        assert (c["face_box"][0] + c["face_box"][2]) / 2 > 0.5  # the talking person is on the right
+        assert c["n_other_faces"] >= 1
+    # without active-speaker detection the same video cannot be used
+    off = _analyse(made["two_people"], IngestConfig(asd_weights=""))
+    assert off["source"]["status"] == "quarantined" and off["quarantine"][0]["reason"] == "multiple_faces"
+
+
+def test_scores_reach_the_tables_and_the_lineage(real_run):
+    import json
+
+    out, _ = real_run
+    ds = open_dataset(out)
+    rows = ds.query("select c.clip_id, c.speaking_score s, f.speaking_score fs from clips c "
+                    "join clip_features f using (clip_id)").to_pylist()
+    assert rows and all(r["s"] is not None and r["s"] == pytest.approx(r["fs"]) for r in rows)
+    tr = ds.query("select source_id, track_id, speaker, len(speaking_score) n from face_tracks").to_pylist()
+    assert tr and all(t["n"] > 0 for t in tr)
+    speakers = {(t["source_id"], t["track_id"]) for t in tr if t["speaker"]}
+    clips = ds.query("select source_id, face_track_id from clips").to_pylist()
+    assert {(c["source_id"], c["face_track_id"]) for c in clips} == speakers
+    card = json.loads((out / "dataset.json").read_text())
+    asd = card["lineage"]["checkpoints"]["active_speaker"]
+    assert asd["sha256"] == light_asd.WEIGHTS[os.path.basename(asd["path"])]
