@@ -79,17 +79,17 @@ def analyse(path: str, uri: str, sha: str, size: int, cfg: IngestConfig, detecto
     t_start = time.perf_counter()
     sid = source_id_of(sha)
     pr = None
+    out: dict[str, list] = {"tracks": [], "dropped": []}  # face_tracks rows, dropped clips' quarantine rows
     try:
         t0 = time.perf_counter()
         pr = probe(path, cfg.video_codecs)
         st.timings["probe"] += time.perf_counter() - t0
         src = _source_row(uri, sha, size, pr)
-        out: dict[str, list] = {"tracks": [], "dropped": []}
         clips = _analyse(path, uri, sid, pr, cfg, detector, st, src, asd, out)
     except Reject as r:
         src = _source_row(uri, sha, size, pr)
         return {"source": src, "clips": [], "quarantine": [quarantine_row(uri, sid, r.reason, r.message, r.detail)],
-                "tracks": out.get("tracks", []) if "out" in locals() else [], "metrics": _metrics(st, t_start)}
+                "tracks": out["tracks"], "metrics": _metrics(st, t_start)}
     src["status"], src["n_clips"] = "ok", len(clips)
     return {"source": src, "clips": clips, "quarantine": out["dropped"], "tracks": out["tracks"],
             "metrics": _metrics(st, t_start)}
