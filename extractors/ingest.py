@@ -60,10 +60,9 @@ class SourceAnalysis:
     """Everything measured on one source; the clip decision is made from these arrays."""
 
     def __init__(self):
-        self.timings: dict[str, float] = {"probe": 0.0, "audio": 0.0, "decode": 0.0, "detect": 0.0}
+        self.timings: dict[str, float] = {"probe": 0.0, "audio": 0.0, "decode": 0.0, "detect": 0.0, "asd": 0.0}
         self.frames_decoded = 0
         self.frames_detected = 0
-        self.timings["asd"] = 0.0
         self.asd_frames = 0
 
 

@@ -8,7 +8,6 @@ Pure: no Ray, no Dagster; callers pick the threads.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
@@ -191,14 +190,6 @@ class LightASD(nn.Module):
         return self.lossAV.FC(x)[..., 1]
 
 
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for blk in iter(lambda: f.read(1 << 20), b""):
-            h.update(blk)
-    return h.hexdigest()
-
-
 def load(path: str | Path, expect_sha256: str | None = None) -> tuple[LightASD, str]:
     """Load a released Light-ASD state dict (``torch.load(weights_only=True)``, strict) -> (eval model,
     sha256). A file whose sha256 differs from ``expect_sha256`` (default: the released one of that file
@@ -207,6 +198,8 @@ def load(path: str | Path, expect_sha256: str | None = None) -> tuple[LightASD, 
     if not p.is_file():
         raise FileNotFoundError(f"Light-ASD weights not found: {p} (set ingest.asd_weights to the file; the "
                                 f"released ones are {', '.join(WEIGHTS)})")
+    from extractors.probe import sha256_file
+
     sha = sha256_file(p)
     want = expect_sha256 or WEIGHTS.get(p.name)
     if want and sha != want:

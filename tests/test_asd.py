@@ -1,7 +1,6 @@
 """Active-speaker detection (Light-ASD) in ingest: the released weights, the MFCC it was trained on,
 the speaking score of real talking faces vs faces that do not speak, and the speaker among two faces."""
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +13,11 @@ from extractors.media import decode_audio
 from extractors.probe import sha256_file
 from models import light_asd
 from pipelines.ingest import asd_scorer
+from samples import _ff  # examples/samples.py: the ffmpeg call every test fixture uses
 from storage_schemas import open_dataset
 
 CFG = IngestConfig()
 ENC = ["-c:v", "libx264", "-preset", "ultrafast", "-crf", "20", "-pix_fmt", "yuv420p", "-c:a", "aac"]
-
-
-def _ff(*a):
-    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", *a], check=True)
 
 
 def _analyse(p: Path, cfg: IngestConfig = CFG) -> dict:
