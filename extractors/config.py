@@ -33,7 +33,13 @@ class IngestConfig:
     asd_threads: int = 1  # torch threads per worker: fixed, so scores do not depend on the machine
     min_speaking_score: float = -2.5  # clips whose mean speaking logit is below this: not_speaking (bench_asd)
     asd_margin: float = 1.0  # among comparable faces, the speaker must lead the next by this logit
-    # voice activity detection
+    # voice activity detection: "gmm" (the packaged GMM detector with the level/flatness/modulation gates
+    # below) or "silero" (Silero VAD, vad_model: "packaged" or a path to its .onnx; vad_threshold on its
+    # probability). gmm stays the default: Silero is the better detector on clean speech (bench_models:
+    # F1 0.91 vs 0.78) but hears almost no speech in voice-over-music videos such as the bundled demo's.
+    vad: str = "gmm"
+    vad_model: str = "packaged"
+    vad_threshold: float = 0.5
     vad_mode: int = 2  # aggressiveness of the packaged WebRTC-style GMM voice detector (0-3)
     vad_min_dbfs: float = -45.0  # quieter 30 ms frames are never speech
     vad_max_flatness: float = 0.3  # spectral flatness above this is noise, not voice
@@ -78,6 +84,8 @@ class IngestConfig:
             raise ValueError(f"detect_fps must be in (0, 30], got {self.detect_fps}")
         if self.asd_weights and not self.asd_durations_s:
             raise ValueError("asd_durations_s needs at least one window length")
+        if self.vad not in ("gmm", "silero"):
+            raise ValueError(f"vad must be gmm or silero, got {self.vad!r}")
         if self.face_model not in (0, 1):
             raise ValueError("face_model must be 0 or 1")
 
@@ -96,7 +104,15 @@ class ExtractConfig:
     crop_size: int = 64  # face crops for the GNPFA image encoders (square, RGB); a chosen checkpoint's size wins
     crop_expand: float = 1.3  # crop side = this x the landmark box's larger side
     conf_resid_scale: float = 0.03  # landmark_conf = exp(-(stable-point rms off the clip neutral / this)^2), IOD
-    whisper_checkpoint: str | None = "base"  # name in ~/.cache/whisper or a path; falls back to pocketsphinx
+    # "base" = the packaged multilingual Whisper base on faster-whisper (models.packaged); a CTranslate2 model
+    # folder or an openai-whisper .pt path; another name = <name>.pt in $WHISPER_CACHE, else pocketsphinx
+    whisper_checkpoint: str | None = "base"
+    asr_threads: int = 1  # CTranslate2 CPU threads per worker (fixed: the same transcript on every machine)
+    # per-clip models ("packaged" = models.packaged's verified file, a path, or "" = off)
+    blendshape_model: str = "packaged"  # face_landmarker.task: its face_blendshapes.tflite on our landmarks
+    face_embedder: str = "packaged"  # SFace (.onnx): clip_features.face_embedding
+    voice_embedder: str = "packaged"  # Resemblyzer's pretrained.pt: clip_features.voice_embedding
+    identity_frames: int = 6  # frames per clip (evenly spaced, where tracked) averaged into the face embedding
     # quality thresholds: clips below them are dropped with a reason
     min_tracked_ratio: float = 0.9
     min_landmark_conf: float = 0.5
@@ -136,8 +152,12 @@ class ExtractConfig:
 class ShardConfig:
     max_shard_bytes: int = 256 * 1024 * 1024  # shards are closed before they pass this size
     include_landmarks: bool = False  # add <key>.landmarks.npy (float16, n x 478 x 3) to samples
-    train_fraction: float = 0.8  # of sources (speakers) by hash; val gets val_fraction, test the rest
-    val_fraction: float = 0.1
+    train_fraction: float = 0.8  # of speakers, by a hash of the founding clip's source; val gets val_fraction,
+    val_fraction: float = 0.1  # test the rest (a speaker's clips all go where its first clip went)
+    # speaker identity (extractors.identity.SpeakerRule): a clip joins a speaker whose face centroid is at
+    # least this cosine-similar; voice decides only for clips without a face embedding
+    speaker_face_threshold: float = 0.6
+    speaker_voice_threshold: float = 0.85
     keyframe_size: int = 224
 
     def to_dict(self) -> dict[str, Any]:

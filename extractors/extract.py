@@ -34,6 +34,9 @@ class ClipFeatures:
     crops: np.ndarray  # (n, S, S, 3) uint8 face crops (zeros where untracked)
     audio_feat: np.ndarray  # (n, 80) log-mel
     audio_db: np.ndarray  # (n,)
+    blendshapes: np.ndarray | None = None  # (n, 52) ARKit weights, NaN where untracked (or no model)
+    face_embedding: np.ndarray | None = None  # (128,) SFace, L2-normalised mean over the probe frames; NaN if none
+    voice_embedding: np.ndarray | None = None  # (256,) speaker encoder over the clip's audio; NaN if none
     transcript: dict | None = None
     quality: dict = field(default_factory=dict)
 
@@ -101,9 +104,25 @@ def mesh_decode_side(width: int, height: int, clips: list[dict], cfg: ExtractCon
     return int(min(full, max(cfg.mesh_max_side, np.ceil(need))))
 
 
+def probe_frames(n: int, k: int) -> set[int]:
+    """``k`` evenly spaced frame indices of an ``n``-frame clip (the identity probes)."""
+    return {int((j + 0.5) * n / k) for j in range(min(k, n))}
+
+
+def _unit_mean(vecs: list[np.ndarray], dim: int) -> np.ndarray:
+    if not vecs:
+        return np.full(dim, np.nan, np.float32)
+    m = np.mean(vecs, axis=0)
+    return (m / max(float(np.linalg.norm(m)), 1e-12)).astype(np.float32)
+
+
 def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: ExtractConfig,
-                   transcriber=None, template: np.ndarray | None = None, timings: dict | None = None) -> list[ClipFeatures]:
-    """Extract every clip of one source in one sequential decoding pass."""
+                   transcriber=None, template: np.ndarray | None = None, timings: dict | None = None,
+                   blendshaper=None, face_embedder=None, voice_embedder=None) -> list[ClipFeatures]:
+    """Extract every clip of one source in one sequential decoding pass. The optional models:
+    ``blendshaper(landmarks (n,478,3), width, height) -> (n,52)`` (extractors.blendshapes),
+    ``face_embedder.embed(frame, landmarks) -> (128,)`` on ``identity_frames`` probe frames and
+    ``voice_embedder.embed(audio) -> (256,)`` on the clip's audio (extractors.identity)."""
     tm = timings if timings is not None else {}
     tpl = load_template() if template is None else template
     t0 = time.perf_counter()
@@ -121,6 +140,8 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
         crops = np.zeros((n, cfg.crop_size, cfg.crop_size, 3), np.uint8)
         box = c["face_box"]
         small = float(c["face_size_px"]) < cfg.mesh_window_below * max(width, height)
+        probes = probe_frames(n, cfg.identity_frames) if face_embedder is not None else set()
+        face_vecs = []
         with MeshTracker(window_scale=cfg.mesh_window_scale if small else None) as mt:
             for i in range(n):
                 t0 = time.perf_counter()
@@ -133,6 +154,10 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
                 if lm is not None:
                     lms[i] = lm
                     crops[i] = crop_face(frame, lm, cfg.crop_size, cfg.crop_expand)
+                    if i in probes:
+                        t3 = time.perf_counter()
+                        face_vecs.append(face_embedder.embed(frame, lm))
+                        tm["face_embed_s"] = tm.get("face_embed_s", 0) + time.perf_counter() - t3
                     box = [float(lm[:, 0].min()), float(lm[:, 1].min()), float(lm[:, 0].max()), float(lm[:, 1].max())]
         t0 = time.perf_counter()
         tracked = ~np.isnan(lms[:, 0, 0])
@@ -159,10 +184,20 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
         tm["audio_feat_s"] = tm.get("audio_feat_s", 0) + time.perf_counter() - t0
         f = ClipFeatures(c["clip_id"], n, tracked, lms, conf, rot, trans, scale, geom, neutral.astype(np.float32),
                          crops, feat, level)
+        t0 = time.perf_counter()
+        f.blendshapes = (blendshaper(lms, width, height).astype(np.float32) if blendshaper is not None
+                         else np.full((n, 52), np.nan, np.float32))
+        t1 = time.perf_counter()
+        f.face_embedding = _unit_mean(face_vecs, 128)
+        f.voice_embedding = (voice_embedder.embed(a).astype(np.float32) if voice_embedder is not None and a.size
+                             else np.full(256, np.nan, np.float32))
+        tm["blendshapes_s"] = tm.get("blendshapes_s", 0) + t1 - t0
+        tm["voice_embed_s"] = tm.get("voice_embed_s", 0) + time.perf_counter() - t1
         if transcriber is not None:
             t0 = time.perf_counter()
             tr = transcriber(a)
-            f.transcript = {"engine": tr.engine, "language": tr.language, "text": tr.text, "words": tr.words}
+            f.transcript = {"engine": tr.engine, "language": tr.language, "text": tr.text, "words": tr.words,
+                            "model_sha256": tr.model_sha256}
             tm["transcribe_s"] = tm.get("transcribe_s", 0) + time.perf_counter() - t0
         f.quality = _quality(f)
         out.append(f)
@@ -170,7 +205,7 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
 
 
 _ARRAYS = ("tracked", "landmarks", "conf", "rotation", "translation", "scale", "geometry", "neutral", "crops",
-           "audio_feat", "audio_db")
+           "audio_feat", "audio_db", "blendshapes", "face_embedding", "voice_embedding")
 
 
 def features_to_npz(feats: list[ClipFeatures]) -> tuple[bytes, dict]:

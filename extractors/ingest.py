@@ -21,7 +21,7 @@ from .faces import FaceDetector, track
 from .media import decode_audio, iter_frames, open_video, timeline
 from .probe import Probe, probe
 from .segment import talking_spans
-from .vad import detect_speech
+from .vad import detect_speech, detect_speech_silero
 
 
 def source_id_of(sha256: str) -> str:
@@ -113,8 +113,14 @@ def _analyse(path, uri, sid, pr: Probe, cfg: IngestConfig, detector, st: SourceA
     # --- audio: speech ---
     t0 = time.perf_counter()
     audio = decode_audio(path, pr.audio_duration_s)
-    vad = detect_speech(audio, cfg.vad_mode, cfg.vad_min_dbfs, cfg.vad_max_flatness, cfg.vad_min_modulation_db,
-                        cfg.vad_min_speech_s)
+    if cfg.vad == "silero":
+        from models.packaged import resolve
+
+        vad = detect_speech_silero(audio, str(resolve(cfg.vad_model, "silero-vad")), cfg.vad_threshold,
+                                   cfg.vad_min_dbfs, cfg.vad_min_speech_s)
+    else:
+        vad = detect_speech(audio, cfg.vad_mode, cfg.vad_min_dbfs, cfg.vad_max_flatness, cfg.vad_min_modulation_db,
+                            cfg.vad_min_speech_s)
     st.timings["audio"] += time.perf_counter() - t0
     src["speech_s"] = round(float(vad.speech.sum() * vad.hop_s), 3)
     if vad.p95_db < cfg.silence_dbfs:

@@ -55,6 +55,7 @@ def frames_table(clip: dict, f, z: np.ndarray, recon_err: np.ndarray, image_z: n
         "image_rotation": _fixed(np.nan_to_num(full(image_rot.reshape(-1, 9), (n, 9))), 9, t),
         "audio_mel": _fixed(f.audio_feat, 80, np.ones(n, bool)),
         "audio_db": pa.array(f.audio_db.astype(np.float32)),
+        "blendshapes": _fixed(np.nan_to_num(f.blendshapes), 52, t & ~np.isnan(f.blendshapes).any(axis=1)),
     }
     return pa.table(cols, schema=TABLES["frames"])
 
@@ -106,7 +107,12 @@ def clip_features_row(clip: dict, f, q: dict, status: str, reason: str | None, c
         "image_pose_err_deg": _f(q.get("image_pose_err_deg")), "image_latent_rel_err": _f(q.get("image_latent_rel_err")),
         "neutral": None if np.isnan(f.neutral).any() else f.neutral.reshape(-1).astype(float).tolist(),
         "gnpfa_checkpoint": ckpt, "transcript_engine": engine,
+        "face_embedding": _vec(f.face_embedding), "voice_embedding": _vec(f.voice_embedding),
     }
+
+
+def _vec(v) -> list[float] | None:
+    return None if v is None or np.isnan(v).any() else np.asarray(v, np.float32).astype(float).tolist()
 
 
 def training_arrays(feats) -> dict[str, np.ndarray]:

@@ -236,7 +236,8 @@ def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
 
 
 def build_sample(clip: dict, source: dict, frames: dict, audio: np.ndarray, keyframe: np.ndarray, labels: dict,
-                 transcript: dict | None, split: str, schema_version: str, include_landmarks: bool = False) -> dict[str, bytes]:
+                 transcript: dict | None, split: str, schema_version: str, include_landmarks: bool = False,
+                 speaker_id: str | None = None) -> dict[str, bytes]:
     """Member bytes of one clip's sample. ``frames`` holds per-frame arrays of the frames table."""
     from storage_schemas import AUDIO_SAMPLE_RATE
 
@@ -246,7 +247,7 @@ def build_sample(clip: dict, source: dict, frames: dict, audio: np.ndarray, keyf
                      frames["tx"] / w, frames["ty"] / h, np.log(np.maximum(frames["scale"], 1e-6))], 1)
     meta = {k: clip[k] for k in ("clip_id", "source_id", "start_s", "end_s", "start_frame", "n_frames", "duration_s",
                                  "fps", "width", "height", "face_box")}
-    meta.update({"split": split, "schema_version": schema_version, "sample_version": SAMPLE_VERSION,
+    meta.update({"split": split, "speaker_id": speaker_id, "schema_version": schema_version, "sample_version": SAMPLE_VERSION,
                  "source_sha256": source["sha256"], "tracked_ratio": float(mask.mean())})
     m = {
         "meta.json": json_bytes(meta),
@@ -255,6 +256,7 @@ def build_sample(clip: dict, source: dict, frames: dict, audio: np.ndarray, keyf
         "mask.npy": npy_bytes(mask.astype(bool)),
         "audio.flac": flac_bytes(audio, AUDIO_SAMPLE_RATE),
         "audio_feat.npy": npy_bytes(frames["audio_mel"].astype(np.float32)),
+        "blendshapes.npy": npy_bytes(fill_untracked(frames["blendshapes"], mask)),
         "labels.json": json_bytes(labels),
         "keyframe.jpg": jpeg_bytes(keyframe),
     }

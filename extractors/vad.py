@@ -1,4 +1,6 @@
-"""Energy + spectral voice-activity detection on 16 kHz mono audio."""
+"""Voice-activity detection on 16 kHz mono audio: the packaged GMM detector with level, flatness and
+modulation gates (``detect_speech``, ingest's default), or Silero VAD (``detect_speech_silero``,
+``ingest.vad = silero``). bench/bench_models.py measures both."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -78,3 +80,61 @@ def detect_speech(audio: np.ndarray, mode: int = 2, min_dbfs: float = -45.0, max
     speech = gmm & (level > min_dbfs) & (flatness < max_flatness) & (modulation > min_modulation_db)
     speech = drop_short(speech, max(1, int(round(min_speech_s / hop_s))))
     return VadResult(speech, hop_s, level, float(np.percentile(level, 10)), min_dbfs, float(np.percentile(level, 95)))
+
+
+class SileroVad:
+    """Silero VAD v6 (ONNX) on 16 kHz audio: a speech probability per 32 ms window (512 samples with the
+    previous 64 as context, the recurrent state carried), as silero-vad's own OnnxWrapper feeds it.
+    One onnxruntime thread: the same probabilities on every machine and thread count."""
+
+    WINDOW = 512
+    CONTEXT = 64
+
+    def __init__(self, model_path: str):
+        import onnxruntime
+
+        opts = onnxruntime.SessionOptions()
+        opts.inter_op_num_threads = 1
+        opts.intra_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"],
+                                                    sess_options=opts)
+        self.hop_s = self.WINDOW / AUDIO_SAMPLE_RATE
+
+    def probabilities(self, audio: np.ndarray) -> np.ndarray:
+        n = audio.size // self.WINDOW
+        x = np.concatenate([np.zeros(self.CONTEXT, np.float32), audio[: n * self.WINDOW].astype(np.float32)])
+        state = np.zeros((2, 1, 128), np.float32)
+        sr = np.array(AUDIO_SAMPLE_RATE, dtype=np.int64)
+        out = np.zeros(n, np.float32)
+        for i in range(n):
+            chunk = x[i * self.WINDOW: (i + 1) * self.WINDOW + self.CONTEXT][None]
+            p, state = self.session.run(None, {"input": chunk, "state": state, "sr": sr})
+            out[i] = float(p.reshape(-1)[0])
+        return out
+
+
+_SILERO: dict[str, SileroVad] = {}
+
+
+def silero_for(model_path: str) -> SileroVad:
+    """One Silero session per model file and process."""
+    if str(model_path) not in _SILERO:
+        _SILERO[str(model_path)] = SileroVad(model_path)
+    return _SILERO[str(model_path)]
+
+
+def detect_speech_silero(audio: np.ndarray, model_path: str, threshold: float = 0.5, min_dbfs: float = -45.0,
+                         min_speech_s: float = 0.15) -> VadResult:
+    """Speech windows: Silero's probability >= ``threshold`` and a level above ``min_dbfs`` (the level
+    gate only keeps near-silent windows out); runs shorter than ``min_speech_s`` are dropped. The result
+    has the same form as detect_speech's (levels per window, so the silence check is unchanged)."""
+    vad = silero_for(model_path)
+    hop = vad.WINDOW
+    n = audio.size // hop
+    if n == 0:
+        return VadResult(np.zeros(0, bool), vad.hop_s, np.zeros(0), -120.0, min_dbfs, -120.0)
+    frames = audio[: n * hop].reshape(n, hop).astype(np.float32)
+    level = 20 * np.log10(np.sqrt((frames ** 2).mean(axis=1) + 1e-12) + 1e-9)
+    speech = (vad.probabilities(audio) >= threshold) & (level > min_dbfs)
+    speech = drop_short(speech, max(1, int(round(min_speech_s / vad.hop_s))))
+    return VadResult(speech, vad.hop_s, level, float(np.percentile(level, 10)), min_dbfs, float(np.percentile(level, 95)))

@@ -53,15 +53,64 @@ class TrackWork:
         return Path(self.npz).with_suffix(".failed.json")
 
 
+def clip_models(cfg: ExtractConfig) -> dict[str, Path | None]:
+    """Local files of the per-clip models a config names (None = off). Raises FileNotFoundError naming
+    the config key when one is missing, ValueError when a packaged file's sha256 is wrong."""
+    from extractors.transcribe import resolve_whisper
+    from models.packaged import resolve
+
+    asr = resolve_whisper(cfg.whisper_checkpoint)
+    return {"asr": Path(asr[1]) if asr else None,
+            "blendshapes": resolve(cfg.blendshape_model, "face-landmarker"),
+            "face_embedder": resolve(cfg.face_embedder, "sface"),
+            "voice_embedder": resolve(cfg.voice_embedder, "voice-encoder")}
+
+
+def model_shas(cfg: ExtractConfig) -> dict[str, dict]:
+    """{name: {path, sha256}} of the per-clip models (the tracks parts are keyed by them)."""
+    from models.packaged import lineage
+
+    return lineage(clip_models(cfg))
+
+
+_MODELS: dict = {}
+
+
+def _loaded_models(cfg: ExtractConfig) -> dict:
+    """The per-clip models of a config, loaded once per worker process."""
+    key = (cfg.blendshape_model, cfg.face_embedder, cfg.voice_embedder)
+    if key not in _MODELS:
+        from extractors.blendshapes import BlendshapeModel
+        from extractors.identity import FaceEmbedder, VoiceEmbedder
+
+        p = clip_models(cfg)
+        _MODELS[key] = {"blendshaper": BlendshapeModel(p["blendshapes"]) if p["blendshapes"] else None,
+                        "face_embedder": FaceEmbedder(p["face_embedder"]) if p["face_embedder"] else None,
+                        "voice_embedder": VoiceEmbedder(p["voice_embedder"]) if p["voice_embedder"] else None}
+    return _MODELS[key]
+
+
 def _extract_task(w: TrackWork) -> dict:
+    import cv2
+    import torch
+
     from extractors.transcribe import make_transcriber
 
     cfg = ExtractConfig(**w.cfg)
     s = w.source
     maybe_fail("extract", s["uri"])
     tm: dict = {}
-    feats = extract_source(source_path(w.out, s), s["width"], s["height"], w.clips, cfg,
-                           transcriber=make_transcriber(cfg.whisper_checkpoint), timings=tm)
+    # fixed thread counts: the embeddings and transcripts are the same on every machine
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        feats = extract_source(source_path(w.out, s), s["width"], s["height"], w.clips, cfg,
+                               transcriber=make_transcriber(cfg.whisper_checkpoint, cfg.asr_threads), timings=tm,
+                               **_loaded_models(cfg))
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv_threads)
     blob, meta = features_to_npz(feats)
     # the JSON is written last: its presence marks the part as complete
     atomic_write_bytes(w.npz, blob)
@@ -69,9 +118,10 @@ def _extract_task(w: TrackWork) -> dict:
     return {"metrics": tm}
 
 
-def _part_key(source: dict, clips: list[dict], cfg: ExtractConfig) -> str:
+def _part_key(source: dict, clips: list[dict], cfg: ExtractConfig, models: dict) -> str:
     h = hashlib.sha256()
     h.update(source["sha256"].encode())
+    h.update(json.dumps({k: v["sha256"] for k, v in models.items()}, sort_keys=True).encode())
     h.update(json.dumps([(c["clip_id"], c["n_frames"]) for c in clips]).encode())
     h.update(json.dumps({k: v for k, v in cfg.to_dict().items() if not k.startswith("gnpfa") and k != "device"},
                         sort_keys=True).encode())
@@ -79,9 +129,9 @@ def _part_key(source: dict, clips: list[dict], cfg: ExtractConfig) -> str:
     return h.hexdigest()[:24]
 
 
-def _work(out: Path, source: dict, clips: list[dict], cfg: ExtractConfig) -> TrackWork:
+def _work(out: Path, source: dict, clips: list[dict], cfg: ExtractConfig, models: dict) -> TrackWork:
     clips = sorted(clips, key=lambda c: c["start_frame"])
-    npz = out / PARTS / f"{source['source_id']}-{_part_key(source, clips, cfg)}.npz"
+    npz = out / PARTS / f"{source['source_id']}-{_part_key(source, clips, cfg, models)}.npz"
     return TrackWork(str(out), source, clips, cfg.to_dict(), str(npz))
 
 
@@ -92,7 +142,8 @@ def _plan(out: Path, cfg: ExtractConfig) -> tuple[list[TrackWork], list[TrackWor
     by_src: dict[str, list[dict]] = {}
     for c in ds.table("clips").to_pylist():
         by_src.setdefault(c["source_id"], []).append(c)
-    all_work = [_work(out, sources[sid], by_src[sid], cfg) for sid in sorted(by_src)]
+    models = model_shas(cfg)
+    all_work = [_work(out, sources[sid], by_src[sid], cfg, models) for sid in sorted(by_src)]
     return all_work, [w for w in all_work if not Path(w.npz).with_suffix(".json").is_file()]
 
 
@@ -107,6 +158,7 @@ class TrackPrefetch:
 
     def __init__(self, out: str | os.PathLike, cfg: ExtractConfig, ex):
         self.out, self.cfg, self.ex = Path(out), cfg, ex
+        self.models = model_shas(cfg)
         self.pending: dict[str, tuple] = {}  # part path -> (task ref, work item)
 
     def __call__(self, result: dict) -> None:
@@ -119,7 +171,7 @@ class TrackPrefetch:
         # the rows exactly as the clips/sources tables will read back (same types and rounding)
         clips = pa.Table.from_pylist(result["clips"], schema=CLIPS).to_pylist()
         s = pa.Table.from_pylist([result["source"]], schema=SOURCES).to_pylist()[0]
-        w = _work(self.out, s, clips, self.cfg)
+        w = _work(self.out, s, clips, self.cfg, self.models)
         if _complete(w) or w.npz in self.pending:
             return
         self.pending[w.npz] = (self.ex.submit(_extract_task, w), w)
@@ -252,8 +304,8 @@ def _encode_task(w: EncodeWork) -> dict:
         rows["features"].append(clip_features_row(c, f, q, "dropped" if reason else "ok", reason, w.ckpt_sha,
                                                   f.transcript["engine"] if f.transcript else None))
         if f.transcript:
-            rows["transcripts"].append({"clip_id": f.clip_id, **{k: f.transcript[k] for k in
-                                                                ("engine", "language", "text", "words")}})
+            rows["transcripts"].append({"clip_id": f.clip_id, **{k: f.transcript.get(k) for k in
+                                                                ("engine", "language", "text", "words", "model_sha256")}})
         rows["frames"] += int(f.n_frames)
         _write_npy(files[f.clip_id], f.crops)
     import pyarrow as pa
@@ -299,7 +351,8 @@ def _dropped(w: TrackWork, qrows: list[dict], ckpt_sha: str) -> dict:
     feats = [{"clip_id": c["clip_id"], "source_id": c["source_id"], "status": "dropped",
               "drop_reason": by_clip[c["clip_id"]]["reason"], "n_frames": int(c["n_frames"]), "tracked_ratio": 0.0,
               "landmark_conf": 0.0, "jitter": None, "lip_sync": None, "speaking_score": c.get("speaking_score"), "recon_err": None, "image_pose_err_deg": None,
-              "image_latent_rel_err": None, "neutral": None, "gnpfa_checkpoint": ckpt_sha, "transcript_engine": None}
+              "image_latent_rel_err": None, "neutral": None, "gnpfa_checkpoint": ckpt_sha, "transcript_engine": None,
+              "face_embedding": None, "voice_embedding": None}
              for c in w.clips]
     return {"features": feats, "transcripts": [], "quarantine": qrows, "frames": 0}
 
@@ -357,7 +410,8 @@ def run_extract(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callab
     n_ok = sum(r["status"] == "ok" for r in feature_rows)
     res = {"clips_ok": n_ok, "clips_dropped": len(feature_rows) - n_ok,
            "frames": int(sum(r["frames"] for r in results.values())),
-           "gnpfa": {"sha256": ckpt_sha, **ckpt_info}, "engines": sorted({r["engine"] for r in transcript_rows})}
+           "gnpfa": {"sha256": ckpt_sha, **ckpt_info}, "engines": sorted({r["engine"] for r in transcript_rows}),
+           "models": model_shas(cfg)}
     # what the dataset card records of this stage (read by finish_dataset)
     atomic_write_bytes(out / EXTRACT_LINEAGE, json.dumps(res, sort_keys=True).encode())
     return {**res, "metrics": metrics}

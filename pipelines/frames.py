@@ -6,8 +6,9 @@ import numpy as np
 
 def clip_frame_arrays(ds, clip_id: str, with_landmarks: bool = False) -> dict[str, np.ndarray]:
     """Arrays on the clip's 30 fps grid, NaN where the speaker was not tracked: tracked, yaw, pitch,
-    roll, mouth_open, tx, ty, scale, gnpfa_z (n, z), audio_mel (n, 80) and optionally landmarks."""
-    cols = ("tracked, yaw, pitch, roll, mouth_open, translation, scale, gnpfa_z, audio_mel"
+    roll, mouth_open, tx, ty, scale, gnpfa_z (n, z), audio_mel (n, 80), blendshapes (n, 52) and optionally
+    landmarks."""
+    cols = ("tracked, yaw, pitch, roll, mouth_open, translation, scale, gnpfa_z, audio_mel, blendshapes"
             + (", landmarks" if with_landmarks else ""))
     cid = clip_id.replace("'", "''")
     t = ds.query(f"select {cols} from frames where clip_id = '{cid}' order by frame")
@@ -22,7 +23,8 @@ def clip_frame_arrays(ds, clip_id: str, with_landmarks: bool = False) -> dict[st
     tr = lst("translation", 3)
     out = {"tracked": np.asarray(t.column("tracked").to_pylist(), bool), "yaw": num("yaw"), "pitch": num("pitch"),
            "roll": num("roll"), "mouth_open": num("mouth_open"), "tx": tr[:, 0], "ty": tr[:, 1],
-           "scale": num("scale"), "gnpfa_z": lst("gnpfa_z", zd), "audio_mel": lst("audio_mel", 80)}
+           "scale": num("scale"), "gnpfa_z": lst("gnpfa_z", zd), "audio_mel": lst("audio_mel", 80),
+           "blendshapes": lst("blendshapes", 52)}
     if with_landmarks:
         out["landmarks"] = lst("landmarks", 478 * 3).reshape(t.num_rows, 478, 3)
     return out

@@ -68,6 +68,17 @@ def asd_lineage(cfg: IngestConfig) -> dict | None:
     return {"name": "light-asd", "path": s.path, "sha256": s.sha256}
 
 
+def vad_lineage(cfg: IngestConfig) -> dict:
+    """The voice detector of a config: {"name": "gmm"} or {"name": "silero", "path", "sha256"} (raises,
+    naming the config key, when the configured model is missing)."""
+    if cfg.vad != "silero":
+        return {"name": "gmm"}
+    from models.packaged import resolve, verified_sha256
+
+    p = resolve(cfg.vad_model, "silero-vad")
+    return {"name": "silero", "path": str(p), "sha256": verified_sha256(p)}
+
+
 def _analyse_task(args: tuple[dict, dict, str]) -> dict:
     item, cfg_dict, part = args
     maybe_fail("ingest", item["uri"])
@@ -126,7 +137,8 @@ def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | N
         else:
             unique[f["sha256"]] = f
     asd = asd_lineage(cfg)  # fails the run at once, naming the file, when the configured model is missing
-    digest = cfg.digest() + (f"-{asd['sha256'][:8]}" if asd else "")
+    vad = vad_lineage(cfg)
+    digest = cfg.digest() + (f"-{asd['sha256'][:8]}" if asd else "") + (f"-{vad['sha256'][:8]}" if "sha256" in vad else "")
     results, todo = [], []
     for f in unique.values():
         part = out / PARTS / f"{f['sha256'][:32]}-{digest}.json"

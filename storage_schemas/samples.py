@@ -15,6 +15,8 @@ MEMBERS: dict[str, tuple[str, str | None, str | None, bool, str]] = {
     "mask.npy": ("npy", "bool", "(n,)", True, "true where the speaker was tracked (values not interpolated)"),
     "audio.flac": ("flac", None, None, True, "16 kHz mono FLAC of the clip"),
     "audio_feat.npy": ("npy", "float32", "(n, 80)", True, "Whisper log-mel mean-pooled to 30 fps"),
+    "blendshapes.npy": ("npy", "float32", "(n, 52)", True, "ARKit blendshape weights (vocab.BLENDSHAPES); "
+                       "untracked frames interpolated like the latents"),
     "transcript.json": ("json", None, None, False, "engine, language, text, words"),
     "labels.json": ("json", None, None, True, "{field: {value, labeler, labeler_version, confidence}}"),
     "keyframe.jpg": ("jpg", None, None, True, "a 224 px face crop from the clip's middle frame"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "0.3.0"  # 0.3.0: clips/clip_features.speaking_score, face_tracks; 0.2.0: shards.version, samples.input_digest (dataset versions)
+SCHEMA_VERSION = "0.4.0"  # 0.4.0: frames.blendshapes, clip_features face/voice embeddings, transcripts.model_sha256, speakers, samples.speaker_id; 0.3.0: clips/clip_features.speaking_score, face_tracks; 0.2.0: shards.version, samples.input_digest (dataset versions)
 FPS = 30  # every per-frame array in M2F-D is sampled at exactly this rate
 AUDIO_SAMPLE_RATE = 16_000
 
@@ -83,6 +83,9 @@ QUARANTINE = pa.schema(
 
 N_LANDMARKS = 478
 N_MELS = 80
+N_BLENDSHAPES = 52
+FACE_EMBEDDING_DIM = 128
+VOICE_EMBEDDING_DIM = 256
 
 # Per-frame extraction, one Parquet part per source under tables/frames/.
 FRAMES = pa.schema(
@@ -107,6 +110,9 @@ FRAMES = pa.schema(
         _f("image_rotation", pa.list_(pa.float32(), 9), True, "head rotation from the image pose encoder"),
         _f("audio_mel", pa.list_(pa.float32(), N_MELS), doc="Whisper 80-bin log-mel, mean over the frame's 1/30 s"),
         _f("audio_db", pa.float32(), doc="RMS level over the frame's 1/30 s, dBFS"),
+        _f("blendshapes", pa.list_(pa.float32(), N_BLENDSHAPES), True,
+           "52 ARKit blendshape weights (names: storage_schemas.vocab.BLENDSHAPES), MediaPipe's face_blendshapes "
+           "model on this frame's landmarks; null where untracked"),
     ]
 )
 
@@ -128,6 +134,25 @@ CLIP_FEATURES = pa.schema(
         _f("neutral", pa.list_(pa.float32(), N_LANDMARKS * 3), True, "speaker's neutral geometry, template frame"),
         _f("gnpfa_checkpoint", pa.string(), doc="sha256 of the GNPFA weights used"),
         _f("transcript_engine", pa.string(), True),
+        _f("face_embedding", pa.list_(pa.float32(), FACE_EMBEDDING_DIM), True,
+           "SFace identity embedding (L2-normalised mean over identity_frames probe frames); null if none tracked"),
+        _f("voice_embedding", pa.list_(pa.float32(), VOICE_EMBEDDING_DIM), True,
+           "speaker-encoder (Resemblyzer GE2E) embedding of the clip's audio, L2-normalised"),
+    ]
+)
+
+# One row per clip given an identity (the shard stage): committed rows never change; a new clip joins the
+# speaker whose face centroid it matches or founds a new one (extractors.identity.assign_speakers).
+SPEAKERS = pa.schema(
+    [
+        _f("clip_id", pa.string()),
+        _f("speaker_id", pa.string(), doc="spk-<sha256 of the founding clip_id, 12 hex>"),
+        _f("split", pa.string(), doc="the speaker's split (every clip of a speaker is in it)"),
+        _f("method", pa.string(), doc="'new' (founded a speaker), 'face' or 'voice' (joined by that embedding)"),
+        _f("face_sim", pa.float32(), True, "best cosine to an earlier speaker's face centroid"),
+        _f("voice_sim", pa.float32(), True, "best cosine to an earlier speaker's voice centroid"),
+        _f("version", pa.int32(), doc="dataset version of the run that assigned it"),
+        _f("rule", pa.string(), doc="assignment rule and thresholds (extractors.identity.SpeakerRule)"),
     ]
 )
 
@@ -148,13 +173,14 @@ FACE_TRACKS = pa.schema(
 TRANSCRIPTS = pa.schema(
     [
         _f("clip_id", pa.string()),
-        _f("engine", pa.string(), doc="whisper:<ckpt-hash> or pocketsphinx:<version>"),
+        _f("engine", pa.string(), doc="faster-whisper:<model>:<sha16>, whisper:<sha16> or pocketsphinx:<version>"),
         _f("language", pa.string(), True),
         _f("text", pa.string()),
         _f(
             "words",
             pa.list_(pa.struct([("word", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64())])),
         ),
+        _f("model_sha256", pa.string(), True, "sha256 of the ASR weights (null: pocketsphinx's bundled model)"),
     ]
 )
 
@@ -193,6 +219,7 @@ SAMPLES = pa.schema(
         _f("bytes", pa.int64(), doc="sum of the sample's member sizes"),
         _f("input_digest", pa.string(), doc="sha256 of the rows the sample was built from (clip, features, "
                                             "labels, transcript, shard config): a changed input is detected"),
+        _f("speaker_id", pa.string(), doc="the clip's speaker (speakers table); splits go by speaker"),
     ]
 )
 
@@ -204,12 +231,13 @@ TABLES: dict[str, pa.Schema] = {
     "clip_features": CLIP_FEATURES,
     "face_tracks": FACE_TRACKS,
     "transcripts": TRANSCRIPTS,
+    "speakers": SPEAKERS,
     "label_rows": LABEL_ROWS,
     "shards": SHARDS,
     "samples": SAMPLES,
 }
 # Tables written by the stages that exist now; the others are planned.
 ACTIVE_TABLES = ("sources", "clips", "quarantine", "face_tracks", "frames", "clip_features", "transcripts", "label_rows",
-                 "shards", "samples")
+                 "speakers", "shards", "samples")
 # Tables stored as a folder of Parquet parts (one per source) rather than one file.
 PARTITIONED = ("frames",)

@@ -42,6 +42,7 @@ LABEL_FIELDS: dict[str, str] = {
     "emotion_distribution": "json",  # {class: probability}
     "sentiment": "string",  # positive | neutral | negative
     "sentiment_compound": "double",
+    "sentiment_unavailable": "string",  # why sentiment is null (e.g. the transcript's language is not English)
     "speaking_rate_sps": "double",  # syllable nuclei per second of speech
     "words_per_s": "double",
     "pitch_hz": "double",
@@ -55,3 +56,22 @@ LABEL_FIELDS: dict[str, str] = {
 }
 EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 INTENSITIES = ("low", "medium", "high")
+
+
+# ARKit blendshape names of frames.blendshapes / blendshapes.npy, in MediaPipe's face_blendshapes output
+# order (kBlendshapeNames in mediapipe/tasks/cc/vision/face_landmarker/face_blendshapes_graph.cc).
+BLENDSHAPES: tuple[str, ...] = (
+    "_neutral",
+    "browDownLeft", "browDownRight", "browInnerUp", "browOuterUpLeft", "browOuterUpRight",
+    "cheekPuff", "cheekSquintLeft", "cheekSquintRight",
+    "eyeBlinkLeft", "eyeBlinkRight", "eyeLookDownLeft", "eyeLookDownRight", "eyeLookInLeft", "eyeLookInRight",
+    "eyeLookOutLeft", "eyeLookOutRight", "eyeLookUpLeft", "eyeLookUpRight", "eyeSquintLeft", "eyeSquintRight",
+    "eyeWideLeft", "eyeWideRight",
+    "jawForward", "jawLeft", "jawOpen", "jawRight",
+    "mouthClose", "mouthDimpleLeft", "mouthDimpleRight", "mouthFrownLeft", "mouthFrownRight", "mouthFunnel",
+    "mouthLeft", "mouthLowerDownLeft", "mouthLowerDownRight", "mouthPressLeft", "mouthPressRight",
+    "mouthPucker", "mouthRight", "mouthRollLower", "mouthRollUpper", "mouthShrugLower", "mouthShrugUpper",
+    "mouthSmileLeft", "mouthSmileRight", "mouthStretchLeft", "mouthStretchRight",
+    "mouthUpperUpLeft", "mouthUpperUpRight",
+    "noseSneerLeft", "noseSneerRight",
+)

@@ -90,7 +90,7 @@ def test_real_run_has_every_frame_at_30fps(real_run):
     feats = ds.table("clip_features").to_pylist()
     assert all(f["status"] == "ok" and f["recon_err"] < 2.0 for f in feats)
     tr = ds.table("transcripts").to_pylist()
-    assert len(tr) == len(clips) and all(t["engine"].startswith(("whisper:", "pocketsphinx:")) for t in tr)
+    assert len(tr) == len(clips) and all(t["engine"].startswith(("faster-whisper:", "whisper:", "pocketsphinx:")) for t in tr)
     card = json.loads((out / "dataset.json").read_text())
     from models.gnpfa import SHIPPED_NAME, SHIPPED_SHA256
 
@@ -219,7 +219,8 @@ def test_whisper_checkpoint_round_trips(tmp_path, monkeypatch):
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
     monkeypatch.setenv("WHISPER_CACHE", str(tmp_path))
-    assert resolve_whisper("tiny-random") == str(path) and resolve_whisper("large-v3") is None
+    assert resolve_whisper("tiny-random") == ("pt", str(path)) and resolve_whisper("large-v3") is None
+    assert resolve_whisper(str(path)) == ("pt", str(path))
     tr = make_transcriber("tiny-random")
     assert isinstance(tr, WhisperTranscriber) and tr.engine.startswith("whisper:")
     audio = _espeak_audio(tmp_path, "hello world")

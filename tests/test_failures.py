@@ -22,7 +22,8 @@ FAST_BOOTSTRAP = {"gnpfa_checkpoint": "bootstrap", "gnpfa_geometry_steps": 120, 
 def _features_row(**kw) -> dict:
     row = dict(clip_id="c0", source_id="s", status="ok", drop_reason=None, n_frames=3, tracked_ratio=1.0,
                landmark_conf=1.0, jitter=None, lip_sync=None, speaking_score=None, recon_err=None, image_pose_err_deg=None,
-               image_latent_rel_err=None, neutral=[0.0] * 1434, gnpfa_checkpoint="x", transcript_engine=None)
+               image_latent_rel_err=None, neutral=[0.0] * 1434, gnpfa_checkpoint="x", transcript_engine=None,
+               face_embedding=None, voice_embedding=None)
     return {**row, **kw}
 
 
@@ -43,7 +44,8 @@ def test_a_dropped_clips_nulls_read_back_and_bad_rows_are_refused_before_the_fil
         assert p.read_bytes() == before  # nothing on disk was replaced
     with pytest.raises(SchemaError, match=r"table 'transcripts' row 0 \(clip_id a\) field 'words': item 0: missing struct fields"):
         write_table(tmp_path / "t.parquet", "transcripts", [
-            {"clip_id": "a", "engine": "e", "language": None, "text": "", "words": [{"word": "x", "start_s": 0.0}]}])
+            {"clip_id": "a", "engine": "e", "language": None, "text": "", "words": [{"word": "x", "start_s": 0.0}],
+             "model_sha256": None}])
 
 
 def _small_face_video(real_dir: Path, out: Path) -> Path:
@@ -190,7 +192,8 @@ def test_the_bootstrap_sample_is_bounded_and_per_clip(real_dir, tmp_path):
     def clip(cid, n):
         z = np.zeros((n, 478, 3), np.float32)
         return ClipFeatures(cid, n, np.ones(n, bool), z, np.ones(n, np.float32), np.zeros((n, 3, 3)), np.zeros((n, 3)),
-                            np.ones(n), z, z[0], np.zeros((n, 8, 8, 3), np.uint8), np.zeros((n, 80)), np.zeros(n))
+                            np.ones(n), z, z[0], np.zeros((n, 8, 8, 3), np.uint8), np.zeros((n, 80)), np.zeros(n),
+                            np.zeros((n, 52), np.float32), np.zeros(128, np.float32), np.zeros(256, np.float32))
 
     a, b = clip("a", 1000), clip("b", 500)
     alone, both = sample_tracked([a], 0.3), sample_tracked([b, a], 0.3)

@@ -138,9 +138,9 @@ class Prosody(Labeler):
 @register
 class VaderSentiment(Labeler):
     name = "vader-sentiment"
-    version = "vaderSentiment-3.3.2/1"
+    version = "vaderSentiment-3.3.2/2"  # 2: non-English transcripts get no sentiment, with the reason
     inputs = ("transcript",)
-    outputs = ("sentiment", "sentiment_compound")
+    outputs = ("sentiment", "sentiment_compound", "sentiment_unavailable")
 
     def __init__(self):
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -151,6 +151,10 @@ class VaderSentiment(Labeler):
         t = (ctx.transcript or {}).get("text") or ""
         if not t.strip():
             return []
+        lang = (ctx.transcript or {}).get("language")
+        if lang and lang != "en":  # VADER's lexicon is English: scoring other languages is noise
+            return [self.row(ctx, "sentiment", None, None), self.row(ctx, "sentiment_compound", None, None),
+                    self.row(ctx, "sentiment_unavailable", f"language {lang}: VADER is English-only", None)]
         s = self._an.polarity_scores(t)
         c = s["compound"]
         cat = "positive" if c >= 0.05 else "negative" if c <= -0.05 else "neutral"
