@@ -26,6 +26,7 @@ test: setup
 bench: setup
 	$(PY) bench/bench_ingest.py --real $(REAL)
 	$(PY) bench/bench_asd.py --proxy
+	$(PY) bench/bench_models.py
 	$(PY) -m pipelines.cli run $(REAL) --out out/bench-real
 	$(PY) bench/bench_gnpfa.py --dataset out/bench-real
 	$(PY) bench/bench_labels.py --dataset out/bench-real

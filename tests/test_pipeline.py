@@ -48,8 +48,8 @@ def _table_bytes(out):
 def test_rerun_reuses_parts_and_is_byte_identical(real_run, real_dir, tmp_path):
     out, _ = real_run
     before = _table_bytes(out)
-    # 9 single-file tables (face_tracks included) + 3 frames parts (one per source with clips) + shards, wids indexes
-    assert len([k for k in before if k.startswith("tables/")]) == 9 + 3
+    # 10 single-file tables (face_tracks, speakers included) + 3 frames parts (one per source with clips) + shards, wids indexes
+    assert len([k for k in before if k.startswith("tables/")]) == 10 + 3
     assert any(k.endswith(".tar") for k in before)
     s = run_job([str(real_dir)], out, executor="local", log=lambda m: None)["ingest"]
     assert s.reused == 5 and s.analysed == 0
