@@ -88,10 +88,10 @@ def _espeak(tmp: Path, text: str, voice: str) -> np.ndarray:
 
 def _level_ref(a: np.ndarray, hop: int = 160) -> np.ndarray:
     """Speech reference of a clean synthetic utterance: 10 ms frames above -45 dBFS, gaps < 200 ms closed."""
-    from extractors.vad import close_gaps
+    from extractors.vad import close_gaps, frame_levels_db
 
     n = len(a) // hop
-    lev = 20 * np.log10(np.sqrt((a[: n * hop].reshape(n, hop) ** 2).mean(1) + 1e-12))
+    lev = frame_levels_db(a[: n * hop].reshape(n, hop))
     return np.repeat(close_gaps(lev > -45, 20), hop)[: len(a)] if n else np.zeros(len(a), bool)
 
 

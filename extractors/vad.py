@@ -52,6 +52,11 @@ def drop_short(mask: np.ndarray, min_len: int) -> np.ndarray:
     return out
 
 
+def frame_levels_db(frames: np.ndarray) -> np.ndarray:
+    """RMS level (dBFS) of each row of ``frames``."""
+    return 20 * np.log10(np.sqrt((frames ** 2).mean(axis=1) + 1e-12) + 1e-9)
+
+
 def detect_speech(audio: np.ndarray, mode: int = 2, min_dbfs: float = -45.0, max_flatness: float = 0.3,
                   min_modulation_db: float = 1.5, min_speech_s: float = 0.15,
                   sr: int = AUDIO_SAMPLE_RATE) -> VadResult:
@@ -70,7 +75,7 @@ def detect_speech(audio: np.ndarray, mode: int = 2, min_dbfs: float = -45.0, max
     frames = audio[: n * flen].reshape(n, flen).astype(np.float32)
     pcm = (np.clip(frames, -1.0, 1.0) * 32767).astype("<i2")
     gmm = np.fromiter((vad.is_speech(p.tobytes()) for p in pcm), dtype=bool, count=n)
-    level = 20 * np.log10(np.sqrt((frames ** 2).mean(axis=1) + 1e-12) + 1e-9)
+    level = frame_levels_db(frames)
     spec = np.abs(np.fft.rfft(frames * np.hanning(flen)[None, :], axis=1)) ** 2 + 1e-12
     flatness = np.exp(np.log(spec).mean(axis=1)) / spec.mean(axis=1)
     k = max(3, int(round(0.5 / hop_s)) | 1)
@@ -133,8 +138,7 @@ def detect_speech_silero(audio: np.ndarray, model_path: str, threshold: float = 
     n = audio.size // hop
     if n == 0:
         return VadResult(np.zeros(0, bool), vad.hop_s, np.zeros(0), -120.0, min_dbfs, -120.0)
-    frames = audio[: n * hop].reshape(n, hop).astype(np.float32)
-    level = 20 * np.log10(np.sqrt((frames ** 2).mean(axis=1) + 1e-12) + 1e-9)
+    level = frame_levels_db(audio[: n * hop].reshape(n, hop).astype(np.float32))
     speech = (vad.probabilities(audio) >= threshold) & (level > min_dbfs)
     speech = drop_short(speech, max(1, int(round(min_speech_s / vad.hop_s))))
     return VadResult(speech, vad.hop_s, level, float(np.percentile(level, 10)), min_dbfs, float(np.percentile(level, 95)))

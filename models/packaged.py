@@ -13,7 +13,6 @@ and the config key, never a silent fallback.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -78,11 +77,9 @@ def _dist_file(spec: str, rel: str) -> Path:
 
 
 def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from extractors.probe import sha256_file
+
+    return sha256_file(path)
 
 
 _VERIFIED: dict[tuple[str, int, int], str] = {}
