@@ -108,6 +108,10 @@ class ExtractConfig:
     # folder or an openai-whisper .pt path; another name = <name>.pt in $WHISPER_CACHE, else pocketsphinx
     whisper_checkpoint: str | None = "base"
     asr_threads: int = 1  # CTranslate2 CPU threads per worker (fixed: the same transcript on every machine)
+    # decoded tokens per second of audio at most (real speech: <= 5.1; 0 = Whisper's 448 per 30 s window), and
+    # the gzip compression ratio above which a decoded segment is a repetition loop and left out (Whisper's 2.4)
+    asr_max_tokens_per_s: float = 15.0
+    asr_max_compression_ratio: float = 2.4
     # per-clip models ("packaged" = models.packaged's verified file, a path, or "" = off)
     blendshape_model: str = "packaged"  # face_landmarker.task: its face_blendshapes.tflite on our landmarks
     face_embedder: str = "packaged"  # SFace (.onnx): clip_features.face_embedding

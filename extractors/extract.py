@@ -197,7 +197,7 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
             t0 = time.perf_counter()
             tr = transcriber(a)
             f.transcript = {"engine": tr.engine, "language": tr.language, "text": tr.text, "words": tr.words,
-                            "model_sha256": tr.model_sha256}
+                            "model_sha256": tr.model_sha256, "rejected_s": tr.rejected_s}
             tm["transcribe_s"] = tm.get("transcribe_s", 0) + time.perf_counter() - t0
         f.quality = _quality(f)
         out.append(f)

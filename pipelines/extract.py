@@ -106,7 +106,8 @@ def _extract_task(w: TrackWork) -> dict:
     cv2.setNumThreads(1)
     try:
         feats = extract_source(source_path(w.out, s), s["width"], s["height"], w.clips, cfg,
-                               transcriber=make_transcriber(cfg.whisper_checkpoint, cfg.asr_threads), timings=tm,
+                               transcriber=make_transcriber(cfg.whisper_checkpoint, cfg.asr_threads, cfg.asr_max_tokens_per_s,
+                                                            cfg.asr_max_compression_ratio), timings=tm,
                                **_loaded_models(cfg))
     finally:
         torch.set_num_threads(threads)
@@ -305,7 +306,8 @@ def _encode_task(w: EncodeWork) -> dict:
                                                   f.transcript["engine"] if f.transcript else None))
         if f.transcript:
             rows["transcripts"].append({"clip_id": f.clip_id, **{k: f.transcript.get(k) for k in
-                                                                ("engine", "language", "text", "words", "model_sha256")}})
+                                                                ("engine", "language", "text", "words", "model_sha256",
+                                                                 "rejected_s")}})
         rows["frames"] += int(f.n_frames)
         _write_npy(files[f.clip_id], f.crops)
     import pyarrow as pa

