@@ -5,6 +5,7 @@ Pure: returns arrays and records; the runner writes them through storage_schemas
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -196,8 +197,7 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
         if transcriber is not None:
             t0 = time.perf_counter()
             tr = transcriber(a)
-            f.transcript = {"engine": tr.engine, "language": tr.language, "text": tr.text, "words": tr.words,
-                            "model_sha256": tr.model_sha256, "rejected_s": tr.rejected_s}
+            f.transcript = dataclasses.asdict(tr)  # the transcripts table's fields, less clip_id
             tm["transcribe_s"] = tm.get("transcribe_s", 0) + time.perf_counter() - t0
         f.quality = _quality(f)
         out.append(f)

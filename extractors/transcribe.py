@@ -42,6 +42,14 @@ def compression_ratio(text: str) -> float:
     return len(b) / len(zlib.compress(b)) if b else 0.0
 
 
+def drop_loops(segments: list, spans: list[tuple[str, float, float]], max_ratio: float) -> tuple[list, float]:
+    """(the segments whose text is not a repetition loop, seconds of those that are). ``spans`` holds each
+    segment's (text, start_s, end_s)."""
+    loop = [compression_ratio(t) > max_ratio for t, _, _ in spans]
+    kept = [s for s, bad in zip(segments, loop) if not bad]
+    return kept, round(sum(float(b - a) for (_, a, b), bad in zip(spans, loop) if bad), 3)
+
+
 def token_cap(n_samples: int, per_s: float, model_max: int = 440) -> int | None:
     """Decoded tokens allowed per 30 s window for audio of ``n_samples`` (None: the model's own 448)."""
     if not per_s:
@@ -145,12 +153,10 @@ class FasterWhisperTranscriber:
             segs = list(segs)
         finally:
             self._encoded.clear()
-        loop = [compression_ratio(s.text) > self.max_compression_ratio for s in segs]
-        kept = [s for s, bad in zip(segs, loop) if not bad]
+        kept, rejected = drop_loops(segs, [(s.text, s.start, s.end) for s in segs], self.max_compression_ratio)
         words = [{"word": w.word.strip(), "start_s": round(float(w.start), 3), "end_s": round(float(w.end), 3)}
                  for s in kept for w in (s.words or []) if w.word.strip()]
         text = "".join(s.text for s in kept).strip()
-        rejected = round(sum(float(s.end - s.start) for s, bad in zip(segs, loop) if bad), 3)
         # the language of audio with no accepted speech is not known (unless the caller said it)
         return Transcript(self.engine, language or (lang if kept else None), text, words, self.sha256, rejected)
 
@@ -175,11 +181,10 @@ class WhisperTranscriber:
                                     fp16=self.device == "cuda", temperature=0.0, condition_on_previous_text=False,
                                     verbose=None, **({"sample_len": cap} if cap else {}))
         segs = res.get("segments", [])
-        loop = [compression_ratio(seg.get("text", "")) > self.max_compression_ratio for seg in segs]
-        kept = [seg for seg, bad in zip(segs, loop) if not bad]
+        kept, rejected = drop_loops(segs, [(seg.get("text", ""), seg["start"], seg["end"]) for seg in segs],
+                                    self.max_compression_ratio)
         words = [{"word": w["word"].strip(), "start_s": float(w["start"]), "end_s": float(w["end"])}
                  for seg in kept for w in seg.get("words", []) or []]
-        rejected = round(sum(float(seg["end"] - seg["start"]) for seg, bad in zip(segs, loop) if bad), 3)
         return Transcript(self.engine, language or (res.get("language") if kept else None),
                           "".join(seg.get("text", "") for seg in kept).strip(), words, self.sha256, rejected)
 

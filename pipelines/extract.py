@@ -28,6 +28,7 @@ from extractors.pose import TEMPLATE_PATH
 from extractors.records import clip_features_row, clip_quality, frames_table, sample_tracked, training_arrays
 from storage_schemas import atomic_write_bytes, open_dataset, table_path, write_table
 from storage_schemas.dataset import EXTRACT_LINEAGE
+from storage_schemas.tables import TRANSCRIPTS
 
 from .executors import TaskFailure
 from .faults import maybe_fail
@@ -305,9 +306,8 @@ def _encode_task(w: EncodeWork) -> dict:
         rows["features"].append(clip_features_row(c, f, q, "dropped" if reason else "ok", reason, w.ckpt_sha,
                                                   f.transcript["engine"] if f.transcript else None))
         if f.transcript:
-            rows["transcripts"].append({"clip_id": f.clip_id, **{k: f.transcript.get(k) for k in
-                                                                ("engine", "language", "text", "words", "model_sha256",
-                                                                 "rejected_s")}})
+            rows["transcripts"].append({"clip_id": f.clip_id, **{k: f.transcript.get(k) for k in TRANSCRIPTS.names
+                                                                if k != "clip_id"}})
         rows["frames"] += int(f.n_frames)
         _write_npy(files[f.clip_id], f.crops)
     import pyarrow as pa

@@ -132,7 +132,6 @@ class LMCaption(Labeler):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         ckpt = checkpoint or os.environ.get("M2FD_CAPTIONER") or "packaged"
-        kw: dict = {"local_files_only": True}
         if ckpt == "packaged":
             from models.packaged import path
 
@@ -155,8 +154,8 @@ class LMCaption(Labeler):
         else:
             raise FileNotFoundError(f"caption-lm.checkpoint = {ckpt!r}: not a .gguf file or a checkpoint folder "
                                     "(set --option caption-lm.checkpoint=PATH or M2FD_CAPTIONER)")
-        self.tok = AutoTokenizer.from_pretrained(folder, **kw)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw).eval()
+        self.tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
         self.sha256 = digest
         self.version = f"{os.path.basename(os.path.normpath(ckpt))}@{digest[:12]}"
         self.max_new_tokens, self.threads = max_new_tokens, int(threads)
