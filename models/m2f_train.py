@@ -268,13 +268,13 @@ def _agree(flags: list[bool], dist: bool, dev: torch.device) -> list[bool]:
 
 
 def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
-          stop_after: Optional[int] = None, should_stop: Callable[[], bool] | None = None,
+          should_stop: Callable[[], bool] | None = None,
           report_every_s: float = 0.0) -> dict:
     """Train (or resume from the run's latest checkpoint) until max_steps. ``report`` gets the metrics
     of every logged step (Ray Train's report in pipelines), with ``eta_s`` (this run's remaining wall
     time, once measured), ``elapsed_s`` and ``validation`` (1 on a validation round). ``should_stop``
     is asked at every logged step (the same steps on every rank; any rank's yes stops all): the run
-    then writes a checkpoint and returns, to be resumed from it. ``stop_after`` ends early (tests)."""
+    then writes a checkpoint and returns, to be resumed from it."""
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if dist else 0
     world = torch.distributed.get_world_size() if dist else 1
@@ -462,17 +462,17 @@ def train(tcfg: TrainConfig, report: Callable[[dict], None] | None = None,
                 if rank == 0:
                     _log(rec, tb, csv_path)
                 now = time.perf_counter()
-                last = step >= tcfg.max_steps or bool(stop_after and step >= stop_after)
+                last = step >= tcfg.max_steps
                 due, stop_now = _agree([is_val or last or now - last_report >= report_every_s,
                                         should_stop is not None and should_stop()], dist, dev)
                 stopped = stop_now
                 if report is not None and (due or stopped):
                     report(rec)
                     last_report = now
-            if step % tcfg.ckpt_every == 0 or step == tcfg.max_steps or (stop_after and step == stop_after) or stopped:
+            if step % tcfg.ckpt_every == 0 or step == tcfg.max_steps or stopped:
                 sync_state()
                 _checkpoint(run_dir, step, model, ema, opt, sched, state, mcfg, tcfg, gen, rank, world, dist)
-            if step >= tcfg.max_steps or (stop_after and step >= stop_after) or stopped:
+            if step >= tcfg.max_steps or stopped:
                 done = True
                 break
     if tb is not None:

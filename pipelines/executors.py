@@ -6,6 +6,8 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
+from pipelines import faults
+
 
 # glibc keeps freed memory of native libraries (MediaPipe, decoders, pocketsphinx) in per-thread
 # arenas: a long-lived worker's resident size then drifts up task after task (measured: 0.75 -> 1.45 GB
@@ -110,7 +112,11 @@ class RayExecutor:
         return self._ray.remote(**self._opts())(fn).remote(item)
 
     def _opts(self) -> dict[str, Any]:
-        return {"num_cpus": 1, "max_retries": self.max_retries, **({"max_calls": self.max_calls} if self.max_calls else {})}
+        opts = {"num_cpus": 1, "max_retries": self.max_retries, **({"max_calls": self.max_calls} if self.max_calls else {})}
+        fault = os.environ.get(faults.ENV)
+        if fault:  # workers of a cluster (or of a Ray started before it was set) do not inherit it
+            opts["runtime_env"] = {"env_vars": {faults.ENV: fault}}
+        return opts
 
     def as_completed(self, refs: list) -> Iterator[tuple[Any, Any]]:
         ray = self._ray

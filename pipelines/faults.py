@@ -1,7 +1,8 @@
 """Fault injection for failure tests: M2FD_INJECT_FAULT="stage:substring[,stage:substring...]" makes
 the task of that stage (ingest, extract, encode, label, shard) raise InjectedFault for every item
-whose URI contains the substring. Read inside the task, so it reaches Ray workers (they inherit
-the driver's environment); unset, it costs one dict lookup. Production runs never set it."""
+whose URI contains the substring. Read inside the task; the Ray executor passes the driver's value to
+its tasks (runtime_env), so it reaches the workers of a cluster or of a Ray started before it was set.
+Unset, it costs one dict lookup. Production runs never set it."""
 from __future__ import annotations
 
 import os

@@ -30,7 +30,26 @@ def cases(tmp_path_factory, real_dir):
 
 
 @pytest.fixture(scope="session")
-def real_result(tmp_path_factory, real_dir):
+def ray_cluster():
+    """One local Ray for the whole session, as a long-lived cluster is for its users: run_job and
+    run_training find Ray initialised and neither start nor stop it (each start and stop of a local
+    Ray, and the workers' imports after it, cost seconds per run). Subprocess runs (`m2fd run`,
+    `m2fd train`) still start and stop their own."""
+    import ray
+
+    from pipelines.executors import WORKER_ENV
+    from pipelines.train import LOCAL_TRAIN_ENV
+
+    for k, v in {**WORKER_ENV, **LOCAL_TRAIN_ENV}.items():  # what run_job and run_training set for the Ray they start
+        os.environ.setdefault(k, v)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning",
+             runtime_env={"env_vars": WORKER_ENV})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def real_result(tmp_path_factory, real_dir, ray_cluster):
     """The whole job (the Dagster job, in-process) on the shared real videos, on a local Ray."""
     out = tmp_path_factory.mktemp("ds")
     from pipelines.job import run_job

@@ -89,14 +89,14 @@ def _clip_ids(out: Path, needle: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_one_failing_source_and_labeler_leave_the_rest_of_a_ray_run_whole(real_dir, tmp_path, monkeypatch):
+def test_one_failing_source_and_labeler_leave_the_rest_of_a_ray_run_whole(real_dir, ray_cluster, tmp_path, monkeypatch):
     """A multi-source run on the Ray executor with d14's extraction and s18's labelling failing: the run
     succeeds, d12 is sharded, the failures are quarantine rows naming stage and error, and the next
     run (no faults) adds d14 and s18 as a new version without touching the committed shard."""
     out = tmp_path / "D"
     ecfg = ExtractConfig()
     inputs = [str(real_dir / n) for n in ("d12.mp4", "d14.mp4", "s18.mp4")]
-    monkeypatch.setenv("M2FD_INJECT_FAULT", "extract:d14.mp4,label:s18.mp4")  # Ray workers inherit it
+    monkeypatch.setenv("M2FD_INJECT_FAULT", "extract:d14.mp4,label:s18.mp4")  # the executor passes it to its tasks
     first = run_job(inputs, out, ecfg=ecfg, executor="ray", num_cpus=2, log=lambda m: None)
     ds = open_dataset(out)
     q = ds.query("select uri, stage, reason, message, clip_id from quarantine where reason = 'processing_error' "
@@ -125,7 +125,7 @@ def test_one_failing_source_and_labeler_leave_the_rest_of_a_ray_run_whole(real_d
 
 
 @pytest.mark.slow
-def test_url_and_memory_inputs_are_fetched_once_and_reach_shards_on_ray(real_dir, tmp_path):
+def test_url_and_memory_inputs_are_fetched_once_and_reach_shards_on_ray(real_dir, ray_cluster, tmp_path):
     import fsspec
 
     log = tmp_path / "http.log"

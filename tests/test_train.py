@@ -3,6 +3,7 @@ through Ray Train on the real shards, resume continues the same loss curve, gene
 long audio (shapes and window continuity), the CLI generates an animation and a video."""
 import csv
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -153,8 +154,9 @@ def test_long_audio_generation_shapes_and_window_continuity():
 
 @pytest.fixture(scope="module")
 def trained(real_run, tiny_clip, tmp_path_factory):
-    """Two Ray Train runs on the real shards (2 DDP workers, gloo): one straight to step 6, one stopped
-    at step 3 and resumed to step 6."""
+    """Two Ray Train runs on the real shards (2 DDP workers, gloo): one straight to step 6, and one
+    that resumes from the first run's step-3 checkpoint (its run directory as it was after step 3)
+    to step 6. Stopping a run (signals) is tested through `m2fd train` below."""
     from models.m2f_train import TrainConfig
     from pipelines.train import run_training
 
@@ -163,12 +165,13 @@ def trained(real_run, tiny_clip, tmp_path_factory):
     kw = dict(dataset=str(out), style_encoder=str(tiny_clip), model={"width": 64, "layers": 2, "heads": 4},
               batch_size=1, max_steps=6, log_every=1, val_every=6, ckpt_every=3, loader_workers=0, warmup=2,
               val_steps=4, val_max_windows=2, lr=1e-3)
-    straight = TrainConfig(run_dir=str(base / "straight"), **kw)
-    m1 = run_training(straight, workers=2, cpus_per_worker=1)
-    resumed = TrainConfig(run_dir=str(base / "resumed"), **kw)
-    run_training(resumed, workers=2, cpus_per_worker=1, stop_after=3)
-    first_part = list(csv.DictReader(open(base / "resumed" / "metrics.csv")))
-    m2 = run_training(resumed, workers=2, cpus_per_worker=1)
+    m1 = run_training(TrainConfig(run_dir=str(base / "straight"), **kw), workers=2, cpus_per_worker=1)
+    res = base / "resumed"
+    shutil.copytree(base / "straight" / "checkpoints" / "step-00000003", res / "checkpoints" / "step-00000003")
+    rows = (base / "straight" / "metrics.csv").read_text().splitlines(keepends=True)
+    (res / "metrics.csv").write_text("".join(rows[:4]))  # the header and steps 1-3
+    first_part = list(csv.DictReader(open(res / "metrics.csv")))
+    m2 = run_training(TrainConfig(run_dir=str(res), **kw), workers=2, cpus_per_worker=1)
     return base, m1, m2, first_part
 
 
