@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from pathlib import Path
 
@@ -46,17 +45,86 @@ def write_card_md(root: Path, card: dict) -> None:
     atomic_write_bytes(root / "README.md", "\n".join(lines).encode())
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight", metadata={"Software": None})
-    import matplotlib.pyplot as plt
+def _ticks(hi: float, n: int = 4) -> list[float]:
+    """Round tick values for counts from 0 to at least ``hi`` (1, 2 or 5 times a power of ten apart, at least 1)."""
+    import math
 
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    if hi <= 0:
+        return [0.0, 1.0]
+    raw = max(hi / n, 1.0)
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10) if m * 10 ** math.floor(math.log10(raw)) >= raw))
+    return [i * step for i in range(int(math.ceil(hi / step - 1e-9)) + 1)]
 
 
-_CSS = """body{font-family:sans-serif;margin:16px;color:#222}figure{display:inline-block;margin:6px}
-img.plot{border:1px solid #ddd}.cards{display:flex;flex-wrap:wrap;gap:10px}
+def _num(v: float) -> str:
+    return f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.3g}"
+
+
+def _svg(title: str, body: str, w: int, h: int) -> str:
+    e = html.escape
+    return (f'<svg class="plot" role="img" aria-label="{e(title)}" width="{w}" '
+            f'height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="11">'
+            f'<text x="{w / 2:.0f}" y="15" text-anchor="middle" font-size="13">{e(title)}</text>{body}</svg>')
+
+
+def bar_svg(title: str, labels: list[str], values: list[float], color: str, xlabel: str) -> str:
+    """A horizontal bar chart as inline SVG (first label on top)."""
+    e = html.escape
+    left, top, row, w = 130, 26, 20, 420
+    plot_w, h = w - left - 20, top + row * max(len(labels), 1) + 40
+    ticks = _ticks(max(values, default=0))
+    sx = plot_w / ticks[-1]
+    parts = []
+    base = top + row * max(len(labels), 1)
+    for t in ticks:
+        x = left + t * sx
+        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{base}" stroke="#ddd"/>'
+                     f'<text x="{x:.1f}" y="{base + 14}" text-anchor="middle">{_num(t)}</text>')
+    for i, (lab, v) in enumerate(zip(labels, values)):
+        y = top + i * row
+        parts.append(f'<rect x="{left}" y="{y + 3}" width="{v * sx:.1f}" height="{row - 6}" fill="{color}"/>'
+                     f'<text x="{left - 4}" y="{y + row / 2 + 4:.0f}" text-anchor="end">{e(lab[:24])}</text>')
+    parts.append(f'<text x="{left + plot_w / 2:.0f}" y="{base + 30}" text-anchor="middle">{e(xlabel)}</text>')
+    return _svg(title, "".join(parts), w, h)
+
+
+def hist_svg(title: str, values: list[float], xlabel: str, bins: int, color: str) -> str:
+    """A histogram as inline SVG: ``bins`` equal bins over the values' range, counts on the y axis."""
+    import numpy as np
+
+    e = html.escape
+    w, h, left, top, bottom = 420, 230, 44, 26, 46
+    plot_w, plot_h = w - left - 16, h - top - bottom
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    v = v[np.isfinite(v)]
+    parts = []
+    if v.size:
+        counts, edges = np.histogram(v, bins=bins)
+        lo, hi = float(edges[0]), float(edges[-1])
+        yt = _ticks(float(counts.max()))
+        sy, bw = plot_h / yt[-1], plot_w / bins
+        for t in yt:
+            y = top + plot_h - t * sy
+            parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + plot_w}" y2="{y:.1f}" stroke="#eee"/>'
+                         f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{_num(t)}</text>')
+        for i, c in enumerate(counts):
+            if c:
+                parts.append(f'<rect x="{left + i * bw:.1f}" y="{top + plot_h - c * sy:.1f}" width="{max(bw - 1, 0.5):.1f}" '
+                             f'height="{c * sy:.1f}" fill="{color}"/>')
+        for frac in (0.0, 0.5, 1.0):
+            parts.append(f'<text x="{left + frac * plot_w:.1f}" y="{top + plot_h + 14}" text-anchor="middle">'
+                         f'{_num(lo + frac * (hi - lo))}</text>')
+    else:
+        parts.append(f'<text x="{w / 2:.0f}" y="{top + plot_h / 2:.0f}" text-anchor="middle" fill="#888">no values</text>')
+    parts.append(f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#444"/>'
+                 f'<text x="{left + plot_w / 2:.0f}" y="{h - 10}" text-anchor="middle">{e(xlabel)}</text>'
+                 f'<text x="12" y="{top + plot_h / 2:.0f}" text-anchor="middle" transform="rotate(-90 12 '
+                 f'{top + plot_h / 2:.0f})">count</text>')
+    return _svg(title, "".join(parts), w, h)
+
+
+_CSS = """body{font-family:sans-serif;margin:16px;color:#222}figure{display:inline-block;margin:6px;vertical-align:top}
+svg.plot{border:1px solid #ddd}.cards{display:flex;flex-wrap:wrap;gap:10px}
 .card{width:236px;border:1px solid #ccc;border-radius:6px;padding:6px;font-size:12px;background:#fafafa}
 .card img{width:224px;height:224px;object-fit:cover;background:#333;display:block}
 .card .cap{font-style:italic;margin:4px 0}.card .k{color:#666}.tag{background:#e3ecf8;border-radius:3px;padding:0 3px;margin-right:2px}
@@ -121,35 +189,19 @@ def write_report(root: Path, out: Path | None = None) -> Path:
     caption, speaking score, quality figures, language, speaker, preview link where
     ``previews/<clip_id>.mp4`` exists), filters by split, emotion and drop reason (inline script), the
     quarantine table, plots and the dataset's lineage. Filters can be preset in the URL: report.html#emotion=happy&split=train."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     root = Path(root)
     out = Path(out) if out else root / "report.html"
     ds = open_dataset(root)
-    q = lambda sql: ds.query(sql).to_pylist()  # noqa: E731
+    con = ds.connect()  # one connection for the report's queries
+    q = lambda sql: con.sql(sql).to_arrow_table().to_pylist()  # noqa: E731
     has = ds.tables
-    figs: list[tuple[str, str]] = []
+    figs: list[str] = []
 
     def bar(title, rows, k, v="n", color="#3b7dd8", xlabel="clips"):
-        labels = [str(r[k]) for r in rows][::-1]
-        fig, ax = plt.subplots(figsize=(5, 0.6 + 0.28 * max(len(labels), 3)))
-        ax.barh(labels, [r[v] for r in rows][::-1], color=color)
-        ax.set_title(title)
-        ax.set_xlabel(xlabel)
-        ax.tick_params(axis="y", labelsize=8)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        figs.append((title, _png(fig)))
+        figs.append(bar_svg(title, [str(r[k]) for r in rows], [r[v] for r in rows], color, xlabel))
 
     def hist(title, values, xlabel, bins=20, color="#d8703b"):
-        fig, ax = plt.subplots(figsize=(5, 2.8))
-        ax.hist([v for v in values if v is not None], bins=bins, color=color)
-        ax.set_title(title)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("count")
-        figs.append((title, _png(fig)))
+        figs.append(hist_svg(title, values, xlabel, bins, color))
 
     hist("Clip durations", [r["d"] for r in q("select duration_s d from clips")], "seconds")
     if "label_rows" in has:
@@ -206,8 +258,8 @@ def write_report(root: Path, out: Path | None = None) -> Path:
         f"</td><td>{e(r['message'])}</td></tr>" for r in qrows) + "</table>") if qrows else "<p>none</p>"
     card = json.loads((root / "dataset.json").read_text()) if (root / "dataset.json").is_file() else {}
     c = card.get("counts", {})
-    plots = "".join(f'<figure><img class="plot" alt="{e(t)}" src="data:image/png;base64,{b}"><figcaption>'
-                    f'{e(t)}</figcaption></figure>' for t, b in figs)
+    con.close()
+    plots = "".join(f"<figure>{f}</figure>" for f in figs)
     more = f"<p>showing the first {len(rows)} of {n_clips} clips by id</p>" if n_clips > len(rows) else ""
     doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>M2F-D report</title><style>{_CSS}</style></head>"
            f"<body><h1>M2F-D report</h1><p>{c.get('sources')} sources, {c.get('clips')} clips, {c.get('frames')} frames, "

@@ -238,7 +238,15 @@ def test_card_and_report(real_run, tmp_path):
     render_preview(out, first, out / "previews" / f"{first}.mp4", 128)
     page = write_report(out)
     html = page.read_text()
-    assert html.count("data:image/png;base64,") >= 8 and "http" not in html.split("<body>")[1]
+    assert "http" not in html.split("<body>")[1]  # self-contained
+    import xml.etree.ElementTree as ET
+
+    plots = {ET.fromstring(m).get("aria-label"): ET.fromstring(m) for m in re.findall(r'<svg class="plot".*?</svg>', html)}
+    assert len(plots) >= 8 and {"Emotions", "Head yaw", "Clip durations"} <= set(plots), sorted(plots)
+    emotions = ds.query("select count(distinct emotion) from labels").column(0)[0].as_py()
+    assert len(plots["Emotions"].findall("rect")) == emotions  # one bar per emotion
+    n_bars = sum(1 for r in plots["Clip durations"].findall("rect"))
+    assert 1 <= n_bars <= 20  # the durations' histogram: 20 bins, empty ones not drawn
     n_quarantine = ds.query("select count(*) from quarantine").column(0)[0].as_py()
     assert html.count("<tr><td>") == n_quarantine  # every quarantine row, with its message
     # cards render after the script runs: one per clip, each with its keyframe from the shard
@@ -264,8 +272,11 @@ def test_card_and_report(real_run, tmp_path):
         return float((np.abs(img - np.array(rgb)).sum(-1) < 30).mean())
 
     assert share((0xFA, 0xFA, 0xFA)) > 0.01  # card backgrounds
-    # the plots' bar colours are on screen: emotions (blue), style tags (green), head pose (purple)
-    assert share((0x3B, 0x7D, 0xD8)) > 0.001 and share((0x5A, 0xA5, 0x5A)) > 0.001 and share((0x8A, 0x5A, 0xD8)) > 0.001
+    # the plots' bars are on screen (at least a bar's worth of pixels of each colour): emotions (blue),
+    # style tags (green), head pose (purple)
+    px = img.shape[0] * img.shape[1]
+    assert all(share(c) * px > 2000 for c in ((0x3B, 0x7D, 0xD8), (0x5A, 0xA5, 0x5A), (0x8A, 0x5A, 0xD8))), \
+        [share(c) * px for c in ((0x3B, 0x7D, 0xD8), (0x5A, 0xA5, 0x5A), (0x8A, 0x5A, 0xD8))]
 
 
 def test_ray_data_reader(real_run):
