@@ -12,7 +12,7 @@ from conftest import dataset_bytes
 
 from extractors.config import ExtractConfig
 from pipelines.job import run_job
-from pipelines.procs import kill_tree
+from pipelines.procs import descendants, kill_tree
 from storage_schemas import open_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,14 +21,14 @@ M2FD = [str(REPO / ".venv" / "bin" / "m2fd")] if (REPO / ".venv" / "bin" / "m2fd
 
 
 def _ray_procs(title: bytes) -> list[int]:
+    """This test process's Ray workers running ``title`` (another test process may run its own Ray)."""
     pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if (d / "cmdline").read_bytes().startswith(title):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
+    for pid in sorted(descendants(os.getpid())):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(title):
+                pids.append(pid)
+        except OSError:
+            pass
     return pids
 
 
