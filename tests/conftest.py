@@ -15,6 +15,79 @@ def _real_dir() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "data" / "real"
 
 
+# ---- `make test` runs two pytest-xdist processes (-n 2 --dist loadscope) ---------------------------
+# Every test that reads the session's real dataset runs in one process (the dataset is built once,
+# about 75 s); each other module's tests stay together (module fixtures are built once). The workers
+# write each test's group to a file the controller's scheduler reads: pytest 9.2's structured node
+# ids ignore xdist 3.8's own xdist_group suffix (pytest-dev/pytest-xdist#1386), so loadgroup does not group.
+REAL_FIXTURES = {"real_result", "real_run"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "exclusive: asserts on its own wall time; under xdist nothing else runs meanwhile")
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller (or a plain run): workers inherit it
+        import tempfile
+
+        os.environ["M2FD_TEST_GROUPS"] = str(Path(tempfile.gettempdir()) / f"m2fd-test-groups-{os.getpid()}")
+
+
+def pytest_unconfigure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        for ext in (".json", ".lock", ".turnstile"):
+            Path(os.environ.get("M2FD_TEST_GROUPS", "") + ext).unlink(missing_ok=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    import json
+
+    groups = {i.nodeid: "real" if REAL_FIXTURES & set(i.fixturenames) else i.module.__name__ for i in items}
+    dest = Path(os.environ["M2FD_TEST_GROUPS"] + ".json")
+    tmp = dest.with_suffix(f".{os.environ['PYTEST_XDIST_WORKER']}.tmp")
+    tmp.write_text(json.dumps(groups))
+    os.replace(tmp, dest)  # both workers write the same map
+
+
+def pytest_xdist_make_scheduler(config, log):
+    import json
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        """Work units are the groups the workers wrote (each unit runs whole on one worker)."""
+
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:  # read once the collections are in
+                self.groups = json.loads(Path(os.environ["M2FD_TEST_GROUPS"] + ".json").read_text())
+            return self.groups.get(nodeid, nodeid)
+
+    return GroupScheduling(config, log)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under xdist, a test marked `exclusive` runs (setup included) while the other process runs
+    nothing: every test holds a shared lock, an exclusive one the exclusive lock, and a turnstile
+    keeps the other process from starting tests while an exclusive one waits."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    import fcntl
+
+    base = os.environ["M2FD_TEST_GROUPS"]
+    with open(base + ".turnstile", "a") as turn, open(base + ".lock", "a") as lock:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if item.get_closest_marker("exclusive") else fcntl.LOCK_SH)
+        fcntl.flock(turn, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def real_dir() -> Path:
     d = _real_dir()
