@@ -21,7 +21,7 @@ demo: samples
 	$(PY) -m pipelines.cli previews $(OUT) --limit 3
 
 test: setup
-	$(PY) -m pytest -q -ra --durations=10 -n 2 --dist loadscope tests
+	$(PY) -m pytest -q -ra --durations=10 tests
 
 bench: setup
 	$(PY) bench/bench_ingest.py --real $(REAL)

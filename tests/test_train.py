@@ -327,7 +327,6 @@ def test_compile_mode_and_inductor_options_are_exclusive(tmp_path):
     assert r.returncode == 2 and "compile_mode or compile_options" in r.stderr
 
 
-@pytest.mark.exclusive
 def test_progress_reaches_the_driver_and_the_estimate_holds(real_run, tmp_path):
     """Logged steps reach the driver through Ray Train's reporting every few seconds (validation rounds
     and the last step always), without slowing the steps, and the whole-run estimate made after the
