@@ -35,17 +35,14 @@ def ray_cluster():
     run_training find Ray initialised and neither start nor stop it (each start and stop of a local
     Ray, and the workers' imports after it, cost seconds per run). Subprocess runs (`m2fd run`,
     `m2fd train`) still start and stop their own."""
-    import ray
-
-    from pipelines.executors import WORKER_ENV
+    from pipelines.executors import RayExecutor
     from pipelines.train import LOCAL_TRAIN_ENV
 
-    for k, v in {**WORKER_ENV, **LOCAL_TRAIN_ENV}.items():  # what run_job and run_training set for the Ray they start
+    for k, v in LOCAL_TRAIN_ENV.items():  # what run_training sets for the local Ray it starts
         os.environ.setdefault(k, v)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning",
-             runtime_env={"env_vars": WORKER_ENV})
-    yield ray
-    ray.shutdown()
+    ex = RayExecutor(num_cpus=2)  # the local Ray run_job starts (worker environment included)
+    yield ex._ray
+    ex.close()
 
 
 @pytest.fixture(scope="session")
