@@ -11,8 +11,9 @@ from pipelines import faults
 
 # glibc keeps freed memory of native libraries (MediaPipe, decoders, pocketsphinx) in per-thread
 # arenas: a long-lived worker's resident size then drifts up task after task (measured: 0.75 -> 1.45 GB
-# between extraction tasks; with these it returns to about 0.8 GB after every task)
-WORKER_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "65536"}
+# between extraction tasks; with these it returns to about 0.8 GB after every task). MKL_CBWR: see
+# pipelines/__init__.py (set again here so that a worker has it from its first instruction)
+WORKER_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "65536", "MKL_CBWR": os.environ["MKL_CBWR"]}
 
 
 @dataclass(frozen=True)

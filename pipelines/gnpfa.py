@@ -246,4 +246,15 @@ def training_data(datasets: list[Path], max_frames: int, log: Callable[[str], No
     parts = [dataset_training_arrays(Path(d), fraction=frac) for d in datasets]
     data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     log(f"{len(data['offsets'])} training frames of {sum(len(i['sources']) for i in inputs)} sources")
-    return data, {"inputs": inputs, "max_frames": max_frames, "code": code_version()}
+    return data, {"inputs": inputs, "max_frames": max_frames, "code": code_version(), "data_sha256": arrays_sha256(data)}
+
+
+def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over named arrays (name, dtype, shape and bytes, in name order): which training data a
+    checkpoint saw, so two trainings that disagree can be told apart by data or by arithmetic."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.data)
+    return h.hexdigest()

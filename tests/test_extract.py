@@ -266,7 +266,10 @@ def test_train_commands_and_a_provided_checkpoint(real_run, real_dir, tmp_path):
         r = subprocess.run(m2fd + ["gnpfa", "train-geometry", str(out), "--out", str(tmp_path / geo), "--steps", "60",
                                    "--hidden", "128", "--max-frames", "300"], **kw)
         assert r.returncode == 0, r.stderr[-2000:]
-    geo_sha = {json.loads((tmp_path / g / "config.json").read_text())["sha256"] for g in ("geo", "geo2")}
+    geo_meta = [json.loads((tmp_path / g / "config.json").read_text()) for g in ("geo", "geo2")]
+    # the same training data (by digest), then the same arithmetic: the same weights
+    assert len({m["recipe"]["data_sha256"] for m in geo_meta}) == 1
+    geo_sha = {m["sha256"] for m in geo_meta}
     assert len(geo_sha) == 1
     r = subprocess.run(m2fd + ["gnpfa", "train-image", str(out), "--geometry", str(tmp_path / "geo"), "--out",
                                str(tmp_path / "ck"), "--steps", "20", "--enc-width", "8", "--max-frames", "300",
@@ -279,6 +282,7 @@ def test_train_commands_and_a_provided_checkpoint(real_run, real_dir, tmp_path):
     rec = meta["recipe"]
     assert {s["sha256"] for s in rec["inputs"][0]["sources"]} == srcs and rec["inputs"][0]["extract_config"]
     assert rec["code"]["package"] and rec["geometry"]["sha256"] in geo_sha and rec["image"]["steps"] == 20
+    assert rec["data_sha256"] == geo_meta[0]["recipe"]["data_sha256"]  # the same seeded sample of frames
     assert 200 <= meta["trained_on_frames"] <= 400 and meta["weights_dtype"] == "float16"
     r = subprocess.run(m2fd + ["run", str(real_dir / "d12.mp4"), "--out", str(tmp_path / "D"), "--executor", "local",
                                "--set", f"gnpfa_checkpoint={tmp_path / 'ck'}"], **kw)
