@@ -113,7 +113,9 @@ class ExtractConfig:
     asr_max_tokens_per_s: float = 15.0
     asr_max_compression_ratio: float = 2.4
     # per-clip models ("packaged" = models.packaged's verified file, a path, or "" = off)
-    blendshape_model: str = "packaged"  # face_landmarker.task: its face_blendshapes.tflite on our landmarks
+    # face_landmarker.task: its face_blendshapes.tflite and geometry pipeline on our landmarks
+    # (frames.blendshapes, frames.face_transform)
+    blendshape_model: str = "packaged"
     face_embedder: str = "packaged"  # SFace (.onnx): clip_features.face_embedding
     voice_embedder: str = "packaged"  # Resemblyzer's pretrained.pt: clip_features.voice_embedding
     identity_frames: int = 6  # frames per clip (evenly spaced, where tracked) averaged into the face embedding

@@ -36,6 +36,7 @@ class ClipFeatures:
     audio_feat: np.ndarray  # (n, 80) log-mel
     audio_db: np.ndarray  # (n,)
     blendshapes: np.ndarray | None = None  # (n, 52) ARKit weights, NaN where untracked (or no model)
+    face_transform: np.ndarray | None = None  # (n, 4, 4) MediaPipe facial transformation matrix, NaN likewise
     face_embedding: np.ndarray | None = None  # (128,) SFace, L2-normalised mean over the probe frames; NaN if none
     voice_embedding: np.ndarray | None = None  # (256,) speaker encoder over the clip's audio; NaN if none
     transcript: dict | None = None
@@ -119,9 +120,10 @@ def _unit_mean(vecs: list[np.ndarray], dim: int) -> np.ndarray:
 
 def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: ExtractConfig,
                    transcriber=None, template: np.ndarray | None = None, timings: dict | None = None,
-                   blendshaper=None, face_embedder=None, voice_embedder=None) -> list[ClipFeatures]:
+                   blendshaper=None, face_geometry=None, face_embedder=None, voice_embedder=None) -> list[ClipFeatures]:
     """Extract every clip of one source in one sequential decoding pass. The optional models:
     ``blendshaper(landmarks (n,478,3), width, height) -> (n,52)`` (extractors.blendshapes),
+    ``face_geometry(landmarks, width, height) -> (n,4,4)`` (extractors.face_geometry),
     ``face_embedder.embed(frame, landmarks) -> (128,)`` on ``identity_frames`` probe frames and
     ``voice_embedder.embed(audio) -> (256,)`` on the clip's audio (extractors.identity)."""
     tm = timings if timings is not None else {}
@@ -188,6 +190,8 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
         t0 = time.perf_counter()
         f.blendshapes = (blendshaper(lms, width, height).astype(np.float32) if blendshaper is not None
                          else np.full((n, 52), np.nan, np.float32))
+        f.face_transform = (face_geometry(lms, width, height).astype(np.float32) if face_geometry is not None
+                            else np.full((n, 4, 4), np.nan, np.float32))
         t1 = time.perf_counter()
         f.face_embedding = _unit_mean(face_vecs, 128)
         f.voice_embedding = (voice_embedder.embed(a).astype(np.float32) if voice_embedder is not None and a.size
@@ -205,7 +209,7 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
 
 
 _ARRAYS = ("tracked", "landmarks", "conf", "rotation", "translation", "scale", "geometry", "neutral", "crops",
-           "audio_feat", "audio_db", "blendshapes", "face_embedding", "voice_embedding")
+           "audio_feat", "audio_db", "blendshapes", "face_transform", "face_embedding", "voice_embedding")
 
 
 def features_to_npz(feats: list[ClipFeatures]) -> tuple[bytes, dict]:

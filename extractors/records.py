@@ -56,6 +56,8 @@ def frames_table(clip: dict, f, z: np.ndarray, recon_err: np.ndarray, image_z: n
         "audio_mel": _fixed(f.audio_feat, 80, np.ones(n, bool)),
         "audio_db": pa.array(f.audio_db.astype(np.float32)),
         "blendshapes": _fixed(np.nan_to_num(f.blendshapes), 52, t & ~np.isnan(f.blendshapes).any(axis=1)),
+        "face_transform": _fixed(np.nan_to_num(f.face_transform).reshape(n, 16), 16,
+                                 t & ~np.isnan(f.face_transform).any(axis=(1, 2))),
     }
     return pa.table(cols, schema=TABLES["frames"])
 

@@ -26,7 +26,7 @@ from extractors.extract import extract_source, features_from_npz, features_to_np
 from extractors.ingest import quarantine_row
 from extractors.pose import TEMPLATE_PATH
 from extractors.records import clip_features_row, clip_quality, frames_table, sample_tracked, training_arrays
-from storage_schemas import atomic_write_bytes, open_dataset, table_path, write_table
+from storage_schemas import SCHEMA_VERSION, atomic_write_bytes, open_dataset, table_path, write_table
 from storage_schemas.dataset import EXTRACT_LINEAGE
 from storage_schemas.tables import TRANSCRIPTS
 
@@ -82,10 +82,12 @@ def _loaded_models(cfg: ExtractConfig) -> dict:
     key = (cfg.blendshape_model, cfg.face_embedder, cfg.voice_embedder)
     if key not in _MODELS:
         from extractors.blendshapes import BlendshapeModel
+        from extractors.face_geometry import FaceGeometry
         from extractors.identity import FaceEmbedder, VoiceEmbedder
 
         p = clip_models(cfg)
         _MODELS[key] = {"blendshaper": BlendshapeModel(p["blendshapes"]) if p["blendshapes"] else None,
+                        "face_geometry": FaceGeometry(p["blendshapes"]) if p["blendshapes"] else None,
                         "face_embedder": FaceEmbedder(p["face_embedder"]) if p["face_embedder"] else None,
                         "voice_embedder": VoiceEmbedder(p["voice_embedder"]) if p["voice_embedder"] else None}
     return _MODELS[key]
@@ -120,8 +122,14 @@ def _extract_task(w: TrackWork) -> dict:
     return {"metrics": tm}
 
 
+# the arrays a tracks part holds (extractors.extract._ARRAYS): a part written by code with other arrays
+# has another key, so it is recomputed rather than misread. 2: face_transform.
+TRACKS_FORMAT = 2
+
+
 def _part_key(source: dict, clips: list[dict], cfg: ExtractConfig, models: dict) -> str:
     h = hashlib.sha256()
+    h.update(f"tracks-{TRACKS_FORMAT}:".encode())
     h.update(source["sha256"].encode())
     h.update(json.dumps({k: v["sha256"] for k, v in models.items()}, sort_keys=True).encode())
     h.update(json.dumps([(c["clip_id"], c["n_frames"]) for c in clips]).encode())
@@ -282,7 +290,9 @@ def _encode_task(w: EncodeWork) -> dict:
     files.update({c["clip_id"]: out / "arrays" / "crops" / f"{c['clip_id']}.npy" for c in w.track.clips})
     if w.part.is_file():
         doc = json.loads(w.part.read_text())
-        if all(p.is_file() and _sha(p) == doc["outputs"].get(k) for k, p in files.items()):
+        # rows of another schema version (new columns) are rebuilt; the cached latents stay
+        if doc.get("schema") == SCHEMA_VERSION and all(p.is_file() and _sha(p) == doc["outputs"].get(k)
+                                                       for k, p in files.items()):
             return doc["rows"]
     maybe_fail("encode", w.track.source["uri"])
     cfg = ExtractConfig(**w.track.cfg)
@@ -313,7 +323,7 @@ def _encode_task(w: EncodeWork) -> dict:
     import pyarrow as pa
 
     write_table(files["frames"], "frames", pa.concat_tables(tables))
-    doc = {"rows": rows, "outputs": {k: _sha(p) for k, p in files.items()}}
+    doc = {"rows": rows, "outputs": {k: _sha(p) for k, p in files.items()}, "schema": SCHEMA_VERSION}
     atomic_write_bytes(w.part, json.dumps(doc, sort_keys=True).encode())
     return rows
 

@@ -13,6 +13,7 @@ import numpy as np
 from extractors.labels.context import DEFAULT_CHAIN, contexts_for_source, decode_value, run_chain
 from extractors.ingest import quarantine_row
 from storage_schemas import atomic_write_bytes, open_dataset, table_path, write_table
+from storage_schemas.tables import CLIP_COLUMNS
 
 from .executors import TaskFailure
 from .faults import maybe_fail
@@ -77,7 +78,7 @@ def run_labels(out: str | os.PathLike, ex, chain: tuple[str, ...] = DEFAULT_CHAI
     out = Path(out)
     tick = progress or (lambda *a: None)
     ds = open_dataset(out)
-    clips = ds.query("select c.* from clips c join clip_features f using (clip_id) where f.status = 'ok' "
+    clips = ds.query(f"select {CLIP_COLUMNS} from clips c join clip_features f using (clip_id) where f.status = 'ok' "
                      "order by c.clip_id").to_pylist()
     existing = ds.table("label_rows").to_pylist() if "label_rows" in ds.tables else []
     names = set(chain)

@@ -177,7 +177,7 @@ def _card(r: dict, key: str | None, preview: str | None) -> str:
             f'<b>{e(r.get("emotion") or "-")}</b> ({e(r.get("intensity") or "-")}) {tags}'
             f'<div class="cap">{e(r.get("caption") or "")}</div>'
             f'<span class="k">split</span> {e(r.get("split") or "-")} · <span class="k">language</span> {e(r.get("language") or "-")} · '
-            f'<span class="k">speaker</span> {e(r.get("source_id"))}/face {e(r.get("face_track_id"))}<br>'
+            f'<span class="k">speaker</span> {e(r.get("speaker_id") or "-")} (face {e(r.get("face_track_id"))})<br>'
             f'<span class="k">speaking score</span> {num(r.get("speaking_score"))} · <span class="k">lip-sync</span> '
             f'{num(r.get("lip_sync"))}<br><span class="k">tracked</span> {num(r.get("tracked_ratio"), "{:.0%}")} · '
             f'<span class="k">landmark conf</span> {num(r.get("landmark_conf"))} · <span class="k">GNPFA err</span> '
@@ -222,7 +222,7 @@ def write_report(root: Path, out: Path | None = None) -> Path:
     if qr:
         bar("Quarantine reasons", qr, "r", color="#888", xlabel="inputs or clips")
     # one row per clip with everything a card shows
-    joins, cols = [], ["c.clip_id", "c.source_id", "c.start_s", "c.end_s", "c.face_track_id",
+    joins, cols = [], ["c.clip_id", "c.source_id", "c.start_s", "c.end_s", "c.face_track_id", "c.speaker_id",
                        "regexp_extract(c.uri, '[^/]+$') video", "c.speaking_score"]
     if "clip_features" in has:
         joins.append("left join clip_features f using (clip_id)")

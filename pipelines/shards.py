@@ -15,6 +15,7 @@ import numpy as np
 from extractors.config import ShardConfig
 from extractors.shards import build_sample, keyframe_crop, pack, split_of, write_shard
 from storage_schemas import SCHEMA_VERSION, open_dataset, table_path, write_json, write_table
+from storage_schemas.tables import CLIP_COLUMNS
 
 from .executors import TaskFailure
 from .faults import maybe_fail
@@ -116,7 +117,7 @@ def run_shards(out: str | os.PathLike, cfg: ShardConfig, ex, progress: Callable[
     out = Path(out)
     tick = progress or (lambda *a: None)
     ds = open_dataset(out)
-    clips = ds.query("select c.* from clips c join clip_features f using (clip_id) where f.status = 'ok' "
+    clips = ds.query(f"select {CLIP_COLUMNS} from clips c join clip_features f using (clip_id) where f.status = 'ok' "
                      "order by c.clip_id").to_pylist()
     features = {r["clip_id"]: r for r in ds.table("clip_features").to_pylist()}
     trans = {r["clip_id"]: r for r in ds.table("transcripts").to_pylist()} if "transcripts" in ds.tables else {}

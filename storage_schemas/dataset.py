@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .io import SchemaError, read_table
-from .tables import PARTITIONED, TABLES
+from .tables import PARTITIONED, TABLES, VIEW_COLUMNS
 
 TABLES_DIR = "tables"
 CARD = "dataset.json"
@@ -96,11 +96,32 @@ class Dataset:
         want = self.tables if only is None else [n for n in self.tables if n in only or (n == "label_rows" and "labels" in only)]
         for name in want:
             self._check(name)
-            p = table_path(self.root, name)
-            src = str(p / "*.parquet" if name in PARTITIONED else p).replace("'", "''")
-            con.execute(f"CREATE TEMP VIEW {name} AS SELECT * FROM read_parquet('{src}')")
+            con.execute(f"CREATE TEMP VIEW {name} AS {self._view_sql(name)}")
         if "label_rows" in want:
             con.execute(labels_view_sql())
+
+    def _src(self, name: str, options: str = "") -> str:
+        p = table_path(self.root, name)
+        path = str(p / "*.parquet" if name in PARTITIONED else p).replace("'", "''")
+        return f"read_parquet('{path}'{options})"
+
+    def _view_sql(self, name: str) -> str:
+        """A table's view: its files, plus the VIEW_COLUMNS joined in (null while their table is absent),
+        in the table's own row order."""
+        extra = VIEW_COLUMNS.get(name)
+        if not extra:
+            return f"SELECT * FROM {self._src(name)}"
+        cols, joins = [], []
+        for i, (col, (other, typ, _)) in enumerate(extra.items()):
+            duck = {"string": "VARCHAR"}[str(typ)]
+            if other in self.tables:
+                self._check(other)
+                joins.append(f"LEFT JOIN (SELECT clip_id, {col} FROM {self._src(other)}) j{i} USING (clip_id)")
+                cols.append(f"j{i}.{col}")
+            else:
+                cols.append(f"CAST(NULL AS {duck}) AS {col}")
+        return (f"SELECT t.* EXCLUDE (file_row_number), {', '.join(cols)} FROM "
+                f"{self._src(name, ', file_row_number = true')} t {' '.join(joins)} ORDER BY t.file_row_number")
 
     def query(self, sql: str) -> pa.Table:
         """Run one SQL statement over the dataset's tables (views of the tables it names)."""

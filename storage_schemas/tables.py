@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "0.5.0"  # 0.5.0: transcripts.rejected_s; 0.4.0: frames.blendshapes, clip_features face/voice embeddings, transcripts.model_sha256, speakers, samples.speaker_id; 0.3.0: clips/clip_features.speaking_score, face_tracks; 0.2.0: shards.version, samples.input_digest (dataset versions)
+SCHEMA_VERSION = "0.6.0"  # 0.6.0: frames.face_transform; 0.5.0: transcripts.rejected_s; 0.4.0: frames.blendshapes, clip_features face/voice embeddings, transcripts.model_sha256, speakers, samples.speaker_id; 0.3.0: clips/clip_features.speaking_score, face_tracks; 0.2.0: shards.version, samples.input_digest (dataset versions)
 FPS = 30  # every per-frame array in M2F-D is sampled at exactly this rate
 AUDIO_SAMPLE_RATE = 16_000
 
@@ -113,6 +113,10 @@ FRAMES = pa.schema(
         _f("blendshapes", pa.list_(pa.float32(), N_BLENDSHAPES), True,
            "52 ARKit blendshape weights (names: storage_schemas.vocab.BLENDSHAPES), MediaPipe's face_blendshapes "
            "model on this frame's landmarks; null where untracked"),
+        _f("face_transform", pa.list_(pa.float32(), 16), True,
+           "MediaPipe's facial transformation matrix (the FaceLandmarker's geometry pipeline on this frame's "
+           "landmarks), row-major 4x4: canonical face model (cm; y up, z towards the camera) to camera space "
+           "(63 deg vertical field of view; rotation times scale, then translation); null where untracked"),
     ]
 )
 
@@ -243,3 +247,12 @@ ACTIVE_TABLES = ("sources", "clips", "quarantine", "face_tracks", "frames", "cli
                  "speakers", "shards", "samples")
 # Tables stored as a folder of Parquet parts (one per source) rather than one file.
 PARTITIONED = ("frames",)
+
+# Columns that a table's SQL view (Dataset.query / connect) adds from another table, joined by clip_id:
+# {table: {column: (from table, type, doc)}}. Table files and Dataset.table() hold the table's own columns.
+VIEW_COLUMNS = {
+    "clips": {"speaker_id": ("speakers", pa.string(),
+                             "the clip's speaker (speakers table; assigned by the shard stage, null before)")},
+}
+# the clips table's own columns as `c.<name>, ...` (stages key their parts by a clip's own fields only)
+CLIP_COLUMNS = ", ".join(f"c.{n}" for n in CLIPS.names)

@@ -38,16 +38,18 @@ def frames(real_dir):
 @pytest.fixture(scope="module")
 def tasks_out(frames, task_path):
     """Tasks FaceLandmarker (IMAGE mode) on every frame: landmarks (n, 478, 3) and blendshapes (n, 52),
-    NaN where no face; category names; ms per frame."""
+    NaN where no face; category names; ms per frame; facial transformation matrices (n, 4, 4)."""
     import mediapipe as mp
     from mediapipe.tasks.python import BaseOptions
     from mediapipe.tasks.python.vision import FaceLandmarker, FaceLandmarkerOptions, RunningMode
 
     opts = FaceLandmarkerOptions(base_options=BaseOptions(model_asset_path=str(task_path)),
-                                 running_mode=RunningMode.IMAGE, num_faces=1, output_face_blendshapes=True)
+                                 running_mode=RunningMode.IMAGE, num_faces=1, output_face_blendshapes=True,
+                                 output_facial_transformation_matrixes=True)
     n = len(frames)
     lms = np.full((n, 478, 3), np.nan, np.float32)
     bs = np.full((n, 52), np.nan, np.float32)
+    mats = np.full((n, 4, 4), np.nan)
     names = None
     with FaceLandmarker.create_from_options(opts) as fl:
         fl.detect(mp.Image(image_format=mp.ImageFormat.SRGB, data=frames[0]))  # warm-up
@@ -59,9 +61,10 @@ def tasks_out(frames, task_path):
             lms[i] = [(p.x, p.y, p.z) for p in r.face_landmarks[0]]
             cats = sorted(r.face_blendshapes[0], key=lambda c: c.index)
             bs[i] = [c.score for c in cats]
+            mats[i] = np.asarray(r.facial_transformation_matrixes[0])
             names = names or tuple(c.category_name for c in cats)
         ms = (time.perf_counter() - t0) * 1e3 / n
-    return lms, bs, names, ms
+    return lms, bs, names, ms, mats
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +73,7 @@ def model(task_path):
 
 
 def test_matches_tasks_on_tasks_landmarks(frames, tasks_out, model):
-    lms, bs, names, tasks_ms = tasks_out
+    lms, bs, names, tasks_ms, _ = tasks_out
     h, w = frames[0].shape[:2]
     tracked = np.isfinite(lms).all(axis=(1, 2))
     assert tracked.sum() >= 0.9 * len(frames), f"Tasks found a face in only {tracked.sum()} frames"
@@ -92,7 +95,7 @@ def test_matches_tasks_on_tasks_landmarks(frames, tasks_out, model):
 
 
 def test_untracked_rows_are_nan(frames, tasks_out, model):
-    lms, _, _, _ = tasks_out
+    lms, _, _, _, _ = tasks_out
     h, w = frames[0].shape[:2]
     tracked = np.flatnonzero(np.isfinite(lms).all(axis=(1, 2)))[:4]
     x = lms[tracked].copy()
@@ -115,7 +118,7 @@ def test_face_mesh_landmarks_agreement(frames, tasks_out, model):
     model vs Tasks' blendshapes on the same frames."""
     from mediapipe.python.solutions import face_mesh
 
-    _, bs, _, tasks_ms = tasks_out
+    _, bs, _, tasks_ms, _ = tasks_out
     h, w = frames[0].shape[:2]
     n = len(frames)
     lms = np.full((n, 478, 3), np.nan, np.float32)
@@ -144,3 +147,33 @@ def test_face_mesh_landmarks_agreement(frames, tasks_out, model):
     corr = np.array([np.corrcoef(ours[both, k], bs[both, k])[0, 1] for k in (9, 10, 25)])
     print("[blendshapes] corr Face Mesh vs Tasks: eyeBlinkLeft %.3f eyeBlinkRight %.3f jawOpen %.3f" % tuple(corr))
     assert d.mean() < 0.06  # measured 0.038 (mediapipe 0.10.21, d12 frames 0-59)
+
+
+def test_transformation_matrix_matches_tasks_on_tasks_landmarks(frames, tasks_out, task_path):
+    """extractors.face_geometry on the Tasks landmarker's own landmarks gives the Tasks API's facial
+    transformation matrix (its geometry pipeline, with the .task's canonical model and weights)."""
+    from extractors.face_geometry import FaceGeometry
+
+    lms, _, _, _, mats = tasks_out
+    h, w = frames[0].shape[:2]
+    tracked = np.isfinite(lms).all(axis=(1, 2))
+    geo = FaceGeometry(task_path)
+    t0 = time.perf_counter()
+    ours = geo(lms, w, h)
+    ms = (time.perf_counter() - t0) * 1e3 / len(frames)
+    assert ours.shape == (len(frames), 4, 4) and ours.dtype == np.float32
+    assert np.isnan(ours[~tracked]).all() and np.isfinite(ours[tracked]).all()
+    d_rot = np.abs(ours[tracked, :3, :3] - mats[tracked, :3, :3]).max()
+    d_tr = np.abs(ours[tracked, :3, 3] - mats[tracked, :3, 3]).max()
+    print(f"\n[face geometry] ours vs Tasks on {tracked.sum()} frames: rotation x scale max |diff| {d_rot:.2g}, "
+          f"translation {d_tr:.2g} cm (of {np.abs(mats[tracked, :3, 3]).max():.1f}); {ms:.3f} ms/frame")
+    assert d_rot < 1e-4 and d_tr < 1e-3
+    # batched or alone, the same matrix; a NaN landmark makes only its own frame untracked
+    i = int(np.flatnonzero(tracked)[0])
+    assert np.array_equal(geo(lms[i:i + 1], w, h)[0], ours[i])
+    x = lms[tracked][:3].copy()
+    x[1, 5] = np.nan
+    out = geo(x, w, h)
+    assert np.isnan(out[1]).all() and np.array_equal(out[[0, 2]], ours[tracked][[0, 2]])
+    with pytest.raises(ValueError, match="478"):
+        geo(lms[:, :100], w, h)

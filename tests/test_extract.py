@@ -87,6 +87,23 @@ def test_real_run_has_every_frame_at_30fps(real_run):
         assert g["zmin"] == g["zmax"] == 32 and g["dt"] < 1e-6
     lm = ds.query("select landmarks from frames where tracked limit 1").column(0).to_pylist()[0]
     assert len(lm) == 478 * 3 and 0 <= min(lm[0::3]) and max(lm[0::3]) <= 1
+    # MediaPipe's facial transformation matrix on every tracked frame, from the same landmarks: a similarity
+    # transform whose head motion follows our own pose fit
+    from extractors.pose import rotation_angle_deg
+
+    flip = np.diag([1.0, -1.0, -1.0])  # canonical face space (y up, z to the camera) -> image axes
+    for cid in clips:
+        rows = ds.query(f"select tracked, face_transform, rotation from frames where clip_id = '{cid}' order by frame"
+                        ).to_pylist()
+        assert all((r["face_transform"] is not None) == r["tracked"] for r in rows)
+        m = np.array([r["face_transform"] for r in rows if r["tracked"]], np.float64).reshape(-1, 4, 4)
+        assert np.allclose(m[:, 3], [0, 0, 0, 1])
+        r_mp = m[:, :3, :3] / np.linalg.norm(m[:, :3, 0], axis=1)[:, None, None]
+        assert np.allclose(r_mp @ r_mp.transpose(0, 2, 1), np.eye(3), atol=1e-4) and (np.linalg.det(r_mp) > 0).all()
+        r_mp = flip @ r_mp @ flip
+        r_ours = np.array([r["rotation"] for r in rows if r["tracked"]], np.float64).reshape(-1, 3, 3)
+        motion = [rotation_angle_deg(a @ r_ours[0].T, b @ r_mp[0].T) for a, b in zip(r_ours, r_mp)]
+        assert np.mean(motion) < 4.0, (cid, np.mean(motion))
     feats = ds.table("clip_features").to_pylist()
     assert all(f["status"] == "ok" and f["recon_err"] < 2.0 for f in feats)
     tr = ds.table("transcripts").to_pylist()

@@ -193,7 +193,8 @@ def test_the_bootstrap_sample_is_bounded_and_per_clip(real_dir, tmp_path):
         z = np.zeros((n, 478, 3), np.float32)
         return ClipFeatures(cid, n, np.ones(n, bool), z, np.ones(n, np.float32), np.zeros((n, 3, 3)), np.zeros((n, 3)),
                             np.ones(n), z, z[0], np.zeros((n, 8, 8, 3), np.uint8), np.zeros((n, 80)), np.zeros(n),
-                            np.zeros((n, 52), np.float32), np.zeros(128, np.float32), np.zeros(256, np.float32))
+                            blendshapes=np.zeros((n, 52), np.float32), face_transform=np.zeros((n, 4, 4), np.float32),
+                            face_embedding=np.zeros(128, np.float32), voice_embedding=np.zeros(256, np.float32))
 
     a, b = clip("a", 1000), clip("b", 500)
     alone, both = sample_tracked([a], 0.3), sample_tracked([b, a], 0.3)
@@ -208,3 +209,12 @@ def test_the_bootstrap_sample_is_bounded_and_per_clip(real_dir, tmp_path):
     n = meta["meta"]["trained_on_frames"] if "meta" in meta else meta["trained_on_frames"]
     tracked = res["extract"]["frames"]
     assert 50 <= n <= 150 < tracked, (n, tracked)
+    # before a shard stage there are no speakers: the clips view's speaker_id is null, the table's own columns intact
+    from storage_schemas import open_dataset
+    from storage_schemas.tables import CLIPS
+
+    ds = open_dataset(out)
+    got = ds.query("select count(*) n, count(speaker_id) s from clips").to_pylist()[0]
+    assert got["n"] == ds.table("clips").num_rows > 0 and got["s"] == 0
+    assert ds.query("select * from clips").column_names == CLIPS.names + ["speaker_id"]
+    assert ds.table("clips").column_names == CLIPS.names

@@ -195,6 +195,10 @@ def test_two_batches_of_real_people_get_languages_blendshapes_and_stable_speaker
     assert by_video["person_part_b.mp4"] == by_video["person_part_a.mp4"]  # B joined A (same id, same split)
     ids = {v: next(iter(s))[0] for v, s in by_video.items()}
     assert len({ids["person_part_a.mp4"], ids["german.mp4"], ids["french.mp4"]}) == 3
+    # clips.speaker_id (the clips view joins the speakers table) is each clip's speakers row
+    view = ds.query("select count(c.speaker_id) n, count(*) filter (where c.speaker_id is distinct from s.speaker_id) bad "
+                    "from clips c left join speakers s using (clip_id)").to_pylist()[0]
+    assert view == {"n": len(rows), "bad": 0}, view
     joined = [r for r in rows if r["video"] == "person_part_b.mp4"]
     assert all(r["method"] == "face" and r["face_sim"] >= 0.6 for r in joined), joined
     langs = {r["video"]: r["language"] for r in ds.query(
