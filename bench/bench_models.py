@@ -4,6 +4,11 @@ Sections (all by default; pick with --section):
   asr      faster-whisper (packaged Whisper base, int8, beam 5) vs pocketsphinx on the first --seconds of every
            shared video: language right (SOURCES.md: French, German, else English), real-time factor per CPU
            core (transcription seconds / audio seconds with 1 thread), words per clip.
+  asr-torch the same packaged Whisper base weights loaded into openai-whisper's PyTorch model
+           (models/whisper_ct2.py) on CUDA (fp16) where there is a GPU, else the CPU: real-time factor per clip
+           (beam 5, word timestamps, as the default engine decodes), languages, and where faster-whisper is
+           installed whether both give the same text. ``--audio-npz`` reads the clips from a file that
+           ``--save-audio-npz`` wrote (a machine without ../shared).
   vad      GMM+gates (ingest's default) vs Silero on a made signal whose speech is known: espeak-ng speech in
            English, German and French (reference: its own level), real speech of three corpus people
            (reference: Whisper's word times), music-like chords, a steady tone, white and brown noise and
@@ -76,6 +81,69 @@ def section_asr(secs: float) -> None:
           f"{sum(LANG.get(v.stem, 'en') == 'en' for v in (SHARED / 'corpus').glob('*.mp4'))}/{tot}")
     print(f"real-time factor per CPU core (median): faster-whisper {np.median(rtf_fw):.3f}, pocketsphinx "
           f"{np.median(rtf_ps):.3f}  ->  {1 / np.median(rtf_fw):.1f} s of audio per second per core")
+
+
+def corpus_clips(secs: float, npz: str | None = None) -> dict[str, np.ndarray]:
+    """{video stem: first ``secs`` of its 16 kHz mono audio} of the corpus videos, or of a saved .npz."""
+    if npz:
+        with np.load(npz, allow_pickle=False) as z:
+            return {k: z[k] for k in sorted(z.files)}
+    return {v.stem: audio_of(v)[: int(secs * SR)] for v in sorted((SHARED / "corpus").glob("*.mp4"))}
+
+
+def section_asr_torch(secs: float, npz: str | None) -> None:
+    import torch
+
+    from models.packaged import path
+    from models.whisper_ct2 import load_whisper_from_ct2
+
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    model_dir = Path(os.environ.get("M2FD_WHISPER_CT2") or path("whisper-base")).resolve()
+    model_dir = model_dir.parent if model_dir.is_file() else model_dir
+    t0 = time.perf_counter()
+    model = load_whisper_from_ct2(model_dir, device=dev)
+    load_s = time.perf_counter() - t0
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} thread(s)"
+    try:
+        from faster_whisper import WhisperModel
+
+        fw = WhisperModel(str(model_dir), device="cpu", compute_type="float32", cpu_threads=1)
+    except ImportError:
+        fw = None
+    from extractors.config import ExtractConfig
+    from extractors.transcribe import token_cap
+
+    per_s = ExtractConfig().asr_max_tokens_per_s  # the default engine's decoding limit (Whisper base loops)
+    clips = corpus_clips(secs, npz)
+    kw = dict(temperature=0.0, beam_size=5, condition_on_previous_text=False, word_timestamps=True, fp16=cuda,
+              verbose=None)
+    model.transcribe(next(iter(clips.values())), **kw)  # warm-up (CUDA context, kernels)
+    print(f"\n== ASR, openai-whisper (PyTorch) on the packaged Whisper base weights, {name}; load {load_s:.1f} s")
+    print(f"{'video':28s} {'want':>4s} {'lang':>5s} {'words':>5s} {'RTF':>7s} {'same text as fw':>15s}  text")
+    rtf, ok, same = [], 0, []
+    for k, a in clips.items():
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        r = model.transcribe(a.astype(np.float32), sample_len=token_cap(len(a), per_s), **kw)
+        if cuda:
+            torch.cuda.synchronize()
+        rtf.append((time.perf_counter() - t0) / (len(a) / SR))
+        words = sum(len(s.get("words") or []) for s in r["segments"])
+        want = LANG.get(k, "en")
+        ok += r["language"] == want
+        eq = "-"
+        if fw is not None:
+            segs, _ = fw.transcribe(a, beam_size=5, temperature=0.0, condition_on_previous_text=False,
+                                    max_new_tokens=token_cap(len(a), per_s))
+            eq = str(" ".join(s.text.strip() for s in segs).strip() == r["text"].strip())
+            same.append(eq == "True")
+        print(f"{k:28s} {want:>4s} {r['language']:>5s} {words:5d} {rtf[-1]:7.4f} {eq:>15s}  {r['text'].strip()[:50]!r}")
+    print(f"language as SOURCES.md says: {ok}/{len(clips)}; real-time factor median {np.median(rtf):.4f} "
+          f"(p90 {np.percentile(rtf, 90):.4f}) -> {1 / np.median(rtf):.0f} s of audio per second, one clip at a time")
+    if same:
+        print(f"same text as faster-whisper (same weights in float32, CPU, beam 5): {sum(same)}/{len(same)}")
 
 
 def _espeak(tmp: Path, text: str, voice: str) -> np.ndarray:
@@ -211,6 +279,7 @@ def section_blend(n: int) -> None:
     import mediapipe as mp
 
     from extractors.blendshapes import BlendshapeModel
+    from extractors.face_geometry import FaceGeometry
     from extractors.landmarks import MeshTracker
     from extractors.pose import head_pose, load_template, to_metric, rotation_angle_deg
     from models.packaged import path
@@ -218,6 +287,7 @@ def section_blend(n: int) -> None:
 
     task = str(path("face-landmarker"))
     bm = BlendshapeModel(task)
+    geo = FaceGeometry(task)
     tpl = load_template()
     vision = mp.tasks.vision
     opts = vision.FaceLandmarkerOptions(base_options=mp.tasks.BaseOptions(model_asset_path=task),
@@ -225,11 +295,12 @@ def section_blend(n: int) -> None:
                                         output_face_blendshapes=True, output_facial_transformation_matrixes=True)
     F = np.diag([1.0, -1.0, -1.0])  # Tasks' canonical face space (y up, z towards the camera) -> our image axes
     diffs, t_mesh, t_blend, t_tasks, rel, offs = [], 0.0, 0.0, 0.0, [], []
+    t_geo, geo_rot, geo_tr, rel_ours_mesh = 0.0, 0.0, 0.0, []
     n_frames = 0
     for v in (SHARED / "real" / "d12.mp4", SHARED / "corpus" / "edtalk_obama.mp4", SHARED / "corpus" / "retalking_face4.mp4"):
         frames = _frames(v, n)
         h, w = frames[0].shape[:2]
-        r_ours, r_tasks = [], []
+        r_ours, r_tasks, r_mesh = [], [], []
         with MeshTracker() as mt, vision.FaceLandmarker.create_from_options(opts) as lmk:
             box = [0.0, 0.0, 1.0, 1.0]
             for i, fr in enumerate(frames):
@@ -252,10 +323,21 @@ def section_blend(n: int) -> None:
                 diffs.append(np.abs(ours - theirs))
                 _, r, _, _ = head_pose(to_metric(lm, w, h), tpl)
                 r_ours.append(r)
-                r_tasks.append(F @ np.asarray(res.facial_transformation_matrixes[0])[:3, :3] @ F)
-        for ro, rt in zip(r_ours, r_tasks):  # motion relative to the first frame, in each own frame
+                m_tasks = np.asarray(res.facial_transformation_matrixes[0])
+                r_tasks.append(F @ m_tasks[:3, :3] @ F)
+                # extractors.face_geometry: on Tasks' own landmarks (must equal Tasks), and on Face Mesh's
+                lm_tasks = np.array([[p.x, p.y, p.z] for p in res.face_landmarks[0]], np.float32)[None]
+                m_same = geo(lm_tasks, w, h)[0]
+                geo_rot = max(geo_rot, float(np.abs(m_same[:3, :3] - m_tasks[:3, :3]).max()))
+                geo_tr = max(geo_tr, float(np.abs(m_same[:3, 3] - m_tasks[:3, 3]).max()))
+                t4 = time.perf_counter()
+                m_mesh = geo(lm[None], w, h)[0]
+                t_geo += time.perf_counter() - t4
+                r_mesh.append(F @ (m_mesh[:3, :3] / np.linalg.norm(m_mesh[:3, 0])) @ F)
+        for ro, rt, rm in zip(r_ours, r_tasks, r_mesh):  # motion relative to the first frame, in each own frame
             rel.append(rotation_angle_deg(ro @ r_ours[0].T, rt @ r_tasks[0].T))
             offs.append(rotation_angle_deg(ro, rt))
+            rel_ours_mesh.append(rotation_angle_deg(ro @ r_ours[0].T, rm @ r_mesh[0].T))
     d = np.stack(diffs)
     worst = np.argsort(-d.mean(0))[:5]
     print(f"\n== Blendshapes on {n_frames} real frames (d12, obama, retalking_face4)")
@@ -267,6 +349,10 @@ def section_blend(n: int) -> None:
     print(f"Tasks transformation matrix vs our pose fit: head motion from the first frame differs {np.mean(rel):.2f} deg "
           f"mean (p95 {np.percentile(rel, 95):.2f}); fixed offset between the two frames {np.mean(offs):.1f} +- "
           f"{np.std(offs):.1f} deg")
+    print(f"extractors.face_geometry on Tasks' landmarks vs Tasks' matrix: max |diff| rotation x scale {geo_rot:.2g}, "
+          f"translation {geo_tr:.2g} cm; on Face Mesh landmarks (frames.face_transform) {1000 * t_geo / n_frames:.3f} ms "
+          f"a frame, head motion vs our pose fit {np.mean(rel_ours_mesh):.2f} deg mean (p95 "
+          f"{np.percentile(rel_ours_mesh, 95):.2f})")
 
 
 def section_identity() -> None:
@@ -315,18 +401,27 @@ def section_identity() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--section", action="append", choices=("asr", "vad", "blend", "identity"))
+    ap.add_argument("--section", action="append", choices=("asr", "asr-torch", "vad", "blend", "identity"))
+    ap.add_argument("--audio-npz", help="asr-torch: read the clips from this .npz (written by --save-audio-npz)")
+    ap.add_argument("--save-audio-npz", help="write the corpus clips of the asr sections to this .npz and stop")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--frames", type=int, default=150, help="frames per video in the blend section")
     a = ap.parse_args()
-    import cv2
+    if a.save_audio_npz:
+        np.savez(a.save_audio_npz, **corpus_clips(a.seconds))
+        return
     import torch
 
     torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    for s in a.section or ("asr", "vad", "blend", "identity"):
-        {"asr": lambda: section_asr(a.seconds), "vad": section_vad, "blend": lambda: section_blend(a.frames),
-         "identity": section_identity}[s]()
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:  # a GPU machine with only what asr-torch needs
+        pass
+    for s in a.section or ("asr", "asr-torch", "vad", "blend", "identity"):
+        {"asr": lambda: section_asr(a.seconds), "asr-torch": lambda: section_asr_torch(a.seconds, a.audio_npz),
+         "vad": section_vad, "blend": lambda: section_blend(a.frames), "identity": section_identity}[s]()
 
 
 if __name__ == "__main__":

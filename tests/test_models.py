@@ -65,6 +65,36 @@ def test_faster_whisper_detects_the_language_and_times_the_words(name, lang):
     assert tr(audio).words == out.words  # deterministic
 
 
+def test_the_packaged_whisper_weights_run_in_openai_whispers_pytorch_model():
+    """models/whisper_ct2 loads the packaged CTranslate2 weights into openai-whisper's model (for PyTorch
+    devices that ctranslate2 has no build for): greedy decoding of real German speech gives faster-whisper's
+    language, text and word times (both in float32 on the CPU)."""
+    import torch
+    from faster_whisper import WhisperModel
+
+    from models.whisper_ct2 import load_whisper_from_ct2, read_ct2
+
+    ct2 = packaged.path("whisper-base")
+    ct2 = ct2.parent if ct2.is_file() else ct2
+    torch.set_num_threads(1)
+    model = load_whisper_from_ct2(ct2)
+    assert model.dims.n_text_layer == 6 and model.dims.n_vocab == 51865 and model.alignment_heads.to_dense().sum() == 8
+    v = read_ct2(ct2)
+    assert np.array_equal(model.decoder.token_embedding.weight.detach().numpy(), v["decoder/embeddings/weight"])
+    audio = _corpus_audio("mimictalk_german.mp4", 0.0, 7.0).astype(np.float32)
+    ours = model.transcribe(audio, temperature=0.0, beam_size=None, condition_on_previous_text=False,
+                            word_timestamps=True, fp16=False, verbose=None)
+    segs, info = WhisperModel(str(ct2), device="cpu", compute_type="float32", cpu_threads=1).transcribe(
+        audio, beam_size=1, temperature=0.0, condition_on_previous_text=False, word_timestamps=True)
+    segs = list(segs)
+    assert ours["language"] == info.language == "de"
+    assert ours["text"].strip() == " ".join(s.text.strip() for s in segs)
+    w_ours = [(w["word"].strip(), w["start"], w["end"]) for s in ours["segments"] for w in s["words"]]
+    w_fw = [(w.word.strip(), w.start, w.end) for s in segs for w in s.words]
+    assert len(w_ours) >= 15 and [w[0] for w in w_ours] == [w[0] for w in w_fw]
+    assert max(abs(a[1] - b[1]) + abs(a[2] - b[2]) for a, b in zip(w_ours, w_fw)) < 0.05
+
+
 def test_whisper_repetition_loops_are_left_out_and_real_speech_is_untouched():
     """d12's clip (a voice over music) sends Whisper base into a loop ("My, my, my, ..."): the transcript
     keeps none of it and says how many seconds it left out. Real English speech comes out exactly as
