@@ -95,13 +95,19 @@ def test_one_failing_source_and_labeler_leave_the_rest_of_a_ray_run_whole(real_d
     run (no faults) adds d14 and s18 as a new version without touching the committed shard."""
     out = tmp_path / "D"
     ecfg = ExtractConfig()
-    inputs = [str(real_dir / n) for n in ("d12.mp4", "d14.mp4", "s18.mp4")]
+    src = tmp_path / "src"
+    src.mkdir()
+    # d14 is 17.9 s: its first 7 s (one talking clip) are enough to fail and then be added
+    subprocess.run(["ffmpeg", "-v", "error", "-t", "7", "-i", str(real_dir / "d14.mp4"), "-c", "copy",
+                    str(src / "d14.mp4")], check=True)
+    inputs = [str(real_dir / "d12.mp4"), str(src / "d14.mp4"), str(real_dir / "s18.mp4")]
     monkeypatch.setenv("M2FD_INJECT_FAULT", "extract:d14.mp4,label:s18.mp4")  # the executor passes it to its tasks
     first = run_job(inputs, out, ecfg=ecfg, executor="ray", num_cpus=2, log=lambda m: None)
     ds = open_dataset(out)
     q = ds.query("select uri, stage, reason, message, clip_id from quarantine where reason = 'processing_error' "
                  "order by clip_id").to_pylist()
     d14, s18, d12 = _clip_ids(out, "d14.mp4"), _clip_ids(out, "s18.mp4"), _clip_ids(out, "d12.mp4")
+    assert d14 and s18 and d12
     assert {(r["clip_id"], r["stage"]) for r in q} == {(c, "extract") for c in d14} | {(c, "label") for c in s18}
     assert all("InjectedFault" in r["message"] for r in q)
     feats = {r["clip_id"]: r for r in ds.table("clip_features").to_pylist()}

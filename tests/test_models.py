@@ -81,7 +81,7 @@ def test_the_packaged_whisper_weights_run_in_openai_whispers_pytorch_model():
     assert model.dims.n_text_layer == 6 and model.dims.n_vocab == 51865 and model.alignment_heads.to_dense().sum() == 8
     v = read_ct2(ct2)
     assert np.array_equal(model.decoder.token_embedding.weight.detach().numpy(), v["decoder/embeddings/weight"])
-    audio = _corpus_audio("mimictalk_german.mp4", 0.0, 7.0).astype(np.float32)
+    audio = _corpus_audio("mimictalk_german.mp4", 0.0, 4.5).astype(np.float32)
     ours = model.transcribe(audio, temperature=0.0, beam_size=None, condition_on_previous_text=False,
                             word_timestamps=True, fp16=False, verbose=None)
     segs, info = WhisperModel(str(ct2), device="cpu", compute_type="float32", cpu_threads=1).transcribe(
@@ -91,7 +91,7 @@ def test_the_packaged_whisper_weights_run_in_openai_whispers_pytorch_model():
     assert ours["text"].strip() == " ".join(s.text.strip() for s in segs)
     w_ours = [(w["word"].strip(), w["start"], w["end"]) for s in ours["segments"] for w in s["words"]]
     w_fw = [(w.word.strip(), w.start, w.end) for s in segs for w in s.words]
-    assert len(w_ours) >= 15 and [w[0] for w in w_ours] == [w[0] for w in w_fw]
+    assert len(w_ours) >= 8 and [w[0] for w in w_ours] == [w[0] for w in w_fw]
     assert max(abs(a[1] - b[1]) + abs(a[2] - b[2]) for a, b in zip(w_ours, w_fw)) < 0.05
 
 
