@@ -175,11 +175,20 @@ def cost(weights: str) -> None:
     faces = rng.integers(0, 255, (500, 112, 112), dtype=np.uint8)
     mfcc = rng.normal(0, 10, (2000, 13)).astype(np.float32)
     torch.set_num_threads(1)
-    score_track(model, faces[:100], mfcc[:400], (4,))
-    t = time.perf_counter()
-    score_track(model, faces, mfcc, (4,))
-    cpu = (time.perf_counter() - t) / len(faces)
-    print(f"cost: CPU (1 thread) {1000 * cpu:.2f} ms per face frame, one track of {len(faces)} frames, 4 s windows")
+    per = {}
+    for name, folded in (("batch norms folded, channels-last (what load() gives)", model._folded),
+                         ("unfolded 2-D path", None)):
+        model._folded = folded
+        score_track(model, faces[:100], mfcc[:400], (4,))
+        t = time.perf_counter()
+        score_track(model, faces, mfcc, (4,))
+        per[name] = (time.perf_counter() - t) / len(faces)
+        print(f"cost: CPU (1 thread) {1000 * per[name]:.2f} ms per face frame, {name}; one track of {len(faces)} "
+              f"frames, 4 s windows")
+    a, b = per.values()
+    print(f"folded / unfolded time: {a / b:.2f}")
+    model.fold()
+    cpu = a
     if torch.cuda.is_available():
         m = model.cuda()
         f = torch.from_numpy(faces[:100]).cuda()[None].repeat(64, 1, 1, 1)

@@ -49,14 +49,23 @@ def test_mfcc_is_the_definition_light_asd_was_trained_on(real_dir):
     assert np.abs(got - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
 
 
-def test_the_2d_visual_path_equals_the_released_3d_network():
+def test_the_2d_and_folded_visual_paths_equal_the_released_3d_network():
     import torch
 
     model, _ = light_asd.load(light_asd.resolve(CFG.asd_weights))
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (1, 1, 12, 112, 112)).astype(np.float32) / 255)
     with torch.no_grad():
-        a, b = model.model.visualEncoder(x), model.model.visualEncoder.forward_2d(x)
-    assert torch.allclose(a, b, atol=1e-4)
+        e = model.model.visualEncoder
+        a, b, c = e(x), e.forward_2d(x), e.forward_folded(x, model._folded)
+    assert torch.allclose(a, b, atol=1e-4) and torch.allclose(b, c, atol=1e-4)
+    # the whole network: the folded path (what load() gives) against the unfolded one, on real-sized input
+    faces = torch.from_numpy(np.random.default_rng(1).integers(0, 255, (1, 50, 112, 112), dtype=np.uint8))
+    mfcc = torch.from_numpy(np.random.default_rng(2).standard_normal((1, 200, 13)).astype(np.float32))
+    with torch.no_grad():
+        folded = model(faces, mfcc)
+        model._folded = None
+        plain = model(faces, mfcc)
+    assert torch.allclose(folded, plain, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
