@@ -83,17 +83,15 @@ class VisualBlock(nn.Module):
 
     def fold(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Inference weights: each conv with its batch norm folded in, as 2-D (weight, bias)."""
-        def f(conv, bn, w):
+        def f(w, bn):
             s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             return ((w * s.reshape(-1, *[1] * (w.dim() - 1))).contiguous(),
                     (bn.bias - bn.running_mean * s).contiguous())
 
         with torch.no_grad():
-            return {"s_3": f(self.s_3, self.bn_s_3, self.s_3.weight[:, :, 0]),
-                    "s_5": f(self.s_5, self.bn_s_5, self.s_5.weight[:, :, 0]),
-                    "t_3": f(self.t_3, self.bn_t_3, self.t_3.weight[..., 0]),
-                    "t_5": f(self.t_5, self.bn_t_5, self.t_5.weight[..., 0]),
-                    "last": f(self.last, self.bn_last, self.last.weight[:, :, 0])}
+            return {"s_3": f(self.s_3.weight[:, :, 0], self.bn_s_3), "s_5": f(self.s_5.weight[:, :, 0], self.bn_s_5),
+                    "t_3": f(self.t_3.weight[..., 0], self.bn_t_3), "t_5": f(self.t_5.weight[..., 0], self.bn_t_5),
+                    "last": f(self.last.weight[:, :, 0], self.bn_last)}
 
     def forward_folded(self, x: torch.Tensor, t: int, w: dict) -> torch.Tensor:
         """forward_2d with ``fold()``'s weights on channels-last tensors (inference only): the same

@@ -302,7 +302,7 @@ def test_train_commands_and_a_provided_checkpoint(real_run, real_dir, tmp_path):
     assert rec["data_sha256"] == geo_meta[0]["recipe"]["data_sha256"]  # the same seeded sample of frames
     assert 200 <= meta["trained_on_frames"] <= 400 and meta["weights_dtype"] == "float16"
     r = subprocess.run(m2fd + ["run", str(real_dir / "d12.mp4"), "--out", str(tmp_path / "D"), "--executor", "local",
-                               "--set", f"gnpfa_checkpoint={tmp_path / 'ck'}"], **kw)
+                               "--stages", "ingest,extract", "--set", f"gnpfa_checkpoint={tmp_path / 'ck'}"], **kw)
     assert r.returncode == 0, r.stderr[-2000:]
     ds = open_dataset(tmp_path / "D")
     assert set(ds.table("clip_features").column("gnpfa_checkpoint").to_pylist()) == {sha}

@@ -88,8 +88,13 @@ def test_new_batch_adds_a_version_and_leaves_committed_shards_alone(real_dir, tm
     assert first["shard"]["version"] == 1
     v1 = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "shards").glob("*.tar")}
     ckpt1 = first["extract"]["gnpfa"]["sha256"]
-    # the next batch with the default config (the shipped GNPFA): the dataset keeps its bootstrap
-    second = run_job([str(real_dir / "d14.mp4"), str(real_dir / "d3.mp4")], out, ecfg=ExtractConfig(), executor="local",
+    # the next batch with the default config (the shipped GNPFA): the dataset keeps its bootstrap; d14's first
+    # 7 s (one talking clip of its 17.9 s) are enough
+    src = tmp_path / "src"
+    src.mkdir()
+    subprocess.run(["ffmpeg", "-v", "error", "-t", "7", "-i", str(real_dir / "d14.mp4"), "-c", "copy",
+                    str(src / "d14.mp4")], check=True)
+    second = run_job([str(src / "d14.mp4"), str(real_dir / "d3.mp4")], out, ecfg=ExtractConfig(), executor="local",
                      log=lambda m: None)
     s = second["ingest"]
     assert (s.analysed, s.reused, s.n_sources) == (2, 1, 3)  # only the new videos are analysed
@@ -109,7 +114,7 @@ def test_new_batch_adds_a_version_and_leaves_committed_shards_alone(real_dir, tm
     card = __import__("json").loads((out / "dataset.json").read_text())
     assert [v["version"] for v in card["versions"]] == [1, 2]
     # the same batch again: nothing new, no new version
-    again = run_job([str(real_dir / "d14.mp4"), str(real_dir / "d3.mp4")], out, ecfg=ecfg, executor="local",
+    again = run_job([str(src / "d14.mp4"), str(real_dir / "d3.mp4")], out, ecfg=ecfg, executor="local",
                     log=lambda m: None)
     assert again["shard"]["version"] == 2 and again["shard"]["added_samples"] == 0
 
