@@ -63,22 +63,22 @@ def section_asr(secs: float) -> None:
     print(f"{'video':28s} {'want':>4s} {'fw lang':>7s} {'fw words':>8s} {'fw RTF':>7s} {'ps RTF':>7s}  text (faster-whisper)")
     ok = tot = 0
     rtf_fw, rtf_ps = [], []
-    for v in sorted((SHARED / "corpus").glob("*.mp4")):
-        a = audio_of(v)[: int(secs * SR)]
+    clips = corpus_clips(secs)
+    for stem, a in clips.items():
         dur = len(a) / SR
         t0 = time.perf_counter()
         r = fw(a)
         t1 = time.perf_counter()
         ps(a)
         t2 = time.perf_counter()
-        want = LANG.get(v.stem, "en")
+        want = LANG.get(stem, "en")
         ok += r.language == want
         tot += 1
         rtf_fw.append((t1 - t0) / dur)
         rtf_ps.append((t2 - t1) / dur)
-        print(f"{v.stem:28s} {want:>4s} {str(r.language):>7s} {len(r.words):8d} {rtf_fw[-1]:7.3f} {rtf_ps[-1]:7.3f}  {r.text[:50]!r}")
+        print(f"{stem:28s} {want:>4s} {str(r.language):>7s} {len(r.words):8d} {rtf_fw[-1]:7.3f} {rtf_ps[-1]:7.3f}  {r.text[:50]!r}")
     print(f"language right: faster-whisper {ok}/{tot}; pocketsphinx (English only) "
-          f"{sum(LANG.get(v.stem, 'en') == 'en' for v in (SHARED / 'corpus').glob('*.mp4'))}/{tot}")
+          f"{sum(LANG.get(k, 'en') == 'en' for k in clips)}/{tot}")
     print(f"real-time factor per CPU core (median): faster-whisper {np.median(rtf_fw):.3f}, pocketsphinx "
           f"{np.median(rtf_ps):.3f}  ->  {1 / np.median(rtf_fw):.1f} s of audio per second per core")
 

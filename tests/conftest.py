@@ -60,6 +60,17 @@ def real_run(real_result):
     return out, res["ingest"]
 
 
+def head_of(video: Path, seconds: float, dest_dir: Path) -> Path:
+    """The first ``seconds`` of a video (stream copy), under the same file name in ``dest_dir``: a shorter
+    input for tests whose point is not its length (fault injection and URIs match by file name)."""
+    import subprocess
+
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    out = dest_dir / video.name
+    subprocess.run(["ffmpeg", "-v", "error", "-t", str(seconds), "-i", str(video), "-c", "copy", str(out)], check=True)
+    return out
+
+
 def dataset_bytes(out: Path) -> dict[str, bytes]:
     """Every file that makes the dataset (not run history, caches or locks), by relative path."""
     keep = ("tables", "shards", "batches", "lineage", "models", "arrays")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import head_of
 
 from extractors.config import ExtractConfig, IngestConfig
 from pipelines.job import run_job
@@ -95,12 +96,9 @@ def test_one_failing_source_and_labeler_leave_the_rest_of_a_ray_run_whole(real_d
     run (no faults) adds d14 and s18 as a new version without touching the committed shard."""
     out = tmp_path / "D"
     ecfg = ExtractConfig()
-    src = tmp_path / "src"
-    src.mkdir()
     # d14 is 17.9 s: its first 7 s (one talking clip) are enough to fail and then be added
-    subprocess.run(["ffmpeg", "-v", "error", "-t", "7", "-i", str(real_dir / "d14.mp4"), "-c", "copy",
-                    str(src / "d14.mp4")], check=True)
-    inputs = [str(real_dir / "d12.mp4"), str(src / "d14.mp4"), str(real_dir / "s18.mp4")]
+    d14 = head_of(real_dir / "d14.mp4", 7, tmp_path / "src")
+    inputs = [str(real_dir / "d12.mp4"), str(d14), str(real_dir / "s18.mp4")]
     monkeypatch.setenv("M2FD_INJECT_FAULT", "extract:d14.mp4,label:s18.mp4")  # the executor passes it to its tasks
     first = run_job(inputs, out, ecfg=ecfg, executor="ray", num_cpus=2, log=lambda m: None)
     ds = open_dataset(out)
@@ -216,7 +214,6 @@ def test_the_bootstrap_sample_is_bounded_and_per_clip(real_dir, tmp_path):
     tracked = res["extract"]["frames"]
     assert 50 <= n <= 150 < tracked, (n, tracked)
     # before a shard stage there are no speakers: the clips view's speaker_id is null, the table's own columns intact
-    from storage_schemas import open_dataset
     from storage_schemas.tables import CLIPS
 
     ds = open_dataset(out)

@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import dataset_bytes
+from conftest import dataset_bytes, head_of
 
 from extractors.config import ExtractConfig
 from pipelines.job import run_job
@@ -90,11 +90,8 @@ def test_new_batch_adds_a_version_and_leaves_committed_shards_alone(real_dir, tm
     ckpt1 = first["extract"]["gnpfa"]["sha256"]
     # the next batch with the default config (the shipped GNPFA): the dataset keeps its bootstrap; d14's first
     # 7 s (one talking clip of its 17.9 s) are enough
-    src = tmp_path / "src"
-    src.mkdir()
-    subprocess.run(["ffmpeg", "-v", "error", "-t", "7", "-i", str(real_dir / "d14.mp4"), "-c", "copy",
-                    str(src / "d14.mp4")], check=True)
-    second = run_job([str(src / "d14.mp4"), str(real_dir / "d3.mp4")], out, ecfg=ExtractConfig(), executor="local",
+    d14 = head_of(real_dir / "d14.mp4", 7, tmp_path / "src")
+    second = run_job([str(d14), str(real_dir / "d3.mp4")], out, ecfg=ExtractConfig(), executor="local",
                      log=lambda m: None)
     s = second["ingest"]
     assert (s.analysed, s.reused, s.n_sources) == (2, 1, 3)  # only the new videos are analysed
@@ -114,7 +111,7 @@ def test_new_batch_adds_a_version_and_leaves_committed_shards_alone(real_dir, tm
     card = __import__("json").loads((out / "dataset.json").read_text())
     assert [v["version"] for v in card["versions"]] == [1, 2]
     # the same batch again: nothing new, no new version
-    again = run_job([str(src / "d14.mp4"), str(real_dir / "d3.mp4")], out, ecfg=ecfg, executor="local",
+    again = run_job([str(d14), str(real_dir / "d3.mp4")], out, ecfg=ecfg, executor="local",
                     log=lambda m: None)
     assert again["shard"]["version"] == 2 and again["shard"]["added_samples"] == 0
 
