@@ -118,6 +118,7 @@ class ExtractConfig:
     blendshape_model: str = "packaged"
     face_embedder: str = "packaged"  # SFace (.onnx): clip_features.face_embedding
     voice_embedder: str = "packaged"  # Resemblyzer's pretrained.pt: clip_features.voice_embedding
+    keyframe_px: int = 256  # the middle frame's face crop kept for the shards' keyframe.jpg (resized to its size)
     identity_frames: int = 6  # frames per clip (evenly spaced, where tracked) averaged into the face embedding
     # quality thresholds: clips below them are dropped with a reason
     min_tracked_ratio: float = 0.9

@@ -17,6 +17,7 @@ from .config import ExtractConfig
 from .landmarks import MeshTracker
 from .media import decode_audio, iter_frames, open_video, timeline
 from .pose import STABLE, head_pose, load_template, mouth_opening, neutral_shape, normalise, to_metric
+from .shards import keyframe_crop
 from .transcribe import clip_audio
 
 
@@ -37,6 +38,7 @@ class ClipFeatures:
     audio_db: np.ndarray  # (n,)
     blendshapes: np.ndarray | None = None  # (n, 52) ARKit weights, NaN where untracked (or no model)
     face_transform: np.ndarray | None = None  # (n, 4, 4) MediaPipe facial transformation matrix, NaN likewise
+    keyframe: np.ndarray | None = None  # (K, K, 3) uint8 face crop of the clip's middle frame (shards' keyframe.jpg)
     face_embedding: np.ndarray | None = None  # (128,) SFace, L2-normalised mean over the probe frames; NaN if none
     voice_embedding: np.ndarray | None = None  # (256,) speaker encoder over the clip's audio; NaN if none
     transcript: dict | None = None
@@ -120,8 +122,10 @@ def _unit_mean(vecs: list[np.ndarray], dim: int) -> np.ndarray:
 
 def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: ExtractConfig,
                    transcriber=None, template: np.ndarray | None = None, timings: dict | None = None,
-                   blendshaper=None, face_geometry=None, face_embedder=None, voice_embedder=None) -> list[ClipFeatures]:
-    """Extract every clip of one source in one sequential decoding pass. The optional models:
+                   blendshaper=None, face_geometry=None, face_embedder=None, voice_embedder=None,
+                   audio: np.ndarray | None = None) -> list[ClipFeatures]:
+    """Extract every clip of one source in one sequential decoding pass (``audio``: the source's decoded
+    16 kHz mono audio where the caller has it, else it is decoded here). The optional models:
     ``blendshaper(landmarks (n,478,3), width, height) -> (n,52)`` (extractors.blendshapes),
     ``face_geometry(landmarks, width, height) -> (n,4,4)`` (extractors.face_geometry),
     ``face_embedder.embed(frame, landmarks) -> (128,)`` on ``identity_frames`` probe frames and
@@ -129,7 +133,8 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
     tm = timings if timings is not None else {}
     tpl = load_template() if template is None else template
     t0 = time.perf_counter()
-    audio = decode_audio(path)
+    if audio is None:
+        audio = decode_audio(path)
     tm["audio_decode_s"] = tm.get("audio_decode_s", 0) + time.perf_counter() - t0
     vr = open_video(path, width, height, mesh_decode_side(width, height, clips, cfg))
     tl = timeline(vr, 1e9)
@@ -145,10 +150,13 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
         small = float(c["face_size_px"]) < cfg.mesh_window_below * max(width, height)
         probes = probe_frames(n, cfg.identity_frames) if face_embedder is not None else set()
         face_vecs = []
+        key = np.zeros((cfg.keyframe_px, cfg.keyframe_px, 3), np.uint8)
         with MeshTracker(window_scale=cfg.mesh_window_scale if small else None) as mt:
             for i in range(n):
                 t0 = time.perf_counter()
                 _, frame = next(frames)
+                if i == n // 2:  # the keyframe comes from this pass: the shards do not decode the video again
+                    key = keyframe_crop(frame, c["face_box"], cfg.keyframe_px)
                 t1 = time.perf_counter()
                 lm = mt.process(frame, box)
                 t2 = time.perf_counter()
@@ -193,6 +201,7 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
         f.face_transform = (face_geometry(lms, width, height).astype(np.float32) if face_geometry is not None
                             else np.full((n, 4, 4), np.nan, np.float32))
         t1 = time.perf_counter()
+        f.keyframe = key
         f.face_embedding = _unit_mean(face_vecs, 128)
         f.voice_embedding = (voice_embedder.embed(a).astype(np.float32) if voice_embedder is not None and a.size
                              else np.full(256, np.nan, np.float32))
@@ -209,7 +218,7 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
 
 
 _ARRAYS = ("tracked", "landmarks", "conf", "rotation", "translation", "scale", "geometry", "neutral", "crops",
-           "audio_feat", "audio_db", "blendshapes", "face_transform", "face_embedding", "voice_embedding")
+           "audio_feat", "audio_db", "blendshapes", "face_transform", "keyframe", "face_embedding", "voice_embedding")
 
 
 def features_to_npz(feats: list[ClipFeatures]) -> tuple[bytes, dict]:

@@ -67,10 +67,11 @@ class SourceAnalysis:
 
 
 def analyse(path: str, uri: str, sha: str, size: int, cfg: IngestConfig, detector: FaceDetector | None = None,
-            stats: SourceAnalysis | None = None, asd=None) -> dict[str, Any]:
+            stats: SourceAnalysis | None = None, asd=None, audio_sink=None) -> dict[str, Any]:
     """Return {"source": row, "clips": [rows], "quarantine": [rows], "tracks": [rows], "metrics": {...}}
     for one local file. ``asd`` scores a face track: ``asd(faces (T,112,112) uint8 at 25 fps, mfcc (4T,13))
-    -> (T,) speaking logits`` (extractors.asd); None = no active-speaker detection.
+    -> (T,) speaking logits`` (extractors.asd); None = no active-speaker detection. ``audio_sink(audio)``
+    receives the decoded 16 kHz mono audio (the pipeline keeps it, so later stages do not decode again).
 
     The rows are a deterministic function of the bytes, config and model; wall-clock figures go only
     into "metrics" (never into a table)."""
@@ -84,7 +85,7 @@ def analyse(path: str, uri: str, sha: str, size: int, cfg: IngestConfig, detecto
         pr = probe(path, cfg.video_codecs)
         st.timings["probe"] += time.perf_counter() - t0
         src = _source_row(uri, sha, size, pr)
-        clips = _analyse(path, uri, sid, pr, cfg, detector, st, src, asd, out)
+        clips = _analyse(path, uri, sid, pr, cfg, detector, st, src, asd, out, audio_sink)
     except Reject as r:
         src = _source_row(uri, sha, size, pr)
         return {"source": src, "clips": [], "quarantine": [quarantine_row(uri, sid, r.reason, r.message, r.detail)],
@@ -100,7 +101,7 @@ def _metrics(st: SourceAnalysis, t_start: float) -> dict[str, float]:
 
 
 def _analyse(path, uri, sid, pr: Probe, cfg: IngestConfig, detector, st: SourceAnalysis, src: dict, asd,
-             out: dict) -> list[dict]:
+             out: dict, audio_sink=None) -> list[dict]:
     if pr.duration_s < cfg.min_clip_s:
         raise Reject("too_short", f"video lasts {pr.duration_s:.2f} s, below the {cfg.min_clip_s} s minimum clip",
                      duration_s=pr.duration_s)
@@ -113,6 +114,8 @@ def _analyse(path, uri, sid, pr: Probe, cfg: IngestConfig, detector, st: SourceA
     # --- audio: speech ---
     t0 = time.perf_counter()
     audio = decode_audio(path, pr.audio_duration_s)
+    if audio_sink is not None:
+        audio_sink(audio)
     if cfg.vad == "silero":
         from models.packaged import resolve
 

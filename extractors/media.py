@@ -1,6 +1,7 @@
 """Sequential decoding: video frames resampled to the 30 fps grid by timestamp, audio to 16 kHz mono."""
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import dataclass
 from typing import Iterator
@@ -10,6 +11,17 @@ import numpy as np
 from storage_schemas import AUDIO_SAMPLE_RATE, FPS
 
 from .errors import Reject
+
+# M2FD_DECODE_LOG=<file>: every audio decode and video open appends "<kind>\t<path>" there (the decode-once
+# test counts passes per source across processes; the Ray executor passes it to its tasks). Unset: one lookup.
+DECODE_LOG_ENV = "M2FD_DECODE_LOG"
+
+
+def _trace(kind: str, path: str) -> None:
+    log = os.environ.get(DECODE_LOG_ENV)
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{kind}\t{path}\n")
 
 
 @dataclass
@@ -42,6 +54,7 @@ def open_video(path: str, width: int, height: int, max_side: int):
     itself (its frames match ffmpeg's autorotate output; tests check this)."""
     import decord
 
+    _trace("video", path)
     w, h = analysis_size(width, height, max_side)
     kw = {"width": w, "height": h} if (w, h) != (width, height) else {}
     try:
@@ -93,6 +106,7 @@ def iter_frames(vr, tl: VideoTimeline, out_idx: np.ndarray) -> Iterator[tuple[in
 
 def decode_audio(path: str, expected_s: float | None = None) -> np.ndarray:
     """Decode the first audio stream to float32 mono at 16 kHz (ffmpeg, sequential)."""
+    _trace("audio", path)
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", path, "-map", "0:a:0", "-vn", "-ac", "1",
            "-ar", str(AUDIO_SAMPLE_RATE), "-f", "f32le", "-acodec", "pcm_f32le", "-"]
     p = subprocess.run(cmd, capture_output=True, timeout=600)

@@ -6,6 +6,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
+from extractors.media import DECODE_LOG_ENV
 from pipelines import faults
 
 
@@ -114,9 +115,10 @@ class RayExecutor:
 
     def _opts(self) -> dict[str, Any]:
         opts = {"num_cpus": 1, "max_retries": self.max_retries, **({"max_calls": self.max_calls} if self.max_calls else {})}
-        fault = os.environ.get(faults.ENV)
-        if fault:  # workers of a cluster (or of a Ray started before it was set) do not inherit it
-            opts["runtime_env"] = {"env_vars": {faults.ENV: fault}}
+        # workers of a cluster (or of a Ray started before these were set) do not inherit them
+        env = {k: os.environ[k] for k in (faults.ENV, DECODE_LOG_ENV) if os.environ.get(k)}
+        if env:
+            opts["runtime_env"] = {"env_vars": env}
         return opts
 
     def as_completed(self, refs: list) -> Iterator[tuple[Any, Any]]:

@@ -33,7 +33,7 @@ from storage_schemas.tables import TRANSCRIPTS
 from .executors import TaskFailure
 from .faults import maybe_fail
 from .gnpfa import NotEnoughFrames, gnpfa_device, obtain_gnpfa
-from .stage_io import failure_rows, replace_quarantine, source_path
+from .stage_io import failure_rows, keyframe_path, replace_quarantine, source_audio, source_path
 
 PARTS = Path("parts") / "extract"
 ENCODE_PARTS = Path("parts") / "encode"
@@ -108,7 +108,7 @@ def _extract_task(w: TrackWork) -> dict:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     try:
-        feats = extract_source(source_path(w.out, s), s["width"], s["height"], w.clips, cfg,
+        feats = extract_source(source_path(w.out, s), s["width"], s["height"], w.clips, cfg, audio=source_audio(w.out, s),
                                transcriber=make_transcriber(cfg.whisper_checkpoint, cfg.asr_threads, cfg.asr_max_tokens_per_s,
                                                             cfg.asr_max_compression_ratio), timings=tm,
                                **_loaded_models(cfg))
@@ -123,8 +123,8 @@ def _extract_task(w: TrackWork) -> dict:
 
 
 # the arrays a tracks part holds (extractors.extract._ARRAYS): a part written by code with other arrays
-# has another key, so it is recomputed rather than misread. 2: face_transform.
-TRACKS_FORMAT = 2
+# has another key, so it is recomputed rather than misread. 2: face_transform; 3: keyframe.
+TRACKS_FORMAT = 3
 
 
 def _part_key(source: dict, clips: list[dict], cfg: ExtractConfig, models: dict) -> str:
@@ -288,6 +288,7 @@ def _encode_task(w: EncodeWork) -> dict:
     sid = w.track.source["source_id"]
     files = {"frames": table_path(out, "frames", sid)}
     files.update({c["clip_id"]: out / "arrays" / "crops" / f"{c['clip_id']}.npy" for c in w.track.clips})
+    files.update({f"{c['clip_id']}/keyframe": keyframe_path(out, c["clip_id"]) for c in w.track.clips})
     if w.part.is_file():
         doc = json.loads(w.part.read_text())
         # rows of another schema version (new columns) are rebuilt; the cached latents stay
@@ -320,6 +321,7 @@ def _encode_task(w: EncodeWork) -> dict:
                                                                 if k != "clip_id"}})
         rows["frames"] += int(f.n_frames)
         _write_npy(files[f.clip_id], f.crops)
+        _write_npy(files[f"{f.clip_id}/keyframe"], f.keyframe)
     import pyarrow as pa
 
     write_table(files["frames"], "frames", pa.concat_tables(tables))

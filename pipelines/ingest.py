@@ -22,7 +22,7 @@ from storage_schemas import atomic_write_bytes, table_path, write_table
 
 from .executors import LocalExecutor, TaskFailure
 from .faults import maybe_fail
-from .stage_io import CACHE, replace_quarantine
+from .stage_io import CACHE, keep_audio, replace_quarantine
 
 # fsspec filesystems whose files exist only inside the process that made them: fetched in the driver
 PROCESS_LOCAL_PROTOCOLS = ("memory://",)
@@ -84,7 +84,10 @@ def _analyse_task(args: tuple[dict, dict, str]) -> dict:
     maybe_fail("ingest", item["uri"])
     cfg = IngestConfig.from_dict(cfg_dict)
     asd = asd_scorer(cfg.asd_weights, tuple(cfg.asd_durations_s), cfg.asd_threads) if cfg.asd_weights else None
-    result = analyse(item["path"], item["uri"], item["sha256"], item["size"], cfg, asd=asd)
+    kept: list = []
+    result = analyse(item["path"], item["uri"], item["sha256"], item["size"], cfg, asd=asd, audio_sink=kept.append)
+    if kept and result["clips"]:  # later stages read it from parts/audio/ instead of decoding it again
+        keep_audio(Path(part).parents[2], item["sha256"], kept[0])
     atomic_write_bytes(part, json.dumps(result, sort_keys=True).encode())
     return result
 

@@ -18,7 +18,7 @@ from storage_schemas.tables import CLIP_COLUMNS
 from .executors import TaskFailure
 from .faults import maybe_fail
 from .frames import clip_frame_arrays
-from .stage_io import failure_rows, replace_quarantine, source_path
+from .stage_io import failure_rows, replace_quarantine, source_audio
 
 
 PARTS = Path("parts") / "label"
@@ -40,7 +40,7 @@ def _label_task(args: tuple) -> dict:
         for r in ds.table("transcripts").to_pylist():
             if r["clip_id"] in frames:
                 tr[r["clip_id"]] = r
-    ctxs = contexts_for_source(source_path(ds_dir, source), clips, frames, crops, tr)
+    ctxs = contexts_for_source(source_audio(ds_dir, source), clips, frames, crops, tr)
     labelers = [get_labeler(name, **options.get(name, {})) for name in chain]
     failures: list[tuple[str, str, str]] = []
     rows = [{**r.record(), "run": run} for r in run_chain(ctxs, labelers, prior, failures)]
@@ -83,8 +83,11 @@ def run_labels(out: str | os.PathLike, ex, chain: tuple[str, ...] = DEFAULT_CHAI
     existing = ds.table("label_rows").to_pylist() if "label_rows" in ds.tables else []
     names = set(chain)
     if relabel:
-        # a rerun of the same labeler version replaces its rows; other labelers stay intact
-        run = max((r["run"] for r in existing), default=0) + 1
+        # a rerun of the same labelers replaces their rows in the run they first landed in (other labelers'
+        # rows stay): the parts are keyed by that run, so clips whose inputs did not change reuse their rows
+        # instead of being labelled again (greedy captions: the same text)
+        old_runs = {r["run"] for r in existing if r["labeler"] in names}
+        run = min(old_runs) if old_runs else max((r["run"] for r in existing), default=0) + 1
         keep = [r for r in existing if r["labeler"] not in names]
     else:
         run = 0
@@ -122,13 +125,6 @@ def run_labels(out: str | os.PathLike, ex, chain: tuple[str, ...] = DEFAULT_CHAI
                                                          or (r["clip_id"], None) in failed)]
         keep = keep + old
     replace_quarantine(out, ("label",), quarantine)
-    if relabel:
-        # the same labeler re-run keeps its original run number's place: replace, don't stack
-        old_runs = {r["run"] for r in existing if r["labeler"] in names}
-        if old_runs:
-            run_to = min(old_runs)
-            for r in rows:
-                r["run"] = run_to
     allrows = keep + rows
     allrows.sort(key=lambda r: (r["clip_id"], r["run"], r["labeler"], r["field"]))
     write_table(table_path(out, "label_rows"), "label_rows", allrows)

@@ -13,14 +13,14 @@ from typing import Callable
 import numpy as np
 
 from extractors.config import ShardConfig
-from extractors.shards import build_sample, keyframe_crop, pack, split_of, write_shard
+from extractors.shards import build_sample, pack, split_of, write_shard
 from storage_schemas import SCHEMA_VERSION, open_dataset, table_path, write_json, write_table
 from storage_schemas.tables import CLIP_COLUMNS
 
 from .executors import TaskFailure
 from .faults import maybe_fail
 from .frames import clip_frame_arrays
-from .stage_io import failure_rows, replace_quarantine, source_path
+from .stage_io import failure_rows, keyframe_path, replace_quarantine, source_audio
 
 SHARD_DIR = "shards"
 
@@ -31,25 +31,26 @@ class ShardCommitted(RuntimeError):
 
 def _sample_task(args: tuple) -> list[tuple[str, dict]]:
     ds_dir, source, clips, splits, speakers, labels, cfg_d = args
-    import decord
+    import cv2
 
-    from extractors.media import decode_audio
     from extractors.transcribe import clip_audio
 
     cfg = ShardConfig(**cfg_d)
     maybe_fail("shard", source["uri"])
     ds = open_dataset(ds_dir)
-    path = source_path(ds_dir, source)
-    audio = decode_audio(path)
+    audio = source_audio(ds_dir, source)  # kept by ingest: not decoded again
     tr = {r["clip_id"]: {k: r[k] for k in ("engine", "language", "text", "words")}
           for r in ds.table("transcripts").to_pylist()} if "transcripts" in ds.tables else {}
-    vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    ts = np.asarray(vr.get_frame_timestamp(np.arange(len(vr))))[:, 0]
     out = []
     for c in clips:
-        mid_t = (c["start_s"] + c["end_s"]) / 2
-        idx = int(np.clip(np.searchsorted(ts - ts[0], mid_t, side="right") - 1, 0, len(vr) - 1))
-        key = keyframe_crop(vr[idx].asnumpy(), c["face_box"], cfg.keyframe_size)
+        # the middle frame's face crop from the extraction pass (the video is not decoded again here)
+        kp = keyframe_path(ds_dir, c["clip_id"])
+        if not kp.is_file():
+            raise FileNotFoundError(f"clip {c['clip_id']} has no keyframe at {kp} (extracted by older code): "
+                                    "run the extract stage again")
+        key = np.load(kp, allow_pickle=False)
+        if key.shape[0] != cfg.keyframe_size:
+            key = cv2.resize(key, (cfg.keyframe_size, cfg.keyframe_size), interpolation=cv2.INTER_AREA)
         m = build_sample(c, source, clip_frame_arrays(ds, c["clip_id"], cfg.include_landmarks),
                          clip_audio(audio, c["start_s"], c["end_s"]), key, labels.get(c["clip_id"], {}),
                          tr.get(c["clip_id"]), splits[c["clip_id"]], SCHEMA_VERSION, cfg.include_landmarks,

@@ -2,20 +2,56 @@
 table, where each stage replaces only its own rows (a failed item is a row there, never a failed run)."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
+import numpy as np
+
 from extractors.ingest import quarantine_row
 from extractors.probe import local_copy
-from storage_schemas import open_dataset, table_path, write_table
+from storage_schemas import atomic_write_bytes, open_dataset, table_path, write_table
 
 CACHE = "cache"
+AUDIO_PARTS = Path("parts") / "audio"
 
 
 def source_path(out: str | os.PathLike, source: dict) -> str:
     """The local bytes of a source (a row of `sources`): the input file itself, or the copy that
     ingest fetched into DATASET/cache/ under its sha256. Stages never reopen a URL."""
     return local_copy(source["uri"], source["sha256"], source.get("size_bytes"), Path(out) / CACHE)
+
+
+def audio_part(out: str | os.PathLike, sha256: str) -> Path:
+    """parts/audio/<source sha256>.npy: the source's audio as every stage uses it (16 kHz mono float32)."""
+    return Path(out) / AUDIO_PARTS / f"{sha256}.npy"
+
+
+def keep_audio(out: str | os.PathLike, sha256: str, audio: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(audio, np.float32), allow_pickle=False)
+    atomic_write_bytes(audio_part(out, sha256), buf.getvalue())
+
+
+def source_audio(out: str | os.PathLike, source: dict) -> np.ndarray:
+    """A source's decoded audio: the copy ingest kept under parts/audio/, else decoded now and kept (a
+    dataset ingested by older code, or parts removed), so each source's audio is decoded once per run."""
+    from extractors.media import decode_audio
+
+    p = audio_part(out, source["sha256"])
+    if p.is_file():
+        try:
+            return np.load(p, allow_pickle=False)
+        except (ValueError, OSError):  # a damaged part: decode again
+            pass
+    audio = decode_audio(source_path(out, source))
+    keep_audio(out, source["sha256"], audio)
+    return audio
+
+
+def keyframe_path(out: str | os.PathLike, clip_id: str) -> Path:
+    """arrays/keyframes/<clip_id>.npy: the clip's middle-frame face crop, taken in the extraction pass."""
+    return Path(out) / "arrays" / "keyframes" / f"{clip_id}.npy"
 
 
 def failure_rows(failure, stage: str, step: str, uri: str, source_id: str | None,

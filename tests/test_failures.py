@@ -100,6 +100,7 @@ def test_one_failing_source_and_labeler_leave_the_rest_of_a_ray_run_whole(real_d
     d14 = head_of(real_dir / "d14.mp4", 7, tmp_path / "src")
     inputs = [str(real_dir / "d12.mp4"), str(d14), str(real_dir / "s18.mp4")]
     monkeypatch.setenv("M2FD_INJECT_FAULT", "extract:d14.mp4,label:s18.mp4")  # the executor passes it to its tasks
+    monkeypatch.setenv("M2FD_DECODE_LOG", str(tmp_path / "decodes-1.log"))  # so it does this (every decode, every worker)
     first = run_job(inputs, out, ecfg=ecfg, executor="ray", num_cpus=2, log=lambda m: None)
     ds = open_dataset(out)
     q = ds.query("select uri, stage, reason, message, clip_id from quarantine where reason = 'processing_error' "
@@ -116,7 +117,16 @@ def test_one_failing_source_and_labeler_leave_the_rest_of_a_ray_run_whole(real_d
     assert first["shard"]["version"] == 1
     v1 = {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")}
 
+    # decode once: each source's audio is decoded by ingest only (kept in parts/audio/ for extraction,
+    # labels and shards) and its video opened by ingest and extraction only (the keyframes come from there)
+    assert _decodes(tmp_path / "decodes-1.log") == {(n, k): 1 for n in ("d12.mp4", "d14.mp4", "s18.mp4")
+                                                    for k in ("audio", "video")} | {("d12.mp4", "video"): 2,
+                                                                                    ("s18.mp4", "video"): 2}
+    assert sorted(p.name for p in (out / "parts" / "audio").iterdir()) == sorted(
+        f"{r['sha256']}.npy" for r in ds.table("sources").to_pylist())
+
     monkeypatch.delenv("M2FD_INJECT_FAULT")
+    monkeypatch.setenv("M2FD_DECODE_LOG", str(tmp_path / "decodes-2.log"))
     second = run_job(inputs, out, ecfg=ecfg, executor="ray", num_cpus=2, log=lambda m: None)
     ds = open_dataset(out)
     assert ds.query("select count(*) n from quarantine where reason = 'processing_error'").to_pylist()[0]["n"] == 0
@@ -126,6 +136,16 @@ def test_one_failing_source_and_labeler_leave_the_rest_of_a_ray_run_whole(real_d
     assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar") if p.name in v1} == v1
     assert second["extract"]["gnpfa"] == first["extract"]["gnpfa"]
     assert all(second["checks"].values())
+    # the rerun reads the kept audio; only d14 (extracted now) opens its video
+    assert _decodes(tmp_path / "decodes-2.log") == {("d14.mp4", "video"): 1}
+
+
+def _decodes(log: Path) -> dict[tuple[str, str], int]:
+    """(file name, "audio" | "video") -> how many times it was decoded (M2FD_DECODE_LOG lines)."""
+    from collections import Counter
+
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return dict(Counter((Path(ln.split("\t", 1)[1]).name, ln.split("\t", 1)[0]) for ln in lines))
 
 
 @pytest.mark.slow

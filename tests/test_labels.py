@@ -138,10 +138,13 @@ def test_relabel_adds_a_second_labeler_and_keeps_the_first(real_run, tmp_path):
     assert all(len(json.loads(x["value"]).split()) >= 3 for x in lm_rows)  # real text from the real model
     view = ds.query("select caption_labeler from labels").column(0).to_pylist()
     assert all(v.startswith("caption-lm:") for v in view)  # the newest run is what the view shows
-    # running the same labeler again replaces its rows instead of stacking them (greedy: the same captions)
+    # running the same labeler again replaces its rows instead of stacking them; nothing changed, so its
+    # rows come from the label parts (the model is not run again: no part is added)
+    parts = sorted(p.name for p in (ds_dir / "parts" / "label").iterdir())
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert r.returncode == 0
     assert open_dataset(ds_dir).table("label_rows").to_pylist() == after
+    assert sorted(p.name for p in (ds_dir / "parts" / "label").iterdir()) == parts
     bad = subprocess.run(M2FD + ["relabel", str(ds_dir), "--labeler", "nope"], capture_output=True, text=True,
                          env=env, cwd=REPO)
     assert bad.returncode != 0 and "unknown labeler" in bad.stderr

@@ -154,25 +154,34 @@ def test_long_audio_generation_shapes_and_window_continuity():
 
 @pytest.fixture(scope="module")
 def trained(real_run, tiny_clip, tmp_path_factory):
-    """Two Ray Train runs on the real shards (2 DDP workers, gloo): one straight to step 6, and one
-    that resumes from the first run's step-3 checkpoint (its run directory as it was after step 3)
-    to step 6. Stopping a run (signals) is tested through `m2fd train` below."""
+    """Two Ray Train runs on the real shards (2 DDP workers, gloo): one straight to step 6 (run_training),
+    and one launched by the Dagster training job (in-process, as the UI launches it) that resumes from the
+    first run's step-3 checkpoint (its run directory as it was after step 3) to step 6. Stopping a run
+    (signals) is tested through `m2fd train` below."""
+    import dagster as dg
+
     from models.m2f_train import TrainConfig
+    from pipelines.dagster_defs import M2FDResource, build_defs
     from pipelines.train import run_training
 
     out, _ = real_run
     base = tmp_path_factory.mktemp("train")
-    kw = dict(dataset=str(out), style_encoder=str(tiny_clip), model={"width": 64, "layers": 2, "heads": 4},
-              batch_size=1, max_steps=6, log_every=1, val_every=6, ckpt_every=3, loader_workers=0, warmup=2,
-              val_steps=4, val_max_windows=2, lr=1e-3)
-    m1 = run_training(TrainConfig(run_dir=str(base / "straight"), **kw), workers=2, cpus_per_worker=1)
+    model = {"width": 64, "layers": 2, "heads": 4}
+    settings = dict(log_every=1, val_every=6, ckpt_every=3, loader_workers=0, warmup=2, val_steps=4,
+                    val_max_windows=2, lr=1e-3)
+    m1 = run_training(TrainConfig(dataset=str(out), style_encoder=str(tiny_clip), model=model, batch_size=1,
+                                  max_steps=6, run_dir=str(base / "straight"), **settings), workers=2, cpus_per_worker=1)
     res = base / "resumed"
     shutil.copytree(base / "straight" / "checkpoints" / "step-00000003", res / "checkpoints" / "step-00000003")
     rows = (base / "straight" / "metrics.csv").read_text().splitlines(keepends=True)
     (res / "metrics.csv").write_text("".join(rows[:4]))  # the header and steps 1-3
     first_part = list(csv.DictReader(open(res / "metrics.csv")))
-    m2 = run_training(TrainConfig(run_dir=str(res), **kw), workers=2, cpus_per_worker=1)
-    return base, m1, m2, first_part
+    job = build_defs(M2FDResource(out=str(out), take_lock=False, executor="local")).resolve_job_def("m2fd_train")
+    instance = dg.DagsterInstance.ephemeral()
+    run = job.execute_in_process(run_config={"ops": {"media2face_model": {"config": {
+        "run_dir": str(res), "max_steps": 6, "batch_size": 1, "workers": 2, "cpus_per_worker": 1,
+        "style_encoder": str(tiny_clip), "model": model, "settings": settings}}}}, instance=instance)
+    return base, m1, (run, instance), first_part
 
 
 def test_ray_train_ddp_runs_and_validates(trained):
@@ -194,7 +203,7 @@ def test_ray_train_ddp_runs_and_validates(trained):
 
 
 def test_resume_continues_the_same_loss_curve(trained):
-    base, m1, m2, first_part = trained
+    base, m1, _, first_part = trained
     straight = list(csv.DictReader(open(base / "straight" / "metrics.csv")))
     resumed = list(csv.DictReader(open(base / "resumed" / "metrics.csv")))
     assert [int(r["step"]) for r in first_part] == [1, 2, 3]
@@ -230,27 +239,18 @@ def test_cli_generates_animation_and_video(trained, tmp_path):
     assert bad.returncode != 0
 
 
-def test_dagster_train_job_launches_the_same_training(real_run, tmp_path):
-    import dagster as dg
-
-    from pipelines.dagster_defs import M2FDResource, build_defs
-
-    out, _ = real_run
-    run_dir = tmp_path / "run"
-    job = build_defs(M2FDResource(out=str(out), take_lock=False, executor="local")).resolve_job_def("m2fd_train")
-    instance = dg.DagsterInstance.ephemeral()
-    r = job.execute_in_process(run_config={"ops": {"media2face_model": {"config": {
-        "run_dir": str(run_dir), "max_steps": 2, "batch_size": 1, "workers": 1,
-        "model": {"width": 32, "layers": 1, "heads": 2},
-        "settings": {"val_every": 2, "val_steps": 2, "val_max_windows": 1, "loader_workers": 0, "log_every": 1}}}}},
-        instance=instance)
+def test_dagster_train_job_launches_the_same_training(trained):
+    """The resumed run of the fixture was launched by the Dagster job: its progress is in the run's log
+    while it runs, and the materialisation carries the last step's metrics and checkpoint."""
+    base, _, (r, instance), _ = trained
     assert r.success
     msgs = [e.user_message for e in instance.all_logs(r.run_id)]
-    assert any(m.startswith("step 1/2, loss ") for m in msgs)  # progress in the run's log while it runs
-    assert any(m.startswith("step 2/2, loss ") for m in msgs) and any("validation at step 2" in m for m in msgs)
+    assert any(m.startswith("step 4/6, loss ") for m in msgs)  # resumed after step 3
+    assert not any(m.startswith("step 1/6, loss ") for m in msgs)
+    assert any(m.startswith("step 6/6, loss ") for m in msgs) and any("validation at step 6" in m for m in msgs)
     md = r.get_asset_materialization_events()[0].materialization.metadata
-    assert md["step"].value == 2 and md["val_lve"].value >= 0
-    assert (run_dir / "checkpoints" / "step-00000002" / "state.json").is_file()
+    assert md["step"].value == 6 and md["val_lve"].value >= 0
+    assert md["checkpoint"].value == str(base / "resumed" / "checkpoints" / "step-00000006")
 
 
 def test_random_state_of_another_device_type_is_a_clear_error():
@@ -339,25 +339,25 @@ def test_progress_reaches_the_driver_and_the_estimate_holds(real_run, tmp_path):
     out, _ = real_run
     seen: list[tuple[float, dict]] = []
     tcfg = TrainConfig(dataset=str(out), run_dir=str(tmp_path / "run"), model={"width": 64, "layers": 2, "heads": 4},
-                       batch_size=2, max_steps=400, log_every=10, val_every=200, val_steps=2, val_max_windows=1,
+                       batch_size=2, max_steps=200, log_every=10, val_every=100, val_steps=2, val_max_windows=1,
                        ckpt_every=1000, loader_workers=0, warmup=2)
     m = run_training(tcfg, workers=1, cpus_per_worker=2, on_progress=lambda r: seen.append((time.perf_counter(), r)),
                      handle_signals=False)
     t_end = time.perf_counter()
     logged = [int(r["step"]) for r in csv.DictReader(open(tmp_path / "run" / "metrics.csv"))]
-    assert logged == [1] + list(range(10, 401, 10)) and m["step"] == 400 and not m["stopped"]
+    assert logged == [1] + list(range(10, 201, 10)) and m["step"] == 200 and not m["stopped"]
     steps = [r["step"] for _, r in seen]
-    assert steps[0] == 1 and steps[-1] == 400 and set(steps) <= set(logged) and steps == sorted(steps)
-    assert {200, 400} <= {r["step"] for _, r in seen if r["validation"]} and "val_lve" in seen[-1][1]
+    assert steps[0] == 1 and steps[-1] == 200 and set(steps) <= set(logged) and steps == sorted(steps)
+    assert {100, 200} <= {r["step"] for _, r in seen if r["validation"]} and "val_lve" in seen[-1][1]
     gaps = [b[1]["elapsed_s"] - a[1]["elapsed_s"] for a, b in zip(seen, seen[1:])]
     assert max(gaps) < REPORT_EVERY_S + 10, gaps  # the bar moves every few seconds
-    assert all(r["max_steps"] == 400 and r["loss"] > 0 and "samples_per_s" in r for _, r in seen)
+    assert all(r["max_steps"] == 200 and r["loss"] > 0 and "samples_per_s" in r for _, r in seen)
     t_est, first = next((t, r) for t, r in seen if r.get("eta_s") is not None)
     real_left = t_end - t_est
-    assert first["step"] < 200 and 0.5 <= real_left / first["eta_s"] <= 2.0, (first, real_left)
+    assert first["step"] < 100 and 0.5 <= real_left / first["eta_s"] <= 2.0, (first, real_left)
     from pipelines.train_progress import describe, estimate_line
 
-    assert f"step {first['step']}/400" in describe(first) and "estimate:" in estimate_line(first, on_cpu=True)
+    assert f"step {first['step']}/200" in describe(first) and "estimate:" in estimate_line(first, on_cpu=True)
 
 
 def test_sigint_and_sigterm_stop_training_cleanly_and_it_resumes(real_run, tmp_path):

@@ -12,10 +12,12 @@ from .base import ClipContext, Labeler, LabelRow
 DEFAULT_CHAIN = ("fer-emotion", "prosody", "vader-sentiment", "style-rules", "caption-composer")
 
 
-def contexts_for_source(path: str, clips: list[dict], frames: dict[str, dict], crops: dict[str, np.ndarray],
-                        transcripts: dict[str, dict]) -> list[ClipContext]:
-    """``frames[clip_id]`` holds arrays tracked/yaw/pitch/roll/mouth_open/gnpfa_z (NaN where untracked)."""
-    audio = decode_audio(path)
+def contexts_for_source(audio: np.ndarray | str, clips: list[dict], frames: dict[str, dict],
+                        crops: dict[str, np.ndarray], transcripts: dict[str, dict]) -> list[ClipContext]:
+    """``audio``: the source's 16 kHz mono audio (or its file, decoded here); ``frames[clip_id]`` holds
+    arrays tracked/yaw/pitch/roll/mouth_open/gnpfa_z (NaN where untracked)."""
+    if isinstance(audio, str):
+        audio = decode_audio(audio)
     out = []
     for c in clips:
         f = frames[c["clip_id"]]
