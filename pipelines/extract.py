@@ -108,7 +108,8 @@ def _extract_task(w: TrackWork) -> dict:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     try:
-        feats = extract_source(source_path(w.out, s), s["width"], s["height"], w.clips, cfg, audio=source_audio(w.out, s),
+        feats = extract_source(source_path(w.out, s), s["width"], s["height"], w.clips, cfg,
+                               audio=source_audio(w.out, s),  # kept by ingest: not decoded again
                                transcriber=make_transcriber(cfg.whisper_checkpoint, cfg.asr_threads, cfg.asr_max_tokens_per_s,
                                                             cfg.asr_max_compression_ratio), timings=tm,
                                **_loaded_models(cfg))

@@ -1,0 +1,208 @@
+"""How the whole job scales with its input, measured side by side in one run (issue #13).
+
+The inputs (default: ../shared/data/real and ../shared/data/corpus) at each scale k (default 1, 4, 16) as
+k byte-distinct remuxes of every video (`ffmpeg -c copy -metadata comment=...`: nothing is deduplicated),
+each through one `m2fd run` (the Dagster job on a local Ray with --cpus CPUs, from process start to exit),
+with M2FD_DECODE_LOG set. Printed per scale: input frames (30 fps grid) per second per core; MediaPipe Face
+Mesh alone per core on frames of the same videos (decoded beforehand, pinned to one core, as
+each extraction task runs; best of two passes) and the ratio of the two
+(target >= 0.40 at the largest scale); decoding passes per source (audio decodes and video opens, max over
+sources: targets 1 and 2); each process's peak RSS (the driver, the largest Ray worker, the Ray system
+processes) and the largest/smallest-scale ratio (target within 1.2x); and a projection from the largest
+scale: core-hours per hour of input, and the wall time of M2F-D's 60.6 h on one 128-core node.
+
+    .venv/bin/python bench/bench_scale.py [--scales 1,4,16] [--inputs DIR ...] [--cpus N] [--work DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+from bench_e2e import M2FD, _tree, input_frames  # noqa: E402  (the same process-tree and input helpers)
+
+SHARED = REPO.parent / "shared" / "data"
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _kind(pid: int, root: int) -> str | None:
+    """driver, ray worker (task and actor processes), ray system (GCS, raylet, agents) or other; None
+    while the command line cannot be read (a process exiting)."""
+    if pid == root:
+        return "driver"
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    if not cmd:
+        return None
+    if cmd.startswith("ray::") and "Agent" not in cmd.split()[0] or "default_worker.py" in cmd:
+        return "ray worker"
+    return "ray system" if ("raylet" in cmd or "gcs_server" in cmd or "ray/" in cmd or "ray::" in cmd) else "other"
+
+
+def run_tree(args: list[str], env: dict) -> tuple[float, dict[int, tuple[str, int]]]:
+    """(wall seconds, {pid: (kind, peak RSS kB)}) of one `m2fd` command and every process it started."""
+    t = time.perf_counter()
+    p = subprocess.Popen(M2FD + args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    peaks: dict[int, tuple[str, int]] = {}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            for pid in _tree(p.pid):
+                # classified at every sample (a process just forked still shows its parent's command line),
+                # and a worker stays a worker while it exits
+                old_kind, old_kb = peaks.get(pid, ("other", 0))
+                kind = _kind(pid, p.pid) or old_kind
+                peaks[pid] = ("ray worker" if old_kind == "ray worker" else kind, max(old_kb, _rss_kb(pid)))
+            time.sleep(0.2)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    _, err = p.communicate()
+    wall = time.perf_counter() - t
+    stop.set()
+    th.join()
+    if p.returncode != 0:
+        raise RuntimeError(f"m2fd {' '.join(args)} failed:\n{err[-3000:]}")
+    return wall, peaks
+
+
+def remux(inputs: list[Path], dst: Path, k: int) -> list[Path]:
+    dst.mkdir(parents=True, exist_ok=True)
+    out = []
+    for d in inputs:
+        for f in sorted(d.glob("*.mp4")):
+            for i in range(k):
+                g = dst / f"{d.name}-{f.stem}-c{i}.mp4"
+                subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(f), "-map", "0", "-c", "copy",
+                                "-metadata", f"comment=m2fd-scale copy {i}", str(g)], check=True)
+                out.append(g)
+    return out
+
+
+def decode_passes(log: Path) -> tuple[Counter, Counter]:
+    audio, video = Counter(), Counter()
+    for ln in log.read_text().splitlines() if log.is_file() else []:
+        kind, path = ln.split("\t", 1)
+        (audio if kind == "audio" else video)[Path(path).name] += 1
+    return audio, video
+
+
+def face_mesh_alone(ds_dir: Path, per_clip: int = 90) -> tuple[float, int]:
+    """MediaPipe Face Mesh alone (as the extraction stage configures it) on one core: frames/s over up to
+    ``per_clip`` decoded frames of every clip of a dataset (decoding excluded)."""
+    import numpy as np
+    from mediapipe.python.solutions import face_mesh
+
+    from extractors.media import iter_frames, open_video, timeline
+    from storage_schemas import open_dataset
+
+    aff = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(aff)})
+    try:
+        ds = open_dataset(ds_dir)
+        srcs = {s["source_id"]: s for s in ds.table("sources").to_pylist()}
+        clips = []
+        for c in ds.table("clips").to_pylist():
+            s = srcs[c["source_id"]]
+            vr = open_video(s["uri"], s["width"], s["height"], 1280)
+            idx = np.arange(c["start_frame"], c["start_frame"] + min(c["n_frames"], per_clip))
+            clips.append([f for _, f in iter_frames(vr, timeline(vr, 1e9), idx)])
+        best = 0.0
+        for _ in range(2):  # best of two passes
+            t = 0.0
+            for frames in clips:
+                with face_mesh.FaceMesh(static_image_mode=False, max_num_faces=2, refine_landmarks=True) as fm:
+                    t0 = time.perf_counter()
+                    for f in frames:
+                        fm.process(f)
+                    t += time.perf_counter() - t0
+            best = max(best, sum(map(len, clips)) / t)
+        return best, sum(map(len, clips))
+    finally:
+        os.sched_setaffinity(0, aff)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scales", default="1,4,16")
+    ap.add_argument("--inputs", nargs="+", default=[str(SHARED / "real"), str(SHARED / "corpus")])
+    ap.add_argument("--cpus", type=int, default=os.cpu_count())
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
+    a = ap.parse_args()
+    scales = [int(s) for s in a.scales.split(",")]
+    inputs = [Path(p) for p in a.inputs]
+    work = Path(a.work or tempfile.mkdtemp(prefix="m2fd-scale-"))
+    rows = {}
+    for k in scales:
+        files = remux(inputs, work / f"in{k}", k)
+        frames = input_frames(files)
+        log = work / f"decodes-{k}.log"
+        env = {**os.environ, "M2FD_DECODE_LOG": str(log)}
+        wall, peaks = run_tree(["run", str(work / f"in{k}"), "--out", str(work / f"D{k}"), "--num-cpus", str(a.cpus)], env)
+        audio, video = decode_passes(log)
+        by_kind: dict[str, int] = {}
+        for kind, kb in peaks.values():
+            by_kind[kind] = max(by_kind.get(kind, 0), kb)
+        rows[k] = {"files": len(files), "frames": frames, "wall": wall, "peak": by_kind,
+                   "audio": max(audio.values(), default=0), "video": max(video.values(), default=0),
+                   "sources_decoded": len(audio | video)}
+        print(f"x{k}: {len(files)} videos, {frames} input frames, {wall:.1f} s", flush=True)
+        if k == scales[0]:  # on the first dataset's clips, with nothing else running
+            time.sleep(5)
+            mesh_fps, mesh_n = face_mesh_alone(work / f"D{k}")
+
+    print()
+    print(f"# bench_scale: {', '.join(p.name for p in inputs)}; {a.cpus} CPUs, local Ray, Dagster in-process")
+    print()
+    print("| scale | videos | input frames | wall s | input frames/s per core | / Face Mesh alone per core "
+          "| audio decodes per source (max) | video opens per source (max) | peak RSS MB: driver | largest Ray worker "
+          "| Ray system (largest) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for k, r in rows.items():
+        per_core = r["frames"] / r["wall"] / a.cpus
+        pk = r["peak"]
+        print(f"| x{k} | {r['files']} | {r['frames']} | {r['wall']:.1f} | {per_core:.1f} | {per_core / mesh_fps:.3f} "
+              f"| {r['audio']} | {r['video']} | {pk.get('driver', 0) / 1024:.0f} | {pk.get('ray worker', 0) / 1024:.0f} "
+              f"| {pk.get('ray system', 0) / 1024:.0f} |")
+    lo, hi = rows[scales[0]], rows[scales[-1]]
+    print()
+    print(f"MediaPipe Face Mesh alone: {mesh_fps:.1f} frames/s on one core ({mesh_n} decoded frames of the same videos)")
+    per_core = hi["frames"] / hi["wall"] / a.cpus
+    print(f"x{scales[-1]}: {per_core:.1f} input frames/s per core = {per_core / mesh_fps:.3f} of Face Mesh alone "
+          f"(target >= 0.40: {'met' if per_core / mesh_fps >= 0.40 else 'NOT met'})")
+    for kind in ("driver", "ray worker", "ray system"):
+        if lo["peak"].get(kind):
+            ratio = hi["peak"].get(kind, 0) / lo["peak"][kind]
+            print(f"peak RSS {kind}: x{scales[-1]} / x{scales[0]} = {ratio:.2f} (target <= 1.2: "
+                  f"{'met' if ratio <= 1.2 else 'NOT met'})")
+    print(f"decoding passes per source (max): audio {hi['audio']} (target 1), video {hi['video']} (target <= 2)")
+    core_h = a.cpus * hi["wall"] / (hi["frames"] / 30)  # core-seconds per second of input = core-hours per hour
+    print(f"projection: {core_h:.2f} core-hours per hour of input; M2F-D's 60.6 h on one 128-core node: "
+          f"{60.6 * core_h / 128:.1f} h")
+
+
+if __name__ == "__main__":
+    main()
