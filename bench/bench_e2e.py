@@ -57,10 +57,11 @@ def _rss(pids: list[int]) -> int:
     return total
 
 
-def run_cli(args: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak summed RSS of the process tree) of one `m2fd` command."""
+def run_cli(args: list[str], env: dict | None = None, on_sample=None) -> tuple[float, int]:
+    """(wall seconds, peak summed RSS of the process tree) of one `m2fd` command; ``on_sample(root_pid)``
+    is called at every 0.1 s sample as well (bench_scale records each process's own peak there)."""
     t = time.perf_counter()
-    p = subprocess.Popen(M2FD + args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(M2FD + args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     peak = 0
     stop = threading.Event()
 
@@ -68,6 +69,8 @@ def run_cli(args: list[str]) -> tuple[float, int]:
         nonlocal peak
         while not stop.is_set():
             peak = max(peak, _rss(_tree(p.pid)))
+            if on_sample is not None:
+                on_sample(p.pid)
             time.sleep(0.1)
 
     th = threading.Thread(target=sample, daemon=True)

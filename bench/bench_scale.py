@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,7 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("GLOG_minloglevel", "2")
 
-from bench_e2e import M2FD, _tree, input_frames  # noqa: E402  (the same process-tree and input helpers)
+from bench_e2e import _tree, input_frames, replicate, run_cli  # noqa: E402  (the same process and input helpers)
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -63,43 +61,23 @@ def _kind(pid: int, root: int) -> str | None:
 
 def run_tree(args: list[str], env: dict) -> tuple[float, dict[int, tuple[str, int]]]:
     """(wall seconds, {pid: (kind, peak RSS kB)}) of one `m2fd` command and every process it started."""
-    t = time.perf_counter()
-    p = subprocess.Popen(M2FD + args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     peaks: dict[int, tuple[str, int]] = {}
-    stop = threading.Event()
 
-    def sample():
-        while not stop.is_set():
-            for pid in _tree(p.pid):
-                # classified at every sample (a process just forked still shows its parent's command line),
-                # and a worker stays a worker while it exits
-                old_kind, old_kb = peaks.get(pid, ("other", 0))
-                kind = _kind(pid, p.pid) or old_kind
-                peaks[pid] = ("ray worker" if old_kind == "ray worker" else kind, max(old_kb, _rss_kb(pid)))
-            time.sleep(0.2)
+    def record(root: int) -> None:
+        for pid in _tree(root):
+            # classified at every sample (a process just forked still shows its parent's command line),
+            # and a worker stays a worker while it exits
+            old_kind, old_kb = peaks.get(pid, ("other", 0))
+            kind = _kind(pid, root) or old_kind
+            peaks[pid] = ("ray worker" if old_kind == "ray worker" else kind, max(old_kb, _rss_kb(pid)))
 
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    _, err = p.communicate()
-    wall = time.perf_counter() - t
-    stop.set()
-    th.join()
-    if p.returncode != 0:
-        raise RuntimeError(f"m2fd {' '.join(args)} failed:\n{err[-3000:]}")
+    wall, _ = run_cli(args, env=env, on_sample=record)
     return wall, peaks
 
 
 def remux(inputs: list[Path], dst: Path, k: int) -> list[Path]:
-    dst.mkdir(parents=True, exist_ok=True)
-    out = []
-    for d in inputs:
-        for f in sorted(d.glob("*.mp4")):
-            for i in range(k):
-                g = dst / f"{d.name}-{f.stem}-c{i}.mp4"
-                subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(f), "-map", "0", "-c", "copy",
-                                "-metadata", f"comment=m2fd-scale copy {i}", str(g)], check=True)
-                out.append(g)
-    return out
+    """k byte-distinct stream copies of every video of every input folder (bench_e2e.replicate)."""
+    return [f for d in inputs for f in replicate(d, dst / d.name, k)]
 
 
 def decode_passes(log: Path) -> tuple[Counter, Counter]:
