@@ -108,6 +108,9 @@ class ExtractConfig:
     # folder or an openai-whisper .pt path; another name = <name>.pt in $WHISPER_CACHE, else pocketsphinx
     whisper_checkpoint: str | None = "base"
     asr_threads: int = 1  # CTranslate2 CPU threads per worker (fixed: the same transcript on every machine)
+    # "cpu" (the same transcripts on every machine), "cuda" (faster on a GPU node; float16 transcripts differ
+    # in places and the engine string says so) or "auto" (CUDA where a GPU is visible)
+    asr_device: str = "cpu"
     # decoded tokens per second of audio at most (real speech: <= 5.1; 0 = Whisper's 448 per 30 s window), and
     # the gzip compression ratio above which a decoded segment is a repetition loop and left out (Whisper's 2.4)
     asr_max_tokens_per_s: float = 15.0
@@ -147,8 +150,9 @@ class ExtractConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExtractConfig":
         cfg = cls(**_checked_keys(cls, d, "extract"))
-        if cfg.device not in ("auto", "cpu", "cuda"):
-            raise ValueError("device must be auto, cpu or cuda")
+        for key in ("device", "asr_device"):
+            if getattr(cfg, key) not in ("auto", "cpu", "cuda"):
+                raise ValueError(f"extract.{key} must be auto, cpu or cuda, got {getattr(cfg, key)!r}")
         return cfg
 
     def digest(self) -> str:

@@ -113,7 +113,7 @@ class FasterWhisperTranscriber:
         self.model = WhisperModel(model_dir, device=device, compute_type="float16" if device == "cuda" else "int8",
                                   cpu_threads=threads, num_workers=1, local_files_only=True)
         self.sha256 = transcriber_sha256(model_dir)
-        self.engine = f"faster-whisper:{Path(model_dir).name}:{self.sha256[:16]}"
+        self.engine = f"faster-whisper:{Path(model_dir).name}:{self.sha256[:16]}" + (":cuda-float16" if device == "cuda" else "")
         self.max_tokens_per_s, self.max_compression_ratio = max_tokens_per_s, max_compression_ratio
         self._encoded: dict = {}
         encode = self.model.encode
@@ -172,7 +172,7 @@ class WhisperTranscriber:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = whisper.load_model(checkpoint_path, device=self.device)
         self.sha256 = verified_sha256(checkpoint_path)
-        self.engine = f"whisper:{self.sha256[:16]}"
+        self.engine = f"whisper:{self.sha256[:16]}" + (":cuda-fp16" if self.device == "cuda" else "")
         self.max_tokens_per_s, self.max_compression_ratio = max_tokens_per_s, max_compression_ratio
 
     def __call__(self, audio: np.ndarray, language: str | None = None) -> Transcript:
@@ -220,18 +220,22 @@ _CACHE: dict = {}
 
 
 def make_transcriber(whisper_checkpoint: str | None, threads: int = 1, max_tokens_per_s: float = MAX_TOKENS_PER_S,
-                     max_compression_ratio: float = MAX_COMPRESSION_RATIO):
-    """The engine for a configured checkpoint, one per process (loading Whisper takes about a second)."""
-    key = (whisper_checkpoint, threads, max_tokens_per_s, max_compression_ratio)
+                     max_compression_ratio: float = MAX_COMPRESSION_RATIO, device: str = "cpu"):
+    """The engine for a configured checkpoint, one per process (loading Whisper takes about a second).
+    ``device``: "cpu" (the default: the same transcripts on every machine, and no CUDA library is loaded,
+    so a node whose CUDA the wheel was not built for still transcribes), "cuda", or "auto" (CUDA where a
+    GPU is visible); a GPU engine names its device in the engine string (its transcripts differ in places)."""
+    key = (whisper_checkpoint, threads, max_tokens_per_s, max_compression_ratio, device)
     if key not in _CACHE:
         r = resolve_whisper(whisper_checkpoint)
         limits = {"max_tokens_per_s": max_tokens_per_s, "max_compression_ratio": max_compression_ratio}
         if r is None:
             _CACHE[key] = SphinxTranscriber()
         elif r[0] == "ct2":
-            _CACHE[key] = FasterWhisperTranscriber(r[1], threads=threads, **limits)
+            _CACHE[key] = FasterWhisperTranscriber(r[1], device=None if device == "auto" else device, threads=threads,
+                                                   **limits)
         else:
-            _CACHE[key] = WhisperTranscriber(r[1], **limits)
+            _CACHE[key] = WhisperTranscriber(r[1], device=None if device == "auto" else device, **limits)
     return _CACHE[key]
 
 

@@ -111,7 +111,7 @@ def _extract_task(w: TrackWork) -> dict:
         feats = extract_source(source_path(w.out, s), s["width"], s["height"], w.clips, cfg,
                                audio=source_audio(w.out, s),  # kept by ingest: not decoded again
                                transcriber=make_transcriber(cfg.whisper_checkpoint, cfg.asr_threads, cfg.asr_max_tokens_per_s,
-                                                            cfg.asr_max_compression_ratio), timings=tm,
+                                                            cfg.asr_max_compression_ratio, cfg.asr_device), timings=tm,
                                **_loaded_models(cfg))
     finally:
         torch.set_num_threads(threads)

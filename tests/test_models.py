@@ -65,6 +65,26 @@ def test_faster_whisper_detects_the_language_and_times_the_words(name, lang):
     assert tr(audio).words == out.words  # deterministic
 
 
+def test_transcription_stays_on_the_cpu_unless_asked_where_a_gpu_is_visible(monkeypatch):
+    """On a GPU node whose CUDA the ctranslate2 wheel was not built for (the lent CUDA 13 machine), the
+    old default (CUDA wherever a GPU is visible) failed; the default is now the CPU engine, whose
+    transcripts are the same on every machine. Here a visible GPU is simulated for ctranslate2."""
+    import ctranslate2
+
+    from extractors.config import ExtractConfig
+    from extractors.transcribe import FasterWhisperTranscriber, make_transcriber
+
+    monkeypatch.setattr(ctranslate2, "get_cuda_device_count", lambda: 1)
+    with pytest.raises((RuntimeError, ValueError)):  # "auto" tries CUDA, which this build cannot run
+        make_transcriber("base", device="auto")
+    tr = make_transcriber("base", device=ExtractConfig().asr_device)
+    assert isinstance(tr, FasterWhisperTranscriber) and tr.device == "cpu" and "cuda" not in tr.engine
+    out = tr(_corpus_audio("mimictalk_german.mp4", 0.0, 4.0))
+    assert out.language == "de" and len(out.words) >= 4
+    with pytest.raises(ValueError, match="asr_device"):
+        ExtractConfig.from_dict({"asr_device": "gpu"})
+
+
 def test_the_packaged_whisper_weights_run_in_openai_whispers_pytorch_model():
     """models/whisper_ct2 loads the packaged CTranslate2 weights into openai-whisper's model (for PyTorch
     devices that ctranslate2 has no build for): greedy decoding of real German speech gives faster-whisper's
