@@ -29,6 +29,7 @@ def main():
     from extractors.labels.context import DEFAULT_CHAIN, contexts_for_source
     from extractors.transcribe import make_transcriber
     from pipelines.frames import clip_frame_arrays
+    from pipelines.stage_io import source_audio
     from storage_schemas import open_dataset
 
     ap = argparse.ArgumentParser()
@@ -56,7 +57,7 @@ def main():
     for sid, cs in by_src.items():
         ids = [c["clip_id"] for c in cs]
         crops = {c: np.load(a.dataset / "arrays" / "crops" / f"{c}.npy", allow_pickle=False) for c in ids}
-        ctxs = contexts_for_source(srcs[sid]["uri"], cs, {c: clip_frame_arrays(ds, c) for c in ids}, crops, transcripts)
+        ctxs = contexts_for_source(source_audio(a.dataset, srcs[sid]), cs, {c: clip_frame_arrays(ds, c) for c in ids}, crops, transcripts)
         for c in ctxs:
             c.labels = {}
         for lab in labelers:

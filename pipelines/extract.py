@@ -33,7 +33,7 @@ from storage_schemas.tables import TRANSCRIPTS
 from .executors import TaskFailure
 from .faults import maybe_fail
 from .gnpfa import NotEnoughFrames, gnpfa_device, obtain_gnpfa
-from .stage_io import failure_rows, keyframe_path, replace_quarantine, source_audio, source_path
+from .stage_io import failure_rows, keyframe_path, replace_quarantine, source_audio, source_path, write_npy
 
 PARTS = Path("parts") / "extract"
 ENCODE_PARTS = Path("parts") / "encode"
@@ -321,8 +321,8 @@ def _encode_task(w: EncodeWork) -> dict:
             rows["transcripts"].append({"clip_id": f.clip_id, **{k: f.transcript.get(k) for k in TRANSCRIPTS.names
                                                                 if k != "clip_id"}})
         rows["frames"] += int(f.n_frames)
-        _write_npy(files[f.clip_id], f.crops)
-        _write_npy(files[f"{f.clip_id}/keyframe"], f.keyframe)
+        write_npy(files[f.clip_id], f.crops)
+        write_npy(files[f"{f.clip_id}/keyframe"], f.keyframe)
     import pyarrow as pa
 
     write_table(files["frames"], "frames", pa.concat_tables(tables))
@@ -437,10 +437,4 @@ def encode_resources(cfg: ExtractConfig, ex) -> dict:
     return {"num_gpus": 1} if gnpfa_device(cfg, ex) == "cuda" and ex.name == "ray" else {}
 
 
-def _write_npy(path: Path, arr: np.ndarray) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
 

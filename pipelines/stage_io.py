@@ -27,10 +27,15 @@ def audio_part(out: str | os.PathLike, sha256: str) -> Path:
     return Path(out) / AUDIO_PARTS / f"{sha256}.npy"
 
 
-def keep_audio(out: str | os.PathLike, sha256: str, audio: np.ndarray) -> None:
+def write_npy(path: Path, arr: np.ndarray) -> None:
+    """One array as a plain .npy (no pickle), written atomically."""
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(audio, np.float32), allow_pickle=False)
-    atomic_write_bytes(audio_part(out, sha256), buf.getvalue())
+    np.save(buf, arr, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def keep_audio(out: str | os.PathLike, sha256: str, audio: np.ndarray) -> None:
+    write_npy(audio_part(out, sha256), np.ascontiguousarray(audio, np.float32))
 
 
 def source_audio(out: str | os.PathLike, source: dict) -> np.ndarray:

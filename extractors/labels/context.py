@@ -5,19 +5,16 @@ import json
 
 import numpy as np
 
-from ..media import decode_audio
 from ..transcribe import clip_audio
 from .base import ClipContext, Labeler, LabelRow
 
 DEFAULT_CHAIN = ("fer-emotion", "prosody", "vader-sentiment", "style-rules", "caption-composer")
 
 
-def contexts_for_source(audio: np.ndarray | str, clips: list[dict], frames: dict[str, dict],
+def contexts_for_source(audio: np.ndarray, clips: list[dict], frames: dict[str, dict],
                         crops: dict[str, np.ndarray], transcripts: dict[str, dict]) -> list[ClipContext]:
-    """``audio``: the source's 16 kHz mono audio (or its file, decoded here); ``frames[clip_id]`` holds
-    arrays tracked/yaw/pitch/roll/mouth_open/gnpfa_z (NaN where untracked)."""
-    if isinstance(audio, str):
-        audio = decode_audio(audio)
+    """``audio``: the source's 16 kHz mono audio; ``frames[clip_id]`` holds arrays
+    tracked/yaw/pitch/roll/mouth_open/gnpfa_z (NaN where untracked)."""
     out = []
     for c in clips:
         f = frames[c["clip_id"]]
