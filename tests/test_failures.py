@@ -90,12 +90,15 @@ def _clip_ids(out: Path, needle: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_one_failing_source_and_labeler_leave_the_rest_of_a_ray_run_whole(real_dir, ray_cluster, tmp_path, monkeypatch):
-    """A multi-source run on the Ray executor with d14's extraction and s18's labelling failing: the run
-    succeeds, d12 is sharded, the failures are quarantine rows naming stage and error, and the next
-    run (no faults) adds d14 and s18 as a new version without touching the committed shard."""
+def test_one_failing_source_and_labeler_leave_the_rest_whole_and_the_next_batch_adds_a_version(
+        real_dir, ray_cluster, tmp_path, monkeypatch):
+    """A multi-source run on the Ray executor (bootstrapping its GNPFA) with d14's extraction and s18's
+    labelling failing: the run succeeds, d12 is sharded, the failures are quarantine rows naming stage and
+    error. The next batch (no faults, one new video, the default config) analyses only the new video, keeps
+    the dataset's bootstrap, and adds d14 and s18 as version 2 without touching the committed shard; the
+    same batch again adds nothing."""
     out = tmp_path / "D"
-    ecfg = ExtractConfig()
+    ecfg = ExtractConfig(**FAST_BOOTSTRAP)  # the failures and versioning are under test here, not the GNPFA fit
     # d14 is 17.9 s: its first 7 s (one talking clip) are enough to fail and then be added
     d14 = head_of(real_dir / "d14.mp4", 7, tmp_path / "src")
     inputs = [str(real_dir / "d12.mp4"), str(d14), str(real_dir / "s18.mp4")]
@@ -114,8 +117,8 @@ def test_one_failing_source_and_labeler_leave_the_rest_of_a_ray_run_whole(real_d
     assert all(feats[c]["status"] == "ok" for c in d12 + s18)
     sharded = {r["clip_id"] for r in ds.table("samples").to_pylist()}
     assert sharded == set(d12)  # s18 waits for its labels; d14 for its extraction
-    assert first["shard"]["version"] == 1
-    v1 = {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar")}
+    assert first["shard"]["version"] == 1 and first["extract"]["gnpfa"]["kind"] == "bootstrap"
+    v1 = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "shards").glob("*.tar")}
 
     # decode once: each source's audio is decoded by ingest only (kept in parts/audio/ for extraction,
     # labels and shards) and its video opened by ingest and extraction only (the keyframes come from there)
@@ -125,19 +128,36 @@ def test_one_failing_source_and_labeler_leave_the_rest_of_a_ray_run_whole(real_d
     assert sorted(p.name for p in (out / "parts" / "audio").iterdir()) == sorted(
         f"{r['sha256']}.npy" for r in ds.table("sources").to_pylist())
 
+    # the next batch: the same videos and d3 (silent: no clips), no faults, the default config (the shipped GNPFA)
     monkeypatch.delenv("M2FD_INJECT_FAULT")
     monkeypatch.setenv("M2FD_DECODE_LOG", str(tmp_path / "decodes-2.log"))
-    second = run_job(inputs, out, ecfg=ecfg, executor="ray", num_cpus=2, log=lambda m: None)
+    second = run_job(inputs + [str(real_dir / "d3.mp4")], out, ecfg=ExtractConfig(), executor="ray", num_cpus=2,
+                     log=lambda m: None)
+    s = second["ingest"]
+    assert (s.analysed, s.reused, s.n_sources) == (1, 3, 4)  # only the new video is analysed
     ds = open_dataset(out)
     assert ds.query("select count(*) n from quarantine where reason = 'processing_error'").to_pylist()[0]["n"] == 0
-    assert second["assets"]["tracks"]["computed"] == 1  # only d14 is extracted again
-    assert second["shard"]["version"] == 2
-    assert {r["clip_id"] for r in ds.table("samples").to_pylist()} == set(d12 + d14 + s18)
-    assert {p.name: p.read_bytes() for p in (out / "shards").glob("*.tar") if p.name in v1} == v1
+    assert second["assets"]["tracks"]["computed"] == 1  # only d14 is extracted again (d3 has no clips)
+    # the bootstrap is frozen once shards are committed, and the dataset says it is a bootstrap
     assert second["extract"]["gnpfa"] == first["extract"]["gnpfa"]
+    sh = second["shard"]
+    assert sh["version"] == 2 and sh["added_samples"] == len(d14 + s18) and sh["added_shards"] >= 1
+    assert {r["clip_id"] for r in ds.table("samples").to_pylist()} == set(d12 + d14 + s18)
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in v1} == v1  # committed shards untouched
+    rows = ds.query("select version, count(*) n from shards group by 1 order by 1").to_pylist()
+    assert [r["version"] for r in rows] == [1, 2]
+    assert ds.query("select count(*) n from samples s join shards h using (shard) where h.version = 2").to_pylist()[
+        0]["n"] == sh["added_samples"]
+    assert [v["version"] for v in json.loads((out / "dataset.json").read_text())["versions"]] == [1, 2]
     assert all(second["checks"].values())
-    # the rerun reads the kept audio; only d14 (extracted now) opens its video
-    assert _decodes(tmp_path / "decodes-2.log") == {("d14.mp4", "video"): 1}
+    # the rerun reads the kept audio; only d14 (extracted now) opens its video; the new d3's audio is decoded
+    # once, and its video never (ingest finds it silent first)
+    assert _decodes(tmp_path / "decodes-2.log") == {("d14.mp4", "video"): 1, ("d3.mp4", "audio"): 1}
+
+    # the same batch again: nothing new, no new version
+    again = run_job(inputs + [str(real_dir / "d3.mp4")], out, ecfg=ecfg, executor="ray", num_cpus=2,
+                    log=lambda m: None)
+    assert again["shard"]["version"] == 2 and again["shard"]["added_samples"] == 0
 
 
 def _decodes(log: Path) -> dict[tuple[str, str], int]:
