@@ -223,11 +223,11 @@ def test_two_batches_of_real_people_get_languages_blendshapes_and_stable_speaker
     src.mkdir()
     person = CORPUS / "edtalk_pose_source2.mp4"
     a, b = src / "person_part_a.mp4", src / "person_part_b.mp4"
-    _ff("-ss", "0", "-t", "8", "-i", str(person), "-c:v", "libx264", "-preset", "veryfast", "-c:a", "aac", str(a))
-    _ff("-ss", "40", "-t", "8", "-i", str(person), "-vf", "scale=384:384", "-c:v", "mpeg4", "-q:v", "3", "-c:a", "aac", str(b))
+    _ff("-ss", "0", "-t", "5", "-i", str(person), "-c:v", "libx264", "-preset", "veryfast", "-c:a", "aac", str(a))
+    _ff("-ss", "40", "-t", "5", "-i", str(person), "-vf", "scale=384:384", "-c:v", "mpeg4", "-q:v", "3", "-c:a", "aac", str(b))
     de, fr = src / "german.mp4", src / "french.mp4"
-    _ff("-t", "7", "-i", str(CORPUS / "mimictalk_german.mp4"), "-c", "copy", str(de))
-    _ff("-t", "7", "-i", str(CORPUS / "dfrf_french.mp4"), "-c", "copy", str(fr))
+    _ff("-t", "5", "-i", str(CORPUS / "mimictalk_german.mp4"), "-c", "copy", str(de))
+    _ff("-t", "5", "-i", str(CORPUS / "dfrf_french.mp4"), "-c", "copy", str(fr))
     out = tmp_path / "D"
     run_job([str(a), str(de)], out, executor="local", log=lambda m: None)
     ds = open_dataset(out)
