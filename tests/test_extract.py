@@ -160,10 +160,10 @@ def test_image_encoder_learns_the_mesh_path(real_run):
     out, _ = real_run
     tr, _ = _real_training_data(out)
     cfg = GNPFAConfig(hidden=128, enc_width=8, crop_size=tr["crops"].shape[1], head_pool=2)  # the shipped head
-    vae = train_geometry(tr["offsets"], tr["neutrals"], cfg, steps=200)
+    vae = train_geometry(tr["offsets"], tr["neutrals"], cfg, steps=120)
     idx = np.arange(0, len(tr["crops"]), 3)
     sub = {k: v[idx] for k, v in tr.items()}
-    enc = train_image(sub["crops"], sub["offsets"], sub["neutrals"], sub["rotations"], vae, cfg, steps=150, batch=64)
+    enc = train_image(sub["crops"], sub["offsets"], sub["neutrals"], sub["rotations"], vae, cfg, steps=80, batch=64)
     _, r_hat = encode_images(enc, sub["crops"], batch=128)
     err = np.mean([rotation_angle_deg(a, b) for a, b in zip(r_hat, sub["rotations"])])
     spread = np.mean([rotation_angle_deg(np.eye(3), b) for b in sub["rotations"]])
