@@ -98,7 +98,8 @@ def test_one_failing_source_and_labeler_leave_the_rest_whole_and_the_next_batch_
     the dataset's bootstrap, and adds d14 and s18 as version 2 without touching the committed shard; the
     same batch again adds nothing."""
     out = tmp_path / "D"
-    ecfg = ExtractConfig(**FAST_BOOTSTRAP)  # the failures and versioning are under test here, not the GNPFA fit
+    # the failures and versioning are under test here, not the GNPFA fit (a small bootstrap, on a bounded sample)
+    ecfg = ExtractConfig(**FAST_BOOTSTRAP, gnpfa_bootstrap_max_frames=100)
     # d14 is 17.9 s: its first 7 s (one talking clip) are enough to fail and then be added
     d14 = head_of(real_dir / "d14.mp4", 7, tmp_path / "src")
     inputs = [str(real_dir / "d12.mp4"), str(d14), str(real_dir / "s18.mp4")]
@@ -118,6 +119,9 @@ def test_one_failing_source_and_labeler_leave_the_rest_whole_and_the_next_batch_
     sharded = {r["clip_id"] for r in ds.table("samples").to_pylist()}
     assert sharded == set(d12)  # s18 waits for its labels; d14 for its extraction
     assert first["shard"]["version"] == 1 and first["extract"]["gnpfa"]["kind"] == "bootstrap"
+    meta = json.loads((out / first["extract"]["gnpfa"]["path"] / "config.json").read_text())
+    n = meta["meta"]["trained_on_frames"] if "meta" in meta else meta["trained_on_frames"]
+    assert 50 <= n <= 150 < first["extract"]["frames"], (n, first["extract"]["frames"])  # about max_frames
     v1 = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "shards").glob("*.tar")}
 
     # decode once: each source's audio is decoded by ingest only (kept in parts/audio/ for extraction,
@@ -227,9 +231,10 @@ def test_a_clips_rows_do_not_depend_on_the_other_clips_of_its_run(real_result, r
     assert crops and all(np.array_equal(np.load(p), np.load(ref / "arrays" / "crops" / p.name)) for p in crops)
 
 
-def test_the_bootstrap_sample_is_bounded_and_per_clip(real_dir, tmp_path):
-    """The bootstrap GNPFA trains on a seeded sample of at most about gnpfa_bootstrap_max_frames tracked
-    frames, drawn per clip (a clip's frames are the same whatever else the dataset holds)."""
+def test_the_bootstrap_sample_is_per_clip():
+    """The bootstrap GNPFA trains on a seeded sample of tracked frames drawn per clip (a clip's frames are
+    the same whatever else the dataset holds). That a real run's sample is at most about
+    gnpfa_bootstrap_max_frames is checked in the one-failing-source test, which bootstraps."""
     from extractors.extract import ClipFeatures
     from extractors.records import sample_tracked
 
@@ -245,17 +250,14 @@ def test_the_bootstrap_sample_is_bounded_and_per_clip(real_dir, tmp_path):
     assert np.array_equal(alone[0].tracked, both[1].tracked) and 230 < alone[0].tracked.sum() < 370
     assert a.tracked.all()  # the input is left as it was
 
-    out = tmp_path / "D"
-    ecfg = ExtractConfig(**FAST_BOOTSTRAP, gnpfa_bootstrap_max_frames=100)
-    res = run_job([str(real_dir / "d12.mp4")], out, ecfg=ecfg, executor="local", stages=("ingest", "extract"),
-                  log=lambda m: None)
-    meta = json.loads((out / res["extract"]["gnpfa"]["path"] / "config.json").read_text())
-    n = meta["meta"]["trained_on_frames"] if "meta" in meta else meta["trained_on_frames"]
-    tracked = res["extract"]["frames"]
-    assert 50 <= n <= 150 < tracked, (n, tracked)
-    # before a shard stage there are no speakers: the clips view's speaker_id is null, the table's own columns intact
+
+def test_before_a_shard_stage_the_clips_view_has_no_speaker(real_dir, tmp_path):
+    """Before a shard stage there are no speakers: the clips view's speaker_id is null, the table's own
+    columns intact."""
     from storage_schemas.tables import CLIPS
 
+    out = tmp_path / "D"
+    run_job([str(real_dir / "d12.mp4")], out, executor="local", stages=("ingest",), log=lambda m: None)
     ds = open_dataset(out)
     got = ds.query("select count(*) n, count(speaker_id) s from clips").to_pylist()[0]
     assert got["n"] == ds.table("clips").num_rows > 0 and got["s"] == 0
