@@ -178,13 +178,16 @@ def test_url_and_memory_inputs_are_fetched_once_and_reach_shards_on_ray(real_dir
     import fsspec
 
     log = tmp_path / "http.log"
+    src_dir = tmp_path / "src"  # the first 5 s of each (one talking clip each): the fetching is under test here
+    for name in ("d12.mp4", "s18.mp4"):
+        head_of(real_dir / name, 5, src_dir)
     srv = subprocess.Popen([sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory",
-                            str(real_dir)], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
+                            str(src_dir)], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True)
     try:
         line = srv.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N ..."
         port = int(line.split(" port ")[1].split()[0])
         fs = fsspec.filesystem("memory")
-        fs.pipe("/m2fd-test/s18.mp4", (real_dir / "s18.mp4").read_bytes())
+        fs.pipe("/m2fd-test/s18.mp4", (src_dir / "s18.mp4").read_bytes())
         url, mem = f"http://127.0.0.1:{port}/d12.mp4", "memory://m2fd-test/s18.mp4"
         out = tmp_path / "D"
         res = run_job([url, mem], out, ecfg=ExtractConfig(), executor="ray", num_cpus=2,
@@ -202,7 +205,7 @@ def test_url_and_memory_inputs_are_fetched_once_and_reach_shards_on_ray(real_dir
     assert url in src and len(src) == 2 and all(r["status"] == "ok" for r in src.values())
     assert [u for u in src if u != url][0].replace("memory:///", "memory://") == mem  # fsspec's spelling
     for u, r in src.items():
-        assert (out / "cache" / f"{r['sha256']}.mp4").read_bytes() == (real_dir / Path(u).name).read_bytes()
+        assert (out / "cache" / f"{r['sha256']}.mp4").read_bytes() == (src_dir / Path(u).name).read_bytes()
     per_source = ds.query("select c.uri, count(*) n from samples s join clips c using (clip_id) group by 1").to_pylist()
     assert {r["uri"] for r in per_source} == set(src)
     assert res["shard"]["added_samples"] == sum(r["n"] for r in per_source) >= 2
