@@ -8,6 +8,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
+RAY_AUTH_SECRET = "m2fd-ray-auth"
+
+
+def _ray_auth(env: list[dict]) -> tuple:
+    """(RAY_AUTH_MODE, the Secret and key RAY_AUTH_TOKEN comes from) of a container's env list."""
+    by = {e["name"]: e for e in env}
+    ref = by["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    return by["RAY_AUTH_MODE"]["value"], ref["name"], ref["key"]
 
 
 def _docs(path: Path) -> list[dict]:
@@ -20,6 +28,8 @@ def _containers(pod_template: dict) -> list[dict]:
 
 def _check_cluster_spec(spec: dict) -> None:
     assert spec["rayVersion"] == ray.__version__  # the images carry the Ray the code was tested with
+    # token auth on every node from one Secret (the drivers read the same one: dagster/values.yaml)
+    assert spec["authOptions"] == {"mode": "token", "secretName": RAY_AUTH_SECRET}
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
@@ -67,7 +77,11 @@ def test_dagster_helm_values_serve_our_definitions():
     v = yaml.safe_load((INFRA / "dagster" / "values.yaml").read_text())
     (dep,) = v["dagster-user-deployments"]["deployments"]
     assert dep["dagsterApiGrpcArgs"] == ["-m", "pipelines.dagster_defs"]
-    env = {e["name"]: e["value"] for e in dep["env"]}
+    env = {e["name"]: e["value"] for e in dep["env"] if "value" in e}
+    # the code location and every run's pod are Ray drivers: the cluster's auth mode and token (KubeRay's
+    # authOptions Secret keeps the token under auth_token)
+    for e in (dep["env"], v["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"]["containerConfig"]["env"]):
+        assert _ray_auth(e) == ("token", RAY_AUTH_SECRET, "auth_token")
     assert env["M2FD_OUT"].startswith("/data/") and env["RAY_ADDRESS"].startswith("ray://m2fd-head-svc")
     assert v["postgresql"]["enabled"] is True
     assert v["runLauncher"]["type"] == "K8sRunLauncher"
