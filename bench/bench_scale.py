@@ -30,6 +30,8 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 
 from bench_e2e import _tree, input_frames, replicate, run_cli  # noqa: E402  (the same process and input helpers)
 
+from pipelines.procs import cmdline  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "data"
 
 
@@ -48,10 +50,7 @@ def _kind(pid: int, root: int) -> str | None:
     while the command line cannot be read (a process exiting)."""
     if pid == root:
         return "driver"
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return None
+    cmd = cmdline(pid).replace(b"\0", b" ").decode(errors="replace")
     if not cmd:
         return None
     if cmd.startswith("ray::") and "Agent" not in cmd.split()[0] or "default_worker.py" in cmd:

@@ -17,6 +17,23 @@ def proc_stat(pid: int) -> list[str] | None:
         return None
 
 
+def cmdline(pid: int) -> bytes:
+    """/proc/PID/cmdline (arguments NUL-separated); b"" once it is gone (or for a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def wait_gone(pids: set[int], wait_s: float = 60.0, what: str = "processes") -> None:
+    """Wait until every pid is gone or a zombie (nothing of it runs or writes any more)."""
+    deadline = time.time() + wait_s
+    while any((proc_stat(pid) or ["Z"])[0] != "Z" for pid in pids):
+        if time.time() > deadline:
+            raise TimeoutError(f"{what} are still alive")
+        time.sleep(0.1)
+
+
 def descendants(pid: int) -> set[int]:
     """pid and every live process below it, by parent links (a process already reparented to init
     after its parent died is no longer found: collect the tree before killing anything)."""
@@ -55,8 +72,4 @@ def kill_tree(p: subprocess.Popen, grace_s: float = 0.0, wait_s: float = 60.0) -
             pass
     p.kill()
     p.wait()
-    deadline = time.time() + wait_s
-    while any((proc_stat(pid) or ["Z"])[0] != "Z" for pid in tree - {p.pid}):
-        if time.time() > deadline:
-            raise TimeoutError(f"processes of the killed run {p.pid} are still alive")
-        time.sleep(0.1)
+    wait_gone(tree - {p.pid}, wait_s, f"processes of the killed run {p.pid}")

@@ -16,18 +16,11 @@ from pathlib import Path
 import pytest
 from conftest import dataset_bytes
 
-from pipelines.procs import descendants, kill_tree, proc_stat
+from pipelines.procs import cmdline, descendants, kill_tree, wait_gone
 from storage_schemas import open_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 M2FD = [str(REPO / ".venv" / "bin" / "m2fd")] if (REPO / ".venv" / "bin" / "m2fd").exists() else ["m2fd"]
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 def _node_procs(temp_dir: Path) -> set[int]:
@@ -35,7 +28,7 @@ def _node_procs(temp_dir: Path) -> set[int]:
     agents and log monitor (their command lines name the node's session directory) and the raylet's
     workers (its children)."""
     key = str(temp_dir).encode()
-    roots = {int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and key in _cmdline(int(d.name))}
+    roots = {int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and key in cmdline(int(d.name))}
     roots.discard(os.getpid())
     return set().union(*(descendants(pid) for pid in roots)) if roots else set()
 
@@ -48,15 +41,12 @@ def _kill_node(temp_dir: Path) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    deadline = time.time() + 30
-    while any((proc_stat(pid) or ["Z"])[0] != "Z" for pid in procs):
-        assert time.time() < deadline, "the killed node's processes are still alive"
-        time.sleep(0.1)
+    wait_gone(procs, 30, "the killed node's processes")
 
 
 def _tasks_on(temp_dir: Path, title: bytes) -> list[int]:
     """The node's Ray workers running ``title`` now (Ray names a worker's process after its task)."""
-    return sorted(pid for pid in _node_procs(temp_dir) if _cmdline(pid).startswith(title))
+    return sorted(pid for pid in _node_procs(temp_dir) if cmdline(pid).startswith(title))
 
 
 @pytest.mark.slow
