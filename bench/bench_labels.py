@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("GLOG_minloglevel", "2")
-import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -31,6 +30,7 @@ def main():
     from pipelines.frames import clip_frame_arrays
     from pipelines.stage_io import source_audio
     from storage_schemas import open_dataset
+    from storage_schemas.arrays import read_array
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--dataset", type=Path, default=REPO / "out" / "bench-real")
@@ -56,7 +56,7 @@ def main():
     t0 = time.perf_counter()
     for sid, cs in by_src.items():
         ids = [c["clip_id"] for c in cs]
-        crops = {c: np.load(a.dataset / "arrays" / "crops" / f"{c}.npy", allow_pickle=False) for c in ids}
+        crops = {c: read_array(a.dataset, "crops", c) for c in ids}
         ctxs = contexts_for_source(source_audio(a.dataset, srcs[sid]), cs, {c: clip_frame_arrays(ds, c) for c in ids}, crops, transcripts)
         for c in ctxs:
             c.labels = {}

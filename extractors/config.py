@@ -185,3 +185,53 @@ def _checked_keys(cls, d: dict[str, Any], what: str) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown {what} config keys: {sorted(unknown)}; known: {sorted(known)}")
     return d
+
+
+_SECTIONS = {"ingest": IngestConfig, "extract": ExtractConfig, "shard": ShardConfig}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The job's one config object: its ingest, extract and shard sections. Loaded once per run (the CLI
+    and the Dagster resource both call ``load``) and passed down; every stage reads its own section."""
+
+    ingest: IngestConfig = dataclasses.field(default_factory=IngestConfig)
+    extract: ExtractConfig = dataclasses.field(default_factory=ExtractConfig)
+    shard: ShardConfig = dataclasses.field(default_factory=ShardConfig)
+
+    @classmethod
+    def load(cls, *docs: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> "RunConfig":
+        """The embedded defaults, then each document's sections key by key, then ``overrides``
+        (KEY=VALUE with a YAML value; KEY may be prefixed `ingest.` / `extract.` / `shard.`, and an
+        unprefixed key goes to the one section that has it). Raises ValueError naming what is wrong."""
+        import yaml
+
+        sections: dict[str, dict] = {name: {} for name in _SECTIONS}
+        fields = {name: {f.name for f in dataclasses.fields(c)} for name, c in _SECTIONS.items()}
+        for doc in docs:
+            doc = doc or {}
+            if not isinstance(doc, dict):
+                raise ValueError(f"a config document is a mapping of sections {sorted(_SECTIONS)}, got {type(doc).__name__}")
+            unknown = set(doc) - set(sections)
+            if unknown:
+                raise ValueError(f"config sections must be among {sorted(sections)}, got {sorted(unknown)}")
+            for k in sections:
+                sections[k].update(doc.get(k) or {})
+        for ov in overrides:
+            if "=" not in ov:
+                raise ValueError(f"--set expects KEY=VALUE, got {ov!r}")
+            k, v = ov.split("=", 1)
+            sec, _, key = k.strip().rpartition(".")
+            if not sec:
+                owners = [n for n, fs in fields.items() if key in fs]
+                sec = owners[0] if len(owners) == 1 else "ingest"  # unknown keys are reported by ingest
+            if sec not in sections:
+                raise ValueError(f"unknown config section {sec!r}")
+            sections[sec][key] = yaml.safe_load(v)
+        try:
+            return cls(**{name: c.from_dict(sections[name]) for name, c in _SECTIONS.items()})
+        except TypeError as e:  # a value of the wrong kind for a field
+            raise ValueError(str(e)) from e
+
+    def to_dict(self) -> dict[str, dict]:
+        return {name: getattr(self, name).to_dict() for name in _SECTIONS}

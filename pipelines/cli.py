@@ -17,41 +17,15 @@ console = Console(stderr=True)
 
 
 def _load_config(config: Optional[Path], overrides: List[str]):
-    """(IngestConfig, ExtractConfig, ShardConfig) from the embedded defaults, a YAML file with
-    `ingest:`, `extract:` and `shard:` sections, and --set KEY=VALUE (KEY may be prefixed
-    `ingest.` / `extract.` / `shard.`)."""
-    import dataclasses
-
+    """The run's RunConfig: the embedded defaults, a YAML file with `ingest:`, `extract:` and `shard:`
+    sections, and --set KEY=VALUE (KEY may be prefixed `ingest.` / `extract.` / `shard.`)."""
     import yaml
 
-    from extractors.config import ExtractConfig, IngestConfig, ShardConfig
+    from extractors.config import RunConfig
 
-    classes = (("ingest", IngestConfig), ("extract", ExtractConfig), ("shard", ShardConfig))
-    sections: dict[str, dict] = {name: {} for name, _ in classes}
-    fields = {name: {f.name for f in dataclasses.fields(c)} for name, c in classes}
-    if config:
-        doc = yaml.safe_load(config.read_text()) or {}
-        unknown = set(doc) - set(sections)
-        if unknown:
-            raise typer.BadParameter(f"config sections must be among {sorted(sections)}, got {sorted(unknown)}")
-        for k in sections:
-            sections[k].update(doc.get(k) or {})
-    for ov in overrides:
-        if "=" not in ov:
-            raise typer.BadParameter(f"--set expects KEY=VALUE, got {ov!r}")
-        k, v = ov.split("=", 1)
-        k = k.strip()
-        sec, _, key = k.rpartition(".")
-        if not sec:
-            owners = [n for n, fs in fields.items() if key in fs]
-            sec = owners[0] if len(owners) == 1 else "ingest"  # unknown keys are reported by ingest
-        if sec not in sections:
-            raise typer.BadParameter(f"unknown config section {sec!r}")
-        sections[sec][key] = yaml.safe_load(v)
     try:
-        return (IngestConfig.from_dict(sections["ingest"]), ExtractConfig.from_dict(sections["extract"]),
-                ShardConfig.from_dict(sections["shard"]))
-    except (ValueError, TypeError) as e:
+        return RunConfig.load(yaml.safe_load(config.read_text()) if config else None, overrides=overrides)
+    except ValueError as e:
         raise typer.BadParameter(str(e)) from e
 
 
@@ -66,13 +40,14 @@ def run(
     stages: str = typer.Option("ingest,extract,label,shard", help="Comma-separated stages to run, in order."),
 ):
     """Run the M2F-D job on SRC and write the dataset to --out."""
-    from pipelines.job import STAGES, RunFailed, run_job
+    from pipelines.job import RunFailed, run_job
     from pipelines.lock import DatasetLocked
+    from pipelines.stages import STAGE_NAMES, STAGES
 
-    icfg, ecfg, scfg = _load_config(config, set_)
+    cfg = _load_config(config, set_)
     wanted = tuple(x.strip() for x in stages.split(",") if x.strip())
-    if not set(wanted) <= set(STAGES):
-        raise typer.BadParameter(f"--stages must be among {STAGES}")
+    if not set(wanted) <= set(STAGE_NAMES):
+        raise typer.BadParameter(f"--stages must be among {STAGE_NAMES}")
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=False) as prog:
         tasks: dict[str, int] = {}
@@ -83,8 +58,7 @@ def run(
             prog.update(tasks[stage], completed=done, total=total)
 
         try:
-            res = run_job(src, out, icfg, ecfg, executor=executor, scfg=scfg, num_cpus=num_cpus, stages=wanted,
-                          progress=tick,
+            res = run_job(src, out, cfg=cfg, executor=executor, num_cpus=num_cpus, stages=wanted, progress=tick,
                           log=lambda m: prog.console.print(f"[dim]{m}[/dim]"))
         except DatasetLocked as e:
             console.print(f"[red]error:[/red] {e}")
@@ -92,23 +66,10 @@ def run(
         except RunFailed as e:
             console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(1)
-    if "ingest" in res:
-        s = res["ingest"]
-        console.print(f"[green]ingest[/green]: {s.n_inputs} inputs, {s.n_sources} sources, {s.n_clips} clips "
-                      f"({s.clip_hours * 3600:.1f} s); analysed {s.analysed}, reused {s.reused}")
-    if "extract" in res:
-        e = res["extract"]
-        console.print(f"[green]extract[/green]: {e['frames']} frames, {e['clips_ok']} clips ok, {e['clips_dropped']} "
-                      f"dropped; GNPFA {e['gnpfa'].get('name') or e['gnpfa']['kind']} {e['gnpfa']['sha256'][:12]}; transcripts by "
-                      f"{', '.join(e['engines']) or '-'}")
-    if "shard" in res:
-        sh = res["shard"]
-        console.print(f"[green]shard[/green]: version {sh['version']} added {sh['added_samples']} samples in "
-                      f"{sh['added_shards']} shards; dataset {sh['samples']} samples in {sh['shards']} shards "
-                      f"({sh['bytes'] / 1e6:.1f} MB), splits {sh['splits']}")
-    if "label" in res:
-        lb = res["label"]
-        console.print(f"[green]label[/green]: {lb['rows']} label rows for {lb['clips']} clips by {', '.join(lb['labelers'])}")
+    for st in STAGES:  # one line per stage that ran, in stage order
+        if st.name in res:
+            r = res[st.name]
+            console.print(f"[green]{st.name}[/green]: {st.summary(r if isinstance(r, dict) else vars(r))}")
     card = json.loads((out / "dataset.json").read_text())
     failed = card["counts"]["quarantine"].get("processing_error", 0) + card["counts"]["quarantine"].get("source_changed", 0)
     if failed:
@@ -140,7 +101,7 @@ def ui(
     import os
     import signal
 
-    from pipelines.job import dagster_home
+    from pipelines.dagster_defs import dagster_home
 
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home(out).resolve()), "M2FD_OUT": str(out.resolve())}
     if landing:
@@ -300,9 +261,7 @@ def show_config(
     """Print the effective config (embedded defaults plus overrides) as YAML."""
     import yaml
 
-    icfg, ecfg, scfg = _load_config(config, set_)
-    sys.stdout.write(yaml.safe_dump({"ingest": icfg.to_dict(), "extract": ecfg.to_dict(), "shard": scfg.to_dict()},
-                                    sort_keys=True))
+    sys.stdout.write(yaml.safe_dump(_load_config(config, set_).to_dict(), sort_keys=True))
 
 
 @app.command()

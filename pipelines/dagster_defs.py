@@ -24,13 +24,34 @@ from typing import Any, Callable, Optional
 import dagster as dg
 from pydantic import PrivateAttr
 
-from extractors.config import ExtractConfig, IngestConfig, ShardConfig
+from extractors.config import IngestConfig, RunConfig
+
+from .stages import STAGES
 
 BATCHES = dg.DynamicPartitionsDefinition(name="ingest_batch")
 BATCH_DIR = "batches"
 
-# in-process callers (the CLI) may watch progress; a deployed run leaves this unset
-PROGRESS: dict[str, Callable[[str, int, int], None]] = {}
+
+class RunWatch:
+    """Who watches a run as it goes (the `watch` resource): the CLI's progress bars and log lines for a
+    run it executes in-process; a deployed run has none (its log lines go to the Dagster run log)."""
+
+    def __init__(self, progress: Callable[[str, int, int], None] | None = None, log: Callable[[str], None] | None = None):
+        self.progress = progress or (lambda *a: None)
+        self._log = log
+
+    def log(self, context) -> Callable[[str], None]:
+        return self._log or context.log.info
+
+
+def dagster_home(out: str | os.PathLike) -> Path:
+    """Where run history lives: $DAGSTER_HOME, else <dataset>/.dagster (what `m2fd ui` serves)."""
+    home = Path(os.environ.get("DAGSTER_HOME") or Path(out) / ".dagster")
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").is_file():
+        # run telemetry off; runs started by the UI execute in-process, one at a time per dataset
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
+    return home
 
 
 def batch_key(sources: list[str], prefix: str = "b") -> str:
@@ -59,6 +80,7 @@ class M2FDResource(dg.ConfigurableResource):
     _ex: Any = PrivateAttr(default=None)
     _lock: Any = PrivateAttr(default=None)
     _prefetch: Any = PrivateAttr(default=None)  # extraction tasks started during ingest (see TrackPrefetch)
+    _cfg: Any = PrivateAttr(default=None)  # the RunConfig, once loaded
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         from .executors import make_executor
@@ -66,7 +88,7 @@ class M2FDResource(dg.ConfigurableResource):
 
         Path(self.out).mkdir(parents=True, exist_ok=True)
         if self.take_lock:
-            from .job import sweep_temp
+            from .lock import sweep_temp
 
             self._lock = DatasetLock(self.out).__enter__()
             sweep_temp(Path(self.out))
@@ -82,26 +104,19 @@ class M2FDResource(dg.ConfigurableResource):
     def ex(self):
         return self._ex
 
-    def configs(self) -> tuple[IngestConfig, ExtractConfig, ShardConfig]:
-        import yaml
+    def configs(self) -> RunConfig:
+        """The run's one config (config_yaml, then config_doc over it), loaded on first use; crops are
+        cut at the size of the GNPFA the dataset encodes with."""
+        if self._cfg is None:
+            import yaml
 
-        doc: dict = {}
-        if self.config_yaml:
-            doc.update(yaml.safe_load(Path(self.config_yaml).read_text()) or {})
-        if self.config_doc:
-            doc.update(yaml.safe_load(self.config_doc) or {})
-        from .gnpfa import crops_for_checkpoint
+            from .gnpfa import crops_for_checkpoint
 
-        return (IngestConfig.from_dict(doc.get("ingest") or {}),
-                crops_for_checkpoint(ExtractConfig.from_dict(doc.get("extract") or {}), Path(self.out)),
-                ShardConfig.from_dict(doc.get("shard") or {}))
-
-    def progress(self, context) -> Callable[[str, int, int], None]:
-        return PROGRESS.get(context.run.run_id) or (lambda *a: None)
-
-    def log(self, context) -> Callable[[str], None]:
-        cb = PROGRESS.get(context.run.run_id + ":log")
-        return cb or context.log.info
+            docs = [yaml.safe_load(Path(self.config_yaml).read_text()) if self.config_yaml else None,
+                    yaml.safe_load(self.config_doc) if self.config_doc else None]
+            cfg = RunConfig.load(*docs)
+            self._cfg = dataclasses.replace(cfg, extract=crops_for_checkpoint(cfg.extract, Path(self.out)))
+        return self._cfg
 
 
 def _clips_ok(out: str) -> int:
@@ -136,17 +151,16 @@ def ingest_batch(context: dg.AssetExecutionContext, config: IngestBatch, m2fd: M
 
 @dg.asset(group_name="m2fd", deps=[ingest_batch],
           description="Sources and talking clips of every batch: probe, dedupe by content, quarantine, cut clips.")
-def clips(context: dg.AssetExecutionContext, m2fd: M2FDResource) -> dg.MaterializeResult:
+def clips(context: dg.AssetExecutionContext, m2fd: M2FDResource, watch: dg.ResourceParam[RunWatch]) -> dg.MaterializeResult:
+    from .extract import TrackPrefetch
     from .ingest import run_ingest
 
-    from .extract import TrackPrefetch
-
-    icfg, ecfg, _ = m2fd.configs()
+    cfg = m2fd.configs()
     sel = context.run.asset_selection
     # stream into extraction when this run also materializes `tracks`
     if sel is None or dg.AssetKey("tracks") in sel:
-        m2fd._prefetch = TrackPrefetch(m2fd.out, ecfg, m2fd.ex)
-    s = run_ingest(batch_sources(m2fd.out), m2fd.out, icfg, ex=m2fd.ex, progress=m2fd.progress(context),
+        m2fd._prefetch = TrackPrefetch(m2fd.out, cfg.extract, m2fd.ex)
+    s = run_ingest(batch_sources(m2fd.out), m2fd.out, cfg.ingest, ex=m2fd.ex, progress=watch.progress,
                    on_source=m2fd._prefetch)
     md = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("quarantine", "stage_seconds")}
     lines = "\n".join(f"| {r} | {n} |" for r, n in sorted(s.quarantine.items()))
@@ -158,11 +172,10 @@ def clips(context: dg.AssetExecutionContext, m2fd: M2FDResource) -> dg.Materiali
 
 @dg.asset(group_name="m2fd", deps=[clips],
           description="Per source: MediaPipe landmarks, head pose, audio features and transcripts (cached parts).")
-def tracks(context: dg.AssetExecutionContext, m2fd: M2FDResource) -> dg.MaterializeResult:
+def tracks(context: dg.AssetExecutionContext, m2fd: M2FDResource, watch: dg.ResourceParam[RunWatch]) -> dg.MaterializeResult:
     from .extract import run_tracks
 
-    _, ecfg, _ = m2fd.configs()
-    r = run_tracks(m2fd.out, ecfg, m2fd.ex, progress=m2fd.progress(context), prefetch=m2fd._prefetch)
+    r = run_tracks(m2fd.out, m2fd.configs().extract, m2fd.ex, progress=watch.progress, prefetch=m2fd._prefetch)
     m2fd._prefetch = None
     m = r.pop("metrics")
     return dg.MaterializeResult(metadata={**r, "cpu_s": dg.MetadataValue.json({k: round(v, 2) for k, v in m.items()})})
@@ -170,61 +183,56 @@ def tracks(context: dg.AssetExecutionContext, m2fd: M2FDResource) -> dg.Material
 
 @dg.asset(group_name="m2fd", deps=[tracks],
           description="The GNPFA checkpoint: the shipped one (default), a configured folder, the dataset's committed one, or a bootstrap trained on its meshes.")
-def gnpfa_checkpoint(context: dg.AssetExecutionContext, m2fd: M2FDResource) -> dg.MaterializeResult:
+def gnpfa_checkpoint(context: dg.AssetExecutionContext, m2fd: M2FDResource, watch: dg.ResourceParam[RunWatch]) -> dg.MaterializeResult:
     from .extract import run_gnpfa
 
     if not _n_clips(m2fd.out):
         return dg.MaterializeResult(metadata={"skipped": "no clips"})
-    _, ecfg, _ = m2fd.configs()
-    g = run_gnpfa(m2fd.out, ecfg, log=m2fd.log(context))
+    g = run_gnpfa(m2fd.out, m2fd.configs().extract, log=watch.log(context))
     return dg.MaterializeResult(metadata={k: v for k, v in g.items()})
 
 
 @dg.asset(group_name="m2fd", deps=[gnpfa_checkpoint],
           description="Frames at 30 fps (landmarks, pose, GNPFA latents, quality), clip features, transcripts.")
-def extraction(context: dg.AssetExecutionContext, m2fd: M2FDResource) -> dg.MaterializeResult:
+def extraction(context: dg.AssetExecutionContext, m2fd: M2FDResource, watch: dg.ResourceParam[RunWatch]) -> dg.MaterializeResult:
     from .extract import run_extract
 
     if not _n_clips(m2fd.out):
         return dg.MaterializeResult(metadata={"skipped": "no clips"})
-    _, ecfg, _ = m2fd.configs()
-    e = run_extract(m2fd.out, ecfg, m2fd.ex, progress=m2fd.progress(context), log=m2fd.log(context))
+    e = run_extract(m2fd.out, m2fd.configs().extract, m2fd.ex, progress=watch.progress, log=watch.log(context))
     return dg.MaterializeResult(metadata={
         "frames": e["frames"], "clips_ok": e["clips_ok"], "clips_dropped": e["clips_dropped"],
         "gnpfa": dg.MetadataValue.json(e["gnpfa"]), "engines": dg.MetadataValue.json(e["engines"])})
 
 
 @dg.asset(group_name="m2fd", deps=[extraction], description="Emotion, prosody, sentiment, style, caption.")
-def labels(context: dg.AssetExecutionContext, m2fd: M2FDResource) -> dg.MaterializeResult:
+def labels(context: dg.AssetExecutionContext, m2fd: M2FDResource, watch: dg.ResourceParam[RunWatch]) -> dg.MaterializeResult:
     from .labels import run_labels
 
     if not _clips_ok(m2fd.out):
         return dg.MaterializeResult(metadata={"skipped": "no usable clips"})
-    r = run_labels(m2fd.out, m2fd.ex, progress=m2fd.progress(context))
+    r = run_labels(m2fd.out, m2fd.ex, progress=watch.progress)
     return dg.MaterializeResult(metadata={"rows": r["rows"], "clips": r["clips"],
                                           "labelers": dg.MetadataValue.json(r["labelers"])})
 
 
 @dg.asset(group_name="m2fd", deps=[labels],
           description="Deterministic WebDataset shards; new clips are added as a new dataset version.")
-def shards(context: dg.AssetExecutionContext, m2fd: M2FDResource) -> dg.MaterializeResult:
+def shards(context: dg.AssetExecutionContext, m2fd: M2FDResource, watch: dg.ResourceParam[RunWatch]) -> dg.MaterializeResult:
     from .shards import run_shards
 
     if not _clips_ok(m2fd.out):
         return dg.MaterializeResult(metadata={"skipped": "no usable clips"})
-    _, _, scfg = m2fd.configs()
-    r = run_shards(m2fd.out, scfg, m2fd.ex, progress=m2fd.progress(context))
+    r = run_shards(m2fd.out, m2fd.configs().shard, m2fd.ex, progress=watch.progress)
     return dg.MaterializeResult(metadata={**{k: v for k, v in r.items() if k != "splits"},
                                           "splits": dg.MetadataValue.json(r["splits"])})
 
 
 @dg.asset(group_name="m2fd", deps=[clips, extraction, labels, shards], description="Dataset card (counts, lineage, versions) and HTML report.")
 def dataset_card(context: dg.AssetExecutionContext, m2fd: M2FDResource) -> dg.MaterializeResult:
-    from .job import finish_dataset
-    from .report import write_report
+    from .report import finish_dataset, write_report
 
-    icfg, ecfg, scfg = m2fd.configs()
-    card = finish_dataset(Path(m2fd.out), icfg, ecfg, scfg)
+    card = finish_dataset(Path(m2fd.out), m2fd.configs())
     md: dict[str, Any] = {"counts": dg.MetadataValue.json(card["counts"]),
                           "versions": dg.MetadataValue.json(card.get("versions", []))}
     if (Path(m2fd.out) / "tables" / "samples.parquet").is_file():
@@ -347,8 +355,7 @@ def media2face_model(context: dg.AssetExecutionContext, config: TrainRun, m2fd: 
 
 ASSETS = [ingest_batch, clips, tracks, gnpfa_checkpoint, extraction, labels, shards, dataset_card]
 CHECKS = [tables_valid, quarantine_ratio, quality_thresholds, shard_integrity]
-STAGE_ASSETS = {"ingest": ("ingest_batch", "clips"), "extract": ("tracks", "gnpfa_checkpoint", "extraction"),
-                "label": ("labels",), "shard": ("shards",)}
+STAGE_ASSETS = {s.name: s.assets for s in STAGES}
 
 # in-process executor: one Ray (and one dataset lock) per run, shared by every step
 m2fd_job = dg.define_asset_job("m2fd_job", selection=dg.AssetSelection.assets(*ASSETS),
@@ -389,9 +396,10 @@ def landing_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         cursor=json.dumps(sorted(seen | set(new))))
 
 
-def build_defs(resource: M2FDResource) -> dg.Definitions:
+def build_defs(resource: M2FDResource, watch: RunWatch | None = None) -> dg.Definitions:
     return dg.Definitions(assets=ASSETS + [media2face_model], asset_checks=CHECKS, jobs=[m2fd_job, verify_job, train_job],
-                          schedules=[nightly_verify], sensors=[landing_sensor], resources={"m2fd": resource})
+                          schedules=[nightly_verify], sensors=[landing_sensor],
+                          resources={"m2fd": resource, "watch": watch or RunWatch()})
 
 
 defs = build_defs(M2FDResource(out=os.environ.get("M2FD_OUT", "out/dagster"),

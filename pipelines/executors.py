@@ -1,4 +1,9 @@
-"""Where stage functions run: a local Ray (default), a Ray cluster (RAY_ADDRESS), or in-process."""
+"""Where stage functions run: a local Ray (default), a Ray cluster (RAY_ADDRESS), or in-process.
+
+Both executors offer the same four calls, so a stage never asks which one it has:
+``map_unordered(fn, items, **resources)`` (bounded in-flight work), ``submit(fn, item)`` + ``as_completed(handles)``
+(start work early, collect it later: Ray starts it at once, in-process it runs when collected), and
+``has_gpu()`` (whether a task asking for ``num_gpus=1`` can be placed)."""
 from __future__ import annotations
 
 import os
@@ -41,8 +46,27 @@ class TaskFailure:
         return {"error": self.error, "traceback_tail": self.trace[-800:]}
 
 
+@dataclass(eq=False)  # a handle is itself (hashable by identity), whatever its item holds
+class _Deferred:
+    fn: Callable
+    item: Any
+
+
 class LocalExecutor:
     name = "local"
+
+    def has_gpu(self) -> bool:
+        import torch
+
+        return torch.cuda.is_available()
+
+    def submit(self, fn: Callable, item: Any, **resources: Any) -> "_Deferred":
+        """A handle that runs ``fn(item)`` when as_completed reaches it (in this process, in order)."""
+        return _Deferred(fn, item)
+
+    def as_completed(self, handles: list["_Deferred"]) -> Iterator[tuple[Any, Any]]:
+        for h in handles:
+            yield h, next(self.map_unordered(h.fn, [h.item]))[1]
 
     def map_unordered(self, fn: Callable, items: Iterable[Any], **resources: Any) -> Iterator[tuple[Any, Any]]:
         """(item, result) per item; a task that raises yields a TaskFailure as its result. Ray resource
@@ -87,6 +111,9 @@ class RayExecutor:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.max_in_flight = max_in_flight or max(2, 2 * cpus)
 
+    def has_gpu(self) -> bool:
+        return self._ray.cluster_resources().get("GPU", 0) >= 1
+
     def map_unordered(self, fn: Callable, items: Iterable[Any], **resources: Any) -> Iterator[tuple[Any, Any]]:
         """(item, result) as tasks finish; ``resources`` override the task options (``num_gpus=1``)."""
         ray = self._ray
@@ -109,9 +136,9 @@ class RayExecutor:
                 item = pending.pop(ref)
                 yield item, self._get(ref)
 
-    def submit(self, fn: Callable, item: Any) -> Any:
+    def submit(self, fn: Callable, item: Any, **resources: Any) -> Any:
         """Start one task now (not bounded by max_in_flight); collect it with as_completed."""
-        return self._ray.remote(**self._opts())(fn).remote(item)
+        return self._ray.remote(**{**self._opts(), **resources})(fn).remote(item)
 
     def _opts(self) -> dict[str, Any]:
         opts = {"num_cpus": 1, "max_retries": self.max_retries, **({"max_calls": self.max_calls} if self.max_calls else {})}

@@ -26,14 +26,16 @@ from extractors.extract import extract_source, features_from_npz, features_to_np
 from extractors.ingest import quarantine_row
 from extractors.pose import TEMPLATE_PATH
 from extractors.records import clip_features_row, clip_quality, frames_table, sample_tracked, training_arrays
-from storage_schemas import SCHEMA_VERSION, atomic_write_bytes, open_dataset, table_path, write_table
+from storage_schemas import SCHEMA_VERSION, RowBuffer, atomic_write_bytes, open_dataset, table_path, write_table
+from storage_schemas.arrays import array_path, write_array
 from storage_schemas.dataset import EXTRACT_LINEAGE
 from storage_schemas.tables import TRANSCRIPTS
 
 from .executors import TaskFailure
 from .faults import maybe_fail
 from .gnpfa import NotEnoughFrames, gnpfa_device, obtain_gnpfa
-from .stage_io import failure_rows, keyframe_path, replace_quarantine, source_audio, source_path, write_npy
+from .stage_io import failure_rows, keyframe_path, replace_quarantine, source_audio, source_path
+from .stages import task_options
 
 PARTS = Path("parts") / "extract"
 ENCODE_PARTS = Path("parts") / "encode"
@@ -164,7 +166,7 @@ def _complete(w: TrackWork) -> bool:
 
 class TrackPrefetch:
     """Streams ingest into extraction: starts a source's extraction task the moment ingest has cut
-    its clips (Ray executors only), so decoding/tracking of early sources overlaps the analysis of
+    its clips (on Ray it starts at once; in-process it runs when collected), so decoding/tracking of early sources overlaps the analysis of
     later ones. run_tracks collects these tasks instead of starting them again."""
 
     def __init__(self, out: str | os.PathLike, cfg: ExtractConfig, ex):
@@ -173,7 +175,7 @@ class TrackPrefetch:
         self.pending: dict[str, tuple] = {}  # part path -> (task ref, work item)
 
     def __call__(self, result: dict) -> None:
-        if not result["clips"] or not hasattr(self.ex, "submit"):
+        if not result["clips"]:
             return
         import pyarrow as pa
 
@@ -185,7 +187,7 @@ class TrackPrefetch:
         w = _work(self.out, s, clips, self.cfg, self.models)
         if _complete(w) or w.npz in self.pending:
             return
-        self.pending[w.npz] = (self.ex.submit(_extract_task, w), w)
+        self.pending[w.npz] = (self.ex.submit(_extract_task, w, **task_options(_extract_task)), w)
 
 
 def run_tracks(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callable[[str, int, int], None] | None = None,
@@ -205,11 +207,12 @@ def run_tracks(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callabl
     work = work + [w for key, (_, w) in started.items() if key not in planned]
     done = len(all_work) - len(work)
     tick("extract", done, len(all_work))
-    if started and hasattr(ex, "as_completed"):
-        refs = {started[w.npz][0] if w.npz in started else ex.submit(_extract_task, w): w for w in work}
+    if started:  # collect what was started, start the rest at once (they are few: prefetch missed them)
+        refs = {started[w.npz][0] if w.npz in started else ex.submit(_extract_task, w, **task_options(_extract_task)): w
+                for w in work}
         results = ((refs[ref], r) for ref, r in ex.as_completed(list(refs)))
     else:
-        results = ex.map_unordered(_extract_task, work)
+        results = ex.map_unordered(_extract_task, work, **task_options(_extract_task))
     failed = 0
     for w, res in results:
         done += 1
@@ -288,7 +291,7 @@ def _encode_task(w: EncodeWork) -> dict:
     out = Path(w.track.out)
     sid = w.track.source["source_id"]
     files = {"frames": table_path(out, "frames", sid)}
-    files.update({c["clip_id"]: out / "arrays" / "crops" / f"{c['clip_id']}.npy" for c in w.track.clips})
+    files.update({c["clip_id"]: array_path(out, "crops", c["clip_id"]) for c in w.track.clips})
     files.update({f"{c['clip_id']}/keyframe": keyframe_path(out, c["clip_id"]) for c in w.track.clips})
     if w.part.is_file():
         doc = json.loads(w.part.read_text())
@@ -321,8 +324,8 @@ def _encode_task(w: EncodeWork) -> dict:
             rows["transcripts"].append({"clip_id": f.clip_id, **{k: f.transcript.get(k) for k in TRANSCRIPTS.names
                                                                 if k != "clip_id"}})
         rows["frames"] += int(f.n_frames)
-        write_npy(files[f.clip_id], f.crops)
-        write_npy(files[f"{f.clip_id}/keyframe"], f.keyframe)
+        write_array(out, "crops", f.clip_id, f.crops, n_frames=int(c["n_frames"]), crop_size=cfg.crop_size)
+        write_array(out, "keyframes", f.clip_id, f.keyframe, keyframe_px=cfg.keyframe_px)
     import pyarrow as pa
 
     write_table(files["frames"], "frames", pa.concat_tables(tables))
@@ -387,7 +390,17 @@ def run_extract(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callab
     else:
         no_ckpt = None
     tick("gnpfa", 1, 1)
-    results: dict[str, dict] = {}
+    # per source as it comes: its rows as validated Arrow (clip_features carry neutrals and embeddings)
+    features, transcripts = RowBuffer("clip_features"), RowBuffer("transcripts")
+    quarantine: list[dict] = []
+    frames_of: dict[str, int] = {}
+
+    def take(sid: str, res: dict) -> None:
+        features.add(res["features"])
+        transcripts.add(res["transcripts"])
+        quarantine.extend(res["quarantine"])
+        frames_of[sid] = int(res["frames"])
+
     todo = []
     for w in all_work:
         sid = w.source["source_id"]
@@ -398,34 +411,31 @@ def run_extract(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callab
                 step, why = ("GNPFA", no_ckpt) if _complete(w) else ("landmarks/pose/audio", "no extraction part was written")
                 qrows = failure_rows(TaskFailure(why, ""), "extract", step, w.source["uri"], sid,
                                      [c["clip_id"] for c in w.clips])
-            results[sid] = _dropped(w, qrows, ckpt_sha)
+            take(sid, _dropped(w, qrows, ckpt_sha))
         else:
             todo.append(EncodeWork(w, str(ckpt_dir), ckpt_sha, gnpfa_device(cfg, ex)))
-    done = len(results)
+    done = len(frames_of)
     tick("encode", done, len(all_work))
     for w, res in ex.map_unordered(_encode_task, todo, **encode_resources(cfg, ex)):
         if isinstance(res, TaskFailure):
             res = _dropped(w.track, failure_rows(res, "extract", "GNPFA encoding/frames table", w.track.source["uri"],
                                                  w.track.source["source_id"], [c["clip_id"] for c in w.track.clips]),
                            ckpt_sha)
-        results[w.track.source["source_id"]] = res
+        take(w.track.source["source_id"], res)
         done += 1
         tick("encode", done, len(all_work))
     # frames parts of sources that no longer have clips, or whose extraction failed, are stale
     fdir = table_path(out, "frames")
     if fdir.is_dir():
         for p in fdir.glob("*.parquet"):
-            if p.stem not in results or not results[p.stem]["frames"]:
+            if not frames_of.get(p.stem):
                 p.unlink()
-    feature_rows = sorted((r for res in results.values() for r in res["features"]), key=lambda r: r["clip_id"])
-    transcript_rows = sorted((r for res in results.values() for r in res["transcripts"]), key=lambda r: r["clip_id"])
-    write_table(table_path(out, "clip_features"), "clip_features", feature_rows)
-    write_table(table_path(out, "transcripts"), "transcripts", transcript_rows)
-    replace_quarantine(out, ("extract",), [q for res in results.values() for q in res["quarantine"]])
-    n_ok = sum(r["status"] == "ok" for r in feature_rows)
-    res = {"clips_ok": n_ok, "clips_dropped": len(feature_rows) - n_ok,
-           "frames": int(sum(r["frames"] for r in results.values())),
-           "gnpfa": {"sha256": ckpt_sha, **ckpt_info}, "engines": sorted({r["engine"] for r in transcript_rows}),
+    feature_t = write_table(table_path(out, "clip_features"), "clip_features", features.table(["clip_id"]))
+    transcript_t = write_table(table_path(out, "transcripts"), "transcripts", transcripts.table(["clip_id"]))
+    replace_quarantine(out, ("extract",), quarantine)
+    n_ok = feature_t.column("status").to_pylist().count("ok")
+    res = {"clips_ok": n_ok, "clips_dropped": feature_t.num_rows - n_ok, "frames": sum(frames_of.values()),
+           "gnpfa": {"sha256": ckpt_sha, **ckpt_info}, "engines": sorted(set(transcript_t.column("engine").to_pylist())),
            "models": model_shas(cfg)}
     # what the dataset card records of this stage (read by finish_dataset)
     atomic_write_bytes(out / EXTRACT_LINEAGE, json.dumps(res, sort_keys=True).encode())
@@ -434,7 +444,4 @@ def run_extract(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callab
 
 def encode_resources(cfg: ExtractConfig, ex) -> dict:
     """Ray resources of an encoding task: a GPU where the cluster has one (and the config allows it)."""
-    return {"num_gpus": 1} if gnpfa_device(cfg, ex) == "cuda" and ex.name == "ray" else {}
-
-
-
+    return task_options(_encode_task, use_gpu=gnpfa_device(cfg, ex) == "cuda")

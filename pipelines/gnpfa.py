@@ -89,19 +89,12 @@ class NotEnoughFrames(RuntimeError):
     """Too few tracked frames to train a bootstrap GNPFA (and no checkpoint was provided)."""
 
 
-def gnpfa_device(cfg: ExtractConfig, ex=None) -> str:
-    """Where GNPFA encoding runs: 'cuda' where the config allows it and a GPU is there (in the Ray
-    cluster for a Ray executor, in this process otherwise), else 'cpu'."""
+def gnpfa_device(cfg: ExtractConfig, ex) -> str:
+    """Where GNPFA encoding runs: 'cuda' where the config allows it and the executor can place a GPU
+    task (a GPU in the Ray cluster, or in this process in-process), else 'cpu'."""
     if cfg.device == "cpu":
         return "cpu"
-    if ex is not None and ex.name == "ray":
-        import ray
-
-        has_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1
-    else:
-        import torch
-
-        has_gpu = torch.cuda.is_available()
+    has_gpu = ex.has_gpu()
     if cfg.device == "cuda" and not has_gpu:
         raise ValueError("device=cuda but no GPU is available (in the Ray cluster, or in this process)")
     return "cuda" if has_gpu else "cpu"
@@ -189,6 +182,7 @@ def dataset_training_arrays(ds_dir: Path, only_ok: bool = True, fraction: float 
     from extractors.pose import normalise, to_metric
     from extractors.records import sample_mask
     from storage_schemas import open_dataset
+    from storage_schemas.arrays import read_array
 
     ds = open_dataset(ds_dir)
     where = "where f.status = 'ok'" if only_ok else ""
@@ -214,7 +208,7 @@ def dataset_training_arrays(ds_dir: Path, only_ok: bool = True, fraction: float 
         g = np.stack([normalise(to_metric(lm[i], c["width"], c["height"]), sc[i], r[i], tr[i]) for i in range(len(lm))])
         off.append((g - neutral).astype(np.float32))
         neu.append(np.repeat(neutral[None], len(g), 0))
-        crops.append(np.load(ds_dir / "arrays" / "crops" / f"{c['clip_id']}.npy", allow_pickle=False)[frame])
+        crops.append(read_array(ds_dir, "crops", c["clip_id"], n_frames=c["n_frames"])[frame])
         rots.append(r.astype(np.float32))
     if not off:
         raise ValueError(f"{ds_dir}: no tracked frames of usable clips to train on")

@@ -18,11 +18,12 @@ from extractors.discover import InputRef, discover
 from extractors.errors import Reject
 from extractors.ingest import analyse, failed_analysis, quarantine_row, source_id_of
 from extractors.probe import fetch
-from storage_schemas import atomic_write_bytes, table_path, write_table
+from storage_schemas import RowBuffer, atomic_write_bytes, table_path, write_table
 
 from .executors import LocalExecutor, TaskFailure
 from .faults import maybe_fail
 from .stage_io import CACHE, keep_audio, replace_quarantine
+from .stages import task_options
 
 # fsspec filesystems whose files exist only inside the process that made them: fetched in the driver
 PROCESS_LOCAL_PROTOCOLS = ("memory://",)
@@ -42,8 +43,26 @@ class IngestSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # summed over sources analysed in this run
 
 
-def _fetch_task(args: tuple[str, str]) -> dict:
-    uri, cache = args
+@dataclass(frozen=True)
+class FetchWork:
+    """One input to read (a URL is copied into ``cache`` under its sha256) and hash."""
+
+    uri: str
+    cache: str
+
+
+@dataclass(frozen=True)
+class AnalyseWork:
+    """One unique source to probe, segment into talking clips and score (ingest's per-source task)."""
+
+    out: str
+    source: dict  # {"uri", "path", "sha256", "size"} as fetched
+    cfg: dict  # IngestConfig.to_dict()
+    part: str  # parts/ingest/<sha256>-<config digest>.json, written last
+
+
+def _fetch_task(w: FetchWork) -> dict:
+    uri, cache = w.uri, w.cache
     try:
         path, sha, size = fetch(uri, cache)
         return {"uri": uri, "path": path, "sha256": sha, "size": size}
@@ -79,15 +98,15 @@ def vad_lineage(cfg: IngestConfig) -> dict:
     return {"name": "silero", "path": str(p), "sha256": verified_sha256(p)}
 
 
-def _analyse_task(args: tuple[dict, dict, str]) -> dict:
-    item, cfg_dict, part = args
+def _analyse_task(w: AnalyseWork) -> dict:
+    item, part = w.source, w.part
     maybe_fail("ingest", item["uri"])
-    cfg = IngestConfig.from_dict(cfg_dict)
+    cfg = IngestConfig.from_dict(w.cfg)
     asd = asd_scorer(cfg.asd_weights, tuple(cfg.asd_durations_s), cfg.asd_threads) if cfg.asd_weights else None
     kept: list = []
     result = analyse(item["path"], item["uri"], item["sha256"], item["size"], cfg, asd=asd, audio_sink=kept.append)
     if kept and result["clips"]:  # later stages read it from parts/audio/ instead of decoding it again
-        keep_audio(Path(part).parents[2], item["sha256"], kept[0])
+        keep_audio(w.out, item["sha256"], kept[0])
     atomic_write_bytes(part, json.dumps(result, sort_keys=True).encode())
     return result
 
@@ -116,14 +135,14 @@ def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | N
                   for r in refs if r.problem]
     good: list[InputRef] = [r for r in refs if not r.problem]
     fetched = []
-    items = [(r.uri, str(out / CACHE)) for r in good]
-    local = [it for it in items if it[0].startswith(PROCESS_LOCAL_PROTOCOLS)]
-    remote = [it for it in items if not it[0].startswith(PROCESS_LOCAL_PROTOCOLS)]
+    items = [FetchWork(r.uri, str(out / CACHE)) for r in good]
+    local = [it for it in items if it.uri.startswith(PROCESS_LOCAL_PROTOCOLS)]
+    remote = [it for it in items if not it.uri.startswith(PROCESS_LOCAL_PROTOCOLS)]
     fetches = list(LocalExecutor().map_unordered(_fetch_task, local)) if local else []
-    for i, (item, res) in enumerate(fetches + list(ex.map_unordered(_fetch_task, remote))):
+    for i, (item, res) in enumerate(fetches + list(ex.map_unordered(_fetch_task, remote, **task_options(_fetch_task)))):
         tick("hash", i + 1, len(good))
         if isinstance(res, TaskFailure):
-            res = {"reject": quarantine_row(item[0], None, "fetch_error", f"cannot read {item[0]}: {res.error}",
+            res = {"reject": quarantine_row(item.uri, None, "fetch_error", f"cannot read {item.uri}: {res.error}",
                                             res.detail(), stage="discover")}
         if "reject" in res:
             quarantine.append(res["reject"])
@@ -142,40 +161,48 @@ def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | N
     asd = asd_lineage(cfg)  # fails the run at once, naming the file, when the configured model is missing
     vad = vad_lineage(cfg)
     digest = cfg.digest() + (f"-{asd['sha256'][:8]}" if asd else "") + (f"-{vad['sha256'][:8]}" if "sha256" in vad else "")
-    results, todo = [], []
+    # each source's rows are kept as validated Arrow as it comes (its face tracks carry per-frame scores)
+    tables = {name: RowBuffer(name) for name in ("sources", "clips", "face_tracks")}
+    clip_s = 0.0
+
+    def take(res: dict) -> None:
+        nonlocal clip_s
+        if on_source is not None:
+            on_source(res)
+        tables["sources"].add([res["source"]])
+        tables["clips"].add(res["clips"])
+        tables["face_tracks"].add(res.get("tracks", []))
+        quarantine.extend(res["quarantine"])
+        clip_s += sum(c["duration_s"] for c in res["clips"])
+
+    todo, n_done = [], 0
     for f in unique.values():
         part = out / PARTS / f"{f['sha256'][:32]}-{digest}.json"
         cached = _load_part(part, f["uri"])
         if cached is not None:
-            results.append(cached)
-            if on_source is not None:
-                on_source(cached)
+            take(cached)
+            n_done += 1
         else:
-            todo.append((f, cfg.to_dict(), str(part)))
-    summary.reused = len(results)
-    tick("analyse", len(results), len(unique))
-    for item, res in ex.map_unordered(_analyse_task, todo):
+            todo.append(AnalyseWork(str(out), f, cfg.to_dict(), str(part)))
+    summary.reused = n_done
+    tick("analyse", n_done, len(unique))
+    for item, res in ex.map_unordered(_analyse_task, todo, **task_options(_analyse_task)):
         if isinstance(res, TaskFailure):
-            res = _analysis_failed(item[0], res)
-        results.append(res)
-        if on_source is not None:
-            on_source(res)
+            res = _analysis_failed(item.source, res)
+        take(res)
+        n_done += 1
         for k, v in res.get("metrics", {}).items():
             summary.stage_seconds[k] = summary.stage_seconds.get(k, 0) + v
-        tick("analyse", len(results), len(unique))
+        tick("analyse", n_done, len(unique))
     summary.analysed = len(todo)
-    src_rows = sorted((r["source"] for r in results), key=lambda r: r["source_id"])
-    clip_rows = sorted((c for r in results for c in r["clips"]), key=lambda c: c["clip_id"])
-    track_rows = sorted((t for r in results for t in r.get("tracks", [])), key=lambda t: (t["source_id"], t["track_id"]))
-    quarantine += [q for r in results for q in r["quarantine"]]
-    write_table(table_path(out, "sources"), "sources", src_rows)
-    write_table(table_path(out, "clips"), "clips", clip_rows)
-    write_table(table_path(out, "face_tracks"), "face_tracks", track_rows)
+    write_table(table_path(out, "sources"), "sources", tables["sources"].table(["source_id"]))
+    write_table(table_path(out, "clips"), "clips", tables["clips"].table(["clip_id"]))
+    write_table(table_path(out, "face_tracks"), "face_tracks", tables["face_tracks"].table(["source_id", "track_id"]))
     # later stages' rows stay until those stages run again
     replace_quarantine(out, ("discover", "ingest"), quarantine)
-    summary.n_sources = len(src_rows)
-    summary.n_clips = len(clip_rows)
-    summary.clip_hours = round(sum(c["duration_s"] for c in clip_rows) / 3600, 6)
+    summary.n_sources = len(tables["sources"])
+    summary.n_clips = len(tables["clips"])
+    summary.clip_hours = round(clip_s / 3600, 6)
     for q in quarantine:
         summary.quarantine[q["reason"]] = summary.quarantine.get(q["reason"], 0) + 1
     return summary

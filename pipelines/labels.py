@@ -5,28 +5,46 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from extractors.labels.context import DEFAULT_CHAIN, contexts_for_source, decode_value, run_chain
 from extractors.ingest import quarantine_row
 from storage_schemas import atomic_write_bytes, open_dataset, table_path, write_table
+from storage_schemas.arrays import array_path, read_array
 from storage_schemas.tables import CLIP_COLUMNS
 
 from .executors import TaskFailure
 from .faults import maybe_fail
 from .frames import clip_frame_arrays
-from .stage_io import failure_rows, replace_quarantine, source_audio
+from .stage_io import clip_rows, failure_rows, replace_quarantine, source_audio
+from .stages import task_options
 
 
 PARTS = Path("parts") / "label"
 
 
-def _label_task(args: tuple) -> dict:
-    ds_dir, source, clips, chain, options, prior, run, part = args
+@dataclass(frozen=True)
+class LabelWork:
+    """One source's kept clips to run the labeler chain on (as label run ``run``)."""
+
+    out: str
+    source: dict
+    clips: list
+    chain: tuple
+    options: dict  # labeler name -> its options
+    prior: dict  # clip_id -> {field: value} of earlier runs' labelers
+    run: int
+    part: str  # parts/label/<source>-<key>.json: the rows, reused while the key holds
+
+
+def _label_task(w: LabelWork) -> dict:
     from extractors.labels import get_labeler
+
+    ds_dir, source, clips, chain, options, prior, run, part = (w.out, w.source, w.clips, w.chain, w.options, w.prior,
+                                                                w.run, w.part)
 
     if part and Path(part).is_file():  # the same inputs, chain and versions: the rows as they were
         return json.loads(Path(part).read_text())
@@ -34,12 +52,8 @@ def _label_task(args: tuple) -> dict:
     ds = open_dataset(ds_dir)
     ids = [c["clip_id"] for c in clips]
     frames = {c: clip_frame_arrays(ds, c) for c in ids}
-    crops = {c: np.load(Path(ds_dir) / "arrays" / "crops" / f"{c}.npy", allow_pickle=False) for c in ids}
-    tr = {}
-    if "transcripts" in ds.tables:
-        for r in ds.table("transcripts").to_pylist():
-            if r["clip_id"] in frames:
-                tr[r["clip_id"]] = r
+    crops = {c["clip_id"]: read_array(ds_dir, "crops", c["clip_id"], n_frames=c["n_frames"]) for c in clips}
+    tr = {r["clip_id"]: r for r in clip_rows(ds, "transcripts", ids)}
     ctxs = contexts_for_source(source_audio(ds_dir, source), clips, frames, crops, tr)
     labelers = [get_labeler(name, **options.get(name, {})) for name in chain]
     failures: list[tuple[str, str, str]] = []
@@ -60,8 +74,7 @@ def _part(out: Path, source: dict, clips: list[dict], chain, options, prior: dic
     from extractors.labels.base import REGISTRY
 
     h = hashlib.sha256()
-    files = [table_path(out, "frames", source["source_id"])] + [out / "arrays" / "crops" / f"{c['clip_id']}.npy"
-                                                                 for c in clips]
+    files = [table_path(out, "frames", source["source_id"])] + [array_path(out, "crops", c["clip_id"]) for c in clips]
     for p in files:
         h.update(hashlib.sha256(p.read_bytes()).digest() if p.is_file() else b"-")
     doc = {"clips": clips, "chain": [(n, getattr(REGISTRY.get(n), "version", None)) for n in chain],
@@ -104,14 +117,14 @@ def run_labels(out: str | os.PathLike, ex, chain: tuple[str, ...] = DEFAULT_CHAI
     for sid, cs in sorted(by_src.items()):
         pr = {c["clip_id"]: prior.get(c["clip_id"], {}) for c in cs}
         key_clips = [{**c, "transcript": trans.get(c["clip_id"])} for c in cs]
-        work.append((str(out), sources[sid], cs, chain, options or {}, pr, run,
-                     _part(out, sources[sid], key_clips, chain, options or {}, pr, run)))
+        work.append(LabelWork(str(out), sources[sid], cs, tuple(chain), options or {}, pr, run,
+                              _part(out, sources[sid], key_clips, chain, options or {}, pr, run)))
     rows: list[dict] = []
     quarantine: list[dict] = []
     tick("label", 0, len(work))
-    for i, (item, res) in enumerate(ex.map_unordered(_label_task, work)):
+    for i, (w, res) in enumerate(ex.map_unordered(_label_task, work, **task_options(_label_task))):
         if isinstance(res, TaskFailure):  # the whole source's task: each of its clips is held back
-            s, cs = item[1], item[2]
+            s, cs = w.source, w.clips
             res = {"rows": [], "quarantine": failure_rows(res, "label", "labeler chain", s["uri"], s["source_id"],
                                                           [c["clip_id"] for c in cs])}
         rows += res["rows"]

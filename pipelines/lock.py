@@ -36,3 +36,14 @@ class DatasetLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def sweep_temp(out: Path) -> int:
+    """Remove temp files a killed writer left behind (atomic writes go through `.<name>.*.tmp`).
+    Call only while holding the dataset lock."""
+    n = 0
+    for p in out.rglob(".*.tmp"):
+        if ".dagster" not in p.parts and p.is_file():
+            p.unlink()
+            n += 1
+    return n

@@ -6,7 +6,58 @@ import html
 import json
 from pathlib import Path
 
+from extractors.config import RunConfig
 from storage_schemas import SCHEMA_VERSION, atomic_write_bytes, open_dataset
+
+
+def finish_dataset(out: Path, cfg: RunConfig) -> dict:
+    """Write the dataset card (dataset.json + README.md): counts from the tables, lineage (code,
+    config, checkpoints of the last extraction), dataset versions, stats."""
+    import hashlib
+
+    from extractors.pose import TEMPLATE_PATH
+    from storage_schemas import write_json
+    from storage_schemas.dataset import CARD, extract_lineage
+
+    from .ingest import asd_lineage, vad_lineage
+    from .lineage import code_version
+
+    icfg, ecfg = cfg.ingest, cfg.extract
+
+    ext = extract_lineage(out)
+    ds = open_dataset(out)
+    one = lambda sql: ds.query(sql).to_pylist()[0]  # noqa: E731
+    c = one("select (select count(*) from sources) sources, (select count(*) from clips) clips, "
+            "(select coalesce(sum(duration_s), 0) from clips) secs, (select count(*) from quarantine where "
+            "stage = 'discover' or reason = 'duplicate') extra")
+    reasons = {r["reason"]: r["n"] for r in ds.query("select reason, count(*) n from quarantine group by 1 order by 1").to_pylist()}
+    card = {
+        "name": "M2F-D", "schema_version": SCHEMA_VERSION,
+        "lineage": {
+            "code": code_version(),
+            "config": cfg.to_dict(),
+            "config_digest": {"ingest": icfg.digest(), "extract": ecfg.digest()},
+            "checkpoints": {
+                "mediapipe": "face_detection full-range + face_mesh refined (mediapipe 0.10.21 wheel)",
+                "face_template": hashlib.sha256(TEMPLATE_PATH.read_bytes()).hexdigest(),
+                "gnpfa": ext.get("gnpfa"),
+                "active_speaker": asd_lineage(icfg),
+                "vad": vad_lineage(icfg),
+                "transcription": ext.get("engines"),
+                "extraction_models": ext.get("models"),  # {name: {path, sha256}} of the per-clip models
+            },
+        },
+        "counts": {"inputs": c["sources"] + c["extra"], "sources": c["sources"], "clips": c["clips"],
+                   "clip_hours": round(c["secs"] / 3600, 6), "clips_extracted_ok": ext.get("clips_ok"),
+                   "frames": ext.get("frames"), "quarantine": reasons},
+    }
+    if "shards" in ds.tables:
+        card["versions"] = ds.query("select version, count(*) shards, sum(n_samples)::bigint samples, "
+                                    "sum(bytes)::bigint bytes from shards group by 1 order by 1").to_pylist()
+    card["stats"] = card_stats(out)
+    write_json(out / CARD, card)
+    write_card_md(out, card)
+    return card
 
 
 def card_stats(root: Path) -> dict:

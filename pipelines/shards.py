@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from extractors.config import ShardConfig
-from extractors.shards import build_sample, pack, split_of, write_shard
+from extractors.shards import build_sample, iter_shard, pack, split_of, write_shard
 from storage_schemas import SCHEMA_VERSION, open_dataset, table_path, write_json, write_table
 from storage_schemas.tables import CLIP_COLUMNS
 
 from .executors import TaskFailure
 from .faults import maybe_fail
 from .frames import clip_frame_arrays
-from .stage_io import failure_rows, keyframe_path, replace_quarantine, source_audio
+from .stage_io import clip_rows, failure_rows, keyframe_path, replace_quarantine, source_audio
+from .stages import task_options
 
 SHARD_DIR = "shards"
 
@@ -29,34 +32,69 @@ class ShardCommitted(RuntimeError):
     pass
 
 
-def _sample_task(args: tuple) -> list[tuple[str, dict]]:
-    ds_dir, source, clips, splits, speakers, labels, cfg_d = args
+SPOOL = Path("parts") / "shard"  # one source's samples of this run, until they are packed into shards
+
+
+@dataclass(frozen=True)
+class SampleWork:
+    """One source's new clips to build samples of (with only those clips' split, speaker and labels)."""
+
+    out: str
+    source: dict
+    clips: list
+    splits: dict  # clip_id -> split
+    speakers: dict  # clip_id -> speaker_id
+    labels: dict  # clip_id -> {field: label}
+    cfg: dict
+
+    @property
+    def spool(self) -> Path:
+        return Path(self.out) / SPOOL / f"{self.source['source_id']}.tar"
+
+
+def _sample_task(w: SampleWork) -> dict[str, int]:
+    """Build the source's samples and spool them to parts/shard/<source>.tar (validated, in clip order);
+    return each sample's size in bytes: the driver packs shards from sizes and reads the bytes back
+    a source at a time, so it never holds the samples of the whole run."""
     import cv2
 
     from extractors.transcribe import clip_audio
 
-    cfg = ShardConfig(**cfg_d)
-    maybe_fail("shard", source["uri"])
-    ds = open_dataset(ds_dir)
-    audio = source_audio(ds_dir, source)  # kept by ingest: not decoded again
+    cfg = ShardConfig(**w.cfg)
+    maybe_fail("shard", w.source["uri"])
+    ds = open_dataset(w.out)
+    audio = source_audio(w.out, w.source)  # kept by ingest: not decoded again
     tr = {r["clip_id"]: {k: r[k] for k in ("engine", "language", "text", "words")}
-          for r in ds.table("transcripts").to_pylist()} if "transcripts" in ds.tables else {}
+          for r in clip_rows(ds, "transcripts", [c["clip_id"] for c in w.clips])}
     out = []
-    for c in clips:
+    for c in w.clips:
         # the middle frame's face crop from the extraction pass (the video is not decoded again here)
-        kp = keyframe_path(ds_dir, c["clip_id"])
+        kp = keyframe_path(w.out, c["clip_id"])
         if not kp.is_file():
             raise FileNotFoundError(f"clip {c['clip_id']} has no keyframe at {kp} (extracted by older code): "
                                     "run the extract stage again")
         key = np.load(kp, allow_pickle=False)
         if key.shape[0] != cfg.keyframe_size:
             key = cv2.resize(key, (cfg.keyframe_size, cfg.keyframe_size), interpolation=cv2.INTER_AREA)
-        m = build_sample(c, source, clip_frame_arrays(ds, c["clip_id"], cfg.include_landmarks),
-                         clip_audio(audio, c["start_s"], c["end_s"]), key, labels.get(c["clip_id"], {}),
-                         tr.get(c["clip_id"]), splits[c["clip_id"]], SCHEMA_VERSION, cfg.include_landmarks,
-                         speaker_id=speakers[c["clip_id"]])
+        m = build_sample(c, w.source, clip_frame_arrays(ds, c["clip_id"], cfg.include_landmarks),
+                         clip_audio(audio, c["start_s"], c["end_s"]), key, w.labels.get(c["clip_id"], {}),
+                         tr.get(c["clip_id"]), w.splits[c["clip_id"]], SCHEMA_VERSION, cfg.include_landmarks,
+                         speaker_id=w.speakers[c["clip_id"]])
         out.append((c["clip_id"], m))
-    return out
+    write_shard(w.spool, out)
+    return {k: sum(len(v) for v in m.values()) for k, m in out}
+
+
+class _Spools:
+    """Reads spooled samples back in key order, holding one source's samples at a time."""
+
+    def __init__(self, where: dict[str, Path]):
+        self.where, self.path, self.samples = where, None, {}
+
+    def __getitem__(self, key: str) -> dict[str, bytes]:
+        if self.where[key] != self.path:
+            self.path, self.samples = self.where[key], dict(iter_shard(self.where[key]))
+        return self.samples[key]
 
 
 def current_labels(ds) -> dict[str, dict]:
@@ -78,6 +116,26 @@ def _input_digest(clip: dict, feature: dict, labels: dict, transcript: dict | No
     doc = {"clip": clip, "features": feature, "labels": labels, "transcript": transcript, "shard": cfg.to_dict(),
            "schema": SCHEMA_VERSION}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _digests_and_embeddings(ds, clips: list[dict], labels: dict, cfg: ShardConfig,
+                             batch_rows: int = 512) -> tuple[dict[str, dict], dict[str, str]]:
+    """({clip_id: {"face_embedding", "voice_embedding"} as float32 arrays or None} for every clip with
+    features, {clip_id: input digest} for ``clips``), reading clip_features a batch of rows at a time."""
+    kept = {c["clip_id"]: c for c in clips}
+    tr = ds.table("transcripts") if "transcripts" in ds.tables else None
+    tr_row = {cid: i for i, cid in enumerate(tr.column("clip_id").to_pylist())} if tr is not None else {}
+    embeddings: dict[str, dict] = {}
+    digests: dict[str, str] = {}
+    for batch in ds.table("clip_features").to_batches(max_chunksize=batch_rows):
+        for r in batch.to_pylist():
+            cid = r["clip_id"]
+            embeddings[cid] = {k: None if r[k] is None else np.asarray(r[k], np.float32)
+                               for k in ("face_embedding", "voice_embedding")}
+            if cid in kept:
+                t = tr.slice(tr_row[cid], 1).to_pylist()[0] if cid in tr_row else None
+                digests[cid] = _input_digest(kept[cid], r, labels.get(cid, {}), t, cfg)
+    return embeddings, digests
 
 
 def assign_dataset_speakers(ds, clips: list[dict], features: dict[str, dict], cfg: ShardConfig,
@@ -120,18 +178,17 @@ def run_shards(out: str | os.PathLike, cfg: ShardConfig, ex, progress: Callable[
     ds = open_dataset(out)
     clips = ds.query(f"select {CLIP_COLUMNS} from clips c join clip_features f using (clip_id) where f.status = 'ok' "
                      "order by c.clip_id").to_pylist()
-    features = {r["clip_id"]: r for r in ds.table("clip_features").to_pylist()}
-    trans = {r["clip_id"]: r for r in ds.table("transcripts").to_pylist()} if "transcripts" in ds.tables else {}
+    labels = current_labels(ds)
+    # clip_features and transcripts are read a batch of rows at a time: each kept clip's input digest is
+    # taken there, and only the identity embeddings (for speaker assignment) are kept
+    embeddings, digests = _digests_and_embeddings(ds, clips, labels, cfg)
     sources = {s["source_id"]: s for s in ds.table("sources").to_pylist()}
     old_shards = ds.table("shards").to_pylist() if "shards" in ds.tables else []
     next_version = max((r["version"] for r in old_shards), default=0) + 1
-    speaker_rows = assign_dataset_speakers(ds, clips, features, cfg, next_version)
+    speaker_rows = assign_dataset_speakers(ds, clips, embeddings, cfg, next_version)
     speaker = {r["clip_id"]: r for r in speaker_rows}
     splits = {c["clip_id"]: speaker[c["clip_id"]]["split"] for c in clips}
     speakers = {c["clip_id"]: speaker[c["clip_id"]]["speaker_id"] for c in clips}
-    labels = current_labels(ds)
-    digests = {c["clip_id"]: _input_digest(c, features[c["clip_id"]], labels.get(c["clip_id"], {}),
-                                           trans.get(c["clip_id"]), cfg) for c in clips}
     old_samples = ds.table("samples").to_pylist() if "samples" in ds.tables else []
     committed = {r["clip_id"]: r for r in old_samples}
     changed = sorted(k for k, r in committed.items() if k in digests and r["input_digest"] != digests[k])
@@ -145,33 +202,38 @@ def run_shards(out: str | os.PathLike, cfg: ShardConfig, ex, progress: Callable[
     by_src: dict[str, list[dict]] = {}
     for c in new:
         by_src.setdefault(c["source_id"], []).append(c)
-    work = [(str(out), sources[sid], cs, splits, speakers, {c["clip_id"]: labels.get(c["clip_id"], {}) for c in cs},
-             cfg.to_dict()) for sid, cs in sorted(by_src.items())]
-    samples: dict[str, dict] = {}
+    work = [SampleWork(str(out), sources[sid], cs, {c["clip_id"]: splits[c["clip_id"]] for c in cs},
+                       {c["clip_id"]: speakers[c["clip_id"]] for c in cs},
+                       {c["clip_id"]: labels.get(c["clip_id"], {}) for c in cs}, cfg.to_dict())
+            for sid, cs in sorted(by_src.items())]
+    shutil.rmtree(out / SPOOL, ignore_errors=True)  # a killed run's spools: rebuilt, never trusted
+    sizes: dict[str, int] = {}
+    where: dict[str, Path] = {}
     failed: list[dict] = []
     tick("shard", 0, len(work))
-    for i, (item, res) in enumerate(ex.map_unordered(_sample_task, work)):
+    for i, (w, res) in enumerate(ex.map_unordered(_sample_task, work, **task_options(_sample_task))):
         if isinstance(res, TaskFailure):  # this source's clips go into a later version
-            failed += failure_rows(res, "shard", "sample building", item[1]["uri"], item[1]["source_id"],
-                                   [c["clip_id"] for c in item[2]])
+            failed += failure_rows(res, "shard", "sample building", w.source["uri"], w.source["source_id"],
+                                   [c["clip_id"] for c in w.clips])
             continue
-        samples.update(dict(res))
+        sizes.update(res)
+        where.update({k: w.spool for k in res})
         tick("shard", i + 1, len(work))
-    new = [c for c in new if c["clip_id"] in samples]
+    new = [c for c in new if c["clip_id"] in sizes]
     version = max((r["version"] for r in old_shards), default=0) + (1 if new else 0)
     shard_rows, sample_rows = list(old_shards), list(old_samples)
     n_frames = {c["clip_id"]: int(c["n_frames"]) for c in clips}
+    spools = _Spools(where)  # keys are clip ids (<source>-<n>): in key order, a source's samples are together
     for split in ("train", "val", "test"):
-        keys = sorted(k for k in samples if splits[k] == split)
-        sizes = [sum(len(v) for v in samples[k].values()) for k in keys]
-        for si, group in enumerate(pack(sizes, cfg.max_shard_bytes)):
+        keys = sorted(k for k in sizes if splits[k] == split)
+        for si, group in enumerate(pack([sizes[k] for k in keys], cfg.max_shard_bytes)):
             rel = f"{SHARD_DIR}/{split}-v{version:03d}-{si:06d}.tar"
-            sha, nbytes = write_shard(out / rel, [(keys[g], samples[keys[g]]) for g in group])
+            sha, nbytes = write_shard(out / rel, [(keys[g], spools[keys[g]]) for g in group])
             shard_rows.append({"shard": rel, "split": split, "version": version, "sha256": sha,
                                "n_samples": len(group), "bytes": nbytes})
             for j, g in enumerate(group):
                 sample_rows.append({"clip_id": keys[g], "split": split, "shard": rel, "index_in_shard": j,
-                                    "n_frames": n_frames[keys[g]], "bytes": sizes[g], "input_digest": digests[keys[g]],
+                                    "n_frames": n_frames[keys[g]], "bytes": sizes[keys[g]], "input_digest": digests[keys[g]],
                                     "speaker_id": speakers[keys[g]]})
     shard_rows.sort(key=lambda r: (r["version"], r["split"], r["shard"]))
     sample_rows.sort(key=lambda r: (r["shard"], r["index_in_shard"]))
@@ -179,6 +241,7 @@ def run_shards(out: str | os.PathLike, cfg: ShardConfig, ex, progress: Callable[
     write_table(table_path(out, "samples"), "samples", sample_rows)
     write_table(table_path(out, "speakers"), "speakers", speaker_rows)
     replace_quarantine(out, ("shard",), failed)
+    shutil.rmtree(out / SPOOL, ignore_errors=True)  # every spooled sample is in a committed shard now
     for split in ("train", "val", "test"):
         write_json(out / SHARD_DIR / f"{split}.wids.json", {
             "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": f"M2F-D {split}",
@@ -186,7 +249,7 @@ def run_shards(out: str | os.PathLike, cfg: ShardConfig, ex, progress: Callable[
                           for r in shard_rows if r["split"] == split]})
     added = [r for r in shard_rows if r["version"] == version and new]
     return {"version": version, "shards": len(shard_rows), "samples": len(sample_rows),
-            "added_shards": len(added), "added_samples": len(samples), "failed_clips": len(failed),
+            "added_shards": len(added), "added_samples": len(sizes), "failed_clips": len(failed),
             "bytes": int(sum(r["bytes"] for r in shard_rows)),
             "splits": {s: sum(1 for r in sample_rows if r["split"] == s) for s in ("train", "val", "test")},
             "speakers": len({r["speaker_id"] for r in speaker_rows})}

@@ -2,7 +2,6 @@
 table, where each stage replaces only its own rows (a failed item is a row there, never a failed run)."""
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -10,10 +9,10 @@ import numpy as np
 
 from extractors.ingest import quarantine_row
 from extractors.probe import local_copy
-from storage_schemas import atomic_write_bytes, open_dataset, table_path, write_table
+from storage_schemas import open_dataset, table_path, write_table
+from storage_schemas.arrays import array_path, read_array, write_array
 
 CACHE = "cache"
-AUDIO_PARTS = Path("parts") / "audio"
 
 
 def source_path(out: str | os.PathLike, source: dict) -> str:
@@ -22,20 +21,8 @@ def source_path(out: str | os.PathLike, source: dict) -> str:
     return local_copy(source["uri"], source["sha256"], source.get("size_bytes"), Path(out) / CACHE)
 
 
-def audio_part(out: str | os.PathLike, sha256: str) -> Path:
-    """parts/audio/<source sha256>.npy: the source's audio as every stage uses it (16 kHz mono float32)."""
-    return Path(out) / AUDIO_PARTS / f"{sha256}.npy"
-
-
-def write_npy(path: Path, arr: np.ndarray) -> None:
-    """One array as a plain .npy (no pickle), written atomically."""
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def keep_audio(out: str | os.PathLike, sha256: str, audio: np.ndarray) -> None:
-    write_npy(audio_part(out, sha256), np.ascontiguousarray(audio, np.float32))
+    write_array(out, "audio", sha256, np.asarray(audio, np.float32))
 
 
 def source_audio(out: str | os.PathLike, source: dict) -> np.ndarray:
@@ -43,12 +30,10 @@ def source_audio(out: str | os.PathLike, source: dict) -> np.ndarray:
     dataset ingested by older code, or parts removed), so each source's audio is decoded once per run."""
     from extractors.media import decode_audio
 
-    p = audio_part(out, source["sha256"])
-    if p.is_file():
-        try:
-            return np.load(p, allow_pickle=False)
-        except (ValueError, OSError):  # a damaged part: decode again
-            pass
+    try:
+        return read_array(out, "audio", source["sha256"])
+    except (ValueError, OSError):  # missing, damaged or foreign (SchemaError is a ValueError): decode again
+        pass
     audio = decode_audio(source_path(out, source))
     keep_audio(out, source["sha256"], audio)
     return audio
@@ -56,7 +41,18 @@ def source_audio(out: str | os.PathLike, source: dict) -> np.ndarray:
 
 def keyframe_path(out: str | os.PathLike, clip_id: str) -> Path:
     """arrays/keyframes/<clip_id>.npy: the clip's middle-frame face crop, taken in the extraction pass."""
-    return Path(out) / "arrays" / "keyframes" / f"{clip_id}.npy"
+    return array_path(out, "keyframes", clip_id)
+
+
+def clip_rows(ds, table: str, clip_ids: list[str]) -> list[dict]:
+    """The rows of a per-clip table for these clips only (none where the table is not there yet)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if table not in ds.tables:
+        return []
+    t = ds.table(table)
+    return t.filter(pc.is_in(t.column("clip_id"), value_set=pa.array(clip_ids, pa.string()))).to_pylist()
 
 
 def failure_rows(failure, stage: str, step: str, uri: str, source_id: str | None,

@@ -97,6 +97,34 @@ def _records_to_table(name: str, records: Iterable[Mapping[str, Any]]) -> pa.Tab
     return table
 
 
+def records_table(name: str, records: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Rows as an Arrow table of schema ``name``, each row validated first (SchemaError names the first
+    that does not fit)."""
+    return _records_to_table(name, records)
+
+
+class RowBuffer:
+    """A table's rows gathered part by part (a source at a time) as compact Arrow, each part validated
+    as it comes, for a writer that sorts the whole table before writing it: Arrow holds a float in
+    4 bytes where a Python list holds it in about 32, so a driver does not grow with Python objects."""
+
+    def __init__(self, name: str):
+        self.name, self.parts = name, []
+
+    def add(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        rows = list(rows)
+        if rows:
+            self.parts.append(records_table(self.name, rows))
+
+    def __len__(self) -> int:
+        return sum(t.num_rows for t in self.parts)
+
+    def table(self, sort_by: list[str]) -> pa.Table:
+        """Every row so far, sorted by ``sort_by`` (ascending), in one chunk."""
+        t = pa.concat_tables(self.parts) if self.parts else TABLES[self.name].empty_table()
+        return t.sort_by([(k, "ascending") for k in sort_by]).combine_chunks()
+
+
 def validate_table(name: str, table: pa.Table) -> None:
     """Raise SchemaError unless ``table`` matches storage schema ``name`` exactly."""
     if name not in TABLES:

@@ -26,6 +26,37 @@ def test_definitions_load():
     assert job.partitions_def == BATCHES
 
 
+def test_the_stage_list_is_what_the_job_cli_and_scheduler_use():
+    """Every stage's assets are the Dagster job's (in dependency order), its tables and arrays are
+    storage_schemas names, and its task functions exist in its wiring module and ask Ray for what the
+    stage declares."""
+    import importlib
+    import inspect
+
+    from pipelines.dagster_defs import STAGE_ASSETS
+    from pipelines.stages import STAGES, task_options
+    from storage_schemas import TABLES
+    from storage_schemas.arrays import ARRAYS
+
+    job = defs.resolve_job_def("m2fd_job")
+    names = [a.key.path[-1] for a in ASSETS]
+    assert [a for s in STAGES for a in s.assets] + ["dataset_card"] == names  # ASSETS lists them in stage order
+    assert {n.name for n in job.nodes} >= set(names) and STAGE_ASSETS == {s.name: s.assets for s in STAGES}
+    by_key = {a.key.path[-1]: a for a in ASSETS}
+    for s in STAGES:
+        assert set(s.reads) | set(s.writes) <= set(TABLES) | set(ARRAYS), s.name
+        assert s.result_key in s.assets
+        for earlier, later in zip(s.assets, s.assets[1:]):
+            assert dg.AssetKey(earlier) in by_key[later].dependency_keys, (earlier, later)
+        mod = importlib.import_module(f"pipelines.{dict(ingest='ingest', extract='extract', label='labels', shard='shards')[s.name]}")
+        for task, res in s.tasks.items():
+            fn = getattr(mod, task)
+            assert f"task_options({task}" in inspect.getsource(mod), f"{task} is run without its stage's resources"
+            opts = task_options(fn)
+            assert opts["num_cpus"] == res.cpus and opts.get("memory", 0) == int(res.memory_gb * 2**30)
+            assert "num_gpus" not in opts and task_options(fn, use_gpu=True).get("num_gpus", 0) == res.gpus
+
+
 def test_run_is_a_dagster_run_with_every_stage_and_check(real_result):
     out, res = real_result
     assert set(res["assets"]) == {a.key.path[-1] for a in ASSETS}

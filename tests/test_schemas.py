@@ -1,4 +1,5 @@
 import os
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -74,3 +75,28 @@ def test_query_over_tables(tmp_path):
     assert ds.query("select count(*) as n from quarantine where reason='no_face'").to_pylist() == [{"n": 2}]
     with pytest.raises(FileNotFoundError):
         open_dataset(tmp_path / "nope")
+
+
+def test_arrays_are_validated_before_they_replace_anything(tmp_path):
+    import numpy as np
+
+    from storage_schemas.arrays import ARRAYS, array_path, read_array, write_array
+
+    crops = np.zeros((5, 96, 96, 3), np.uint8)
+    p = write_array(tmp_path, "crops", "c1", crops, n_frames=5)
+    assert p == tmp_path / "arrays" / "crops" / "c1.npy" and np.array_equal(read_array(tmp_path, "crops", "c1"), crops)
+    for bad, sizes, msg in ((crops.astype(np.float32), {}, "dtype float32"),
+                            (crops[..., :2], {}, "axis 3 has size 2"),
+                            (np.zeros((5, 96, 64, 3), np.uint8), {}, "crop_size=96"),  # one named size, two values
+                            (crops, {"n_frames": 6}, "n_frames=6"),
+                            (crops[0], {}, "shape (96, 96, 3)")):
+        with pytest.raises(SchemaError, match=re.escape(msg)):
+            write_array(tmp_path, "crops", "c1", bad, **sizes)
+    assert np.array_equal(np.load(p), crops)  # a rejected write left the committed file as it was
+    array_path(tmp_path, "audio", "s").parent.mkdir(parents=True)
+    np.save(array_path(tmp_path, "audio", "s"), np.zeros(16, np.float64))  # written by something else
+    with pytest.raises(SchemaError, match="array audio .*float64"):
+        read_array(tmp_path, "audio", "s")
+    with pytest.raises(SchemaError, match="unknown array"):
+        array_path(tmp_path, "meshes", "c1")
+    assert all(a.doc and a.folder and a.key for a in ARRAYS.values())
