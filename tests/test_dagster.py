@@ -57,6 +57,29 @@ def test_the_stage_list_is_what_the_job_cli_and_scheduler_use():
             assert "num_gpus" not in opts and task_options(fn, use_gpu=True).get("num_gpus", 0) == res.gpus
 
 
+def test_one_run_config_layers_file_then_document_then_overrides_key_by_key(tmp_path):
+    import pytest
+
+    from extractors.config import RunConfig
+    from pipelines.dagster_defs import M2FDResource
+
+    f = tmp_path / "c.yaml"
+    f.write_text("ingest: {min_clip_s: 3}\nextract: {asr_threads: 2, min_tracked_ratio: 0.8}\n")
+    res = M2FDResource(out=str(tmp_path / "ds"), config_yaml=str(f), config_doc='{"extract": {"asr_threads": 4}}')
+    cfg = res.configs()
+    # the document overrides one key of the file's extract section; the file's other keys stay
+    assert (cfg.ingest.min_clip_s, cfg.extract.asr_threads, cfg.extract.min_tracked_ratio) == (3, 4, 0.8)
+    assert res.configs() is cfg  # loaded once per resource (per run)
+    c = RunConfig.load({"shard": {"max_shard_bytes": 1000}}, overrides=["min_clip_s=2.5", "extract.asr_threads=3"])
+    assert (c.shard.max_shard_bytes, c.ingest.min_clip_s, c.extract.asr_threads) == (1000, 2.5, 3)
+    assert RunConfig.load(c.to_dict()) == c
+    for docs, ov, msg in (([{"extrct": {}}], [], "sections must be among"), ([None], ["asr_threads"], "KEY=VALUE"),
+                          ([None], ["label.x=1"], "unknown config section"),
+                          ([{"extract": {"no_such": 1}}], [], "unknown extract config keys")):
+        with pytest.raises(ValueError, match=msg):
+            RunConfig.load(*docs, overrides=ov)
+
+
 def test_run_is_a_dagster_run_with_every_stage_and_check(real_result):
     out, res = real_result
     assert set(res["assets"]) == {a.key.path[-1] for a in ASSETS}

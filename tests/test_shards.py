@@ -63,12 +63,17 @@ def test_reshard_is_byte_identical_and_committed_shards_are_never_rewritten(real
     r = run_shards(d, ShardConfig(), LocalExecutor())
     assert r["added_samples"] == 0 and r["version"] == 1
     assert {p.name: p.read_bytes() for p in (d / "shards").glob("*.tar")} == before
-    # rebuilding from nothing gives the same bytes
+    assert not (src / "parts" / "shard").exists()  # the run's spooled samples are gone once shards are written
+    # rebuilding from nothing gives the same bytes, whatever a killed run left in the spool
     shutil.rmtree(d / "shards")
     (d / "tables" / "shards.parquet").unlink()
     (d / "tables" / "samples.parquet").unlink()
+    sid = open_dataset(d).table("sources").column("source_id")[0].as_py()
+    (d / "parts" / "shard").mkdir(parents=True)
+    (d / "parts" / "shard" / f"{sid}.tar").write_bytes(b"torn spool of a killed run")
     run_shards(d, ShardConfig(), LocalExecutor())
     assert {p.name: p.read_bytes() for p in (d / "shards").glob("*.tar")} == before
+    assert not (d / "parts" / "shard").exists()
     # a change to committed data must not rewrite the shard
     from storage_schemas import table_path, write_table
 
