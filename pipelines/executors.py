@@ -3,7 +3,7 @@
 Both executors offer the same four calls, so a stage never asks which one it has:
 ``map_unordered(fn, items, **resources)`` (bounded in-flight work), ``submit(fn, item)`` + ``as_completed(handles)``
 (start work early, collect it later: Ray starts it at once, in-process it runs when collected), and
-``has_gpu()`` (whether a task asking for ``num_gpus=1`` can be placed)."""
+``has_gpu()`` (whether a task asking for a GPU, or a share of one, can be placed)."""
 from __future__ import annotations
 
 import os

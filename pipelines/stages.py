@@ -70,7 +70,9 @@ STAGES: tuple[Stage, ...] = (
           reads=(), writes=("sources", "clips", "face_tracks", "quarantine", "audio"),
           summary=_ingest_line, result_asset="clips"),
     Stage("extract", ("tracks", "gnpfa_checkpoint", "extraction"),
-          {"_extract_task": Resources(memory_gb=2), "_encode_task": Resources(gpus=1, memory_gb=1)},
+          # an encoding task is mostly CPU (reading the tracks part, quality, the frames table, writes): on an
+          # H200 the networks take ~25 ms of a source's ~250 ms (bench/bench_encode.py), so 8 tasks share a GPU
+          {"_extract_task": Resources(memory_gb=2), "_encode_task": Resources(gpus=0.125, memory_gb=1)},
           reads=("sources", "clips", "audio"),
           writes=("frames", "clip_features", "transcripts", "quarantine", "crops", "keyframes"),
           summary=_extract_line),
