@@ -19,6 +19,7 @@ side by side in one process:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -83,8 +84,6 @@ def dataset(ds: Path, device: str) -> None:
     from models.gnpfa import encode_frames, load_checkpoint
     from pipelines.extract import ENCODE_PARTS, EncodeWork, _encode_task, _plan
     from storage_schemas.dataset import extract_lineage
-
-    import json
 
     work = Path(tempfile.mkdtemp(prefix="bench-encode-"))
     try:

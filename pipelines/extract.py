@@ -34,7 +34,7 @@ from storage_schemas.tables import TRANSCRIPTS
 from .executors import TaskFailure
 from .faults import maybe_fail
 from .gnpfa import NotEnoughFrames, gnpfa_device, obtain_gnpfa
-from .stage_io import failure_rows, keyframe_path, replace_quarantine, source_audio, source_path
+from .stage_io import failure_rows, replace_quarantine, source_audio, source_path
 from .stages import task_options
 
 PARTS = Path("parts") / "extract"
@@ -292,7 +292,7 @@ def _encode_task(w: EncodeWork) -> dict:
     sid = w.track.source["source_id"]
     files = {"frames": table_path(out, "frames", sid)}
     files.update({c["clip_id"]: array_path(out, "crops", c["clip_id"]) for c in w.track.clips})
-    files.update({f"{c['clip_id']}/keyframe": keyframe_path(out, c["clip_id"]) for c in w.track.clips})
+    files.update({f"{c['clip_id']}/keyframe": array_path(out, "keyframes", c["clip_id"]) for c in w.track.clips})
     if w.part.is_file():
         doc = json.loads(w.part.read_text())
         # rows of another schema version (new columns) are rebuilt; the cached latents stay

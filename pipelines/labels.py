@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-
 from extractors.labels.context import DEFAULT_CHAIN, contexts_for_source, decode_value, run_chain
 from extractors.ingest import quarantine_row
 from storage_schemas import atomic_write_bytes, open_dataset, table_path, write_table
@@ -43,27 +42,24 @@ class LabelWork:
 def _label_task(w: LabelWork) -> dict:
     from extractors.labels import get_labeler
 
-    ds_dir, source, clips, chain, options, prior, run, part = (w.out, w.source, w.clips, w.chain, w.options, w.prior,
-                                                                w.run, w.part)
-
-    if part and Path(part).is_file():  # the same inputs, chain and versions: the rows as they were
-        return json.loads(Path(part).read_text())
-    maybe_fail("label", source["uri"])
-    ds = open_dataset(ds_dir)
-    ids = [c["clip_id"] for c in clips]
+    if w.part and Path(w.part).is_file():  # the same inputs, chain and versions: the rows as they were
+        return json.loads(Path(w.part).read_text())
+    maybe_fail("label", w.source["uri"])
+    ds = open_dataset(w.out)
+    ids = [c["clip_id"] for c in w.clips]
     frames = {c: clip_frame_arrays(ds, c) for c in ids}
-    crops = {c["clip_id"]: read_array(ds_dir, "crops", c["clip_id"], n_frames=c["n_frames"]) for c in clips}
+    crops = {c["clip_id"]: read_array(w.out, "crops", c["clip_id"], n_frames=c["n_frames"]) for c in w.clips}
     tr = {r["clip_id"]: r for r in clip_rows(ds, "transcripts", ids)}
-    ctxs = contexts_for_source(source_audio(ds_dir, source), clips, frames, crops, tr)
-    labelers = [get_labeler(name, **options.get(name, {})) for name in chain]
+    ctxs = contexts_for_source(source_audio(w.out, w.source), w.clips, frames, crops, tr)
+    labelers = [get_labeler(name, **w.options.get(name, {})) for name in w.chain]
     failures: list[tuple[str, str, str]] = []
-    rows = [{**r.record(), "run": run} for r in run_chain(ctxs, labelers, prior, failures)]
+    rows = [{**r.record(), "run": w.run} for r in run_chain(ctxs, labelers, w.prior, failures)]
     res = {"rows": rows, "quarantine": [
-        quarantine_row(source["uri"], source["source_id"], "processing_error",
+        quarantine_row(w.source["uri"], w.source["source_id"], "processing_error",
                        f"clip {cid}: label stage, labeler {lab}: {err}", {"labeler": lab, "error": err},
                        stage="label", clip_id=cid) for cid, lab, err in failures]}
-    if part and not failures:
-        atomic_write_bytes(part, json.dumps(res, sort_keys=True).encode())
+    if w.part and not failures:
+        atomic_write_bytes(w.part, json.dumps(res, sort_keys=True).encode())
     return res
 
 

@@ -17,12 +17,13 @@ import numpy as np
 from extractors.config import ShardConfig
 from extractors.shards import build_sample, iter_shard, pack, split_of, write_shard
 from storage_schemas import SCHEMA_VERSION, open_dataset, table_path, write_json, write_table
+from storage_schemas.arrays import array_path, read_array
 from storage_schemas.tables import CLIP_COLUMNS
 
 from .executors import TaskFailure
 from .faults import maybe_fail
 from .frames import clip_frame_arrays
-from .stage_io import clip_rows, failure_rows, keyframe_path, replace_quarantine, source_audio
+from .stage_io import clip_rows, failure_rows, replace_quarantine, source_audio
 from .stages import task_options
 
 SHARD_DIR = "shards"
@@ -69,11 +70,11 @@ def _sample_task(w: SampleWork) -> dict[str, int]:
     out = []
     for c in w.clips:
         # the middle frame's face crop from the extraction pass (the video is not decoded again here)
-        kp = keyframe_path(w.out, c["clip_id"])
-        if not kp.is_file():
-            raise FileNotFoundError(f"clip {c['clip_id']} has no keyframe at {kp} (extracted by older code): "
-                                    "run the extract stage again")
-        key = np.load(kp, allow_pickle=False)
+        try:
+            key = read_array(w.out, "keyframes", c["clip_id"])
+        except FileNotFoundError:
+            raise FileNotFoundError(f"clip {c['clip_id']} has no keyframe at {array_path(w.out, 'keyframes', c['clip_id'])} "
+                                    "(extracted by older code): run the extract stage again") from None
         if key.shape[0] != cfg.keyframe_size:
             key = cv2.resize(key, (cfg.keyframe_size, cfg.keyframe_size), interpolation=cv2.INTER_AREA)
         m = build_sample(c, w.source, clip_frame_arrays(ds, c["clip_id"], cfg.include_landmarks),

@@ -10,7 +10,7 @@ import numpy as np
 from extractors.ingest import quarantine_row
 from extractors.probe import local_copy
 from storage_schemas import open_dataset, table_path, write_table
-from storage_schemas.arrays import array_path, read_array, write_array
+from storage_schemas.arrays import read_array, write_array
 
 CACHE = "cache"
 
@@ -37,11 +37,6 @@ def source_audio(out: str | os.PathLike, source: dict) -> np.ndarray:
     audio = decode_audio(source_path(out, source))
     keep_audio(out, source["sha256"], audio)
     return audio
-
-
-def keyframe_path(out: str | os.PathLike, clip_id: str) -> Path:
-    """arrays/keyframes/<clip_id>.npy: the clip's middle-frame face crop, taken in the extraction pass."""
-    return array_path(out, "keyframes", clip_id)
 
 
 def clip_rows(ds, table: str, clip_ids: list[str]) -> list[dict]:
