@@ -8,7 +8,7 @@ import os
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -50,16 +50,18 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return ti
 
 
-def write_shard(path: str | os.PathLike, samples: list[tuple[str, dict[str, bytes]]]) -> tuple[str, int]:
+def write_shard(path: str | os.PathLike, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[str, int]:
     """Write samples (key, {suffix: bytes}) in the given order, members sorted by suffix, with fixed
-    metadata, so equal input gives byte-identical tars. Atomic (temp + rename). Returns (sha256, bytes)."""
+    metadata, so equal input gives byte-identical tars. Atomic (temp + rename). Returns (sha256, bytes).
+    ``samples`` may be a generator: a sample is not needed once it is written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         with open(tmp, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            out = _Hashing(raw)  # the digest is taken as the bytes go out: the shard is never read back whole
+            with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for key, members in samples:
                     validate_sample(key, members, f"{path.name}: ")
                     for suffix in sorted(members):
@@ -68,13 +70,27 @@ def write_shard(path: str | os.PathLike, samples: list[tuple[str, dict[str, byte
             raw.flush()
             os.fsync(raw.fileno())
         os.chmod(tmp, 0o644)
-        data = Path(tmp).read_bytes()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return hashlib.sha256(data).hexdigest(), len(data)
+    return out.sha.hexdigest(), out.n
+
+
+class _Hashing:
+    """A write-only file that hashes and counts what passes through it to ``raw``."""
+
+    def __init__(self, raw):
+        self.raw, self.sha, self.n = raw, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.n += len(b)
+        return self.raw.write(b)
+
+    def tell(self) -> int:
+        return self.n
 
 
 def _ustar_members(path: str | os.PathLike):

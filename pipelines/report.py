@@ -139,20 +139,32 @@ def bar_svg(title: str, labels: list[str], values: list[float], color: str, xlab
     return _svg(title, "".join(parts), w, h)
 
 
-def hist_svg(title: str, values: list[float], xlabel: str, bins: int, color: str) -> str:
-    """A histogram as inline SVG: ``bins`` equal bins over the values' range, counts on the y axis."""
-    import numpy as np
+def histogram(con, sql: str, bins: int) -> tuple[list[int], float, float]:
+    """(counts, lo, hi) of the finite, non-null values of the one-column query ``sql``: ``bins`` equal
+    bins over [lo, hi], the last one closed, with numpy.histogram's bin formula. Computed in
+    DuckDB, so a column of every frame of the dataset is never pulled into Python."""
+    vals = f"(select cast(v as double) v from ({sql}) t(v) where v is not null and isfinite(v))"
+    [(lo, hi, n)] = con.execute(f"select min(v), max(v), count(*) from {vals}").fetchall()
+    if not n:
+        return [], 0.0, 0.0
+    if lo == hi:  # numpy widens an empty range by half a unit either side
+        lo, hi = lo - 0.5, hi + 0.5
+    counts = [0] * bins
+    for b, c in con.execute(f"select least(cast(floor((v - {lo!r}) * ({bins} / ({hi!r} - {lo!r}))) as bigint), {bins - 1}) b, "
+                        f"count(*) from {vals} group by 1").fetchall():
+        counts[max(int(b), 0)] += int(c)
+    return counts, float(lo), float(hi)
 
+
+def hist_svg(title: str, counts: list[int], lo: float, hi: float, xlabel: str, color: str) -> str:
+    """A histogram as inline SVG: equal bins from ``lo`` to ``hi`` with these counts (no counts: "no values")."""
     e = html.escape
     w, h, left, top, bottom = 420, 230, 44, 26, 46
     plot_w, plot_h = w - left - 16, h - top - bottom
-    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
-    v = v[np.isfinite(v)]
+    bins = len(counts)
     parts = []
-    if v.size:
-        counts, edges = np.histogram(v, bins=bins)
-        lo, hi = float(edges[0]), float(edges[-1])
-        yt = _ticks(float(counts.max()))
+    if bins:
+        yt = _ticks(float(max(counts)))
         sy, bw = plot_h / yt[-1], plot_w / bins
         for t in yt:
             y = top + plot_h - t * sy
@@ -251,24 +263,23 @@ def write_report(root: Path, out: Path | None = None) -> Path:
     def bar(title, rows, k, v="n", color="#3b7dd8", xlabel="clips"):
         figs.append(bar_svg(title, [str(r[k]) for r in rows], [r[v] for r in rows], color, xlabel))
 
-    def hist(title, values, xlabel, bins=20, color="#d8703b"):
-        figs.append(hist_svg(title, values, xlabel, bins, color))
+    def hist(title, sql, xlabel, bins=20, color="#d8703b"):
+        figs.append(hist_svg(title, *histogram(con, sql, bins), xlabel, color))
 
-    hist("Clip durations", [r["d"] for r in q("select duration_s d from clips")], "seconds")
+    hist("Clip durations", "select duration_s from clips", "seconds")
     if "label_rows" in has:
         bar("Emotions", q("select emotion e, count(*) n from labels group by 1 order by 2 desc, 1"), "e")
         bar("Style tags", q("select unnest(style_tags) t, count(*) n from labels group by 1 order by 2 desc, 1"), "t",
             color="#5aa55a")
     if "frames" in has:
         for a in ("yaw", "pitch", "roll"):
-            hist(f"Head {a}", [r["v"] for r in q(f"select {a} v from frames where tracked")], "degrees", bins=40,
-                 color="#8a5ad8")
+            hist(f"Head {a}", f"select {a} from frames where tracked", "degrees", bins=40, color="#8a5ad8")
     if "clip_features" in has:
         for col, t, x in (("recon_err", "GNPFA round-trip error", "% of inter-ocular distance"),
                           ("landmark_conf", "Landmark confidence", "confidence (0-1)"),
                           ("speaking_score", "Speaking score (Light-ASD)", "mean logit (>= 0: speaking)"),
                           ("lip_sync", "Lip-sync proxy", "correlation")):
-            hist(t, [r["v"] for r in q(f"select {col} v from clip_features")], x, bins=10, color="#c44")
+            hist(t, f"select {col} from clip_features", x, bins=10, color="#c44")
     qr = q("select reason r, count(*) n from quarantine group by 1 order by 2 desc, 1")
     if qr:
         bar("Quarantine reasons", qr, "r", color="#888", xlabel="inputs or clips")

@@ -128,7 +128,7 @@ def _digests_and_embeddings(ds, clips: list[dict], labels: dict, cfg: ShardConfi
     tr_row = {cid: i for i, cid in enumerate(tr.column("clip_id").to_pylist())} if tr is not None else {}
     embeddings: dict[str, dict] = {}
     digests: dict[str, str] = {}
-    for batch in ds.table("clip_features").to_batches(max_chunksize=batch_rows):
+    for batch in ds.batches("clip_features", batch_rows):
         for r in batch.to_pylist():
             cid = r["clip_id"]
             embeddings[cid] = {k: None if r[k] is None else np.asarray(r[k], np.float32)
@@ -229,7 +229,7 @@ def run_shards(out: str | os.PathLike, cfg: ShardConfig, ex, progress: Callable[
         keys = sorted(k for k in sizes if splits[k] == split)
         for si, group in enumerate(pack([sizes[k] for k in keys], cfg.max_shard_bytes)):
             rel = f"{SHARD_DIR}/{split}-v{version:03d}-{si:06d}.tar"
-            sha, nbytes = write_shard(out / rel, [(keys[g], spools[keys[g]]) for g in group])
+            sha, nbytes = write_shard(out / rel, ((keys[g], spools[keys[g]]) for g in group))
             shard_rows.append({"shard": rel, "split": split, "version": version, "sha256": sha,
                                "n_samples": len(group), "bytes": nbytes})
             for j, g in enumerate(group):

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 import pyarrow.parquet as pq
 
-from .io import SchemaError, read_table
+from .io import SchemaError, iter_table, read_table
 from .tables import PARTITIONED, TABLES, VIEW_COLUMNS
 
 TABLES_DIR = "tables"
@@ -70,6 +70,15 @@ class Dataset:
             parts = sorted(table_path(self.root, name).glob("*.parquet"))
             return pa.concat_tables([read_table(p, name) for p in parts])
         return read_table(table_path(self.root, name), name)
+
+    def batches(self, name: str, batch_rows: int = 65536):
+        """A table ``batch_rows`` rows at a time (each batch read through its schema), in row order
+        (a partitioned table's parts in name order): for readers that must not hold a whole table."""
+        if name not in self.tables:
+            raise KeyError(f"table {name!r} not in dataset {self.root}; present: {self.tables}")
+        parts = sorted(table_path(self.root, name).glob("*.parquet")) if name in PARTITIONED else [table_path(self.root, name)]
+        for p in parts:
+            yield from iter_table(p, name, batch_rows)
 
     def _check(self, name: str) -> None:
         """Schema name and version check from Parquet footers only (cheap, no data read)."""

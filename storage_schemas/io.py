@@ -5,7 +5,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -214,6 +214,23 @@ def write_table(path: str | os.PathLike, name: str, data: pa.Table | Iterable[Ma
     return table
 
 
+def _check_footer(path: Path, md: dict, name: str) -> None:
+    version = md.get(b"m2fd.schema_version", b"").decode()
+    if md.get(b"m2fd.table", b"").decode() != name:
+        raise SchemaError(f"{path}: holds table {md.get(b'm2fd.table', b'?').decode()!r}, expected {name!r}")
+    if version.split(".")[:1] != SCHEMA_VERSION.split(".")[:1] or not version:
+        raise SchemaError(f"{path}: schema version {version!r} is incompatible with {SCHEMA_VERSION}")
+
+
+def _conform(path: Path, name: str, table: pa.Table) -> pa.Table:
+    try:
+        table = table.replace_schema_metadata(None).cast(TABLES[name])
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
+        raise SchemaError(f"{path}: does not match the {name!r} schema ({e})") from e
+    validate_table(name, table)
+    return table
+
+
 def read_table(path: str | os.PathLike, name: str) -> pa.Table:
     """Read a Parquet table written by ``write_table`` and check its schema and version."""
     path = Path(path)
@@ -224,14 +241,24 @@ def read_table(path: str | os.PathLike, name: str) -> pa.Table:
     except pa.ArrowInvalid as e:
         raise SchemaError(f"{path}: not a readable Parquet file ({e})") from e
     md = table.schema.metadata or {}
-    version = md.get(b"m2fd.schema_version", b"").decode()
-    if md.get(b"m2fd.table", b"").decode() != name:
-        raise SchemaError(f"{path}: holds table {md.get(b'm2fd.table', b'?').decode()!r}, expected {name!r}")
-    if version.split(".")[:1] != SCHEMA_VERSION.split(".")[:1] or not version:
-        raise SchemaError(f"{path}: schema version {version!r} is incompatible with {SCHEMA_VERSION}")
+    _check_footer(path, md, name)
+    return _conform(path, name, table).replace_schema_metadata(md)
+
+
+def iter_table(path: str | os.PathLike, name: str, batch_rows: int = 65536) -> Iterator[pa.Table]:
+    """Read a table written by ``write_table`` ``batch_rows`` rows at a time, each batch checked like
+    ``read_table`` checks the whole: memory is bounded by the batch, not the table."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"table {name!r} not found at {path}")
     try:
-        table = table.replace_schema_metadata(None).cast(TABLES[name])
-    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
-        raise SchemaError(f"{path}: does not match the {name!r} schema ({e})") from e
-    validate_table(name, table)
-    return table.replace_schema_metadata(md)
+        pf = pq.ParquetFile(path)
+    except pa.ArrowInvalid as e:
+        raise SchemaError(f"{path}: not a readable Parquet file ({e})") from e
+    _check_footer(path, pf.schema_arrow.metadata or {}, name)
+    with pf:
+        try:
+            for batch in pf.iter_batches(batch_size=batch_rows):
+                yield _conform(path, name, pa.Table.from_batches([batch]))
+        except pa.ArrowInvalid as e:
+            raise SchemaError(f"{path}: not a readable Parquet file ({e})") from e
