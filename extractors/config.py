@@ -101,6 +101,13 @@ class ExtractConfig:
     # of mesh_window_scale x its box (Face Mesh's own detector misses small faces in a whole frame)
     mesh_window_below: float = 0.15
     mesh_window_scale: float = 3.0
+    # Face Mesh engine: "mediapipe" (MediaPipe's CPU graph, frame by frame), "torch" (the same networks in
+    # PyTorch, batched: extractors.mesh_torch; on CUDA where the task has a GPU, else on the CPU) or "auto"
+    # (torch where the extraction task gets a GPU, mediapipe elsewhere). The engine a part was made with is
+    # recorded in the extraction lineage (landmarkers).
+    landmarker: str = "auto"
+    mesh_batch: int = 32  # frames per batch of the torch engine (per clip, from its first frame)
+    mesh_passes: int = 3  # torch engine: tracking passes (1 = every frame cropped at its detection)
     crop_size: int = 64  # face crops for the GNPFA image encoders (square, RGB); a chosen checkpoint's size wins
     crop_expand: float = 1.3  # crop side = this x the landmark box's larger side
     conf_resid_scale: float = 0.03  # landmark_conf = exp(-(stable-point rms off the clip neutral / this)^2), IOD
@@ -150,6 +157,10 @@ class ExtractConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExtractConfig":
         cfg = cls(**_checked_keys(cls, d, "extract"))
+        if cfg.landmarker not in ("auto", "mediapipe", "torch"):
+            raise ValueError(f"extract.landmarker must be auto, mediapipe or torch, got {cfg.landmarker!r}")
+        if cfg.mesh_batch < 1 or cfg.mesh_passes < 1:
+            raise ValueError("extract.mesh_batch and extract.mesh_passes must be >= 1")
         for key in ("device", "asr_device"):
             if getattr(cfg, key) not in ("auto", "cpu", "cuda"):
                 raise ValueError(f"extract.{key} must be auto, cpu or cuda, got {getattr(cfg, key)!r}")

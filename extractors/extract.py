@@ -120,16 +120,60 @@ def _unit_mean(vecs: list[np.ndarray], dim: int) -> np.ndarray:
     return (m / max(float(np.linalg.norm(m)), 1e-12)).astype(np.float32)
 
 
+def _meshed(frames, n: int, box, window: float | None, cfg: ExtractConfig, landmarker, tm: dict):
+    """Yield (i, frame, landmarks or None) for the next ``n`` frames of one clip: MediaPipe's graph frame
+    by frame, or ``landmarker`` (extractors.mesh_torch.TorchFaceMesh) on batches of ``cfg.mesh_batch``
+    frames counted from the clip's first frame (so a frame's batch never depends on other clips)."""
+    if landmarker is None:
+        with MeshTracker(window_scale=window) as mt:
+            for i in range(n):
+                t0 = time.perf_counter()
+                _, frame = next(frames)
+                t1 = time.perf_counter()
+                lm = mt.process(frame, box)
+                tm["decode_s"] = tm.get("decode_s", 0) + t1 - t0
+                tm["mesh_s"] = tm.get("mesh_s", 0) + time.perf_counter() - t1
+                if lm is not None:
+                    box = [float(lm[:, 0].min()), float(lm[:, 1].min()), float(lm[:, 0].max()), float(lm[:, 1].max())]
+                yield i, frame, lm
+        return
+    from .mesh_torch import detection_roi
+
+    carry = None
+    for b0 in range(0, n, cfg.mesh_batch):
+        t0 = time.perf_counter()
+        batch = np.stack([next(frames)[1] for _ in range(min(cfg.mesh_batch, n - b0))])
+        t1 = time.perf_counter()
+        h, w = batch.shape[1:3]
+        lms, carry = landmarker.track_array(batch, box, detection_roi(w, h, box, window), carry)
+        tm["decode_s"] = tm.get("decode_s", 0) + t1 - t0
+        tm["mesh_s"] = tm.get("mesh_s", 0) + time.perf_counter() - t1
+        for k, frame in enumerate(batch):
+            yield b0 + k, frame, (None if np.isnan(lms[k, 0, 0]) else lms[k])
+
+
+def track_frames(frames: np.ndarray, box, cfg: ExtractConfig, window: float | None = None, landmarker=None,
+                 timings: dict | None = None) -> np.ndarray:
+    """(n, 478, 3) landmarks (NaN where untracked) of ``n`` consecutive frames of one clip, exactly as
+    extraction tracks them (MediaPipe's graph, or ``landmarker`` where given)."""
+    out = np.full((len(frames), 478, 3), np.nan, np.float32)
+    for i, _, lm in _meshed(enumerate(frames), len(frames), box, window, cfg, landmarker, {} if timings is None else timings):
+        if lm is not None:
+            out[i] = lm
+    return out
+
+
 def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: ExtractConfig,
                    transcriber=None, template: np.ndarray | None = None, timings: dict | None = None,
                    blendshaper=None, face_geometry=None, face_embedder=None, voice_embedder=None,
-                   audio: np.ndarray | None = None) -> list[ClipFeatures]:
+                   audio: np.ndarray | None = None, landmarker=None) -> list[ClipFeatures]:
     """Extract every clip of one source in one sequential decoding pass (``audio``: the source's decoded
     16 kHz mono audio where the caller has it, else it is decoded here). The optional models:
     ``blendshaper(landmarks (n,478,3), width, height) -> (n,52)`` (extractors.blendshapes),
     ``face_geometry(landmarks, width, height) -> (n,4,4)`` (extractors.face_geometry),
     ``face_embedder.embed(frame, landmarks) -> (128,)`` on ``identity_frames`` probe frames and
-    ``voice_embedder.embed(audio) -> (256,)`` on the clip's audio (extractors.identity)."""
+    ``voice_embedder.embed(audio) -> (256,)`` on the clip's audio (extractors.identity); ``landmarker``:
+    a TorchFaceMesh (extractors.mesh_torch) in place of MediaPipe's own graph."""
     tm = timings if timings is not None else {}
     tpl = load_template() if template is None else template
     t0 = time.perf_counter()
@@ -151,25 +195,17 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
         probes = probe_frames(n, cfg.identity_frames) if face_embedder is not None else set()
         face_vecs = []
         key = np.zeros((cfg.keyframe_px, cfg.keyframe_px, 3), np.uint8)
-        with MeshTracker(window_scale=cfg.mesh_window_scale if small else None) as mt:
-            for i in range(n):
-                t0 = time.perf_counter()
-                _, frame = next(frames)
-                if i == n // 2:  # the keyframe comes from this pass: the shards do not decode the video again
-                    key = keyframe_crop(frame, c["face_box"], cfg.keyframe_px)
-                t1 = time.perf_counter()
-                lm = mt.process(frame, box)
-                t2 = time.perf_counter()
-                tm["decode_s"] = tm.get("decode_s", 0) + t1 - t0
-                tm["mesh_s"] = tm.get("mesh_s", 0) + t2 - t1
-                if lm is not None:
-                    lms[i] = lm
-                    crops[i] = crop_face(frame, lm, cfg.crop_size, cfg.crop_expand)
-                    if i in probes:
-                        t3 = time.perf_counter()
-                        face_vecs.append(face_embedder.embed(frame, lm))
-                        tm["face_embed_s"] = tm.get("face_embed_s", 0) + time.perf_counter() - t3
-                    box = [float(lm[:, 0].min()), float(lm[:, 1].min()), float(lm[:, 0].max()), float(lm[:, 1].max())]
+        window = cfg.mesh_window_scale if small else None
+        for i, frame, lm in _meshed(frames, n, box, window, cfg, landmarker, tm):
+            if i == n // 2:  # the keyframe comes from this pass: the shards do not decode the video again
+                key = keyframe_crop(frame, c["face_box"], cfg.keyframe_px)
+            if lm is not None:
+                lms[i] = lm
+                crops[i] = crop_face(frame, lm, cfg.crop_size, cfg.crop_expand)
+                if i in probes:
+                    t3 = time.perf_counter()
+                    face_vecs.append(face_embedder.embed(frame, lm))
+                    tm["face_embed_s"] = tm.get("face_embed_s", 0) + time.perf_counter() - t3
         t0 = time.perf_counter()
         tracked = ~np.isnan(lms[:, 0, 0])
         rot = np.full((n, 3, 3), np.nan, np.float32)

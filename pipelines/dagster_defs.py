@@ -202,7 +202,8 @@ def extraction(context: dg.AssetExecutionContext, m2fd: M2FDResource, watch: dg.
     e = run_extract(m2fd.out, m2fd.configs().extract, m2fd.ex, progress=watch.progress, log=watch.log(context))
     return dg.MaterializeResult(metadata={
         "frames": e["frames"], "clips_ok": e["clips_ok"], "clips_dropped": e["clips_dropped"],
-        "gnpfa": dg.MetadataValue.json(e["gnpfa"]), "engines": dg.MetadataValue.json(e["engines"])})
+        "gnpfa": dg.MetadataValue.json(e["gnpfa"]), "engines": dg.MetadataValue.json(e["engines"]),
+        "landmarkers": dg.MetadataValue.json(e["landmarkers"])})
 
 
 @dg.asset(group_name="m2fd", deps=[extraction], description="Emotion, prosody, sentiment, style, caption.")

@@ -95,6 +95,30 @@ def _loaded_models(cfg: ExtractConfig) -> dict:
     return _MODELS[key]
 
 
+def _landmarker(cfg: ExtractConfig) -> tuple[str, object | None]:
+    """(engine name, TorchFaceMesh or None for MediaPipe's own graph) for this worker: config.landmarker
+    resolved against the GPU the task was given (one instance per worker process)."""
+    import torch
+
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if cfg.landmarker == "mediapipe" or (cfg.landmarker == "auto" and not cuda):
+        import mediapipe
+
+        return f"mediapipe-{mediapipe.__version__}", None
+    from extractors.mesh_torch import TorchFaceMesh
+
+    dev = "cuda" if cuda else "cpu"
+    key = ("mesh", dev, cfg.mesh_passes)
+    if key not in _MODELS:
+        _MODELS[key] = TorchFaceMesh(dev, torch.float16 if cuda else None, cfg.mesh_passes)
+    return f"torch-{dev}-{cfg.mesh_passes}pass", _MODELS[key]
+
+
+def landmarker_gpu(cfg: ExtractConfig, ex) -> bool:
+    """Whether extraction tasks ask for a share of a GPU (the torch landmarker, where the cluster has one)."""
+    return cfg.landmarker in ("auto", "torch") and cfg.device != "cpu" and ex.has_gpu()
+
+
 def _extract_task(w: TrackWork) -> dict:
     import cv2
     import torch
@@ -110,18 +134,20 @@ def _extract_task(w: TrackWork) -> dict:
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     try:
+        engine, landmarker = _landmarker(cfg)
         feats = extract_source(source_path(w.out, s), s["width"], s["height"], w.clips, cfg,
                                audio=source_audio(w.out, s),  # kept by ingest: not decoded again
                                transcriber=make_transcriber(cfg.whisper_checkpoint, cfg.asr_threads, cfg.asr_max_tokens_per_s,
                                                             cfg.asr_max_compression_ratio, cfg.asr_device), timings=tm,
-                               **_loaded_models(cfg))
+                               landmarker=landmarker, **_loaded_models(cfg))
     finally:
         torch.set_num_threads(threads)
         cv2.setNumThreads(cv_threads)
     blob, meta = features_to_npz(feats)
     # the JSON is written last: its presence marks the part as complete
     atomic_write_bytes(w.npz, blob)
-    atomic_write_bytes(w.npz[:-4] + ".json", json.dumps({"clips": meta, "metrics": tm}, sort_keys=True).encode())
+    atomic_write_bytes(w.npz[:-4] + ".json", json.dumps({"clips": meta, "metrics": tm, "landmarker": engine},
+                                                           sort_keys=True).encode())
     return {"metrics": tm}
 
 
@@ -187,7 +213,7 @@ class TrackPrefetch:
         w = _work(self.out, s, clips, self.cfg, self.models)
         if _complete(w) or w.npz in self.pending:
             return
-        self.pending[w.npz] = (self.ex.submit(_extract_task, w, **task_options(_extract_task)), w)
+        self.pending[w.npz] = (self.ex.submit(_extract_task, w, **track_resources(self.cfg, self.ex)), w)
 
 
 def run_tracks(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callable[[str, int, int], None] | None = None,
@@ -208,11 +234,11 @@ def run_tracks(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callabl
     done = len(all_work) - len(work)
     tick("extract", done, len(all_work))
     if started:  # collect what was started, start the rest at once (they are few: prefetch missed them)
-        refs = {started[w.npz][0] if w.npz in started else ex.submit(_extract_task, w, **task_options(_extract_task)): w
+        refs = {started[w.npz][0] if w.npz in started else ex.submit(_extract_task, w, **track_resources(cfg, ex)): w
                 for w in work}
         results = ((refs[ref], r) for ref, r in ex.as_completed(list(refs)))
     else:
-        results = ex.map_unordered(_extract_task, work, **task_options(_extract_task))
+        results = ex.map_unordered(_extract_task, work, **track_resources(cfg, ex))
     failed = 0
     for w, res in results:
         done += 1
@@ -436,10 +462,17 @@ def run_extract(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callab
     n_ok = feature_t.column("status").to_pylist().count("ok")
     res = {"clips_ok": n_ok, "clips_dropped": feature_t.num_rows - n_ok, "frames": sum(frames_of.values()),
            "gnpfa": {"sha256": ckpt_sha, **ckpt_info}, "engines": sorted(set(transcript_t.column("engine").to_pylist())),
-           "models": model_shas(cfg)}
+           "models": model_shas(cfg),
+           "landmarkers": sorted({json.loads(Path(w.npz).with_suffix(".json").read_text()).get("landmarker", "mediapipe")
+                                  for w in all_work if _complete(w)})}
     # what the dataset card records of this stage (read by finish_dataset)
     atomic_write_bytes(out / EXTRACT_LINEAGE, json.dumps(res, sort_keys=True).encode())
     return {**res, "metrics": metrics}
+
+
+def track_resources(cfg: ExtractConfig, ex) -> dict:
+    """Ray resources of an extraction task: a share of a GPU for the torch landmarker where there is one."""
+    return task_options(_extract_task, use_gpu=landmarker_gpu(cfg, ex))
 
 
 def encode_resources(cfg: ExtractConfig, ex) -> dict:

@@ -39,6 +39,7 @@ def finish_dataset(out: Path, cfg: RunConfig) -> dict:
             "config_digest": {"ingest": icfg.digest(), "extract": ecfg.digest()},
             "checkpoints": {
                 "mediapipe": "face_detection full-range + face_mesh refined (mediapipe 0.10.21 wheel)",
+                "landmarkers": ext.get("landmarkers"),  # the Face Mesh engines the extraction parts were made with
                 "face_template": hashlib.sha256(TEMPLATE_PATH.read_bytes()).hexdigest(),
                 "gnpfa": ext.get("gnpfa"),
                 "active_speaker": asd_lineage(icfg),

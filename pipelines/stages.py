@@ -72,7 +72,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("extract", ("tracks", "gnpfa_checkpoint", "extraction"),
           # an encoding task is mostly CPU (reading the tracks part, quality, the frames table, writes): on an
           # H200 the networks take ~25 ms of a source's ~250 ms (bench/bench_encode.py), so 8 tasks share a GPU
-          {"_extract_task": Resources(memory_gb=2), "_encode_task": Resources(gpus=0.125, memory_gb=1)},
+          {"_extract_task": Resources(gpus=0.25, memory_gb=2), "_encode_task": Resources(gpus=0.125, memory_gb=1)},
           reads=("sources", "clips", "audio"),
           writes=("frames", "clip_features", "transcripts", "quarantine", "crops", "keyframes"),
           summary=_extract_line),

@@ -1,0 +1,227 @@
+"""MediaPipe Face Mesh (478 refined landmarks) in PyTorch, batched over frames, on CUDA or the CPU.
+
+The networks are MediaPipe's own, read from the installed wheel's .tflite files (models.tflite_torch):
+the short-range BlazeFace detector (128 px, the one MediaPipe's Face Mesh runs) and the attention face
+landmark model (192 px, 468 mesh points refined on lips and eyes, 10 iris points). The region-of-interest
+logic follows MediaPipe's face_landmark_front graph as tensor operations over a batch of frames:
+
+- detection on a square region (the whole frame letterboxed, or an upscaled window around a small
+  speaker), SSD anchors decoded, the face at the expected box kept with MediaPipe's weighted suppression;
+- a detection's rect: box centre, rotation from the eye keypoints, the longer side x 1.5, square;
+- a rotated 192 px crop (bilinear, edge pixels replicated), landmarks, projected back to the frame;
+- the next frame's rect from this frame's landmarks (box of the mesh, rotation from points 33 and 263,
+  x 1.5), as MediaPipe tracks. Frames are batched, so tracking runs in passes: pass 1 crops every frame at
+  its detection, pass 2 re-crops frame t at the rect of pass 1's landmarks of frame t-1 where those
+  exist (MediaPipe's tracked crop), else at the detection. A frame's result depends only on its own
+  and its predecessor's pixels, never on how frames are batched.
+
+Pure: arrays and tensors in, landmarks out; no Ray, no Dagster.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DET_PX, LM_PX = 128, 192
+_DET_MIN_SCORE, _NMS_IOU, _FLAG_MIN = 0.5, 0.3, 0.5
+_ROI_SCALE = 1.5
+
+
+def mediapipe_model(rel: str) -> Path:
+    """A .tflite file inside the installed mediapipe wheel (nothing is downloaded)."""
+    import mediapipe
+
+    p = Path(mediapipe.__file__).parent / "modules" / rel
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: not in the installed mediapipe wheel")
+    return p
+
+
+@lru_cache(maxsize=1)
+def ssd_anchors() -> np.ndarray:
+    """(896, 2) anchor centres of the short-range detector (MediaPipe's SsdAnchorsCalculator with 4 layers,
+    strides 8, 16, 16, 16, two anchors a layer, fixed anchor size; layers of one stride share a grid)."""
+    strides = [8, 16, 16, 16]
+    out, i = [], 0
+    while i < len(strides):
+        n = 0
+        j = i
+        while j < len(strides) and strides[j] == strides[i]:
+            n += 2
+            j += 1
+        g = math.ceil(DET_PX / strides[i])
+        ys, xs = np.meshgrid((np.arange(g) + 0.5) / g, (np.arange(g) + 0.5) / g, indexing="ij")
+        c = np.stack([xs.ravel(), ys.ravel()], -1)
+        out.append(np.repeat(c, n, axis=0))
+        i = j
+    return np.concatenate(out).astype(np.float32)
+
+
+def warp_crops(frames: torch.Tensor, rects: torch.Tensor, size: int, border: str) -> torch.Tensor:
+    """Rotated square crops as MediaPipe's ImageToTensor cuts them (the rect's corners onto the output's
+    corners, bilinear). frames: (B, 3, H, W) float; rects: (B, 4) centre x, centre y, side (pixels),
+    rotation (radians). Returns (B, 3, size, size)."""
+    B, _, H, W = frames.shape
+    r = rects.float()
+    u = torch.arange(size, device=frames.device, dtype=torch.float32) / size - 0.5
+    dy, dx = torch.meshgrid(u, u, indexing="ij")  # (size, size) in units of the side
+    c, s, side = torch.cos(r[:, 3])[:, None, None], torch.sin(r[:, 3])[:, None, None], r[:, 2, None, None]
+    x = r[:, 0, None, None] + (c * dx - s * dy) * side
+    y = r[:, 1, None, None] + (s * dx + c * dy) * side
+    grid = torch.stack([x / (W - 1) * 2 - 1, y / (H - 1) * 2 - 1], -1).to(frames.dtype)
+    return F.grid_sample(frames, grid, mode="bilinear", padding_mode=border, align_corners=True)
+
+
+def rect_from_points(xy: torch.Tensor, i0: int | torch.Tensor, i1: int | torch.Tensor) -> torch.Tensor:
+    """MediaPipe's DetectionsToRects + RectTransformation(scale 1.5, square_long) in pixels: xy (B, N, 2)
+    box points (the mesh, or a detection's corners + keypoints with i0/i1 the eyes); the rect's centre
+    is the box's, its rotation levels the line i0 -> i1."""
+    lo, hi = xy.amin(1), xy.amax(1)
+    p0, p1 = xy[:, i0], xy[:, i1]
+    rot = -torch.atan2(-(p1[:, 1] - p0[:, 1]), p1[:, 0] - p0[:, 0])
+    rot = rot - 2 * math.pi * torch.floor((rot + math.pi) / (2 * math.pi))
+    side = (hi - lo).amax(1) * _ROI_SCALE
+    return torch.stack([(lo[:, 0] + hi[:, 0]) / 2, (lo[:, 1] + hi[:, 1]) / 2, side, rot], -1)
+
+
+class TorchFaceMesh:
+    """Batched Face Mesh. ``track(frames, expect_box, det_roi, carry)`` -> (landmarks (B, 478, 3) in
+    frame-normalised coordinates (x by width, y by height, z in x's scale; NaN where no face), carry for
+    the next batch of the same clip)."""
+
+    def __init__(self, device: str = "cpu", dtype: torch.dtype | None = None, passes: int = 2):
+        from models.tflite_torch import TFLiteGraph
+
+        self.device = torch.device(device)
+        self.dtype = dtype or torch.float32
+        self.passes = passes
+        self.det = TFLiteGraph(mediapipe_model("face_detection/face_detection_short_range.tflite")).eval()
+        self.lm = TFLiteGraph(mediapipe_model("face_landmark/face_landmark_with_attention.tflite")).eval()
+        self.det.to(self.device, self.dtype)
+        self.lm.to(self.device, self.dtype)
+        self.anchors = torch.from_numpy(ssd_anchors()).to(self.device)
+        # the refinement index lists are the model's own (its Landmarks2TransformMatrix subsets):
+        # lips, left eye, right eye, in the order of its outputs
+        subs = [op.opts for op in self.lm.ops if op.kind == "Landmarks2TransformMatrix"]
+        self.lips, self.left_eye, self.right_eye = (torch.tensor(o["subset_idxs"], device=self.device) for o in subs)
+        self.sha256 = {"detector": self.det.sha256, "landmarks": self.lm.sha256}
+
+    # --- networks ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def detect(self, frames: torch.Tensor, roi: torch.Tensor, expect: torch.Tensor):
+        """Detection on each frame's square roi (B, 4): the face whose box holds ``expect`` (B, 2 pixels),
+        merged with its overlapping anchors (weighted suppression). Returns (rect (B, 4), found (B,))."""
+        x = warp_crops(frames, roi, DET_PX, "zeros") * (2 / 255) - 1
+        reg, cls = self.det(x.permute(0, 2, 3, 1).to(self.dtype))
+        reg, score = reg.float(), torch.sigmoid(cls.float().clamp(-100, 100))[..., 0]
+        a = self.anchors
+        pts = reg[..., 4:].reshape(*reg.shape[:2], 6, 2) / DET_PX + a[None, :, None]  # ROI-normalised
+        ctr = reg[..., :2] / DET_PX + a
+        half = reg[..., 2:4] / DET_PX / 2
+        box = torch.cat([ctr - half, ctr + half], -1)  # x0 y0 x1 y1, ROI-normalised
+        # ROI-normalised -> frame pixels (the ROI is square and upright)
+        side, origin = roi[:, 2, None, None], (roi[:, :2] - roi[:, 2:3] / 2)[:, None]
+        box = box.reshape(*box.shape[:2], 2, 2) * side[..., None] + origin[:, :, None]
+        pts = pts * side[..., None] + origin[:, :, None]
+        e = expect[:, None]
+        holds = ((box[:, :, 0] <= e) & (e <= box[:, :, 1])).all(-1)
+        cand = (score >= _DET_MIN_SCORE) & holds
+        seed = torch.where(cand, score, torch.full_like(score, -1)).argmax(1)
+        found = cand.any(1)
+        sb = box[torch.arange(len(box)), seed]  # (B, 2, 2)
+        lo, hi = torch.maximum(box[:, :, 0], sb[:, None, 0]), torch.minimum(box[:, :, 1], sb[:, None, 1])
+        inter = (hi - lo).clamp(min=0).prod(-1)
+        area = (box[:, :, 1] - box[:, :, 0]).prod(-1)
+        iou = inter / (area + (sb[:, 1] - sb[:, 0]).prod(-1)[:, None] - inter + 1e-9)
+        w = torch.where((score >= _DET_MIN_SCORE) & (iou > _NMS_IOU), score, torch.zeros_like(score))
+        w = w / w.sum(1, keepdim=True).clamp(min=1e-9)
+        allpts = torch.cat([box, pts], 2)  # (B, A, 8, 2): box corners then keypoints
+        merged = (w[..., None, None] * allpts).sum(1)
+        rect = rect_from_points(merged, 2, 3)  # keypoints 0 (right eye) and 1 (left eye)
+        # the rect's box is the detection box, not the keypoints' spread
+        lo, hi = merged[:, 0], merged[:, 1]
+        rect[:, 0], rect[:, 1] = (lo[:, 0] + hi[:, 0]) / 2, (lo[:, 1] + hi[:, 1]) / 2
+        rect[:, 2] = (hi - lo).amax(1) * _ROI_SCALE
+        return rect, found
+
+    @torch.no_grad()
+    def landmarks(self, frames: torch.Tensor, rects: torch.Tensor):
+        """(B, 478, 3) landmarks in frame pixels (z in the same scale) and (B,) face-flag scores."""
+        x = warp_crops(frames, rects, LM_PX, "border") / 255
+        mesh, lips, leye, reye, liris, riris, flag = self.lm(x.permute(0, 2, 3, 1).to(self.dtype))
+        B = len(rects)
+        m = mesh.float().reshape(B, 468, 3).clone()
+        m[:, self.lips, :2] = lips.float().reshape(B, 80, 2)
+        m[:, self.left_eye, :2] = leye.float().reshape(B, -1, 2)
+        m[:, self.right_eye, :2] = reye.float().reshape(B, -1, 2)
+        iris = []
+        for pts, eye in ((liris, self.left_eye), (riris, self.right_eye)):
+            z = m[:, eye[:16], 2].mean(1, keepdim=True)
+            iris.append(torch.cat([pts.float().reshape(B, 5, 2), z[:, :, None].expand(B, 5, 1)], -1))
+        lm = torch.cat([m] + iris, 1) / LM_PX - torch.tensor([0.5, 0.5, 0.0], device=m.device)
+        r = rects.float()
+        c, s = torch.cos(r[:, 3])[:, None], torch.sin(r[:, 3])[:, None]
+        side = r[:, 2, None]
+        px = r[:, 0, None] + (c * lm[..., 0] - s * lm[..., 1]) * side
+        py = r[:, 1, None] + (s * lm[..., 0] + c * lm[..., 1]) * side
+        return torch.stack([px, py, lm[..., 2] * side], -1), torch.sigmoid(flag.float().reshape(B))
+
+    # --- a clip --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def track(self, frames: torch.Tensor, expect_box, det_roi, carry=None):
+        """frames: (B, H, W, 3) uint8 on this device, consecutive frames of one clip; expect_box: the
+        speaker's [x0, y0, x1, y1] (frame-normalised); det_roi: the square detection region [cx, cy, side]
+        in pixels; carry: what the previous batch of the clip returned (None at the clip's start)."""
+        B, H, W, _ = frames.shape
+        f = frames.permute(0, 3, 1, 2).to(self.dtype if self.device.type == "cuda" else torch.float32)
+        dev = self.device
+        expect = torch.tensor([(expect_box[0] + expect_box[2]) / 2 * W, (expect_box[1] + expect_box[3]) / 2 * H],
+                              device=dev, dtype=torch.float32).expand(B, 2)
+        roi = torch.tensor([det_roi[0], det_roi[1], det_roi[2], 0.0], device=dev, dtype=torch.float32).expand(B, 4)
+        det_rect, found = self.detect(f, roi, expect)
+        lm, flag = self.landmarks(f, det_rect)
+        ok = found & (flag >= _FLAG_MIN)
+        carry = list(carry) if carry is not None else [None] * self.passes
+        carry_out = [(lm[-1:], ok[-1:])]
+        for p in range(1, self.passes):
+            c = carry[p - 1]
+            prev_lm = torch.cat([c[0] if c is not None else lm[:1], lm[:-1]])
+            prev_ok = torch.cat([c[1] if c is not None else torch.zeros(1, dtype=torch.bool, device=dev), ok[:-1]])
+            rect = torch.where(prev_ok[:, None], rect_from_points(prev_lm[..., :2], 33, 263), det_rect)
+            lm, flag = self.landmarks(f, rect)
+            ok = (prev_ok | found) & (flag >= _FLAG_MIN)
+            carry_out.append((lm[-1:], ok[-1:]))
+        out = lm / torch.tensor([W, H, W], device=dev, dtype=torch.float32)
+        out = torch.where(ok[:, None, None], out, torch.full_like(out, float("nan")))
+        return out, carry_out
+
+    def track_array(self, frames: np.ndarray, expect_box, det_roi, carry=None):
+        """``track`` on (B, H, W, 3) uint8 numpy frames; landmarks come back as float32 numpy."""
+        lm, carry = self.track(torch.from_numpy(frames).to(self.device), expect_box, det_roi, carry)
+        return lm.cpu().numpy().astype(np.float32), carry
+
+
+def landmark_distances(ref: np.ndarray, test: np.ndarray, width: int, height: int) -> tuple[np.ndarray, float]:
+    """How far ``test`` landmarks lie from ``ref`` (both (n, 478, 3) frame-normalised, NaN untracked):
+    (per-point image-plane distances (m, 478) over the m frames both track, in units of ref's inter-ocular
+    distance (outer eye corners 33-263); the share of ref's tracked frames that test tracks too)."""
+    r_ok, t_ok = ~np.isnan(ref[:, 0, 0]), ~np.isnan(test[:, 0, 0])
+    both = r_ok & t_ok
+    px = np.array([width, height], np.float64)
+    iod = np.linalg.norm((ref[both, 33, :2] - ref[both, 263, :2]) * px, axis=-1)
+    d = np.linalg.norm((ref[both, :, :2] - test[both, :, :2]) * px, axis=-1) / iod[:, None]
+    return d, float(both.sum() / max(1, r_ok.sum()))
+
+
+def detection_roi(width: int, height: int, box, window_scale: float | None) -> tuple[float, float, float]:
+    """The square region detection runs on, in pixels: the whole frame (letterboxed, as Face Mesh sees a
+    frame) or, for a small speaker, ``window_scale`` x the speaker box around its centre."""
+    if window_scale is None:
+        return width / 2, height / 2, float(max(width, height))
+    bx0, by0, bx1, by1 = box[0] * width, box[1] * height, box[2] * width, box[3] * height
+    return (bx0 + bx1) / 2, (by0 + by1) / 2, max(bx1 - bx0, by1 - by0, 8.0) * window_scale

@@ -1,0 +1,97 @@
+"""MediaPipe's face networks in PyTorch (models.tflite_torch, extractors.mesh_torch) against MediaPipe
+itself: each plain network against the TFLite interpreter on the same input, and the whole batched
+Face Mesh (detection, rotated crops, the attention landmark model with its custom operators, tracking)
+against MediaPipe's own graph on the shared real videos, through extraction's own tracking code."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from extractors.config import ExtractConfig
+from extractors.extract import track_frames
+from extractors.mesh_torch import TorchFaceMesh, landmark_distances, mediapipe_model
+from extractors.media import analysis_size
+from models.tflite_torch import TFLiteGraph
+
+N_FRAMES = 45
+
+
+@pytest.mark.parametrize("rel", ["face_detection/face_detection_short_range.tflite",
+                                 "face_landmark/face_landmark.tflite", "iris_landmark/iris_landmark.tflite"])
+def test_tflite_graphs_match_the_tflite_interpreter(rel):
+    from ai_edge_litert.interpreter import Interpreter
+
+    path = mediapipe_model(rel)
+    g = TFLiteGraph(path).eval()
+    shape = g.shapes[g.inputs[0]]
+    x = np.random.default_rng(0).uniform(0, 1, size=[3] + shape[1:]).astype(np.float32)
+    with torch.no_grad():
+        ys = [y.numpy() for y in g(torch.from_numpy(x))]
+    it = Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    for b in range(3):  # the interpreter's graph has a batch of 1; ours takes all three at once
+        it.set_tensor(it.get_input_details()[0]["index"], x[b:b + 1])
+        it.invoke()
+        for k, t in enumerate(g.outputs):
+            ref = it.get_tensor(t).reshape(ys[k][b:b + 1].shape)
+            assert np.abs(ref - ys[k][b:b + 1]).max() <= 1e-4 * np.abs(ref).max(), (rel, g.output_names[k])
+
+
+def _frames(path, n: int, max_side: int) -> np.ndarray:
+    import decord
+
+    h, w = decord.VideoReader(str(path), num_threads=1)[0].shape[:2]
+    aw, ah = analysis_size(w, h, max_side)
+    vr = decord.VideoReader(str(path), num_threads=1, **({"width": aw, "height": ah} if (aw, ah) != (w, h) else {}))
+    return vr.get_batch(list(range(min(n, len(vr))))).asnumpy()
+
+
+@pytest.fixture(scope="module")
+def torch_mesh():
+    torch.set_num_threads(1)  # as an extraction task runs
+    return TorchFaceMesh("cpu")
+
+
+def test_torch_face_mesh_matches_mediapipe_on_the_real_videos(real_dir, torch_mesh):
+    """#15's accuracy target on the CPU: over every real video, the torch landmarks lie within 1.5% of the
+    inter-ocular distance of MediaPipe's on average and within 4% at the 95th percentile, on >= 90% of
+    the frames MediaPipe tracks; each video on its own stays inside the target too."""
+    cfg = ExtractConfig()
+    pooled, covered = [], []
+    for video in sorted(real_dir.glob("*.mp4")):
+        frames = _frames(video, N_FRAMES, cfg.mesh_max_side)
+        h, w = frames.shape[1:3]
+        # the speaker box as ingest hands it over: here MediaPipe's first-frame mesh box
+        first = track_frames(frames[:1], [0.0, 0.0, 1.0, 1.0], cfg)[0]
+        assert not np.isnan(first[0, 0]), video.name
+        box = [float(first[:, 0].min()), float(first[:, 1].min()), float(first[:, 0].max()), float(first[:, 1].max())]
+        ref = track_frames(frames, box, cfg)
+        got = track_frames(frames, box, cfg, landmarker=torch_mesh)
+        d, coverage = landmark_distances(ref, got, w, h)
+        print(f"{video.name}: {len(d)} frames, mean {d.mean():.2%} p95 {np.percentile(d, 95):.2%} of IOD, "
+              f"coverage {coverage:.2f}")
+        assert coverage >= 0.9 and d.mean() <= 0.015 and np.percentile(d, 95) <= 0.04, video.name
+        # the refined points land where MediaPipe puts them (lips, eyes and irises come from other heads)
+        assert d[:, 468:].mean() <= 0.015 and d[:, torch_mesh.lips.numpy()].mean() <= 0.015, video.name
+        pooled.append(d)
+        covered.append(coverage)
+    d = np.concatenate(pooled)
+    print(f"all: {len(d)} frames, mean {d.mean():.2%}, p95 {np.percentile(d, 95):.2%}, coverage {min(covered):.2f}")
+    assert d.mean() <= 0.015 and np.percentile(d, 95) <= 0.04 and min(covered) >= 0.9
+
+
+def test_torch_face_mesh_follows_the_speaker_and_reports_no_face(real_dir, torch_mesh):
+    """No face where the expected box holds none (nothing is made up), and a batch's result does not
+    depend on where the batch starts beyond float rounding (tracking state is carried between batches)."""
+    cfg = ExtractConfig()
+    frames = _frames(real_dir / "d14.mp4", 24, cfg.mesh_max_side)
+    box = [0.3, 0.2, 0.7, 0.7]
+    whole = track_frames(frames, box, ExtractConfig(mesh_batch=24), landmarker=torch_mesh)
+    split = track_frames(frames, box, ExtractConfig(mesh_batch=5), landmarker=torch_mesh)
+    assert not np.isnan(whole).any()
+    np.testing.assert_allclose(split, whole, atol=1e-5)
+    blank = np.zeros_like(frames[:6])  # black frames: no face to find
+    assert np.isnan(track_frames(blank, box, cfg, landmarker=torch_mesh)).all()
+    corner = track_frames(frames[:6], [0.0, 0.0, 0.08, 0.08], cfg, landmarker=torch_mesh)  # a box with no face in it
+    assert np.isnan(corner).all()
