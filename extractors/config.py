@@ -108,6 +108,10 @@ class ExtractConfig:
     landmarker: str = "auto"
     mesh_batch: int = 32  # frames per batch of the torch engine (per clip, from its first frame)
     mesh_passes: int = 3  # torch engine: tracking passes (1 = every frame cropped at its detection)
+    # video decoding for extraction: "cpu" (decord), "nvdec" (NVIDIA's decoder into GPU memory, for the torch
+    # landmarker on CUDA; an error where it cannot run) or "auto" (nvdec where it can run: the torch landmarker
+    # on CUDA, PyNvVideoCodec installed, a constant-frame-rate source without rotation; else cpu)
+    decoder: str = "auto"
     crop_size: int = 64  # face crops for the GNPFA image encoders (square, RGB); a chosen checkpoint's size wins
     crop_expand: float = 1.3  # crop side = this x the landmark box's larger side
     conf_resid_scale: float = 0.03  # landmark_conf = exp(-(stable-point rms off the clip neutral / this)^2), IOD
@@ -159,6 +163,8 @@ class ExtractConfig:
         cfg = cls(**_checked_keys(cls, d, "extract"))
         if cfg.landmarker not in ("auto", "mediapipe", "torch"):
             raise ValueError(f"extract.landmarker must be auto, mediapipe or torch, got {cfg.landmarker!r}")
+        if cfg.decoder not in ("auto", "cpu", "nvdec"):
+            raise ValueError(f"extract.decoder must be auto, cpu or nvdec, got {cfg.decoder!r}")
         if cfg.mesh_batch < 1 or cfg.mesh_passes < 1:
             raise ValueError("extract.mesh_batch and extract.mesh_passes must be >= 1")
         for key in ("device", "asr_device"):

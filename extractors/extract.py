@@ -15,7 +15,7 @@ import numpy as np
 from .audio_features import log_mel_30fps, rms_db_30fps
 from .config import ExtractConfig
 from .landmarks import MeshTracker
-from .media import decode_audio, iter_frames, open_video, timeline
+from .media import NvdecVideo, decode_audio, iter_frames, open_video, timeline
 from .pose import STABLE, head_pose, load_template, mouth_opening, neutral_shape, normalise, to_metric
 from .shards import keyframe_crop
 from .transcribe import clip_audio
@@ -142,10 +142,17 @@ def _meshed(frames, n: int, box, window: float | None, cfg: ExtractConfig, landm
     carry = None
     for b0 in range(0, n, cfg.mesh_batch):
         t0 = time.perf_counter()
-        batch = np.stack([next(frames)[1] for _ in range(min(cfg.mesh_batch, n - b0))])
+        got = [next(frames)[1] for _ in range(min(cfg.mesh_batch, n - b0))]
         t1 = time.perf_counter()
+        if isinstance(got[0], np.ndarray):
+            batch = dev_batch = np.stack(got)
+        else:  # NVDEC: the batch is on the GPU; the per-frame crops below read a host copy
+            import torch
+
+            dev_batch = torch.stack(got)
+            batch = dev_batch.cpu().numpy()
         h, w = batch.shape[1:3]
-        lms, carry = landmarker.track_array(batch, box, detection_roi(w, h, box, window), carry)
+        lms, carry = landmarker.track_array(dev_batch, box, detection_roi(w, h, box, window), carry)
         tm["decode_s"] = tm.get("decode_s", 0) + t1 - t0
         tm["mesh_s"] = tm.get("mesh_s", 0) + time.perf_counter() - t1
         for k, frame in enumerate(batch):
@@ -166,25 +173,30 @@ def track_frames(frames: np.ndarray, box, cfg: ExtractConfig, window: float | No
 def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: ExtractConfig,
                    transcriber=None, template: np.ndarray | None = None, timings: dict | None = None,
                    blendshaper=None, face_geometry=None, face_embedder=None, voice_embedder=None,
-                   audio: np.ndarray | None = None, landmarker=None) -> list[ClipFeatures]:
+                   audio: np.ndarray | None = None, landmarker=None, nvdec: bool = False) -> list[ClipFeatures]:
     """Extract every clip of one source in one sequential decoding pass (``audio``: the source's decoded
     16 kHz mono audio where the caller has it, else it is decoded here). The optional models:
     ``blendshaper(landmarks (n,478,3), width, height) -> (n,52)`` (extractors.blendshapes),
     ``face_geometry(landmarks, width, height) -> (n,4,4)`` (extractors.face_geometry),
     ``face_embedder.embed(frame, landmarks) -> (128,)`` on ``identity_frames`` probe frames and
     ``voice_embedder.embed(audio) -> (256,)`` on the clip's audio (extractors.identity); ``landmarker``:
-    a TorchFaceMesh (extractors.mesh_torch) in place of MediaPipe's own graph."""
+    a TorchFaceMesh (extractors.mesh_torch) in place of MediaPipe's own graph; ``nvdec``: decode with NVDEC
+    into CUDA memory (with a CUDA ``landmarker`` only)."""
     tm = timings if timings is not None else {}
     tpl = load_template() if template is None else template
     t0 = time.perf_counter()
     if audio is None:
         audio = decode_audio(path)
     tm["audio_decode_s"] = tm.get("audio_decode_s", 0) + time.perf_counter() - t0
-    vr = open_video(path, width, height, mesh_decode_side(width, height, clips, cfg))
-    tl = timeline(vr, 1e9)
+    if nvdec:  # frames stay on the GPU for the torch landmarker
+        vr = NvdecVideo(path, width, height, mesh_decode_side(width, height, clips, cfg))
+        tl = vr.timeline
+    else:
+        vr = open_video(path, width, height, mesh_decode_side(width, height, clips, cfg))
+        tl = timeline(vr, 1e9)
     clips = sorted(clips, key=lambda c: c["start_frame"])
     need = np.concatenate([np.arange(c["start_frame"], c["start_frame"] + c["n_frames"]) for c in clips])
-    frames = iter_frames(vr, tl, need)
+    frames = vr.iter_frames(need) if nvdec else iter_frames(vr, tl, need)
     out = []
     for c in clips:
         n = c["n_frames"]

@@ -63,6 +63,64 @@ def open_video(path: str, width: int, height: int, max_side: int):
         raise Reject("decode_error", f"decoder cannot open the video stream: {str(e).splitlines()[0][:200]}") from e
 
 
+def nvdec_available() -> bool:
+    """Whether NVDEC decoding can run here: PyNvVideoCodec installed and a CUDA device visible."""
+    try:
+        import PyNvVideoCodec  # noqa: F401
+        import torch
+    except Exception:  # noqa: BLE001 - a missing or broken install is "not available"
+        return False
+    return torch.cuda.is_available()
+
+
+class NvdecVideo:
+    """A video decoded by NVDEC (NVIDIA's PyNvVideoCodec) straight into CUDA memory: RGB frames as
+    (H, W, 3) uint8 CUDA tensors, resized on the GPU to the analysis size ``open_video`` would give.
+    For constant-frame-rate sources without a rotation matrix (the caller keeps the others on the CPU
+    path): the timeline is the stream's frame count over its average rate."""
+
+    def __init__(self, path: str, width: int, height: int, max_side: int, gpu_id: int = 0, chunk: int = 64):
+        import PyNvVideoCodec as nvc
+
+        _trace("video", path)
+        self.dec = nvc.SimpleDecoder(str(path), gpu_id=gpu_id, use_device_memory=True,
+                                     output_color_type=nvc.OutputColorType.RGB)
+        m = self.dec.get_stream_metadata()
+        n, fps = len(self.dec), float(m.average_fps)
+        if n == 0 or fps <= 0:
+            raise Reject("truncated", "the video stream holds no frames")
+        dur = min(n / fps, float(m.duration)) if float(m.duration or 0) > 0 else n / fps
+        self.timeline = VideoTimeline(starts=np.arange(n) / fps, duration_s=max(dur, 1.0 / FPS), vfr=False)
+        self.size = analysis_size(width, height, max_side)
+        self.chunk = chunk
+
+    def _resized(self, frames: list):
+        import torch
+        import torch.nn.functional as F
+
+        x = torch.stack([torch.from_dlpack(f) for f in frames])  # (B, H, W, 3) uint8 on the GPU
+        w, h = self.size
+        if x.shape[1:3] == (h, w):
+            return x
+        y = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+    def iter_frames(self, out_idx: np.ndarray) -> Iterator[tuple[int, object]]:
+        """Yield (output index, (H, W, 3) uint8 CUDA tensor) for each sorted output index, decoding the
+        stream once from its start, a chunk of frames at a time."""
+        src = self.timeline.source_index(out_idx)
+        buf, base = None, 0  # the decoded chunk and the source index of its first frame
+        for k, i in zip(out_idx.tolist(), src.tolist()):
+            while buf is None or i >= base + len(buf):
+                if buf is not None:
+                    base += len(buf)
+                got = self.dec.get_batch_frames(self.chunk)
+                if not got:
+                    raise Reject("truncated", f"NVDEC ended at frame {base} of {len(self.timeline.starts)}")
+                buf = self._resized(got)
+            yield k, buf[i - base]
+
+
 def timeline(vr, duration_s: float) -> VideoTimeline:
     n = len(vr)
     if n == 0:

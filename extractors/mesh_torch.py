@@ -32,11 +32,14 @@ _DET_MIN_SCORE, _NMS_IOU, _FLAG_MIN = 0.5, 0.3, 0.5
 _ROI_SCALE = 1.5
 
 
-def mediapipe_model(rel: str) -> Path:
-    """A .tflite file inside the installed mediapipe wheel (nothing is downloaded)."""
-    import mediapipe
+def mediapipe_model(rel: str, modules: str | Path | None = None) -> Path:
+    """A .tflite file inside the installed mediapipe wheel's modules/ (or a copy of that folder: nothing
+    is downloaded)."""
+    if modules is None:
+        import mediapipe
 
-    p = Path(mediapipe.__file__).parent / "modules" / rel
+        modules = Path(mediapipe.__file__).parent / "modules"
+    p = Path(modules) / rel
     if not p.is_file():
         raise FileNotFoundError(f"{p}: not in the installed mediapipe wheel")
     return p
@@ -62,19 +65,25 @@ def ssd_anchors() -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
-def warp_crops(frames: torch.Tensor, rects: torch.Tensor, size: int, border: str) -> torch.Tensor:
+def warp_crops(frames: torch.Tensor, rects: torch.Tensor, size: int, border: str, chunk: int = 128) -> torch.Tensor:
     """Rotated square crops as MediaPipe's ImageToTensor cuts them (the rect's corners onto the output's
-    corners, bilinear). frames: (B, 3, H, W) float; rects: (B, 4) centre x, centre y, side (pixels),
-    rotation (radians). Returns (B, 3, size, size)."""
-    B, _, H, W = frames.shape
+    corners, bilinear). frames: (B, H, W, 3) uint8; rects: (B, 4) centre x, centre y, side (pixels),
+    rotation (radians). Returns (B, 3, size, size) float32 in 0-255. Sampled in float32 whatever the
+    networks run in (a half-precision grid would be off by pixels on large frames), ``chunk`` frames at
+    a time (each frame is sampled on its own: the chunking changes nothing)."""
+    B, H, W, _ = frames.shape
     r = rects.float()
     u = torch.arange(size, device=frames.device, dtype=torch.float32) / size - 0.5
     dy, dx = torch.meshgrid(u, u, indexing="ij")  # (size, size) in units of the side
     c, s, side = torch.cos(r[:, 3])[:, None, None], torch.sin(r[:, 3])[:, None, None], r[:, 2, None, None]
     x = r[:, 0, None, None] + (c * dx - s * dy) * side
     y = r[:, 1, None, None] + (s * dx + c * dy) * side
-    grid = torch.stack([x / (W - 1) * 2 - 1, y / (H - 1) * 2 - 1], -1).to(frames.dtype)
-    return F.grid_sample(frames, grid, mode="bilinear", padding_mode=border, align_corners=True)
+    grid = torch.stack([x / (W - 1) * 2 - 1, y / (H - 1) * 2 - 1], -1)
+    out = torch.empty(B, 3, size, size, device=frames.device, dtype=torch.float32)
+    for i in range(0, B, chunk):
+        f = frames[i:i + chunk].permute(0, 3, 1, 2).float()
+        out[i:i + chunk] = F.grid_sample(f, grid[i:i + chunk], mode="bilinear", padding_mode=border, align_corners=True)
+    return out
 
 
 def rect_from_points(xy: torch.Tensor, i0: int | torch.Tensor, i1: int | torch.Tensor) -> torch.Tensor:
@@ -94,14 +103,15 @@ class TorchFaceMesh:
     frame-normalised coordinates (x by width, y by height, z in x's scale; NaN where no face), carry for
     the next batch of the same clip)."""
 
-    def __init__(self, device: str = "cpu", dtype: torch.dtype | None = None, passes: int = 2):
+    def __init__(self, device: str = "cpu", dtype: torch.dtype | None = None, passes: int = 3,
+                 modules: str | Path | None = None):
         from models.tflite_torch import TFLiteGraph
 
         self.device = torch.device(device)
         self.dtype = dtype or torch.float32
         self.passes = passes
-        self.det = TFLiteGraph(mediapipe_model("face_detection/face_detection_short_range.tflite")).eval()
-        self.lm = TFLiteGraph(mediapipe_model("face_landmark/face_landmark_with_attention.tflite")).eval()
+        self.det = TFLiteGraph(mediapipe_model("face_detection/face_detection_short_range.tflite", modules)).eval()
+        self.lm = TFLiteGraph(mediapipe_model("face_landmark/face_landmark_with_attention.tflite", modules)).eval()
         self.det.to(self.device, self.dtype)
         self.lm.to(self.device, self.dtype)
         self.anchors = torch.from_numpy(ssd_anchors()).to(self.device)
@@ -114,7 +124,7 @@ class TorchFaceMesh:
     # --- networks ------------------------------------------------------------------------------------
     @torch.no_grad()
     def detect(self, frames: torch.Tensor, roi: torch.Tensor, expect: torch.Tensor):
-        """Detection on each frame's square roi (B, 4): the face whose box holds ``expect`` (B, 2 pixels),
+        """Detection on (B, H, W, 3) uint8 frames, each on its square roi (B, 4): the face whose box holds ``expect`` (B, 2 pixels),
         merged with its overlapping anchors (weighted suppression). Returns (rect (B, 4), found (B,))."""
         x = warp_crops(frames, roi, DET_PX, "zeros") * (2 / 255) - 1
         reg, cls = self.det(x.permute(0, 2, 3, 1).to(self.dtype))
@@ -178,7 +188,7 @@ class TorchFaceMesh:
         speaker's [x0, y0, x1, y1] (frame-normalised); det_roi: the square detection region [cx, cy, side]
         in pixels; carry: what the previous batch of the clip returned (None at the clip's start)."""
         B, H, W, _ = frames.shape
-        f = frames.permute(0, 3, 1, 2).to(self.dtype if self.device.type == "cuda" else torch.float32)
+        f = frames
         dev = self.device
         expect = torch.tensor([(expect_box[0] + expect_box[2]) / 2 * W, (expect_box[1] + expect_box[3]) / 2 * H],
                               device=dev, dtype=torch.float32).expand(B, 2)
@@ -200,9 +210,11 @@ class TorchFaceMesh:
         out = torch.where(ok[:, None, None], out, torch.full_like(out, float("nan")))
         return out, carry_out
 
-    def track_array(self, frames: np.ndarray, expect_box, det_roi, carry=None):
-        """``track`` on (B, H, W, 3) uint8 numpy frames; landmarks come back as float32 numpy."""
-        lm, carry = self.track(torch.from_numpy(frames).to(self.device), expect_box, det_roi, carry)
+    def track_array(self, frames, expect_box, det_roi, carry=None):
+        """``track`` on (B, H, W, 3) uint8 frames (numpy, or a tensor on any device); landmarks come
+        back as float32 numpy."""
+        x = torch.from_numpy(frames) if isinstance(frames, np.ndarray) else frames
+        lm, carry = self.track(x.to(self.device), expect_box, det_roi, carry)
         return lm.cpu().numpy().astype(np.float32), carry
 
 

@@ -114,6 +114,21 @@ def _landmarker(cfg: ExtractConfig) -> tuple[str, object | None]:
     return f"torch-{dev}-{cfg.mesh_passes}pass", _MODELS[key]
 
 
+def _use_nvdec(cfg: ExtractConfig, source: dict, landmarker) -> bool:
+    """Whether this source is decoded by NVDEC (config.decoder resolved for this worker and source)."""
+    from extractors.media import nvdec_available
+
+    on_cuda = landmarker is not None and landmarker.device.type == "cuda"
+    if cfg.decoder == "cpu" or not on_cuda and cfg.decoder == "auto":
+        return False
+    why = ("the torch landmarker does not run on CUDA here" if not on_cuda else
+           "PyNvVideoCodec or a CUDA device is missing" if not nvdec_available() else
+           "the source has a variable frame rate or a rotation matrix" if source.get("vfr") or source.get("rotation") else "")
+    if why and cfg.decoder == "nvdec":
+        raise ValueError(f"decoder=nvdec but {why}")
+    return not why
+
+
 def landmarker_gpu(cfg: ExtractConfig, ex) -> bool:
     """Whether extraction tasks ask for a share of a GPU (the torch landmarker, where the cluster has one)."""
     return cfg.landmarker in ("auto", "torch") and cfg.device != "cpu" and ex.has_gpu()
@@ -135,11 +150,13 @@ def _extract_task(w: TrackWork) -> dict:
     cv2.setNumThreads(1)
     try:
         engine, landmarker = _landmarker(cfg)
+        nvdec = _use_nvdec(cfg, s, landmarker)
+        engine += "+nvdec" if nvdec else ""
         feats = extract_source(source_path(w.out, s), s["width"], s["height"], w.clips, cfg,
                                audio=source_audio(w.out, s),  # kept by ingest: not decoded again
                                transcriber=make_transcriber(cfg.whisper_checkpoint, cfg.asr_threads, cfg.asr_max_tokens_per_s,
                                                             cfg.asr_max_compression_ratio, cfg.asr_device), timings=tm,
-                               landmarker=landmarker, **_loaded_models(cfg))
+                               landmarker=landmarker, nvdec=nvdec, **_loaded_models(cfg))
     finally:
         torch.set_num_threads(threads)
         cv2.setNumThreads(cv_threads)

@@ -1,0 +1,398 @@
+"""#15: the per-frame path on the GPU, side by side in one run (meant for a CUDA machine; every section
+also runs on a CPU at small sizes).
+
+Sections (``--section``, repeatable; default all that can run here):
+- decode: NVDEC (PyNvVideoCodec) frames/s for one decoder session and for ``--sessions`` sessions in
+  threads, against OpenCV's CPU decoder on one core;
+- landmarks: the torch Face Mesh (detection + tracking passes) in frames/s at each ``--batches`` size
+  and dtype, the networks alone, and its accuracy against MediaPipe on the same frames (mean and p95
+  distance in % of the inter-ocular distance; MediaPipe live where it is installed);
+- mediapipe: MediaPipe's own Face Mesh on one core and on ``--procs`` processes;
+- extract: the whole per-frame extraction (decode, landmarks, pose, crops, GNPFA encoding) through
+  extractors.extract.extract_source, in input frames/s per GPU, with 1 and ``--workers`` processes
+  sharing the GPU, and the GPU's utilisation sampled meanwhile.
+
+Prints a table per section and writes every figure to ``--json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from extractors.config import ExtractConfig  # noqa: E402
+from extractors.media import analysis_size  # noqa: E402
+
+RESULTS: dict = {}
+
+
+def videos_of(paths: list[str]) -> list[Path]:
+    out = []
+    for p in map(Path, paths):
+        out += sorted(p.glob("*.mp4")) if p.is_dir() else [p]
+    return out
+
+
+def cv_frames(path: Path, n: int, max_side: int = 1280) -> np.ndarray:
+    """The first ``n`` frames as extraction sees them (RGB, analysis size), decoded by OpenCV."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    out = []
+    while len(out) < n:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        h, w = bgr.shape[:2]
+        aw, ah = analysis_size(w, h, max_side)
+        if (aw, ah) != (w, h):
+            bgr = cv2.resize(bgr, (aw, ah), interpolation=cv2.INTER_AREA)
+        out.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    return np.stack(out)
+
+
+def face_boxes(videos: list[Path], cache: Path | None) -> dict[str, list[float]]:
+    """A speaker box per video (MediaPipe's full-range detector on the first frames, as ingest finds one),
+    cached in a JSON file for machines without MediaPipe."""
+    if cache is not None and cache.is_file():
+        return json.loads(cache.read_text())
+    from mediapipe.python.solutions import face_detection
+
+    boxes = {}
+    with face_detection.FaceDetection(model_selection=1, min_detection_confidence=0.5) as fd:
+        for v in videos:
+            for fr in cv_frames(v, 10):
+                d = fd.process(fr).detections
+                if d:
+                    b = max(d, key=lambda x: x.score[0]).location_data.relative_bounding_box
+                    boxes[v.name] = [b.xmin, b.ymin, b.xmin + b.width, b.ymin + b.height]
+                    break
+    if cache is not None:
+        cache.write_text(json.dumps(boxes, indent=1))
+    return boxes
+
+
+def _sync(dev: str) -> None:
+    if dev.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+# --- decode --------------------------------------------------------------------------------------------
+def _nvdec_all(path: Path) -> int:
+    import PyNvVideoCodec as nvc
+    import torch
+
+    dec = nvc.SimpleDecoder(str(path), gpu_id=0, use_device_memory=True, output_color_type=nvc.OutputColorType.RGB)
+    n = 0
+    while True:
+        got = dec.get_batch_frames(64)
+        if not got:
+            break
+        x = torch.stack([torch.from_dlpack(f) for f in got])
+        n += len(x)
+    torch.cuda.synchronize()
+    return n
+
+
+def section_decode(videos: list[Path], sessions: int) -> None:
+    import cv2
+
+    rows = []
+    for v in videos:
+        cap = cv2.VideoCapture(str(v))
+        cv2.setNumThreads(1)
+        t0, n = time.perf_counter(), 0
+        while cap.read()[0]:
+            n += 1
+        cpu = n / (time.perf_counter() - t0)
+        row = {"video": v.name, "frames": n, "cpu_fps_1core": round(cpu, 1)}
+        try:
+            _nvdec_all(v)  # warm: the first session pays the driver's start-up
+            t0 = time.perf_counter()
+            m = _nvdec_all(v)
+            row["nvdec_fps_1session"] = round(m / (time.perf_counter() - t0), 1)
+            counts = [0] * sessions
+            th = [threading.Thread(target=lambda i=i: counts.__setitem__(i, _nvdec_all(v))) for i in range(sessions)]
+            t0 = time.perf_counter()
+            [t.start() for t in th]
+            [t.join() for t in th]
+            row[f"nvdec_fps_{sessions}sessions"] = round(sum(counts) / (time.perf_counter() - t0), 1)
+        except Exception as e:  # noqa: BLE001 - a machine without NVDEC still prints the CPU figure
+            row["nvdec_error"] = f"{type(e).__name__}: {e}"[:200]
+        rows.append(row)
+        print("decode", row, flush=True)
+    RESULTS["decode"] = rows
+
+
+# --- landmarks -----------------------------------------------------------------------------------------
+def _mp_track(args) -> tuple[int, float, np.ndarray]:
+    frames, box = args
+    from extractors.extract import track_frames
+
+    t0 = time.perf_counter()
+    lm = track_frames(frames, box, ExtractConfig())
+    return len(frames), time.perf_counter() - t0, lm
+
+
+def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[int], dtypes: list[str],
+                      n_acc: int, modules: str | None, reference: Path | None) -> None:
+    import torch
+
+    from extractors.extract import track_frames
+    from extractors.mesh_torch import TorchFaceMesh, detection_roi, landmark_distances
+
+    cfg = ExtractConfig()
+    # accuracy: every video's first n_acc frames, MediaPipe vs torch at each dtype
+    refs = {}
+    if reference is not None and reference.is_file():
+        with np.load(reference) as z:
+            refs = {k: z[k] for k in z.files}
+    acc = []
+    meshes = {dt: TorchFaceMesh(dev, getattr(torch, dt), modules=modules) for dt in dtypes}
+    for v in videos:
+        if v.name not in boxes:
+            continue
+        frames = cv_frames(v, n_acc)
+        box = boxes[v.name]
+        if v.name not in refs:
+            try:
+                refs[v.name] = _mp_track((frames, box))[2]
+            except ImportError:
+                continue
+        h, w = frames.shape[1:3]
+        for dt, mesh in meshes.items():
+            got = track_frames(frames, box, ExtractConfig(mesh_batch=max(batches)), landmarker=mesh)
+            d, cov = landmark_distances(refs[v.name], got, w, h)
+            acc.append({"video": v.name, "dtype": dt, "frames": int(len(d)), "coverage": round(cov, 3),
+                        "mean_pct_iod": round(float(d.mean()) * 100, 3) if len(d) else None,
+                        "p95_pct_iod": round(float(np.percentile(d, 95)) * 100, 3) if len(d) else None})
+            print("accuracy", acc[-1], flush=True)
+    if reference is not None and not reference.is_file() and refs:
+        np.savez_compressed(reference, **refs)
+    for dt in dtypes:
+        d = [a for a in acc if a["dtype"] == dt and a["frames"]]
+        if d:
+            print(f"accuracy {dt}: worst video mean {max(a['mean_pct_iod'] for a in d):.2f}% p95 "
+                  f"{max(a['p95_pct_iod'] for a in d):.2f}% of IOD, min coverage {min(a['coverage'] for a in d):.2f}")
+    RESULTS["accuracy"] = acc
+    # throughput: one real video's frames repeated up to the largest batch, on the device
+    v = next(v for v in videos if v.name in boxes)
+    base = cv_frames(v, 120)
+    h, w = base.shape[1:3]
+    box = boxes[v.name]
+    roi = detection_roi(w, h, box, None)
+    rows = []
+    for dt, mesh in meshes.items():
+        for passes in sorted({1, mesh.passes}):
+            mesh.passes = passes
+            for b in batches:
+                x = torch.from_numpy(base[np.arange(b) % len(base)]).to(dev)
+                mesh.track(x, box, roi)  # warm-up (kernels, allocator)
+                reps = max(1, int(2 * 4096 / b)) if dev.startswith("cuda") else 1
+                _sync(dev)
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    mesh.track(x, box, roi)
+                _sync(dev)
+                fps = reps * b / (time.perf_counter() - t0)
+                rows.append({"dtype": dt, "passes": passes, "batch": b, "frames_per_s": round(fps, 1)})
+                print("landmarks", rows[-1], flush=True)
+        mesh.passes = 3
+        # the landmark network alone on 192 px crops
+        b = max(batches)
+        crops = torch.rand(b, 192, 192, 3, device=dev, dtype=getattr(torch, dt))
+        with torch.no_grad():
+            mesh.lm(crops)
+            _sync(dev)
+            t0 = time.perf_counter()
+            mesh.lm(crops)
+            _sync(dev)
+        rows.append({"dtype": dt, "network": "face_landmark_with_attention", "batch": b,
+                     "frames_per_s": round(b / (time.perf_counter() - t0), 1)})
+        print("landmarks", rows[-1], flush=True)
+    RESULTS["landmarks"] = rows
+
+
+def section_mediapipe(videos: list[Path], boxes: dict, procs: int, n: int) -> None:
+    v = next(v for v in videos if v.name in boxes)
+    frames = cv_frames(v, n)
+    box = boxes[v.name]
+    _mp_track((frames[:30], box))  # warm
+    k, dt, _ = _mp_track((frames, box))
+    one = k / dt
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(procs, initializer=_one_thread) as pool:
+        pool.map(_mp_track, [(frames[:30], box)] * procs)  # start-up
+        t0 = time.perf_counter()
+        done = pool.map(_mp_track, [(frames, box)] * procs)
+        wall = time.perf_counter() - t0
+    row = {"video": v.name, "fps_1core": round(one, 1), "procs": procs,
+           "fps_all_procs": round(sum(d[0] for d in done) / wall, 1)}
+    print("mediapipe", row, flush=True)
+    RESULTS["mediapipe"] = row
+
+
+def _one_thread() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
+
+
+# --- whole extraction ----------------------------------------------------------------------------------
+class _GpuUse(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.samples, self.stop = [], False
+
+    def run(self):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            hnd = pynvml.nvmlDeviceGetHandleByIndex(0)
+            while not self.stop:
+                self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(hnd).gpu)
+                time.sleep(0.2)
+        except Exception:  # noqa: BLE001 - no NVML: no utilisation figure
+            pass
+
+
+def _extract_worker(args) -> tuple[int, float, dict]:
+    """Extract the given videos (one clip each, all frames) the way an extraction task does, then encode
+    them with the shipped GNPFA; returns (input frames, seconds, timings)."""
+    jobs, dev, modules, batch, nvdec = args
+    import torch
+
+    from extractors.extract import extract_source
+    from extractors.mesh_torch import TorchFaceMesh
+    from extractors.records import training_arrays
+    from models.gnpfa import SHIPPED_DIR, encode_frames, load_checkpoint
+
+    torch.set_num_threads(1)
+    mesh = TorchFaceMesh(dev, torch.float16 if dev.startswith("cuda") else None, modules=modules)
+    _, vae, enc, _ = load_checkpoint(SHIPPED_DIR, device=dev)
+    cfg = ExtractConfig(mesh_batch=batch)
+    tm: dict = {}
+    frames, t0 = 0, time.perf_counter()
+    for path, w, h, n, box in jobs:
+        clip = {"clip_id": f"{Path(path).stem}-0", "start_frame": 0, "n_frames": n, "start_s": 0.0, "end_s": n / 30,
+                "face_box": box, "face_size_px": (box[2] - box[0]) * w}
+        feats = extract_source(path, w, h, [clip], cfg, audio=np.zeros(int(16000 * n / 30) + 1600, np.float32),
+                               timings=tm, landmarker=mesh, nvdec=nvdec)
+        t1 = time.perf_counter()
+        arr = training_arrays(feats)
+        if len(arr["offsets"]):
+            encode_frames(vae, enc, arr["offsets"], arr["neutrals"], arr["crops"], device=dev)
+        tm["gnpfa_s"] = tm.get("gnpfa_s", 0) + time.perf_counter() - t1
+        frames += n
+    return frames, time.perf_counter() - t0, tm
+
+
+def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int], scale: int, modules: str | None,
+                    batch: int, nvdec: bool) -> None:
+    import cv2
+
+    jobs = []
+    for v in videos:
+        if v.name not in boxes:
+            continue
+        cap = cv2.VideoCapture(str(v))
+        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) / max(cap.get(cv2.CAP_PROP_FPS), 1) * 30) - 2
+        jobs.append((str(v), w, h, n, boxes[v.name]))
+    jobs = jobs * scale
+    ctx = mp.get_context("spawn")
+    rows = []
+    for k in workers:
+        with ctx.Pool(k) as pool:
+            pool.map(_extract_worker, [(jobs[:1], dev, modules, batch, nvdec)] * k)  # start-up, model loads
+            use = _GpuUse()
+            use.start()
+            t0 = time.perf_counter()
+            done = pool.map(_extract_worker, [(jobs[i::k], dev, modules, batch, nvdec) for i in range(k)])
+            wall = time.perf_counter() - t0
+            use.stop = True
+        tm: dict = {}
+        for d in done:
+            for key, val in d[2].items():
+                tm[key] = round(tm.get(key, 0) + val, 2)
+        frames = sum(d[0] for d in done)
+        rows.append({"workers": k, "videos": len(jobs), "input_frames": frames, "wall_s": round(wall, 1),
+                     "input_frames_per_s": round(frames / wall, 1), "nvdec": nvdec,
+                     "gpu_util_mean_pct": round(float(np.mean(use.samples)), 1) if use.samples else None,
+                     "task_seconds": tm})
+        print("extract", rows[-1], flush=True)
+    RESULTS["extract"] = rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--videos", nargs="+", default=["../shared/data/real"])
+    ap.add_argument("--extract-videos", nargs="+", default=None, help="videos for the extract section (default --videos)")
+    ap.add_argument("--section", action="append", choices=["decode", "landmarks", "mediapipe", "extract"])
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--batches", default="256,1024,4096")
+    ap.add_argument("--dtypes", default="float16,bfloat16,float32")
+    ap.add_argument("--acc-frames", type=int, default=90)
+    ap.add_argument("--sessions", type=int, default=8)
+    ap.add_argument("--procs", type=int, default=os.cpu_count())
+    ap.add_argument("--mp-frames", type=int, default=300)
+    ap.add_argument("--workers", default="1,4")
+    ap.add_argument("--scale", type=int, default=1)
+    ap.add_argument("--mesh-batch", type=int, default=256)
+    ap.add_argument("--modules", default=None, help="a copy of mediapipe's modules/ folder (no mediapipe installed)")
+    ap.add_argument("--boxes", type=Path, default=None, help="speaker boxes JSON (made here where MediaPipe is)")
+    ap.add_argument("--reference", type=Path, default=None, help="MediaPipe landmarks .npz (made where MediaPipe is)")
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+    import torch
+
+    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sections = a.section or ["decode", "landmarks", "mediapipe", "extract"]
+    vids = videos_of(a.videos)
+    xvids = videos_of(a.extract_videos) if a.extract_videos else vids
+    boxes = face_boxes(sorted(set(vids) | set(xvids), key=str), a.boxes)
+    RESULTS["machine"] = {"device": torch.cuda.get_device_name(0) if dev.startswith("cuda") else "cpu",
+                          "cpus": os.cpu_count(), "torch": torch.__version__}
+    print("machine", RESULTS["machine"], flush=True)
+    for s in sections:
+        try:
+            if s == "decode":
+                section_decode(vids, a.sessions)
+            elif s == "landmarks":
+                section_landmarks(vids, boxes, dev, [int(b) for b in a.batches.split(",")], a.dtypes.split(","),
+                                  a.acc_frames, a.modules, a.reference)
+            elif s == "mediapipe":
+                section_mediapipe(vids, boxes, a.procs, a.mp_frames)
+            elif s == "extract":
+                from extractors.media import nvdec_available
+
+                section_extract(xvids, boxes, dev, [int(k) for k in a.workers.split(",")], a.scale, a.modules,
+                                a.mesh_batch, dev.startswith("cuda") and nvdec_available())
+        except Exception as e:  # noqa: BLE001 - one section's failure must not lose the others' figures
+            import traceback
+
+            traceback.print_exc()
+            RESULTS[f"{s}_error"] = f"{type(e).__name__}: {e}"
+        if a.json:
+            a.json.write_text(json.dumps(RESULTS, indent=1))
+    print(json.dumps(RESULTS, indent=1))
+
+
+if __name__ == "__main__":
+    main()
