@@ -488,8 +488,13 @@ def run_extract(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callab
 
 
 def track_resources(cfg: ExtractConfig, ex) -> dict:
-    """Ray resources of an extraction task: a share of a GPU for the torch landmarker where there is one."""
-    return task_options(_extract_task, use_gpu=landmarker_gpu(cfg, ex))
+    """Ray resources of an extraction task: a share of a GPU for the torch landmarker where there is one.
+    Asking for NVDEC where the run has no GPU is a configuration error, said before any task starts."""
+    gpu = landmarker_gpu(cfg, ex)
+    if cfg.decoder == "nvdec" and not gpu:
+        raise ValueError("decoder=nvdec needs the torch landmarker (landmarker=torch or auto, device not cpu) "
+                         "on a GPU, and this run has none (in the Ray cluster, or in this process)")
+    return task_options(_extract_task, use_gpu=gpu)
 
 
 def encode_resources(cfg: ExtractConfig, ex) -> dict:

@@ -23,6 +23,13 @@ class RunFailed(RuntimeError):
     pass
 
 
+def _root_cause(err) -> str:
+    """The innermost error of a Dagster step failure (Dagster wraps the asset's own exception)."""
+    while getattr(err, "cause", None) is not None:
+        err = err.cause
+    return err.message.strip()
+
+
 def run_job(sources: list[str], out: str | os.PathLike, icfg: IngestConfig | None = None,
             ecfg: ExtractConfig | None = None, executor: str = "ray", scfg: ShardConfig | None = None, num_cpus: int | None = None,
             stages: tuple[str, ...] = STAGE_NAMES, progress: Callable[[str, int, int], None] | None = None,
@@ -55,7 +62,7 @@ def run_job(sources: list[str], out: str | os.PathLike, icfg: IngestConfig | Non
             instance=instance, partition_key=key, asset_selection=selection, run_id=run_id,
             tags={"m2fd/out": str(out.resolve()), "m2fd/stages": ",".join(stages)}, raise_on_error=False)
     if not r.success:
-        errs = [f"{e.step_key}: {e.event_specific_data.error.message.strip()}" for e in r.all_events
+        errs = [f"{e.step_key}: {_root_cause(e.event_specific_data.error)}" for e in r.all_events
                 if e.is_step_failure and e.event_specific_data is not None and e.event_specific_data.error]
         raise RunFailed(f"Dagster run {run_id} failed ({'; '.join(errs) or 'see the run log'}); "
                         f"`m2fd ui --out {out}` shows it")

@@ -95,3 +95,29 @@ def test_torch_face_mesh_follows_the_speaker_and_reports_no_face(real_dir, torch
     assert np.isnan(track_frames(blank, box, cfg, landmarker=torch_mesh)).all()
     corner = track_frames(frames[:6], [0.0, 0.0, 0.08, 0.08], cfg, landmarker=torch_mesh)  # a box with no face in it
     assert np.isnan(corner).all()
+
+
+def test_a_run_with_the_torch_landmarker_records_it_and_nvdec_fails_clearly_without_a_gpu(real_dir, tmp_path):
+    """`m2fd run --set landmarker=torch` tracks the speaker with the port and says so in the extraction
+    lineage; `--set decoder=nvdec` where the run has no GPU stops before any extraction with the reason."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import head_of
+
+    from storage_schemas import open_dataset
+
+    video = head_of(real_dir / "d12.mp4", 5, tmp_path / "in")
+    repo = Path(__file__).resolve().parents[1]
+    kw = dict(capture_output=True, text=True, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)}, timeout=600)
+    m2fd = [sys.executable, "-m", "pipelines.cli", "run", str(video), "--executor", "local", "--stages", "ingest,extract"]
+    r = subprocess.run(m2fd + ["--out", str(tmp_path / "T"), "--set", "landmarker=torch"], **kw)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "T" / "lineage" / "extract.json").read_text())["landmarkers"] == ["torch-cpu-3pass"]
+    feats = open_dataset(tmp_path / "T").table("clip_features").to_pylist()
+    assert feats and all(f["status"] == "ok" and f["tracked_ratio"] >= 0.9 for f in feats)
+    r = subprocess.run(m2fd + ["--out", str(tmp_path / "N"), "--set", "landmarker=torch", "--set", "decoder=nvdec"], **kw)
+    assert r.returncode != 0 and "decoder=nvdec needs the torch landmarker" in " ".join((r.stdout + r.stderr).split())
