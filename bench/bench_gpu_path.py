@@ -3,7 +3,7 @@ also runs on a CPU at small sizes).
 
 Sections (``--section``, repeatable; default all that can run here):
 - decode: NVDEC (PyNvVideoCodec) frames/s for one decoder session and for ``--sessions`` sessions in
-  threads, against OpenCV's CPU decoder on one core;
+  threads, against OpenCV's CPU decoder (its default threads);
 - landmarks: the torch Face Mesh (detection + tracking passes) in frames/s at each ``--batches`` size
   and dtype, the networks alone, and its accuracy against MediaPipe on the same frames (mean and p95
   distance in % of the inter-ocular distance; MediaPipe live where it is installed);
@@ -116,7 +116,7 @@ def section_decode(videos: list[Path], sessions: int) -> None:
         while cap.read()[0]:
             n += 1
         cpu = n / (time.perf_counter() - t0)
-        row = {"video": v.name, "frames": n, "cpu_fps_1core": round(cpu, 1)}
+        row = {"video": v.name, "frames": n, "cpu_fps_opencv": round(cpu, 1)}
         try:
             _nvdec_all(v)  # warm: the first session pays the driver's start-up
             t0 = time.perf_counter()
@@ -314,6 +314,9 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
         cap = cv2.VideoCapture(str(v))
         w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
         n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) / max(cap.get(cv2.CAP_PROP_FPS), 1) * 30) - 2
+        codec = int(cap.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode(errors="replace").lower()
+        if nvdec and codec not in ("avc1", "h264", "hev1", "hvc1", "hevc", "av01", "vp09"):
+            continue  # the pipeline decodes these on the CPU
         jobs.append((str(v), w, h, n, boxes[v.name]))
     jobs = jobs * scale
     ctx = mp.get_context("spawn")

@@ -110,7 +110,8 @@ class ExtractConfig:
     mesh_passes: int = 3  # torch engine: tracking passes (1 = every frame cropped at its detection)
     # video decoding for extraction: "cpu" (decord), "nvdec" (NVIDIA's decoder into GPU memory, for the torch
     # landmarker on CUDA; an error where it cannot run) or "auto" (nvdec where it can run: the torch landmarker
-    # on CUDA, PyNvVideoCodec installed, a constant-frame-rate source without rotation; else cpu)
+    # on CUDA, PyNvVideoCodec installed, an H.264/HEVC/AV1/VP9 source at a constant frame rate without rotation;
+    # else cpu)
     decoder: str = "auto"
     crop_size: int = 64  # face crops for the GNPFA image encoders (square, RGB); a chosen checkpoint's size wins
     crop_expand: float = 1.3  # crop side = this x the landmark box's larger side

@@ -114,6 +114,9 @@ def _landmarker(cfg: ExtractConfig) -> tuple[str, object | None]:
     return f"torch-{dev}-{cfg.mesh_passes}pass", _MODELS[key]
 
 
+NVDEC_CODECS = ("h264", "hevc", "av1", "vp9")  # what current NVIDIA decoders take (others: the CPU decoder)
+
+
 def _use_nvdec(cfg: ExtractConfig, source: dict, landmarker) -> bool:
     """Whether this source is decoded by NVDEC (config.decoder resolved for this worker and source)."""
     from extractors.media import nvdec_available
@@ -123,7 +126,8 @@ def _use_nvdec(cfg: ExtractConfig, source: dict, landmarker) -> bool:
         return False
     why = ("the torch landmarker does not run on CUDA here" if not on_cuda else
            "PyNvVideoCodec or a CUDA device is missing" if not nvdec_available() else
-           "the source has a variable frame rate or a rotation matrix" if source.get("vfr") or source.get("rotation") else "")
+           "the source has a variable frame rate or a rotation matrix" if source.get("vfr") or source.get("rotation") else
+           f"NVDEC does not decode {source.get('video_codec')}" if source.get("video_codec") not in NVDEC_CODECS else "")
     if why and cfg.decoder == "nvdec":
         raise ValueError(f"decoder=nvdec but {why}")
     return not why
