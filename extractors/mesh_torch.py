@@ -187,8 +187,13 @@ class TorchFaceMesh:
         """frames: (B, H, W, 3) uint8 on this device, consecutive frames of one clip; expect_box: the
         speaker's [x0, y0, x1, y1] (frame-normalised); det_roi: the square detection region [cx, cy, side]
         in pixels; carry: what the previous batch of the clip returned (None at the clip's start)."""
-        B, H, W, _ = frames.shape
-        f = frames
+        n = len(frames)
+        # a batch is padded (its last frame repeated) up to a power of two: every clip's last, partial
+        # batch then has one of a few shapes, so cuDNN plans each convolution once per shape, not per clip
+        # (measured on an H200: planning new shapes was most of the extraction's time)
+        B = max(8, 1 << (n - 1).bit_length())
+        f = torch.cat([frames, frames[-1:].expand(B - n, *frames.shape[1:])]) if B > n else frames
+        _, H, W, _ = f.shape
         dev = self.device
         expect = torch.tensor([(expect_box[0] + expect_box[2]) / 2 * W, (expect_box[1] + expect_box[3]) / 2 * H],
                               device=dev, dtype=torch.float32).expand(B, 2)
@@ -197,7 +202,7 @@ class TorchFaceMesh:
         lm, flag = self.landmarks(f, det_rect)
         ok = found & (flag >= _FLAG_MIN)
         carry = list(carry) if carry is not None else [None] * self.passes
-        carry_out = [(lm[-1:], ok[-1:])]
+        carry_out = [(lm[n - 1:n], ok[n - 1:n])]
         for p in range(1, self.passes):
             c = carry[p - 1]
             prev_lm = torch.cat([c[0] if c is not None else lm[:1], lm[:-1]])
@@ -205,9 +210,9 @@ class TorchFaceMesh:
             rect = torch.where(prev_ok[:, None], rect_from_points(prev_lm[..., :2], 33, 263), det_rect)
             lm, flag = self.landmarks(f, rect)
             ok = (prev_ok | found) & (flag >= _FLAG_MIN)
-            carry_out.append((lm[-1:], ok[-1:]))
-        out = lm / torch.tensor([W, H, W], device=dev, dtype=torch.float32)
-        out = torch.where(ok[:, None, None], out, torch.full_like(out, float("nan")))
+            carry_out.append((lm[n - 1:n], ok[n - 1:n]))
+        out = lm[:n] / torch.tensor([W, H, W], device=dev, dtype=torch.float32)
+        out = torch.where(ok[:n, None, None], out, torch.full_like(out, float("nan")))
         return out, carry_out
 
     def track_array(self, frames, expect_box, det_roi, carry=None):
