@@ -106,7 +106,8 @@ class ExtractConfig:
     # (torch where the extraction task gets a GPU, mediapipe elsewhere). The engine a part was made with is
     # recorded in the extraction lineage (landmarkers).
     landmarker: str = "auto"
-    mesh_batch: int = 32  # frames per batch of the torch engine (per clip, from its first frame)
+    # frames per batch of the torch engine (per clip, from its first frame); 0 = 32 on the CPU, 128 on CUDA
+    mesh_batch: int = 0
     mesh_passes: int = 3  # torch engine: tracking passes (1 = every frame cropped at its detection)
     # video decoding for extraction: "cpu" (decord), "nvdec" (NVIDIA's decoder into GPU memory, for the torch
     # landmarker on CUDA; an error where it cannot run) or "auto" (nvdec where it can run: the torch landmarker
@@ -166,8 +167,8 @@ class ExtractConfig:
             raise ValueError(f"extract.landmarker must be auto, mediapipe or torch, got {cfg.landmarker!r}")
         if cfg.decoder not in ("auto", "cpu", "nvdec"):
             raise ValueError(f"extract.decoder must be auto, cpu or nvdec, got {cfg.decoder!r}")
-        if cfg.mesh_batch < 1 or cfg.mesh_passes < 1:
-            raise ValueError("extract.mesh_batch and extract.mesh_passes must be >= 1")
+        if cfg.mesh_batch < 0 or cfg.mesh_passes < 1:
+            raise ValueError("extract.mesh_batch must be >= 0 and extract.mesh_passes >= 1")
         for key in ("device", "asr_device"):
             if getattr(cfg, key) not in ("auto", "cpu", "cuda"):
                 raise ValueError(f"extract.{key} must be auto, cpu or cuda, got {getattr(cfg, key)!r}")
