@@ -81,6 +81,22 @@ def test_torch_face_mesh_matches_mediapipe_on_the_real_videos(real_dir, torch_me
     assert d.mean() <= 0.015 and np.percentile(d, 95) <= 0.04 and min(covered) >= 0.9
 
 
+def test_torch_face_mesh_matches_mediapipe_on_a_small_speaker_in_a_window(real_dir, torch_mesh):
+    """The small-face path: a full-body 1080x1920 HEVC portrait, meshed in an upscaled window around the
+    speaker (mesh_window_scale x the box) by both engines, within the same accuracy target."""
+    cfg = ExtractConfig()
+    frames = _frames(real_dir.parent / "corpus" / "latentsync_demo3.mp4", N_FRAMES, cfg.mesh_max_side)
+    h, w = frames.shape[1:3]
+    first = track_frames(frames[:1], [0.0, 0.0, 1.0, 1.0], cfg)[0]
+    box = [float(first[:, 0].min()), float(first[:, 1].min()), float(first[:, 0].max()), float(first[:, 1].max())]
+    assert (box[2] - box[0]) * w < cfg.mesh_window_below * max(w, h)  # small: extraction would use the window
+    ref = track_frames(frames, box, cfg, window=cfg.mesh_window_scale)
+    got = track_frames(frames, box, cfg, window=cfg.mesh_window_scale, landmarker=torch_mesh)
+    d, coverage = landmark_distances(ref, got, w, h)
+    print(f"latentsync_demo3 (window): mean {d.mean():.2%} p95 {np.percentile(d, 95):.2%}, coverage {coverage:.2f}")
+    assert coverage >= 0.9 and d.mean() <= 0.015 and np.percentile(d, 95) <= 0.04
+
+
 def test_torch_face_mesh_follows_the_speaker_and_reports_no_face(real_dir, torch_mesh):
     """No face where the expected box holds none (nothing is made up), and a batch's result does not
     depend on where the batch starts beyond float rounding (tracking state is carried between batches)."""
