@@ -86,16 +86,19 @@ def warp_crops(frames: torch.Tensor, rects: torch.Tensor, size: int, border: str
     return out
 
 
-def rect_from_points(xy: torch.Tensor, i0: int | torch.Tensor, i1: int | torch.Tensor) -> torch.Tensor:
-    """MediaPipe's DetectionsToRects + RectTransformation(scale 1.5, square_long) in pixels: xy (B, N, 2)
-    box points (the mesh, or a detection's corners + keypoints with i0/i1 the eyes); the rect's centre
-    is the box's, its rotation levels the line i0 -> i1."""
-    lo, hi = xy.amin(1), xy.amax(1)
-    p0, p1 = xy[:, i0], xy[:, i1]
+def rect_from_box(lo: torch.Tensor, hi: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor) -> torch.Tensor:
+    """MediaPipe's DetectionsToRects + RectTransformation(scale 1.5, square_long) in pixels: the rect of a
+    box (lo, hi corners, (B, 2) each) centred on it, its longer side x 1.5, rotated to level the line
+    p0 -> p1. Returns (B, 4) centre x, centre y, side, rotation."""
     rot = -torch.atan2(-(p1[:, 1] - p0[:, 1]), p1[:, 0] - p0[:, 0])
     rot = rot - 2 * math.pi * torch.floor((rot + math.pi) / (2 * math.pi))
     side = (hi - lo).amax(1) * _ROI_SCALE
     return torch.stack([(lo[:, 0] + hi[:, 0]) / 2, (lo[:, 1] + hi[:, 1]) / 2, side, rot], -1)
+
+
+def rect_from_points(xy: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
+    """The rect of a point set (B, N, 2), e.g. the mesh: its box, levelled on points i0 -> i1."""
+    return rect_from_box(xy.amin(1), xy.amax(1), xy[:, i0], xy[:, i1])
 
 
 class TorchFaceMesh:
@@ -124,8 +127,9 @@ class TorchFaceMesh:
     # --- networks ------------------------------------------------------------------------------------
     @torch.no_grad()
     def detect(self, frames: torch.Tensor, roi: torch.Tensor, expect: torch.Tensor):
-        """Detection on (B, H, W, 3) uint8 frames, each on its square roi (B, 4): the face whose box holds ``expect`` (B, 2 pixels),
-        merged with its overlapping anchors (weighted suppression). Returns (rect (B, 4), found (B,))."""
+        """Detection on (B, H, W, 3) uint8 frames, each on its square roi (B, 4): the face whose box holds
+        ``expect`` (B, 2 pixels), merged with its overlapping anchors (weighted suppression). Returns
+        (rect (B, 4), found (B,))."""
         x = warp_crops(frames, roi, DET_PX, "zeros") * (2 / 255) - 1
         reg, cls = self.det(x.permute(0, 2, 3, 1).to(self.dtype))
         reg, score = reg.float(), torch.sigmoid(cls.float().clamp(-100, 100))[..., 0]
@@ -152,12 +156,8 @@ class TorchFaceMesh:
         w = w / w.sum(1, keepdim=True).clamp(min=1e-9)
         allpts = torch.cat([box, pts], 2)  # (B, A, 8, 2): box corners then keypoints
         merged = (w[..., None, None] * allpts).sum(1)
-        rect = rect_from_points(merged, 2, 3)  # keypoints 0 (right eye) and 1 (left eye)
-        # the rect's box is the detection box, not the keypoints' spread
-        lo, hi = merged[:, 0], merged[:, 1]
-        rect[:, 0], rect[:, 1] = (lo[:, 0] + hi[:, 0]) / 2, (lo[:, 1] + hi[:, 1]) / 2
-        rect[:, 2] = (hi - lo).amax(1) * _ROI_SCALE
-        return rect, found
+        # the detection box, levelled on keypoints 0 (right eye) and 1 (left eye)
+        return rect_from_box(merged[:, 0], merged[:, 1], merged[:, 2], merged[:, 3]), found
 
     @torch.no_grad()
     def landmarks(self, frames: torch.Tensor, rects: torch.Tensor):
