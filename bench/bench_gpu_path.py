@@ -150,7 +150,7 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
     import torch
 
     from extractors.extract import track_frames
-    from extractors.mesh_torch import TorchFaceMesh, detection_roi, landmark_distances
+    from extractors.mesh_torch import TorchFaceMesh, detection_roi, landmark_distances, warp_crops
 
     cfg = ExtractConfig()
     # accuracy: every video's first n_acc frames, MediaPipe vs torch at each dtype
@@ -193,12 +193,23 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
     box = boxes[v.name]
     roi = detection_roi(w, h, box, None)
     rows = []
-    for dt, mesh in meshes.items():
-        for passes in sorted({1, mesh.passes}):
+    variants = [(dt, "default", mesh) for dt, mesh in meshes.items()]
+    if dev.startswith("cuda"):  # what the CUDA graphs and the channels-last layout each bring, first dtype
+        dt0 = dtypes[0]
+        variants += [(dt0, "no CUDA graphs", TorchFaceMesh(dev, getattr(torch, dt0), modules=modules, graphs=False)),
+                     (dt0, "no CUDA graphs, NCHW", TorchFaceMesh(dev, getattr(torch, dt0), modules=modules, graphs=False,
+                                                                  channels_last=False))]
+    for dt, label, mesh in variants:
+        for passes in sorted({1, mesh.passes}) if label == "default" else [mesh.passes]:
             mesh.passes = passes
             for b in batches:
                 x = torch.from_numpy(base[np.arange(b) % len(base)]).to(dev)
-                mesh.track(x, box, roi)  # warm-up (kernels, allocator)
+                got = mesh.track(x, box, roi)[0]  # warm-up (kernels, allocator, graph capture)
+                if label != "default" and b == batches[0]:  # the variants compute the same landmarks
+                    ref = meshes[dt].track(x, box, roi)[0]
+                    rows.append({"dtype": dt, "variant": label, "max_abs_diff_px_vs_default": round(float(
+                        ((got - ref)[..., :2] * torch.tensor([w, h], device=got.device)).abs().max()), 4)})
+                    print("landmarks", rows[-1], flush=True)
                 reps = max(1, int(2 * 4096 / b)) if dev.startswith("cuda") else 1
                 _sync(dev)
                 t0 = time.perf_counter()
@@ -206,21 +217,33 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
                     mesh.track(x, box, roi)
                 _sync(dev)
                 fps = reps * b / (time.perf_counter() - t0)
-                rows.append({"dtype": dt, "passes": passes, "batch": b, "frames_per_s": round(fps, 1)})
+                rows.append({"dtype": dt, "variant": label, "passes": passes, "batch": b, "frames_per_s": round(fps, 1)})
                 print("landmarks", rows[-1], flush=True)
         mesh.passes = 3
-        # the landmark network alone on 192 px crops
-        b = max(batches)
-        crops = torch.rand(b, 192, 192, 3, device=dev, dtype=getattr(torch, dt))
-        with torch.no_grad():
-            mesh.lm(crops)
-            _sync(dev)
-            t0 = time.perf_counter()
-            mesh.lm(crops)
-            _sync(dev)
-        rows.append({"dtype": dt, "network": "face_landmark_with_attention", "batch": b,
-                     "frames_per_s": round(b / (time.perf_counter() - t0), 1)})
-        print("landmarks", rows[-1], flush=True)
+        # the landmark network alone on 192 px crops, and cutting those crops from the frames
+        for b in batches:
+            crops = torch.rand(b, 192, 192, 3, device=dev, dtype=getattr(torch, dt))
+            with torch.no_grad():
+                for k in range(3):
+                    _sync(dev)
+                    t0 = time.perf_counter()
+                    mesh._lm(crops)
+                    _sync(dev)
+            rows.append({"dtype": dt, "variant": label, "network": "face_landmark_with_attention", "batch": b,
+                         "frames_per_s": round(b / (time.perf_counter() - t0), 1)})
+            print("landmarks", rows[-1], flush=True)
+        if label == "default":
+            b = max(batches)
+            x = torch.from_numpy(base[np.arange(b) % len(base)]).to(dev)
+            rects = torch.tensor([[w / 2, h / 2, min(w, h) / 2, 0.1]], device=dev).expand(b, 4)
+            for k in range(2):
+                _sync(dev)
+                t0 = time.perf_counter()
+                warp_crops(x, rects, 192, "border")
+                _sync(dev)
+            rows.append({"dtype": "float32", "op": "warp_crops 192 px", "frame_size": [w, h], "batch": b,
+                         "frames_per_s": round(b / (time.perf_counter() - t0), 1)})
+            print("landmarks", rows[-1], flush=True)
     RESULTS["landmarks"] = rows
 
 

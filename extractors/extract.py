@@ -45,17 +45,27 @@ class ClipFeatures:
     quality: dict = field(default_factory=dict)
 
 
-def crop_face(frame: np.ndarray, lm_norm: np.ndarray, size: int, expand: float) -> np.ndarray:
-    """Square crop centred on the landmark box, side = expand x the box's larger side, resized."""
-    h, w = frame.shape[:2]
-    xs, ys = lm_norm[:, 0] * w, lm_norm[:, 1] * h
+def crop_grid(lm_norm: np.ndarray, width: int, height: int, size: int, expand: float) -> tuple[np.ndarray, np.ndarray]:
+    """The pixel rows and columns (size each) of the face crop: a square centred on the landmark box, side
+    = expand x the box's larger side, sampled nearest-neighbour (enough at 64 px)."""
+    xs, ys = lm_norm[:, 0] * width, lm_norm[:, 1] * height
     cx, cy = (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2
     side = max(xs.max() - xs.min(), ys.max() - ys.min()) * expand
-    # sample a size x size grid (nearest neighbour on a bilinear-free grid is enough at 64 px)
     g = (np.arange(size) + 0.5) / size - 0.5
-    px = np.clip(np.round(cx + g * side).astype(int), 0, w - 1)
-    py = np.clip(np.round(cy + g * side).astype(int), 0, h - 1)
+    px = np.clip(np.round(cx + g * side).astype(int), 0, width - 1)
+    py = np.clip(np.round(cy + g * side).astype(int), 0, height - 1)
+    return py, px
+
+
+def crop_face(frame: np.ndarray, lm_norm: np.ndarray, size: int, expand: float) -> np.ndarray:
+    """Square crop centred on the landmark box, side = expand x the box's larger side, resized."""
+    py, px = crop_grid(lm_norm, frame.shape[1], frame.shape[0], size, expand)
     return frame[py[:, None], px[None, :]]
+
+
+def _host(frame) -> np.ndarray:
+    """A frame as a numpy array (NVDEC's frames are CUDA tensors until a host copy is needed)."""
+    return frame if isinstance(frame, np.ndarray) else frame.cpu().numpy()
 
 
 def _quality(f: ClipFeatures) -> dict:
@@ -121,10 +131,11 @@ def _unit_mean(vecs: list[np.ndarray], dim: int) -> np.ndarray:
 
 
 def _meshed(frames, n: int, box, window: float | None, cfg: ExtractConfig, landmarker, tm: dict):
-    """Yield (i, frame, landmarks or None) for the next ``n`` frames of one clip: MediaPipe's graph frame
-    by frame, or ``landmarker`` (extractors.mesh_torch.TorchFaceMesh) on batches of ``cfg.mesh_batch``
-    frames (0: 32 on the CPU, 128 on CUDA) counted from the clip's first frame (so a frame's batch never
-    depends on other clips)."""
+    """Yield (i, frame, landmarks or None, face crop or None) for the next ``n`` frames of one clip:
+    MediaPipe's graph frame by frame, or ``landmarker`` (extractors.mesh_torch.TorchFaceMesh) on batches of
+    ``cfg.mesh_batch`` frames (0: 32 on the CPU, 128 on CUDA) counted from the clip's first frame (so a
+    frame's batch never depends on other clips). Frames decoded by NVDEC stay CUDA tensors (H, W, 3): the
+    crops are cut on the GPU at the same pixels ``crop_face`` takes, and only they come back to the host."""
     if landmarker is None:
         with MeshTracker(window_scale=window) as mt:
             for i in range(n):
@@ -136,7 +147,7 @@ def _meshed(frames, n: int, box, window: float | None, cfg: ExtractConfig, landm
                 tm["mesh_s"] = tm.get("mesh_s", 0) + time.perf_counter() - t1
                 if lm is not None:
                     box = [float(lm[:, 0].min()), float(lm[:, 1].min()), float(lm[:, 0].max()), float(lm[:, 1].max())]
-                yield i, frame, lm
+                yield i, frame, lm, (None if lm is None else crop_face(frame, lm, cfg.crop_size, cfg.crop_expand))
         return
     from .mesh_torch import detection_roi
 
@@ -146,19 +157,32 @@ def _meshed(frames, n: int, box, window: float | None, cfg: ExtractConfig, landm
         t0 = time.perf_counter()
         got = [next(frames)[1] for _ in range(min(size, n - b0))]
         t1 = time.perf_counter()
-        if isinstance(got[0], np.ndarray):
-            batch = dev_batch = np.stack(got)
-        else:  # NVDEC: the batch is on the GPU; the per-frame crops below read a host copy
+        on_host = isinstance(got[0], np.ndarray)
+        if on_host:
+            batch = np.stack(got)
+        else:
             import torch
 
-            dev_batch = torch.stack(got)
-            batch = dev_batch.cpu().numpy()
+            batch = torch.stack(got)
         h, w = batch.shape[1:3]
-        lms, carry = landmarker.track_array(dev_batch, box, detection_roi(w, h, box, window), carry)
+        lms, carry = landmarker.track_array(batch, box, detection_roi(w, h, box, window), carry)
+        ok = np.flatnonzero(~np.isnan(lms[:, 0, 0]))
+        crops = [None] * len(got)
+        if len(ok):
+            grid = [crop_grid(lms[k], w, h, cfg.crop_size, cfg.crop_expand) for k in ok]
+            py, px = np.stack([g[0] for g in grid]), np.stack([g[1] for g in grid])
+            if on_host:
+                cut = batch[ok[:, None, None], py[:, :, None], px[:, None, :]]
+            else:
+                dev = batch.device
+                cut = batch[torch.from_numpy(ok).to(dev)[:, None, None], torch.from_numpy(py).to(dev)[:, :, None],
+                            torch.from_numpy(px).to(dev)[:, None, :]].cpu().numpy()
+            for j, k in enumerate(ok):
+                crops[k] = cut[j]
         tm["decode_s"] = tm.get("decode_s", 0) + t1 - t0
         tm["mesh_s"] = tm.get("mesh_s", 0) + time.perf_counter() - t1
-        for k, frame in enumerate(batch):
-            yield b0 + k, frame, (None if np.isnan(lms[k, 0, 0]) else lms[k])
+        for k, frame in enumerate(got):
+            yield b0 + k, frame, (None if np.isnan(lms[k, 0, 0]) else lms[k]), crops[k]
 
 
 def track_frames(frames: np.ndarray, box, cfg: ExtractConfig, window: float | None = None, landmarker=None,
@@ -166,7 +190,7 @@ def track_frames(frames: np.ndarray, box, cfg: ExtractConfig, window: float | No
     """(n, 478, 3) landmarks (NaN where untracked) of ``n`` consecutive frames of one clip, exactly as
     extraction tracks them (MediaPipe's graph, or ``landmarker`` where given)."""
     out = np.full((len(frames), 478, 3), np.nan, np.float32)
-    for i, _, lm in _meshed(enumerate(frames), len(frames), box, window, cfg, landmarker, {} if timings is None else timings):
+    for i, _, lm, _ in _meshed(enumerate(frames), len(frames), box, window, cfg, landmarker, {} if timings is None else timings):
         if lm is not None:
             out[i] = lm
     return out
@@ -210,15 +234,15 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
         face_vecs = []
         key = np.zeros((cfg.keyframe_px, cfg.keyframe_px, 3), np.uint8)
         window = cfg.mesh_window_scale if small else None
-        for i, frame, lm in _meshed(frames, n, box, window, cfg, landmarker, tm):
+        for i, frame, lm, crop in _meshed(frames, n, box, window, cfg, landmarker, tm):
             if i == n // 2:  # the keyframe comes from this pass: the shards do not decode the video again
-                key = keyframe_crop(frame, c["face_box"], cfg.keyframe_px)
+                key = keyframe_crop(_host(frame), c["face_box"], cfg.keyframe_px)
             if lm is not None:
                 lms[i] = lm
-                crops[i] = crop_face(frame, lm, cfg.crop_size, cfg.crop_expand)
+                crops[i] = crop
                 if i in probes:
                     t3 = time.perf_counter()
-                    face_vecs.append(face_embedder.embed(frame, lm))
+                    face_vecs.append(face_embedder.embed(_host(frame), lm))
                     tm["face_embed_s"] = tm.get("face_embed_s", 0) + time.perf_counter() - t3
         t0 = time.perf_counter()
         tracked = ~np.isnan(lms[:, 0, 0])

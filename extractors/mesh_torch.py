@@ -65,24 +65,40 @@ def ssd_anchors() -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
-def warp_crops(frames: torch.Tensor, rects: torch.Tensor, size: int, border: str, chunk: int = 128) -> torch.Tensor:
+def warp_crops(frames: torch.Tensor, rects: torch.Tensor, size: int, border: str, chunk: int = 256) -> torch.Tensor:
     """Rotated square crops as MediaPipe's ImageToTensor cuts them (the rect's corners onto the output's
     corners, bilinear). frames: (B, H, W, 3) uint8; rects: (B, 4) centre x, centre y, side (pixels),
-    rotation (radians). Returns (B, 3, size, size) float32 in 0-255. Sampled in float32 whatever the
-    networks run in (a half-precision grid would be off by pixels on large frames), ``chunk`` frames at
-    a time (each frame is sampled on its own: the chunking changes nothing)."""
+    rotation (radians); border: "zeros" (outside is black) or "border" (edge pixels replicated). Returns
+    (B, size, size, 3) float32 in 0-255 (NHWC, as the networks take it).
+
+    The four bilinear taps are gathered straight from the uint8 frames (a whole frame is never converted to
+    float), in float32 whatever the networks run in (a half-precision grid would be off by pixels on large
+    frames); the same sampling as ``grid_sample(align_corners=True)`` at pixel coordinates. ``chunk``
+    frames at a time bounds the temporaries; each frame is sampled on its own, so chunking changes nothing."""
     B, H, W, _ = frames.shape
-    r = rects.float()
+    out = torch.empty(B, size, size, 3, device=frames.device, dtype=torch.float32)
     u = torch.arange(size, device=frames.device, dtype=torch.float32) / size - 0.5
     dy, dx = torch.meshgrid(u, u, indexing="ij")  # (size, size) in units of the side
-    c, s, side = torch.cos(r[:, 3])[:, None, None], torch.sin(r[:, 3])[:, None, None], r[:, 2, None, None]
-    x = r[:, 0, None, None] + (c * dx - s * dy) * side
-    y = r[:, 1, None, None] + (s * dx + c * dy) * side
-    grid = torch.stack([x / (W - 1) * 2 - 1, y / (H - 1) * 2 - 1], -1)
-    out = torch.empty(B, 3, size, size, device=frames.device, dtype=torch.float32)
     for i in range(0, B, chunk):
-        f = frames[i:i + chunk].permute(0, 3, 1, 2).float()
-        out[i:i + chunk] = F.grid_sample(f, grid[i:i + chunk], mode="bilinear", padding_mode=border, align_corners=True)
+        r = rects[i:i + chunk].float()
+        n = len(r)
+        c, s, side = torch.cos(r[:, 3])[:, None, None], torch.sin(r[:, 3])[:, None, None], r[:, 2, None, None]
+        x = r[:, 0, None, None] + (c * dx - s * dy) * side
+        y = r[:, 1, None, None] + (s * dx + c * dy) * side
+        if border == "border":
+            x, y = x.clamp(0, W - 1), y.clamp(0, H - 1)
+        x0, y0 = torch.floor(x), torch.floor(y)
+        wx, wy = (x - x0).reshape(n, -1, 1), (y - y0).reshape(n, -1, 1)
+        x0, y0 = x0.long().reshape(n, -1), y0.long().reshape(n, -1)
+        flat = frames[i:i + n].reshape(n, H * W, 3)
+        acc = None
+        for ox, oy, w in ((0, 0, (1 - wx) * (1 - wy)), (1, 0, wx * (1 - wy)), (0, 1, (1 - wx) * wy), (1, 1, wx * wy)):
+            xi, yi = x0 + ox, y0 + oy
+            inside = ((xi >= 0) & (xi < W) & (yi >= 0) & (yi < H)).unsqueeze(-1)
+            idx = (yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)).unsqueeze(-1).expand(n, -1, 3)
+            v = torch.gather(flat, 1, idx).float() * (w * inside)
+            acc = v if acc is None else acc + v
+        out[i:i + n] = acc.reshape(n, size, size, 3)
     return out
 
 
@@ -107,8 +123,8 @@ class TorchFaceMesh:
     the next batch of the same clip)."""
 
     def __init__(self, device: str = "cpu", dtype: torch.dtype | None = None, passes: int = 3,
-                 modules: str | Path | None = None):
-        from models.tflite_torch import TFLiteGraph
+                 modules: str | Path | None = None, graphs: bool | None = None, channels_last: bool | None = None):
+        from models.tflite_torch import CudaGraphed, TFLiteGraph
 
         self.device = torch.device(device)
         self.dtype = dtype or torch.float32
@@ -117,6 +133,13 @@ class TorchFaceMesh:
         self.lm = TFLiteGraph(mediapipe_model("face_landmark/face_landmark_with_attention.tflite", modules)).eval()
         self.det.to(self.device, self.dtype)
         self.lm.to(self.device, self.dtype)
+        cuda = self.device.type == "cuda"
+        if cuda if channels_last is None else channels_last:
+            self.det.channels_last()
+            self.lm.channels_last()
+        # on CUDA each network runs as a CUDA graph per batch shape (``graphs``: default on CUDA)
+        self.graphs = cuda if graphs is None else graphs and cuda
+        self._det, self._lm = (CudaGraphed(self.det), CudaGraphed(self.lm)) if self.graphs else (self.det, self.lm)
         self.anchors = torch.from_numpy(ssd_anchors()).to(self.device)
         # the refinement index lists are the model's own (its Landmarks2TransformMatrix subsets):
         # lips, left eye, right eye, in the order of its outputs
@@ -131,7 +154,7 @@ class TorchFaceMesh:
         ``expect`` (B, 2 pixels), merged with its overlapping anchors (weighted suppression). Returns
         (rect (B, 4), found (B,))."""
         x = warp_crops(frames, roi, DET_PX, "zeros") * (2 / 255) - 1
-        reg, cls = self.det(x.permute(0, 2, 3, 1).to(self.dtype))
+        reg, cls = self._det(x.to(self.dtype))
         reg, score = reg.float(), torch.sigmoid(cls.float().clamp(-100, 100))[..., 0]
         a = self.anchors
         pts = reg[..., 4:].reshape(*reg.shape[:2], 6, 2) / DET_PX + a[None, :, None]  # ROI-normalised
@@ -163,7 +186,7 @@ class TorchFaceMesh:
     def landmarks(self, frames: torch.Tensor, rects: torch.Tensor):
         """(B, 478, 3) landmarks in frame pixels (z in the same scale) and (B,) face-flag scores."""
         x = warp_crops(frames, rects, LM_PX, "border") / 255
-        mesh, lips, leye, reye, liris, riris, flag = self.lm(x.permute(0, 2, 3, 1).to(self.dtype))
+        mesh, lips, leye, reye, liris, riris, flag = self._lm(x.to(self.dtype))
         B = len(rects)
         m = mesh.float().reshape(B, 468, 3).clone()
         m[:, self.lips, :2] = lips.float().reshape(B, 80, 2)

@@ -126,6 +126,21 @@ class TFLiteGraph(torch.nn.Module):
                 self.register_buffer(name, a.contiguous() if a.dtype.is_floating_point else a, persistent=False)
                 self._names[t] = name
         self._consts_np = {t: consts[t] for t in self._names}
+        # index lists of the custom operators as tensors on the module's device (an index list built per
+        # call would be a host-to-device copy, which a CUDA graph cannot hold)
+        for i, op in enumerate(self.ops):
+            if op.kind == "Landmarks2TransformMatrix":
+                self.register_buffer(f"subset{i}", torch.tensor(list(op.opts["subset_idxs"])), persistent=False)
+                op.opts = dict(op.opts, subset=f"subset{i}")
+
+    def channels_last(self) -> "TFLiteGraph":
+        """Convolution weights in channels-last memory (the activations follow them): NHWC is what cuDNN's
+        fast half-precision kernels, the depthwise ones above all, run on."""
+        for op in self.ops:
+            if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+                name = self._names[op.inputs[1]]
+                setattr(self, name, getattr(self, name).contiguous(memory_format=torch.channels_last))
+        return self
 
     def _is4(self, t: int, consts: dict) -> bool:
         return t not in consts and len(self.shapes.get(t, [])) == 4
@@ -200,8 +215,10 @@ class TFLiteGraph(torch.nn.Module):
             y = F.conv2d(x, w, b, (o["sh"], o["sw"]), pad, (o["dh"], o["dw"]), groups)
             return _act(y, o["act"])
         if k == "PRELU":
-            x, a = get(op.inputs[0]), get(op.inputs[1]).to(get(op.inputs[0]).dtype)
-            return torch.where(x >= 0, x, x * a)
+            x, a = get(op.inputs[0]), get(op.inputs[1])
+            if x.dim() == 4 and a.numel() == x.shape[1]:  # per channel: one kernel
+                return F.prelu(x, a.reshape(-1).to(x.dtype))
+            return torch.where(x >= 0, x, x * a.to(x.dtype))
         if k == "RELU":
             return F.relu(get(op.inputs[0]))
         if k in ("ADD", "MUL", "SUB"):
@@ -236,7 +253,7 @@ class TFLiteGraph(torch.nn.Module):
         if k == "STRIDED_SLICE":
             return self._strided_slice(op, get)
         if k == "Landmarks2TransformMatrix":
-            return landmarks_to_transform_matrix(get(op.inputs[0]), o)
+            return landmarks_to_transform_matrix(get(op.inputs[0]), o, getattr(self, o["subset"]))
         if k == "TransformTensorBilinear":
             return transform_tensor_bilinear(get(op.inputs[0]), get(op.inputs[1]), o["output_height"], o["output_width"])
         if k == "TransformLandmarks":
@@ -271,14 +288,14 @@ class TFLiteGraph(torch.nn.Module):
 
 # --- MediaPipe's custom operators, batched --------------------------------------------------------------
 
-def landmarks_to_transform_matrix(lm: torch.Tensor, o: dict) -> torch.Tensor:
+def landmarks_to_transform_matrix(lm: torch.Tensor, o: dict, subset: torch.Tensor | None = None) -> torch.Tensor:
     """Landmarks2TransformMatrix v2: (B, N, 3) landmarks -> (B, 4, 4), the matrix from an
     output_width x output_height crop's pixels to the landmarks' frame: rotated so that the line from
     the left to the right rotation landmark is level, centred on and scaled to the subset's box."""
     lm = lm.float()
     left, right = lm[:, o["left_rotation_idx"], :2], lm[:, o["right_rotation_idx"], :2]
     rot = o["target_rotation_radians"] - torch.atan2(right[:, 1] - left[:, 1], right[:, 0] - left[:, 0])
-    pts = lm[:, list(o["subset_idxs"]), :2]
+    pts = lm[:, subset if subset is not None else list(o["subset_idxs"]), :2]
     c, s = torch.cos(rot)[:, None], torch.sin(rot)[:, None]
     rx, ry = c * pts[..., 0] - s * pts[..., 1], s * pts[..., 0] + c * pts[..., 1]
     x0, x1, y0, y1 = rx.amin(1), rx.amax(1), ry.amin(1), ry.amax(1)
@@ -321,3 +338,40 @@ def transform_landmarks(lm: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     x = m[:, 0, 0, None] * lm[..., 0] + m[:, 0, 1, None] * lm[..., 1] + m[:, 0, 3, None]
     y = m[:, 1, 0, None] * lm[..., 0] + m[:, 1, 1, None] * lm[..., 1] + m[:, 1, 3, None]
     return torch.stack([x, y] + ([lm[..., 2]] if lm.shape[-1] == 3 else []), -1)
+
+
+class CudaGraphed:
+    """A module's forward replayed from CUDA graphs, one captured per input shape and dtype: the graph's few
+    hundred kernels launch as one, so a batch costs the GPU's time, not Python's. Inputs are copied into the
+    graph's own buffers, outputs copied out (a later replay overwrites them). CPU inputs run the module as is.
+    Capturing needs a forward with no host synchronisation and no host-to-device copies (TFLiteGraph's)."""
+
+    def __init__(self, net: torch.nn.Module):
+        self.net = net
+        self.graphs: dict = {}
+
+    def __call__(self, *xs: torch.Tensor) -> list[torch.Tensor]:
+        if not xs[0].is_cuda:
+            return self.net(*xs)
+        key = tuple((tuple(x.shape), x.dtype, x.device) for x in xs)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(xs)
+        graph, ins, outs = self.graphs[key]
+        for buf, x in zip(ins, xs):
+            buf.copy_(x)
+        graph.replay()
+        return [o.clone() for o in outs]
+
+    @torch.no_grad()
+    def _capture(self, xs):
+        ins = [x.clone() for x in xs]
+        side = torch.cuda.Stream(xs[0].device)
+        side.wait_stream(torch.cuda.current_stream(xs[0].device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up on a side stream, as capture needs: cuDNN's plans, the allocator
+                self.net(*ins)
+        torch.cuda.current_stream(xs[0].device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = self.net(*ins)
+        return graph, ins, list(outs)

@@ -113,6 +113,43 @@ def test_torch_face_mesh_follows_the_speaker_and_reports_no_face(real_dir, torch
     assert np.isnan(corner).all()
 
 
+def test_crops_are_sampled_as_grid_sample_samples_them_and_cut_alike_from_device_frames(real_dir, torch_mesh):
+    """The rotated crops are gathered from the uint8 frames (no whole frame in float): the same bilinear
+    samples as ``grid_sample(align_corners=True)`` with zero or replicated borders, rects partly outside
+    the frame included. And the face crops cut from frames held as tensors (NVDEC's, on the GPU) are the
+    very pixels ``crop_face`` takes from the host frames."""
+    import torch.nn.functional as F
+
+    from extractors.extract import _meshed, crop_face
+    from extractors.mesh_torch import warp_crops
+
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randint(0, 256, (5, 90, 160, 3), dtype=torch.uint8, generator=g)
+    rects = torch.tensor([[80, 45, 60, 0.3], [5, 5, 80, 1.0], [150, 85, 40, -2.0], [80, 45, 300, 0.0], [-20, 10, 30, 3.0]])
+    u = torch.arange(48, dtype=torch.float32) / 48 - 0.5
+    dy, dx = torch.meshgrid(u, u, indexing="ij")
+    c, s, side = torch.cos(rects[:, 3])[:, None, None], torch.sin(rects[:, 3])[:, None, None], rects[:, 2, None, None]
+    x, y = rects[:, 0, None, None] + (c * dx - s * dy) * side, rects[:, 1, None, None] + (s * dx + c * dy) * side
+    grid = torch.stack([x / 159 * 2 - 1, y / 89 * 2 - 1], -1)
+    for border in ("zeros", "border"):
+        ref = F.grid_sample(frames.permute(0, 3, 1, 2).float(), grid, mode="bilinear", padding_mode=border,
+                            align_corners=True).permute(0, 2, 3, 1)
+        got = warp_crops(frames, rects, 48, border, chunk=2)
+        assert got.shape == (5, 48, 48, 3)
+        assert (got - ref).abs().max() < 0.05, border  # float32 rounding of the normalised grid alone
+        assert (ref.abs() > 0).float().mean() > 0.25  # mostly inside the frame: a real comparison
+    cfg = ExtractConfig(mesh_batch=8)
+    video = _frames(real_dir / "d14.mp4", 12, cfg.mesh_max_side)
+    box = [0.3, 0.2, 0.7, 0.7]
+    on_host = list(_meshed(enumerate(video), 12, box, None, cfg, torch_mesh, {}))
+    as_tensors = list(_meshed(enumerate(torch.from_numpy(video)), 12, box, None, cfg, torch_mesh, {}))
+    assert all(r[2] is not None for r in on_host)
+    for (i, frame, lm, crop), (_, _, lm_t, crop_t) in zip(on_host, as_tensors):
+        np.testing.assert_array_equal(lm, lm_t)
+        np.testing.assert_array_equal(crop, crop_face(frame, lm, cfg.crop_size, cfg.crop_expand))
+        np.testing.assert_array_equal(crop_t, crop)
+
+
 def test_a_run_with_the_torch_landmarker_records_it_and_nvdec_fails_clearly_without_a_gpu(real_dir, tmp_path):
     """`m2fd run --set landmarker=torch` tracks the speaker with the port and says so in the extraction
     lineage; `--set decoder=nvdec` where the run has no GPU stops before any extraction with the reason."""
