@@ -247,6 +247,49 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
     RESULTS["landmarks"] = rows
 
 
+def section_compile(videos: list[Path], boxes: dict, dev: str, batch: int, modules: str | None) -> None:
+    """Whether inductor's fused kernels beat the replayed graph: the networks through ``torch.compile``
+    (then captured as CUDA graphs as usual), float16, one batch size."""
+    import torch
+
+    from extractors.mesh_torch import TorchFaceMesh, detection_roi
+    from models.tflite_torch import CudaGraphed
+
+    v = next(v for v in videos if v.name in boxes)
+    base = cv_frames(v, 120)
+    h, w = base.shape[1:3]
+    box = boxes[v.name]
+    roi = detection_roi(w, h, box, None)
+    x = torch.from_numpy(base[np.arange(batch) % len(base)]).to(dev)
+    ref = TorchFaceMesh(dev, torch.float16, modules=modules)
+    mesh = TorchFaceMesh(dev, torch.float16, modules=modules)
+    t0 = time.perf_counter()
+    mesh._det = CudaGraphed(torch.compile(mesh.det, dynamic=False))
+    mesh._lm = CudaGraphed(torch.compile(mesh.lm, dynamic=False))
+    got = mesh.track(x, box, roi)[0]
+    _sync(dev)
+    row = {"batch": batch, "compile_s": round(time.perf_counter() - t0, 1),
+           "max_abs_diff_px_vs_default": round(float(((got - ref.track(x, box, roi)[0])[..., :2]
+                                                      * torch.tensor([w, h], device=got.device)).abs().max()), 4)}
+    for label, m in (("default", ref), ("compiled", mesh)):
+        m.track(x, box, roi)
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(max(1, 8192 // batch)):
+            m.track(x, box, roi)
+        _sync(dev)
+        row[f"{label}_frames_per_s"] = round(max(1, 8192 // batch) * batch / (time.perf_counter() - t0), 1)
+        crops = torch.rand(batch, 192, 192, 3, device=dev, dtype=torch.float16)
+        m._lm(crops)
+        _sync(dev)
+        t0 = time.perf_counter()
+        m._lm(crops)
+        _sync(dev)
+        row[f"{label}_network_crops_per_s"] = round(batch / (time.perf_counter() - t0), 1)
+    print("compile", row, flush=True)
+    RESULTS["compile"] = row
+
+
 def section_mediapipe(videos: list[Path], boxes: dict, procs: int, n: int) -> None:
     v = next(v for v in videos if v.name in boxes)
     frames = cv_frames(v, n)
@@ -370,7 +413,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--videos", nargs="+", default=["../shared/data/real"])
     ap.add_argument("--extract-videos", nargs="+", default=None, help="videos for the extract section (default --videos)")
-    ap.add_argument("--section", action="append", choices=["decode", "landmarks", "mediapipe", "extract"])
+    ap.add_argument("--section", action="append", choices=["decode", "landmarks", "mediapipe", "extract", "compile"])
     ap.add_argument("--device", default=None)
     ap.add_argument("--batches", default="256,1024,4096")
     ap.add_argument("--dtypes", default="float16,bfloat16,float32")
@@ -403,6 +446,8 @@ def main() -> None:
             elif s == "landmarks":
                 section_landmarks(vids, boxes, dev, [int(b) for b in a.batches.split(",")], a.dtypes.split(","),
                                   a.acc_frames, a.modules, a.reference)
+            elif s == "compile":
+                section_compile(vids, boxes, dev, int(a.batches.split(",")[-1]), a.modules)
             elif s == "mediapipe":
                 section_mediapipe(vids, boxes, a.procs, a.mp_frames)
             elif s == "extract":

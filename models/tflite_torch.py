@@ -372,6 +372,6 @@ class CudaGraphed:
                 self.net(*ins)
         torch.cuda.current_stream(xs[0].device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # a decoder thread may use CUDA meanwhile
             outs = self.net(*ins)
         return graph, ins, list(outs)
