@@ -20,6 +20,7 @@ Pure: arrays and tensors in, landmarks out; no Ray, no Dagster.
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -33,8 +34,9 @@ _ROI_SCALE = 1.5
 
 
 def mediapipe_model(rel: str, modules: str | Path | None = None) -> Path:
-    """A .tflite file inside the installed mediapipe wheel's modules/ (or a copy of that folder: nothing
-    is downloaded)."""
+    """A .tflite file inside the installed mediapipe wheel's modules/ (or a copy of that folder, given here
+    or as $M2FD_MEDIAPIPE_MODULES, for machines without the wheel: nothing is downloaded)."""
+    modules = modules or os.environ.get("M2FD_MEDIAPIPE_MODULES") or None
     if modules is None:
         import mediapipe
 

@@ -174,3 +174,19 @@ def test_a_run_with_the_torch_landmarker_records_it_and_nvdec_fails_clearly_with
     assert feats and all(f["status"] == "ok" and f["tracked_ratio"] >= 0.9 for f in feats)
     r = subprocess.run(m2fd + ["--out", str(tmp_path / "N"), "--set", "landmarker=torch", "--set", "decoder=nvdec"], **kw)
     assert r.returncode != 0 and "decoder=nvdec needs the torch landmarker" in " ".join((r.stdout + r.stderr).split())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_replay_the_networks_as_run_eagerly():
+    """On CUDA the networks run as captured CUDA graphs: a replay gives what the eager forward gives, for a
+    new batch shape and again for a shape already captured (inputs are copied in, outputs out)."""
+    mesh = TorchFaceMesh("cuda", torch.float16)
+    assert mesh.graphs
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for b in (8, 16, 8):
+        x = torch.rand(b, 192, 192, 3, device="cuda", dtype=torch.float16, generator=g)
+        with torch.no_grad():
+            eager = mesh.lm(x)
+        for e, r in zip(eager, mesh._lm(x)):
+            torch.testing.assert_close(r, e, rtol=1e-3, atol=1e-3)
+    assert len(mesh._lm.graphs) == 2
