@@ -14,6 +14,7 @@ Pure: no Ray, no Dagster. Needs the ``tflite`` flatbuffer bindings (parsing only
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -355,7 +356,14 @@ class CudaGraphed:
             return self.net(*xs)
         key = tuple((tuple(x.shape), x.dtype, x.device) for x in xs)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(xs)
+            try:
+                self.graphs[key] = self._capture(xs)
+            except RuntimeError as e:  # a driver or build that cannot capture: the eager forward, same result
+                warnings.warn(f"CUDA graph capture failed ({str(e).splitlines()[0][:160]}); running eagerly")
+                torch.cuda.synchronize(xs[0].device)
+                self.graphs[key] = None
+        if self.graphs[key] is None:
+            return self.net(*xs)
         graph, ins, outs = self.graphs[key]
         for buf, x in zip(ins, xs):
             buf.copy_(x)
