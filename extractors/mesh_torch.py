@@ -67,7 +67,7 @@ def ssd_anchors() -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
-def warp_crops(frames: torch.Tensor, rects: torch.Tensor, size: int, border: str, chunk: int = 256) -> torch.Tensor:
+def warp_crops(frames: torch.Tensor, rects: torch.Tensor, size: int, border: str, chunk: int = 64) -> torch.Tensor:
     """Rotated square crops as MediaPipe's ImageToTensor cuts them (the rect's corners onto the output's
     corners, bilinear). frames: (B, H, W, 3) uint8; rects: (B, 4) centre x, centre y, side (pixels),
     rotation (radians); border: "zeros" (outside is black) or "border" (edge pixels replicated). Returns
