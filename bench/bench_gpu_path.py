@@ -145,6 +145,18 @@ def _mp_track(args) -> tuple[int, float, np.ndarray]:
     return len(frames), time.perf_counter() - t0, lm
 
 
+def _mp_worker(args) -> tuple[int, float, float]:
+    """One process of the many-core MediaPipe figure: decodes its own frames and warms its graph untimed,
+    waits for the others, then tracks; returns (frames, start, end) on the wall clock."""
+    path, n, box, barrier = args
+    frames = cv_frames(Path(path), n)
+    _mp_track((frames[:30], box))
+    barrier.wait()
+    t0 = time.time()
+    k = _mp_track((frames, box))[0]
+    return k, t0, time.time()
+
+
 def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[int], dtypes: list[str],
                       n_acc: int, modules: str | None, reference: Path | None) -> None:
     import torch
@@ -192,7 +204,7 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
     h, w = base.shape[1:3]
     box = boxes[v.name]
     roi = detection_roi(w, h, box, None)
-    rows = []
+    rows = RESULTS["landmarks"] = []  # filled as measured: a later failure keeps the rows so far
     variants = [(dt, "default", mesh) for dt, mesh in meshes.items()]
     if dev.startswith("cuda"):  # what the CUDA graphs and the channels-last layout each bring, first dtype
         dt0 = dtypes[0]
@@ -244,7 +256,6 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
             rows.append({"dtype": "float32", "op": "warp_crops 192 px", "frame_size": [w, h], "batch": b,
                          "frames_per_s": round(b / (time.perf_counter() - t0), 1)})
             print("landmarks", rows[-1], flush=True)
-    RESULTS["landmarks"] = rows
 
 
 def section_compile(videos: list[Path], boxes: dict, dev: str, batch: int, modules: str | None) -> None:
@@ -297,12 +308,12 @@ def section_mediapipe(videos: list[Path], boxes: dict, procs: int, n: int) -> No
     _mp_track((frames[:30], box))  # warm
     k, dt, _ = _mp_track((frames, box))
     one = k / dt
+    # every process decodes its own frames (shipping them through the pool's pipes would time the pipes)
     ctx = mp.get_context("spawn")
-    with ctx.Pool(procs, initializer=_one_thread) as pool:
-        pool.map(_mp_track, [(frames[:30], box)] * procs)  # start-up
-        t0 = time.perf_counter()
-        done = pool.map(_mp_track, [(frames, box)] * procs)
-        wall = time.perf_counter() - t0
+    with ctx.Manager() as man, ctx.Pool(procs, initializer=_one_thread) as pool:
+        barrier = man.Barrier(procs)
+        done = pool.map(_mp_worker, [(str(v), n, box, barrier)] * procs, chunksize=1)
+    wall = max(d[2] for d in done) - min(d[1] for d in done)
     row = {"video": v.name, "fps_1core": round(one, 1), "procs": procs,
            "fps_all_procs": round(sum(d[0] for d in done) / wall, 1)}
     print("mediapipe", row, flush=True)
@@ -386,7 +397,7 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
         jobs.append((str(v), w, h, n, boxes[v.name]))
     jobs = jobs * scale
     ctx = mp.get_context("spawn")
-    rows = []
+    rows = RESULTS["extract"] = []  # filled as measured: a later failure (e.g. out of memory) keeps the rows so far
     for k in workers:
         with ctx.Pool(k) as pool:
             pool.map(_extract_worker, [(jobs[:1], dev, modules, batch, nvdec)] * k)  # start-up, model loads
@@ -406,7 +417,6 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
                      "gpu_util_mean_pct": round(float(np.mean(use.samples)), 1) if use.samples else None,
                      "task_seconds": tm})
         print("extract", rows[-1], flush=True)
-    RESULTS["extract"] = rows
 
 
 def main() -> None:
