@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 DET_PX, LM_PX = 128, 192
 _DET_MIN_SCORE, _NMS_IOU, _FLAG_MIN = 0.5, 0.3, 0.5

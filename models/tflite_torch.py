@@ -135,8 +135,9 @@ class TFLiteGraph(torch.nn.Module):
                 op.opts = dict(op.opts, subset=f"subset{i}")
 
     def channels_last(self) -> "TFLiteGraph":
-        """Convolution weights in channels-last memory (the activations follow them): NHWC is what cuDNN's
-        fast half-precision kernels, the depthwise ones above all, run on."""
+        """Convolution weights in channels-last memory, so cuDNN runs NHWC kernels whatever layout an input
+        arrives in. (An NHWC input, permuted, already gets them: on an H100 the tracker ran as fast with NCHW
+        weights, measured side by side in bench/bench_gpu_path.py.)"""
         for op in self.ops:
             if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
                 name = self._names[op.inputs[1]]
