@@ -71,8 +71,10 @@ STAGES: tuple[Stage, ...] = (
           summary=_ingest_line, result_asset="clips"),
     Stage("extract", ("tracks", "gnpfa_checkpoint", "extraction"),
           # an encoding task is mostly CPU (reading the tracks part, quality, the frames table, writes): on an
-          # H200 the networks take ~25 ms of a source's ~250 ms (bench/bench_encode.py), so 8 tasks share a GPU
-          {"_extract_task": Resources(gpus=0.25, memory_gb=2), "_encode_task": Resources(gpus=0.125, memory_gb=1)},
+          # H200 the networks take ~25 ms of a source's ~250 ms (bench/bench_encode.py), so 8 tasks share a GPU;
+          # so do 8 extraction tasks: on an H100 the whole extraction ran 1,071 input frames/s with 4 processes
+          # sharing the GPU and 1,375 with 8 (bench/bench_gpu_path.py, under 5.5 GB of GPU memory each)
+          {"_extract_task": Resources(gpus=0.125, memory_gb=2), "_encode_task": Resources(gpus=0.125, memory_gb=1)},
           reads=("sources", "clips", "audio"),
           writes=("frames", "clip_features", "transcripts", "quarantine", "crops", "keyframes"),
           summary=_extract_line),
