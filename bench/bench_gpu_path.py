@@ -88,6 +88,16 @@ def _sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
+def _seconds(dev: str, fn, reps: int = 1) -> float:
+    """Wall seconds of ``reps`` calls of ``fn`` on ``dev`` (the device drained before and after)."""
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
 # --- decode --------------------------------------------------------------------------------------------
 def _nvdec_all(path: Path) -> int:
     import PyNvVideoCodec as nvc
@@ -206,11 +216,9 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
     roi = detection_roi(w, h, box, None)
     rows = RESULTS["landmarks"] = []  # filled as measured: a later failure keeps the rows so far
     variants = [(dt, "default", mesh) for dt, mesh in meshes.items()]
-    if dev.startswith("cuda"):  # what the CUDA graphs and the channels-last layout each bring, first dtype
+    if dev.startswith("cuda"):  # what the CUDA graphs bring, first dtype
         dt0 = dtypes[0]
-        variants += [(dt0, "no CUDA graphs", TorchFaceMesh(dev, getattr(torch, dt0), modules=modules, graphs=False)),
-                     (dt0, "no CUDA graphs, NCHW", TorchFaceMesh(dev, getattr(torch, dt0), modules=modules, graphs=False,
-                                                                  channels_last=False))]
+        variants.append((dt0, "no CUDA graphs", TorchFaceMesh(dev, getattr(torch, dt0), modules=modules, graphs=False)))
     for dt, label, mesh in variants:
         for passes in sorted({1, mesh.passes}) if label == "default" else [mesh.passes]:
             mesh.passes = passes
@@ -223,12 +231,7 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
                         ((got - ref)[..., :2] * torch.tensor([w, h], device=got.device)).abs().max()), 4)})
                     print("landmarks", rows[-1], flush=True)
                 reps = max(1, int(2 * 4096 / b)) if dev.startswith("cuda") else 1
-                _sync(dev)
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    mesh.track(x, box, roi)
-                _sync(dev)
-                fps = reps * b / (time.perf_counter() - t0)
+                fps = reps * b / _seconds(dev, lambda: mesh.track(x, box, roi), reps)
                 rows.append({"dtype": dt, "variant": label, "passes": passes, "batch": b, "frames_per_s": round(fps, 1)})
                 print("landmarks", rows[-1], flush=True)
         mesh.passes = 3
@@ -236,25 +239,17 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
         for b in batches:
             crops = torch.rand(b, 192, 192, 3, device=dev, dtype=getattr(torch, dt))
             with torch.no_grad():
-                for k in range(3):
-                    _sync(dev)
-                    t0 = time.perf_counter()
-                    mesh._lm(crops)
-                    _sync(dev)
+                secs = [_seconds(dev, lambda: mesh._lm(crops)) for _ in range(3)][-1]  # the third, warm
             rows.append({"dtype": dt, "variant": label, "network": "face_landmark_with_attention", "batch": b,
-                         "frames_per_s": round(b / (time.perf_counter() - t0), 1)})
+                         "frames_per_s": round(b / secs, 1)})
             print("landmarks", rows[-1], flush=True)
         if label == "default":
             b = max(batches)
             x = torch.from_numpy(base[np.arange(b) % len(base)]).to(dev)
             rects = torch.tensor([[w / 2, h / 2, min(w, h) / 2, 0.1]], device=dev).expand(b, 4)
-            for k in range(2):
-                _sync(dev)
-                t0 = time.perf_counter()
-                warp_crops(x, rects, 192, "border")
-                _sync(dev)
+            secs = [_seconds(dev, lambda: warp_crops(x, rects, 192, "border")) for _ in range(2)][-1]  # the second
             rows.append({"dtype": "float32", "op": "warp_crops 192 px", "frame_size": [w, h], "batch": b,
-                         "frames_per_s": round(b / (time.perf_counter() - t0), 1)})
+                         "frames_per_s": round(b / secs, 1)})
             print("landmarks", rows[-1], flush=True)
 
 
@@ -282,21 +277,13 @@ def section_compile(videos: list[Path], boxes: dict, dev: str, batch: int, modul
     row = {"batch": batch, "compile_s": round(time.perf_counter() - t0, 1),
            "max_abs_diff_px_vs_default": round(float(((got - ref.track(x, box, roi)[0])[..., :2]
                                                       * torch.tensor([w, h], device=got.device)).abs().max()), 4)}
+    reps = max(1, 8192 // batch)
+    crops = torch.rand(batch, 192, 192, 3, device=dev, dtype=torch.float16)
     for label, m in (("default", ref), ("compiled", mesh)):
         m.track(x, box, roi)
-        _sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(max(1, 8192 // batch)):
-            m.track(x, box, roi)
-        _sync(dev)
-        row[f"{label}_frames_per_s"] = round(max(1, 8192 // batch) * batch / (time.perf_counter() - t0), 1)
-        crops = torch.rand(batch, 192, 192, 3, device=dev, dtype=torch.float16)
+        row[f"{label}_frames_per_s"] = round(reps * batch / _seconds(dev, lambda: m.track(x, box, roi), reps), 1)
         m._lm(crops)
-        _sync(dev)
-        t0 = time.perf_counter()
-        m._lm(crops)
-        _sync(dev)
-        row[f"{label}_network_crops_per_s"] = round(batch / (time.perf_counter() - t0), 1)
+        row[f"{label}_network_crops_per_s"] = round(batch / _seconds(dev, lambda: m._lm(crops)), 1)
     print("compile", row, flush=True)
     RESULTS["compile"] = row
 

@@ -124,7 +124,7 @@ class TorchFaceMesh:
     the next batch of the same clip)."""
 
     def __init__(self, device: str = "cpu", dtype: torch.dtype | None = None, passes: int = 3,
-                 modules: str | Path | None = None, graphs: bool | None = None, channels_last: bool | None = None):
+                 modules: str | Path | None = None, graphs: bool | None = None):
         from models.tflite_torch import CudaGraphed, TFLiteGraph
 
         self.device = torch.device(device)
@@ -134,11 +134,10 @@ class TorchFaceMesh:
         self.lm = TFLiteGraph(mediapipe_model("face_landmark/face_landmark_with_attention.tflite", modules)).eval()
         self.det.to(self.device, self.dtype)
         self.lm.to(self.device, self.dtype)
+        # on CUDA each network runs as a CUDA graph per batch shape (``graphs``: default on CUDA). The NHWC
+        # input, permuted to NCHW, already has cuDNN run its channels-last kernels (channels-last weights
+        # made no difference on an H100, bench/RESULTS.md)
         cuda = self.device.type == "cuda"
-        if cuda if channels_last is None else channels_last:
-            self.det.channels_last()
-            self.lm.channels_last()
-        # on CUDA each network runs as a CUDA graph per batch shape (``graphs``: default on CUDA)
         self.graphs = cuda if graphs is None else graphs and cuda
         self._det, self._lm = (CudaGraphed(self.det), CudaGraphed(self.lm)) if self.graphs else (self.det, self.lm)
         self.anchors = torch.from_numpy(ssd_anchors()).to(self.device)

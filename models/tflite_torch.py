@@ -134,16 +134,6 @@ class TFLiteGraph(torch.nn.Module):
                 self.register_buffer(f"subset{i}", torch.tensor(list(op.opts["subset_idxs"])), persistent=False)
                 op.opts = dict(op.opts, subset=f"subset{i}")
 
-    def channels_last(self) -> "TFLiteGraph":
-        """Convolution weights in channels-last memory, so cuDNN runs NHWC kernels whatever layout an input
-        arrives in. (An NHWC input, permuted, already gets them: on an H100 the tracker ran as fast with NCHW
-        weights, measured side by side in bench/bench_gpu_path.py.)"""
-        for op in self.ops:
-            if op.kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
-                name = self._names[op.inputs[1]]
-                setattr(self, name, getattr(self, name).contiguous(memory_format=torch.channels_last))
-        return self
-
     def _is4(self, t: int, consts: dict) -> bool:
         return t not in consts and len(self.shapes.get(t, [])) == 4
 
