@@ -141,6 +141,10 @@ class ExtractConfig:
     min_landmark_conf: float = 0.5
     max_jitter: float = 0.05
     min_lip_sync: float = -1.0  # off by default; the proxy is reported per clip
+    # audio-visual synchronisation (models/av_sync.py): "shipped" (models/assets/av-sync-v1), a weights file,
+    # or "" (off); clip_features.av_sync. Clips scoring below min_av_sync are dropped as poor_av_sync.
+    av_sync_model: str = "shipped"
+    min_av_sync: float = -1.0  # off by default (see bench/RESULTS.md: the score is reported per clip)
     # GNPFA: "shipped" (models/assets/gnpfa-v1, the same latent space for every dataset), "bootstrap" (train
     # one on this run's meshes: a private latent space) or a checkpoint folder (model.safetensors + config.json).
     # A dataset whose shards were committed with a shipped or bootstrap GNPFA keeps its own copy of it.

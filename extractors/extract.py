@@ -199,7 +199,8 @@ def track_frames(frames: np.ndarray, box, cfg: ExtractConfig, window: float | No
 def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: ExtractConfig,
                    transcriber=None, template: np.ndarray | None = None, timings: dict | None = None,
                    blendshaper=None, face_geometry=None, face_embedder=None, voice_embedder=None,
-                   audio: np.ndarray | None = None, landmarker=None, nvdec: bool = False) -> list[ClipFeatures]:
+                   audio: np.ndarray | None = None, landmarker=None, nvdec: bool = False,
+                   av_sync=None) -> list[ClipFeatures]:
     """Extract every clip of one source in one sequential decoding pass (``audio``: the source's decoded
     16 kHz mono audio where the caller has it, else it is decoded here). The optional models:
     ``blendshaper(landmarks (n,478,3), width, height) -> (n,52)`` (extractors.blendshapes),
@@ -207,7 +208,8 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
     ``face_embedder.embed(frame, landmarks) -> (128,)`` on ``identity_frames`` probe frames and
     ``voice_embedder.embed(audio) -> (256,)`` on the clip's audio (extractors.identity); ``landmarker``:
     a TorchFaceMesh (extractors.mesh_torch) in place of MediaPipe's own graph; ``nvdec``: decode with NVDEC
-    into CUDA memory (with a CUDA ``landmarker`` only)."""
+    into CUDA memory (with a CUDA ``landmarker`` only); ``av_sync``: a models.av_sync.AVSync scoring each
+    clip's mouth motion against its speech (quality["av_sync"])."""
     tm = timings if timings is not None else {}
     tpl = load_template() if template is None else template
     t0 = time.perf_counter()
@@ -287,6 +289,8 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
             f.transcript = dataclasses.asdict(tr)  # the transcripts table's fields, less clip_id
             tm["transcribe_s"] = tm.get("transcribe_s", 0) + time.perf_counter() - t0
         f.quality = _quality(f)
+        if av_sync is not None:
+            f.quality["av_sync"] = av_sync.score(f.audio_feat, f.blendshapes, mouth_opening(f.geometry))
         out.append(f)
     return out
 

@@ -63,7 +63,9 @@ def clip_models(cfg: ExtractConfig) -> dict[str, Path | None]:
     from models.packaged import resolve
 
     asr = resolve_whisper(cfg.whisper_checkpoint)
-    return {"asr": Path(asr[1]) if asr else None,
+    from models.av_sync import resolve as av_sync_path
+
+    return {"asr": Path(asr[1]) if asr else None, "av_sync": av_sync_path(cfg.av_sync_model),
             "blendshapes": resolve(cfg.blendshape_model, "face-landmarker"),
             "face_embedder": resolve(cfg.face_embedder, "sface"),
             "voice_embedder": resolve(cfg.voice_embedder, "voice-encoder")}
@@ -81,17 +83,19 @@ _MODELS: dict = {}
 
 def _loaded_models(cfg: ExtractConfig) -> dict:
     """The per-clip models of a config, loaded once per worker process."""
-    key = (cfg.blendshape_model, cfg.face_embedder, cfg.voice_embedder)
+    key = (cfg.blendshape_model, cfg.face_embedder, cfg.voice_embedder, cfg.av_sync_model)
     if key not in _MODELS:
         from extractors.blendshapes import BlendshapeModel
         from extractors.face_geometry import FaceGeometry
         from extractors.identity import FaceEmbedder, VoiceEmbedder
+        from models.av_sync import load as load_av_sync
 
         p = clip_models(cfg)
         _MODELS[key] = {"blendshaper": BlendshapeModel(p["blendshapes"]) if p["blendshapes"] else None,
                         "face_geometry": FaceGeometry(p["blendshapes"]) if p["blendshapes"] else None,
                         "face_embedder": FaceEmbedder(p["face_embedder"]) if p["face_embedder"] else None,
-                        "voice_embedder": VoiceEmbedder(p["voice_embedder"]) if p["voice_embedder"] else None}
+                        "voice_embedder": VoiceEmbedder(p["voice_embedder"]) if p["voice_embedder"] else None,
+                        "av_sync": load_av_sync(p["av_sync"]) if p["av_sync"] else None}
     return _MODELS[key]
 
 
@@ -415,7 +419,7 @@ def _dropped(w: TrackWork, qrows: list[dict], ckpt_sha: str) -> dict:
     by_clip = {q["clip_id"]: q for q in qrows}
     feats = [{"clip_id": c["clip_id"], "source_id": c["source_id"], "status": "dropped",
               "drop_reason": by_clip[c["clip_id"]]["reason"], "n_frames": int(c["n_frames"]), "tracked_ratio": 0.0,
-              "landmark_conf": 0.0, "jitter": None, "lip_sync": None, "speaking_score": c.get("speaking_score"), "recon_err": None, "image_pose_err_deg": None,
+              "landmark_conf": 0.0, "jitter": None, "lip_sync": None, "speaking_score": c.get("speaking_score"), "av_sync": None, "recon_err": None, "image_pose_err_deg": None,
               "image_latent_rel_err": None, "neutral": None, "gnpfa_checkpoint": ckpt_sha, "transcript_engine": None,
               "face_embedding": None, "voice_embedding": None}
              for c in w.clips]

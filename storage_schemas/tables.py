@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "0.6.0"  # 0.6.0: frames.face_transform; 0.5.0: transcripts.rejected_s; 0.4.0: frames.blendshapes, clip_features face/voice embeddings, transcripts.model_sha256, speakers, samples.speaker_id; 0.3.0: clips/clip_features.speaking_score, face_tracks; 0.2.0: shards.version, samples.input_digest (dataset versions)
+SCHEMA_VERSION = "0.7.0"  # 0.7.0: clip_features.av_sync; 0.6.0: frames.face_transform; 0.5.0: transcripts.rejected_s; 0.4.0: frames.blendshapes, clip_features face/voice embeddings, transcripts.model_sha256, speakers, samples.speaker_id; 0.3.0: clips/clip_features.speaking_score, face_tracks; 0.2.0: shards.version, samples.input_digest (dataset versions)
 FPS = 30  # every per-frame array in M2F-D is sampled at exactly this rate
 AUDIO_SAMPLE_RATE = 16_000
 
@@ -132,6 +132,8 @@ CLIP_FEATURES = pa.schema(
         _f("jitter", pa.float32(), True, "mean |second difference| of the normalised mesh, IOD/frame^2"),
         _f("lip_sync", pa.float32(), True, "best correlation (+-3 frames) of mouth opening with speech level"),
         _f("speaking_score", pa.float32(), True, "the clip's Light-ASD speaking score (clips.speaking_score)"),
+        _f("av_sync", pa.float32(), True, "AV-sync score (models/av_sync.py): mean correlation of the mouth motion "
+           "predicted from the speech with the observed one, best lag within +-3 frames; null if off or too short"),
         _f("recon_err", pa.float32(), True, "mean GNPFA round-trip error, % IOD"),
         _f("image_pose_err_deg", pa.float32(), True, "image vs mesh head rotation, mean geodesic degrees"),
         _f("image_latent_rel_err", pa.float32(), True, "|z_image - z_mesh| / |z_mesh|, mean"),

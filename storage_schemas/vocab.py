@@ -30,6 +30,8 @@ QUARANTINE_REASONS: dict[str, str] = {
     "low_landmark_conf": "landmarks are inconsistent with the speaker's own rigid shape",
     "jittery": "the normalised mesh shakes more than the configured limit",
     "poor_lip_sync": "mouth opening does not follow the speech level",
+    "poor_av_sync": "the mouth does not move as the speech predicts (AV-sync score below the threshold): "
+                    "dubbing, a voice-over, another person's speech",
 }
 
 QUARANTINE_STAGES = ("discover", "ingest", "extract", "label", "shard")
