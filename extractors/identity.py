@@ -60,6 +60,20 @@ def face_row(landmarks_norm: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.concatenate([[x0, y0, x1 - x0, y1 - y0], pts.reshape(-1), [1.0]]).astype(np.float32)
 
 
+def check_opencv(version: str | None = None) -> None:
+    """Raise where OpenCV cannot run SFace: OpenCV 5's dnn engine rejects the packaged model (its weights
+    are declared as graph inputs: "ninputs == 1 && empty name can only be used with single input", seen on
+    the lent GPU machine's cv2 5.0.0); 4.x runs it."""
+    if version is None:
+        import cv2
+
+        version = cv2.__version__
+    if int(version.split(".")[0]) >= 5:
+        raise RuntimeError(f"extract.face_embedder: SFace runs on OpenCV 4 (cv2.FaceRecognizerSF), and this "
+                           f"environment has OpenCV {version}, whose dnn engine rejects the model; install "
+                           f"opencv-contrib-python<5 (the project's pin) or set extract.face_embedder=''")
+
+
 class FaceEmbedder:
     """SFace (``cv2.FaceRecognizerSF``) on a frame and its Face Mesh landmarks.
 
@@ -74,6 +88,7 @@ class FaceEmbedder:
         p = Path(model_path)
         if not p.is_file():
             raise FileNotFoundError(f"SFace model not found: {p}")
+        check_opencv()
         self.model_path = p
         self._rec = cv2.FaceRecognizerSF.create(str(p), "")
 

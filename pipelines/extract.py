@@ -58,13 +58,16 @@ class TrackWork:
 
 def clip_models(cfg: ExtractConfig) -> dict[str, Path | None]:
     """Local files of the per-clip models a config names (None = off). Raises FileNotFoundError naming
-    the config key when one is missing, ValueError when a packaged file's sha256 is wrong."""
+    the config key when one is missing, ValueError when a packaged file's sha256 is wrong, RuntimeError when
+    this OpenCV cannot run the face embedder."""
+    from extractors.identity import check_opencv
     from extractors.transcribe import resolve_whisper
+    from models.av_sync import resolve as av_sync_path
     from models.packaged import resolve
 
     asr = resolve_whisper(cfg.whisper_checkpoint)
-    from models.av_sync import resolve as av_sync_path
-
+    if cfg.face_embedder:  # said before any task starts, not as a failure of every clip
+        check_opencv()
     return {"asr": Path(asr[1]) if asr else None, "av_sync": av_sync_path(cfg.av_sync_model),
             "blendshapes": resolve(cfg.blendshape_model, "face-landmarker"),
             "face_embedder": resolve(cfg.face_embedder, "sface"),

@@ -342,3 +342,14 @@ def test_assign_on_real_embeddings(people):
         assert rows[f"{n}/b"]["speaker_id"] == speaker_id_for(f"{n}/b")
     assert rows[f"{names[0]}/voice-only"]["speaker_id"] == f"spk-{names[0]}"
     assert rows[f"{names[0]}/voice-only"]["method"] == "voice"
+
+
+def test_opencv_5_is_refused_with_the_reason_before_any_clip():
+    from extractors.config import ExtractConfig
+    from extractors.identity import check_opencv
+    from pipelines.extract import clip_models
+
+    check_opencv("4.11.0")  # what the project pins
+    with pytest.raises(RuntimeError, match="OpenCV 5.0.0.*face_embedder=''"):
+        check_opencv("5.0.0")  # the lent GPU machine's: its dnn engine rejects SFace on every clip
+    assert clip_models(ExtractConfig())["face_embedder"] is not None  # this environment passes the check
