@@ -31,6 +31,10 @@ class IngestConfig:
     asd_weights: str = "light-asd/pretrain_AVA_CVPR.model"
     asd_durations_s: tuple[int, ...] = (4,)  # window lengths (s) scored and averaged (the original demo: 1-6 s)
     asd_threads: int = 1  # torch threads per worker: fixed, so scores do not depend on the machine
+    # where Light-ASD runs: "cpu" (the same scores on every machine), "cuda" (an analysis task then asks a
+    # share of a GPU: 10 ms a face frame on one core against 0.015 on an H200; float scores differ in the
+    # last digits, and the lineage names the device) or "auto" (CUDA where the cluster has a GPU)
+    asd_device: str = "cpu"
     min_speaking_score: float = -2.5  # clips whose mean speaking logit is below this: not_speaking (bench_asd)
     asd_margin: float = 1.0  # among comparable faces, the speaker must lead the next by this logit
     # voice activity detection: "gmm" (the packaged GMM detector with the level/flatness/modulation gates
@@ -84,6 +88,8 @@ class IngestConfig:
             raise ValueError(f"detect_fps must be in (0, 30], got {self.detect_fps}")
         if self.asd_weights and not self.asd_durations_s:
             raise ValueError("asd_durations_s needs at least one window length")
+        if self.asd_device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"ingest.asd_device must be auto, cpu or cuda, got {self.asd_device!r}")
         if self.vad not in ("gmm", "silero"):
             raise ValueError(f"vad must be gmm or silero, got {self.vad!r}")
         if self.face_model not in (0, 1):
@@ -109,6 +115,10 @@ class ExtractConfig:
     # frames per batch of the torch engine (per clip, from its first frame); 0 = 32 on the CPU, 128 on CUDA
     mesh_batch: int = 0
     mesh_passes: int = 3  # torch engine: tracking passes (1 = every frame cropped at its detection)
+    # extraction tasks sharing one GPU (each asks 1/this of it); 0 = the stage's declared share, an eighth
+    # (pipelines/stages.py: 8 measured best for the GPU alone). A node with more than 8 cores per GPU
+    # leaves cores idle unless this is raised, since the tasks also transcribe and embed on their CPU
+    tasks_per_gpu: int = 0
     # video decoding for extraction: "cpu" (decord), "nvdec" (NVIDIA's decoder into GPU memory, for the torch
     # landmarker on CUDA; an error where it cannot run) or "auto" (nvdec where it can run: the torch landmarker
     # on CUDA, PyNvVideoCodec installed, an H.264/HEVC/AV1/VP9 source at a constant frame rate without rotation;
@@ -171,8 +181,8 @@ class ExtractConfig:
             raise ValueError(f"extract.landmarker must be auto, mediapipe or torch, got {cfg.landmarker!r}")
         if cfg.decoder not in ("auto", "cpu", "nvdec"):
             raise ValueError(f"extract.decoder must be auto, cpu or nvdec, got {cfg.decoder!r}")
-        if cfg.mesh_batch < 0 or cfg.mesh_passes < 1:
-            raise ValueError("extract.mesh_batch must be >= 0 and extract.mesh_passes >= 1")
+        if cfg.mesh_batch < 0 or cfg.mesh_passes < 1 or cfg.tasks_per_gpu < 0:
+            raise ValueError("extract.mesh_batch and extract.tasks_per_gpu must be >= 0, extract.mesh_passes >= 1")
         for key in ("device", "asr_device"):
             if getattr(cfg, key) not in ("auto", "cpu", "cuda"):
                 raise ValueError(f"extract.{key} must be auto, cpu or cuda, got {getattr(cfg, key)!r}")

@@ -277,8 +277,9 @@ def score_track(model: LightASD, faces: np.ndarray, mfcc: np.ndarray, durations_
     if t == 0:
         return np.zeros(0, np.float32)
     faces, mfcc = faces[:t], mfcc[: t * AUDIO_PER_VIDEO]
-    fv = torch.from_numpy(np.ascontiguousarray(faces))
-    fa = torch.from_numpy(np.ascontiguousarray(mfcc, dtype=np.float32))
+    dev = next(model.parameters()).device
+    fv = torch.from_numpy(np.ascontiguousarray(faces)).to(dev)
+    fa = torch.from_numpy(np.ascontiguousarray(mfcc, dtype=np.float32)).to(dev)
     total = np.zeros(t, np.float64)
     for d in durations_s:
         w = d * VIDEO_FPS
@@ -286,7 +287,7 @@ def score_track(model: LightASD, faces: np.ndarray, mfcc: np.ndarray, durations_
         for i in range(math.ceil(t / w)):
             a, b = i * w, min(t, (i + 1) * w)
             s = model(fv[None, a:b], fa[None, a * AUDIO_PER_VIDEO: b * AUDIO_PER_VIDEO])
-            out[a:b] = s[0].double().numpy()
+            out[a:b] = s[0].double().cpu().numpy()
         total += out
     total /= len(durations_s)
     if smooth > 0 and t > 1:
@@ -311,9 +312,11 @@ def resolve(path: str) -> Path:
 class Scorer:
     """``Scorer(path)(faces, mfcc) -> logits``: a loaded model with fixed threads and windows."""
 
-    def __init__(self, path: str | Path, durations_s=(2, 4), threads: int = 1):
+    def __init__(self, path: str | Path, durations_s=(2, 4), threads: int = 1, device: str = "cpu"):
         self.model, self.sha256 = load(path)
-        self.path, self.durations_s, self.threads = str(path), tuple(durations_s), int(threads)
+        if device != "cpu":
+            self.model = self.model.to(device)  # forward folds the batch norms again on that device
+        self.path, self.durations_s, self.threads, self.device = str(path), tuple(durations_s), int(threads), device
 
     def __call__(self, faces: np.ndarray, mfcc: np.ndarray) -> np.ndarray:
         prev = torch.get_num_threads()

@@ -505,7 +505,7 @@ def track_resources(cfg: ExtractConfig, ex) -> dict:
     if cfg.decoder == "nvdec" and not gpu:
         raise ValueError("decoder=nvdec needs the torch landmarker (landmarker=torch or auto, device not cpu) "
                          "on a GPU, and this run has none (in the Ray cluster, or in this process)")
-    return task_options(_extract_task, use_gpu=gpu)
+    return task_options(_extract_task, use_gpu=gpu, gpus=1 / cfg.tasks_per_gpu if cfg.tasks_per_gpu else None)
 
 
 def encode_resources(cfg: ExtractConfig, ex) -> dict:

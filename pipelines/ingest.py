@@ -71,11 +71,20 @@ def _fetch_task(w: FetchWork) -> dict:
 
 
 @functools.lru_cache(maxsize=2)
-def asd_scorer(weights: str, durations_s: tuple[int, ...], threads: int):
-    """The active-speaker model of a config, loaded once per process (sha256-checked)."""
+def asd_scorer(weights: str, durations_s: tuple[int, ...], threads: int, device: str = "cpu"):
+    """The active-speaker model of a config, loaded once per process (sha256-checked); ``device`` "auto"
+    is CUDA where this process sees a GPU."""
+    import torch
+
     from models.light_asd import Scorer, resolve
 
-    return Scorer(resolve(weights), durations_s, threads)
+    dev = "cuda" if device == "cuda" or device == "auto" and torch.cuda.is_available() else "cpu"
+    return Scorer(resolve(weights), durations_s, threads, dev)
+
+
+def asd_gpu(cfg: IngestConfig, ex) -> bool:
+    """Whether analysis tasks ask a share of a GPU (Light-ASD on CUDA, where the cluster has one)."""
+    return bool(cfg.asd_weights) and cfg.asd_device != "cpu" and ex.has_gpu()
 
 
 def asd_lineage(cfg: IngestConfig) -> dict | None:
@@ -84,7 +93,8 @@ def asd_lineage(cfg: IngestConfig) -> dict | None:
     if not cfg.asd_weights:
         return None
     s = asd_scorer(cfg.asd_weights, tuple(cfg.asd_durations_s), cfg.asd_threads)
-    return {"name": "light-asd", "path": s.path, "sha256": s.sha256}
+    return {"name": "light-asd", "path": s.path, "sha256": s.sha256,
+            **({"device": cfg.asd_device} if cfg.asd_device != "cpu" else {})}
 
 
 def vad_lineage(cfg: IngestConfig) -> dict:
@@ -102,7 +112,8 @@ def _analyse_task(w: AnalyseWork) -> dict:
     item, part = w.source, w.part
     maybe_fail("ingest", item["uri"])
     cfg = IngestConfig.from_dict(w.cfg)
-    asd = asd_scorer(cfg.asd_weights, tuple(cfg.asd_durations_s), cfg.asd_threads) if cfg.asd_weights else None
+    asd = (asd_scorer(cfg.asd_weights, tuple(cfg.asd_durations_s), cfg.asd_threads, cfg.asd_device)
+           if cfg.asd_weights else None)
     kept: list = []
     result = analyse(item["path"], item["uri"], item["sha256"], item["size"], cfg, asd=asd, audio_sink=kept.append)
     if kept and result["clips"]:  # later stages read it from parts/audio/ instead of decoding it again
@@ -186,7 +197,7 @@ def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | N
             todo.append(AnalyseWork(str(out), f, cfg.to_dict(), str(part)))
     summary.reused = n_done
     tick("analyse", n_done, len(unique))
-    for item, res in ex.map_unordered(_analyse_task, todo, **task_options(_analyse_task)):
+    for item, res in ex.map_unordered(_analyse_task, todo, **task_options(_analyse_task, use_gpu=asd_gpu(cfg, ex))):
         if isinstance(res, TaskFailure):
             res = _analysis_failed(item.source, res)
         take(res)

@@ -18,10 +18,11 @@ class Resources:
     gpus: float = 0
     memory_gb: float = 0  # 0: no memory request (the task is scheduled by CPUs alone)
 
-    def ray_options(self, use_gpu: bool = False) -> dict:
+    def ray_options(self, use_gpu: bool = False, gpus: float | None = None) -> dict:
+        """Ray options; ``gpus`` overrides the declared share (a config's tasks per GPU)."""
         opts: dict = {"num_cpus": self.cpus}
         if use_gpu and self.gpus:
-            opts["num_gpus"] = self.gpus
+            opts["num_gpus"] = gpus or self.gpus
         if self.memory_gb:
             opts["memory"] = int(self.memory_gb * 2**30)
         return opts
@@ -66,14 +67,17 @@ def _shard_line(sh: dict) -> str:
 # extraction (MediaPipe + Whisper + the embedders); the other tasks stay well under it
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", ("ingest_batch", "clips"),
-          {"_fetch_task": Resources(), "_analyse_task": Resources(memory_gb=1)},
+          # analysis asks a GPU only for Light-ASD on CUDA (ingest.asd_device): a small model, so a 32nd of a GPU
+          # (a CUDA context, ~0.5 GB) and the GPU never caps analysis below the node's cores
+          {"_fetch_task": Resources(), "_analyse_task": Resources(gpus=1 / 32, memory_gb=1)},
           reads=(), writes=("sources", "clips", "face_tracks", "quarantine", "audio"),
           summary=_ingest_line, result_asset="clips"),
     Stage("extract", ("tracks", "gnpfa_checkpoint", "extraction"),
           # an encoding task is mostly CPU (reading the tracks part, quality, the frames table, writes): on an
           # H200 the networks take ~25 ms of a source's ~250 ms (bench/bench_encode.py), so 8 tasks share a GPU;
           # so do 8 extraction tasks: on an H100 the whole extraction ran 1,071 input frames/s with 4 processes
-          # sharing the GPU and 1,375 with 8 (bench/bench_gpu_path.py, under 5.5 GB of GPU memory each)
+          # sharing the GPU and 1,375 with 8 (bench/bench_gpu_path.py, under 5.5 GB of GPU memory each);
+          # extract.tasks_per_gpu sets another share for extraction (a node with more than 8 cores per GPU)
           {"_extract_task": Resources(gpus=0.125, memory_gb=2), "_encode_task": Resources(gpus=0.125, memory_gb=1)},
           reads=("sources", "clips", "audio"),
           writes=("frames", "clip_features", "transcripts", "quarantine", "crops", "keyframes"),
@@ -97,6 +101,6 @@ def stage(name: str) -> Stage:
     raise ValueError(f"unknown stage {name!r}; the stages are {', '.join(STAGE_NAMES)}")
 
 
-def task_options(fn: Callable, use_gpu: bool = False) -> dict:
-    """The Ray options of a stage's task function, as its stage declares them."""
-    return _BY_TASK[fn.__name__].ray_options(use_gpu)
+def task_options(fn: Callable, use_gpu: bool = False, gpus: float | None = None) -> dict:
+    """The Ray options of a stage's task function, as its stage declares them (``gpus``: another share)."""
+    return _BY_TASK[fn.__name__].ray_options(use_gpu, gpus)

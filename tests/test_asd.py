@@ -129,3 +129,41 @@ def test_scores_reach_the_tables_and_the_lineage(real_run):
     card = json.loads((out / "dataset.json").read_text())
     asd = card["lineage"]["checkpoints"]["active_speaker"]
     assert asd["sha256"] == light_asd.WEIGHTS[os.path.basename(asd["path"])]
+
+
+class _Cluster:
+    """An executor stand-in that reports a GPU in the cluster (what RayExecutor.has_gpu answers)."""
+
+    def has_gpu(self) -> bool:
+        return True
+
+
+def test_gpu_shares_follow_the_config():
+    import dataclasses
+
+    from extractors.config import ExtractConfig
+    from pipelines.extract import track_resources
+    from pipelines.ingest import _analyse_task, asd_gpu
+    from pipelines.stages import task_options
+
+    assert not asd_gpu(CFG, _Cluster())  # cpu by default: the same scores on every machine
+    auto = dataclasses.replace(CFG, asd_device="auto")
+    assert asd_gpu(auto, _Cluster()) and not asd_gpu(dataclasses.replace(auto, asd_weights=""), _Cluster())
+    assert task_options(_analyse_task, use_gpu=True)["num_gpus"] == 1 / 32
+    with pytest.raises(ValueError, match="asd_device"):
+        dataclasses.replace(CFG, asd_device="gpu").check()
+    assert track_resources(ExtractConfig(landmarker="torch"), _Cluster())["num_gpus"] == 1 / 8
+    assert track_resources(ExtractConfig(landmarker="torch", tasks_per_gpu=16), _Cluster())["num_gpus"] == 1 / 16
+    assert "num_gpus" not in track_resources(ExtractConfig(landmarker="mediapipe"), _Cluster())
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_light_asd_on_cuda_gives_the_cpu_scores(real_dir):
+    rng = np.random.default_rng(0)
+    audio = decode_audio(str(real_dir / "d12.mp4"))
+    mfcc = mfcc_100hz(audio)[:400]
+    faces = rng.integers(0, 255, (100, 112, 112), dtype=np.uint8)
+    path = light_asd.resolve(CFG.asd_weights)
+    cpu = light_asd.Scorer(path, (4,), 1, "cpu")(faces, mfcc)
+    cuda = light_asd.Scorer(path, (4,), 1, "cuda")(faces, mfcc)
+    assert np.abs(cpu - cuda).max() < 1e-2 * max(1.0, float(np.abs(cpu).max()))
