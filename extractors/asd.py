@@ -14,7 +14,10 @@ def asd_crop(frame: np.ndarray, box: np.ndarray, size: int = CROP) -> np.ndarray
 
     The original crops a square of side 2.8 s (s = half the box's larger side) reaching from s above the
     box centre, resizes it to 224 px and keeps the central 112 px: a square of side 1.4 s centred 0.4 s
-    below the box centre (mouth, nose and cheeks). Sampled bilinearly; outside the frame reads grey 110."""
+    below the box centre (mouth, nose and cheeks). Sampled bilinearly; outside the frame reads grey 110.
+
+    The grey values of the pixels the taps reach are computed once, on that region of the frame (a view,
+    no gather of the RGB frame): the same numbers, in the same order, as converting each tap's pixels."""
     h, w = frame.shape[:2]
     x0, y0, x1, y1 = (float(v) for v in box[:4])
     s = max(x1 - x0, y1 - y0) / 2
@@ -24,15 +27,16 @@ def asd_crop(frame: np.ndarray, box: np.ndarray, size: int = CROP) -> np.ndarray
     xs, ys = cx + g, cy + g
     xi, yi = np.floor(xs).astype(np.int64), np.floor(ys).astype(np.int64)
     fx, fy = (xs - xi).astype(np.float32), (ys - yi).astype(np.float32)
+    ry, rx = int(yi[0]), int(xi[0])  # the region's first row and column (the grid increases)
+    grey = np.full((int(yi[-1]) - ry + 2, int(xi[-1]) - rx + 2), PAD_VALUE, np.float32)
+    ya, yb, xa, xb = max(ry, 0), min(ry + grey.shape[0], h), max(rx, 0), min(rx + grey.shape[1], w)
+    if ya < yb and xa < xb:
+        px = frame[ya:yb, xa:xb].astype(np.float32)
+        grey[ya - ry: yb - ry, xa - rx: xb - rx] = px[..., 0] * 0.299 + px[..., 1] * 0.587 + px[..., 2] * 0.114
     out = np.zeros((size, size), np.float32)
     for dy, wy in ((0, 1 - fy), (1, fy)):
         for dx, wx in ((0, 1 - fx), (1, fx)):
-            yy, xx = yi + dy, xi + dx
-            vy, vx = (yy >= 0) & (yy < h), (xx >= 0) & (xx < w)
-            px = frame[np.clip(yy, 0, h - 1)[:, None], np.clip(xx, 0, w - 1)[None, :]].astype(np.float32)
-            grey = px[..., 0] * 0.299 + px[..., 1] * 0.587 + px[..., 2] * 0.114
-            grey = np.where(vy[:, None] & vx[None, :], grey, PAD_VALUE)
-            out += grey * (wy[:, None] * wx[None, :])
+            out += grey[(yi + dy - ry)[:, None], (xi + dx - rx)[None, :]] * (wy[:, None] * wx[None, :])
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 

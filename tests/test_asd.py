@@ -167,3 +167,41 @@ def test_light_asd_on_cuda_gives_the_cpu_scores(real_dir):
     cpu = light_asd.Scorer(path, (4,), 1, "cpu")(faces, mfcc)
     cuda = light_asd.Scorer(path, (4,), 1, "cuda")(faces, mfcc)
     assert np.abs(cpu - cuda).max() < 1e-2 * max(1.0, float(np.abs(cpu).max()))
+
+
+def _crop_per_tap(frame, box, size=112):
+    """asd_crop as first written: each bilinear tap gathers its RGB pixels and converts them to grey."""
+    from extractors.asd import PAD_VALUE
+
+    h, w = frame.shape[:2]
+    x0, y0, x1, y1 = (float(v) for v in box[:4])
+    s = max(x1 - x0, y1 - y0) / 2
+    cx, cy, side = (x0 + x1) / 2, (y0 + y1) / 2 + 0.4 * s, 1.4 * s
+    g = (np.arange(size) + 0.5) / size * side - side / 2 - 0.5
+    xs, ys = cx + g, cy + g
+    xi, yi = np.floor(xs).astype(np.int64), np.floor(ys).astype(np.int64)
+    fx, fy = (xs - xi).astype(np.float32), (ys - yi).astype(np.float32)
+    out = np.zeros((size, size), np.float32)
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            yy, xx = yi + dy, xi + dx
+            px = frame[np.clip(yy, 0, h - 1)[:, None], np.clip(xx, 0, w - 1)[None, :]].astype(np.float32)
+            grey = px[..., 0] * 0.299 + px[..., 1] * 0.587 + px[..., 2] * 0.114
+            valid = ((yy >= 0) & (yy < h))[:, None] & ((xx >= 0) & (xx < w))[None, :]
+            out += np.where(valid, grey, PAD_VALUE) * (wy[:, None] * wx[None, :])
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def test_asd_crop_equals_the_per_tap_crop_inside_and_across_the_border(real_dir):
+    from extractors.asd import asd_crop
+    from extractors.media import open_video
+
+    rng = np.random.default_rng(3)
+    vr = open_video(str(real_dir / "d12.mp4"), 512, 512, 512)
+    frames = [vr[i].asnumpy() for i in (0, 60, 120)]
+    for k in range(120):
+        fr = frames[k % 3] if k % 2 else rng.integers(0, 256, tuple(rng.integers(60, 700, 2)) + (3,), dtype=np.uint8)
+        h, w = fr.shape[:2]
+        cx, cy, s = rng.uniform(-60, w + 60), rng.uniform(-60, h + 60), rng.uniform(5, 400)
+        box = np.array([cx - s, cy - s * rng.uniform(0.8, 1.2), cx + s, cy + s], np.float32)
+        assert np.array_equal(asd_crop(fr, box), _crop_per_tap(fr, box)), (k, box)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from models import packaged
+from models.av_sync import SHIPPED_SHA256
 from storage_schemas import AUDIO_SAMPLE_RATE as SR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -271,4 +272,5 @@ def test_two_batches_of_real_people_get_languages_blendshapes_and_stable_speaker
     used = card["lineage"]["checkpoints"]["extraction_models"]
     assert {k: v["sha256"] for k, v in used.items()} == {
         "asr": packaged.PACKAGED["whisper-base"].sha256, "blendshapes": packaged.PACKAGED["face-landmarker"].sha256,
-        "face_embedder": packaged.PACKAGED["sface"].sha256, "voice_embedder": packaged.PACKAGED["voice-encoder"].sha256}
+        "face_embedder": packaged.PACKAGED["sface"].sha256, "voice_embedder": packaged.PACKAGED["voice-encoder"].sha256,
+        "av_sync": SHIPPED_SHA256}
