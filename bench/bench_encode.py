@@ -97,9 +97,10 @@ def dataset(ds: Path, device: str) -> None:
         all_work, _ = _plan(d, cfg)
         torch.set_num_threads(cfg.gnpfa_train_threads)
         print(f"dataset {ds} ({len(all_work)} sources), checkpoint {ckpt.name}, device {device}")
-        print("| source | tracked frames | task ms | load ms | networks ms | networks / task | load / task |")
-        print("|---|---|---|---|---|---|---|")
-        tot = np.zeros(4)
+        print("| source | tracked frames | task ms | load ms | networks ms | networks / task | load / task | "
+              "networks as before ms (256-row batches, batch norms unfolded) | before / now |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        tot = np.zeros(5)
         for w in all_work:
             ew = EncodeWork(w, str(ckpt), lin["sha256"], device)
             task, _ = _timed(lambda: _encode_task(ew), device)
@@ -108,13 +109,15 @@ def dataset(ds: Path, device: str) -> None:
             arrays = [training_arrays([f]) for f in features_from_npz(w.npz, meta["clips"])]
             net = sum(_timed(lambda a=a: encode_frames(vae, enc, a["offsets"], a["neutrals"], a["crops"], device=device),
                              device)[0] for a in arrays)
+            old = sum(_timed(lambda a=a: encode_frames(vae, enc, a["offsets"], a["neutrals"], a["crops"], device=device,
+                                                       batch=256, fold=False), device)[0] for a in arrays)
             n = sum(len(a["offsets"]) for a in arrays)
-            tot += (n, task, load, net)
+            tot += (n, task, load, net, old)
             print(f"| {w.source['source_id'][:12]} | {n} | {task * 1e3:.0f} | {load * 1e3:.0f} | {net * 1e3:.0f} | "
-                  f"{net / task:.2f} | {load / task:.2f} |")
-        n, task, load, net = tot
+                  f"{net / task:.2f} | {load / task:.2f} | {old * 1e3:.0f} | {old / net:.2f} |")
+        n, task, load, net, old = tot
         print(f"| all | {n:.0f} | {task * 1e3:.0f} | {load * 1e3:.0f} | {net * 1e3:.0f} | {net / task:.2f} | "
-              f"{load / task:.2f} |")
+              f"{load / task:.2f} | {old * 1e3:.0f} | {old / net:.2f} |")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -170,6 +170,30 @@ def test_image_encoder_learns_the_mesh_path(real_run):
     assert err < 0.5 * spread, (err, spread)
 
 
+def test_folded_image_encoder_is_the_same_function_and_leaves_the_model_alone(real_run):
+    from models.gnpfa import folded
+    from storage_schemas.dataset import gnpfa_checkpoint_dir
+
+    out, _ = real_run
+    _, _, enc, _ = load_checkpoint(gnpfa_checkpoint_dir(out, required=True))
+    enc.train()  # batch norms in training mode must survive the fold untouched
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    f = folded(enc)
+    assert enc.training and all(torch.equal(v, enc.state_dict()[k]) for k, v in before.items())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in f.modules())
+    from storage_schemas.arrays import read_array
+
+    cid = open_dataset(out).query("select clip_id from clip_features where status = 'ok' order by clip_id limit 1")
+    crops = np.ascontiguousarray(read_array(out, "crops", cid.column(0)[0].as_py())[:64])
+    enc.eval()
+    with torch.inference_mode():
+        x = torch.from_numpy(crops)
+        (z0, r0), (z1, r1) = enc(x), f(x)
+    assert torch.abs(z1 - z0).max() <= 1e-4 * torch.abs(z0).max() and torch.abs(r1 - r0).max() < 1e-4
+    z2, _ = encode_images(enc, crops, batch=32)  # inference folds; the result is the eval model's
+    assert np.abs(z2 - z0.numpy()).max() <= 1e-4 * float(torch.abs(z0).max())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_and_cpu_encoding_agree():
     cfg = GNPFAConfig()
