@@ -6,7 +6,7 @@ real against dubbed measured on the same data before the final fit.
 
 The shipped one: `m2fd run ../shared/data/corpus ../shared/data/real --out <ds>`, then this on <ds>
 (a new shipped file needs its sha256 in models.av_sync.SHIPPED_SHA256: load checks it).
-Reads one source's frames partition at a time (memory does not grow with the dataset)."""
+Reads one clip's frames at a time (memory does not grow with the dataset)."""
 from __future__ import annotations
 
 import argparse
@@ -18,26 +18,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import av_sync  # noqa: E402
-from storage_schemas import open_dataset, read_table, table_path  # noqa: E402
+from pipelines.frames import clip_frame_arrays  # noqa: E402
+from storage_schemas import open_dataset  # noqa: E402
 
 
 def dataset_clips(root: str):
-    """(source_id, audio_mel, blendshapes, mouth_open) of every ok clip, one source partition at a time."""
+    """(source_id, clip_id, audio_mel, blendshapes, mouth_open) of every ok clip, one clip at a time."""
     ds = open_dataset(root)
-    ok = {r["clip_id"] for r in ds.query("select clip_id from clip_features where status = 'ok'").to_pylist()}
-    for part in sorted(table_path(root, "frames").glob("*.parquet")):
-        t = read_table(part, "frames").select(["clip_id", "frame", "audio_mel", "blendshapes", "mouth_open"]).to_pydict()
-        by: dict[str, list[int]] = {}
-        for i, c in enumerate(t["clip_id"]):
-            by.setdefault(c, []).append(i)
-        for cid in sorted(by):
-            if cid not in ok:
-                continue
-            rows = sorted(by[cid], key=lambda i: t["frame"][i])
-            mel = np.array([t["audio_mel"][i] for i in rows], np.float32)
-            bs = np.array([t["blendshapes"][i] if t["blendshapes"][i] is not None else [np.nan] * 52 for i in rows], np.float32)
-            mo = np.array([np.nan if t["mouth_open"][i] is None else t["mouth_open"][i] for i in rows], np.float32)
-            yield part.stem, cid, mel, bs, mo
+    for r in ds.query("select source_id, clip_id from clip_features where status = 'ok' "
+                      "order by source_id, clip_id").to_pylist():
+        a = clip_frame_arrays(ds, r["clip_id"])
+        yield r["source_id"], r["clip_id"], a["audio_mel"], a["blendshapes"], a["mouth_open"]
 
 
 def main() -> None:

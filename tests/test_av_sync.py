@@ -69,6 +69,7 @@ def test_weights_are_deterministic_bytes_and_checked_on_load(tmp_path):
 
 
 def test_real_run_scores_every_clip_from_its_own_frames(real_run):
+    from pipelines.frames import clip_frame_arrays
     from storage_schemas import open_dataset
 
     out, _ = real_run
@@ -78,12 +79,8 @@ def test_real_run_scores_every_clip_from_its_own_frames(real_run):
     assert ok and all(r["av_sync"] is not None and -1 <= r["av_sync"] <= 1 for r in ok)
     model = A.load(A.SHIPPED)
     for r in ok:
-        fr = ds.query(f"select audio_mel, blendshapes, mouth_open, tracked from frames where clip_id = '{r['clip_id']}' "
-                      "order by frame").to_pydict()
-        mel = np.array(fr["audio_mel"], np.float32)
-        bs = np.array([b if b is not None else [np.nan] * 52 for b in fr["blendshapes"]], np.float32)
-        mo = np.array([m if t and m is not None else np.nan for m, t in zip(fr["mouth_open"], fr["tracked"])], np.float32)
-        assert model.score(mel, bs, mo) == pytest.approx(r["av_sync"], abs=1e-5)
+        a = clip_frame_arrays(ds, r["clip_id"])
+        assert model.score(a["audio_mel"], a["blendshapes"], a["mouth_open"]) == pytest.approx(r["av_sync"], abs=1e-5)
     from storage_schemas.dataset import extract_lineage
 
     assert extract_lineage(out)["models"]["av_sync"]["sha256"] == model.sha256
