@@ -80,6 +80,13 @@ def make_cases(tmp: Path, secs: float) -> dict[str, list[tuple[str, Path, dict]]
     return cases
 
 
+def _dropped_at_keep(real, dubbed, keep: float) -> float:
+    """Share of ``dubbed`` below the threshold that keeps ``keep`` of ``real`` (None values left out)."""
+    r = np.asarray([x for x in real if x is not None], float)
+    d = np.asarray([x for x in dubbed if x is not None], float)
+    return float(np.mean(d < np.quantile(r, 1 - keep))) if r.size and d.size else float("nan")
+
+
 def auc(pos, neg) -> float:
     pos, neg = np.asarray([x for x in pos if x is not None]), np.asarray([x for x in neg if x is not None])
     if not len(pos) or not len(neg):
@@ -92,6 +99,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--weights", default=IngestConfig().asd_weights)
     ap.add_argument("--proxy", action="store_true", help="also run Face Mesh for the lip-sync proxy's AUC")
+    ap.add_argument("--composites-only", action="store_true", help="only the composites (speaker choice)")
     ap.add_argument("--cost-only", action="store_true", help="only the model's cost per frame, CPU and CUDA "
                     "(needs torch and the weights only: runs on the lent GPU machine)")
     args = ap.parse_args()
@@ -99,11 +107,13 @@ def main() -> None:
         return cost(args.weights)
     from extractors.ingest import analyse
     from extractors.probe import sha256_file
-    from pipelines.ingest import asd_scorer
+    from models.asd_sync import run_sync
+    from pipelines.ingest import config_scorer
 
     base = IngestConfig(asd_weights=args.weights)
     keep_all = dataclasses.replace(base, min_speaking_score=-1e9)
-    asd = asd_scorer(base.asd_weights, tuple(base.asd_durations_s), base.asd_threads)
+    scorer = config_scorer(base)
+    asd = scorer.track
     thr = base.min_speaking_score
     with tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
@@ -111,11 +121,27 @@ def main() -> None:
         scores: dict[str, list] = {k: [] for k in cases}
         proxy: dict[str, list] = {"real": [], "dubbed": []}
         sync: dict[str, list] = {"real": [], "dubbed": []}  # the shipped AV-sync model's scores
+        both: dict[str, list] = {"real": [], "dubbed": []}  # AV-sync + the case's ASD-sync
+        emb: dict[str, list] = {"real": [], "dubbed": []}  # (video person, audio person, [(visual, audio) per run])
         arrays: dict[str, list] = {"real": [], "dubbed": []}  # (video person, audio person, mel, blendshapes, mouth)
         asd_s, asd_frames = 0.0, 0
-        for kind in ("real", "dubbed", "still"):
+        asd_sync_of: dict[str, list] = {"real": [], "dubbed": [], "still": []}  # the case's ASD-sync (models/asd_sync.py)
+        for kind in ("real", "dubbed", "still") if not args.composites_only else ():
             for name, p, _ in cases[kind]:
-                r = analyse(str(p), str(p), sha256_file(p), p.stat().st_size, keep_all, asd=asd)
+                runs: list = []
+
+                def rec(faces, mfcc):  # scorer.track, keeping the run's embeddings for the honest figures
+                    logits, ve, ae = scorer.embed(faces, mfcc)
+                    sy = scorer.sync.signals(ve, ae)
+                    runs.append((len(logits), run_sync(*sy), ve, ae))
+                    return logits, sy
+
+                r = analyse(str(p), str(p), sha256_file(p), p.stat().st_size, keep_all, asd=rec)
+                case_sync = _mean_sync([(n, v) for n, v, _, _ in runs])
+                asd_sync_of[kind].append(case_sync)
+                who = name.split("_")[1:]  # real_<person> / dub_<video person>_<audio person>
+                if kind in emb:
+                    emb[kind].append((who[0], who[-1], [(ve, ae) for _, _, ve, ae in runs]))
                 asd_s += r["metrics"].get("asd_s", 0.0)
                 asd_frames += r["metrics"].get("asd_frames", 0)
                 got = [c["speaking_score"] for c in r["clips"]]
@@ -133,25 +159,31 @@ def main() -> None:
                                            blendshaper=m["blendshaper"], av_sync=m["av_sync"])
                     proxy[kind] += [f.quality.get("lip_sync") for f in feats]
                     sync[kind] += [f.quality.get("av_sync") for f in feats]
-                    who = name.split("_")[1:]  # real_<person> / dub_<video person>_<audio person>
-                    arrays[kind] += [(who[0], who[-1], f.audio_feat, f.blendshapes, mouth_opening(f.geometry))
-                                     for f in feats]
-        right = wrong = talk = covered = 0
-        for name, p, meta in cases["composite"]:
-            r = analyse(str(p), str(p), sha256_file(p), p.stat().st_size, base, asd=asd)
-            asd_s += r["metrics"].get("asd_s", 0.0)
-            asd_frames += r["metrics"].get("asd_frames", 0)
-            for c in r["clips"]:
-                on_left = (c["face_box"][0] + c["face_box"][2]) / 2 < _left_share(p, meta["first"])
-                ok = on_left == meta["speaker_left"]
-                right += c["n_frames"] * ok
-                wrong += c["n_frames"] * (not ok)
-            # talking time: the speech the VAD found on the composite's timeline
-            talk += int(round((r["source"]["speech_s"] or 0) * 30))
-            covered += sum(c["n_frames"] for c in r["clips"])
-            q = r["quarantine"][0]["reason"] if r["quarantine"] else ""
-            print(f"composite {name:40s} clips {[(c['face_track_id'], round(c['speaking_score'], 2)) for c in r['clips']]} "
-                  f"speaker {'left' if meta['speaker_left'] else 'right'} {q}", flush=True)
+                    both[kind] += [None if f.quality.get("av_sync") is None or case_sync is None
+                                   else f.quality["av_sync"] + case_sync for f in feats]
+                    arrays[kind] += [(who[0], who[-1], f.audio_feat, f.blendshapes, mouth_opening(f.geometry),
+                                      len(emb[kind]) - 1) for f in feats]
+        comp = {}
+        nosync = dataclasses.replace(base, asd_sync_model="")
+        for label, cfg, sc in (("speaking logit only", nosync, config_scorer(nosync).track), ("with ASD-sync", base, asd)):
+            right = wrong = talk = covered = 0
+            for name, p, meta in cases["composite"]:
+                r = analyse(str(p), str(p), sha256_file(p), p.stat().st_size, cfg, asd=sc)
+                asd_s += r["metrics"].get("asd_s", 0.0)
+                asd_frames += r["metrics"].get("asd_frames", 0)
+                for c in r["clips"]:
+                    on_left = (c["face_box"][0] + c["face_box"][2]) / 2 < _left_share(p, meta["first"])
+                    ok = on_left == meta["speaker_left"]
+                    right += c["n_frames"] * ok
+                    wrong += c["n_frames"] * (not ok)
+                # talking time: the speech the VAD found on the composite's timeline
+                talk += int(round((r["source"]["speech_s"] or 0) * 30))
+                covered += sum(c["n_frames"] for c in r["clips"])
+                q = r["quarantine"][0]["reason"] if r["quarantine"] else ""
+                print(f"composite ({label}) {name:40s} clips "
+                      f"{[(c['face_track_id'], c['n_frames'], round(c['speaking_score'], 2)) for c in r['clips']]} "
+                      f"speaker {'left' if meta['speaker_left'] else 'right'} {q}", flush=True)
+            comp[label] = (right, wrong, talk, covered)
     real, dub, still = scores["real"], scores["dubbed"], scores["still"]
     kept = np.mean([s >= thr for s in real]) if real else float("nan")
     print()
@@ -159,15 +191,22 @@ def main() -> None:
     print(f"clips: real {len(real)}, dubbed {len(dub)}, still {len(still)}")
     print(f"AUC speaking score, real vs dubbed: {auc(real, dub):.3f} (target >= 0.95)")
     print(f"AUC speaking score, real vs still:  {auc(real, still):.3f}")
+    a_r, a_d = asd_sync_of["real"], asd_sync_of["dubbed"]
+    print(f"AUC ASD-sync (Light-ASD embeddings, shipped asd-sync-v1, in-sample), real vs dubbed: {auc(a_r, a_d):.3f}")
     if args.proxy:
         print(f"AUC lip-sync proxy, real vs dubbed: {auc(proxy['real'], proxy['dubbed']):.3f}")
-        av_sync_report(sync, arrays, ExtractConfig().min_av_sync)
+        loo = av_sync_report(sync, arrays, ExtractConfig().min_av_sync)
+        combined_report(loo, arrays, emb)
+        print(f"AUC AV-sync + ASD-sync (sum; both shipped, in-sample), real vs dubbed: "
+              f"{auc(both['real'], both['dubbed']):.3f}; at the sum that keeps 95% of real clips, dubbed dropped "
+              f"{_dropped_at_keep(both['real'], both['dubbed'], 0.95):.1%}")
     print(f"real clips kept: {kept:.1%} (target >= 95%)")
     print(f"dubbed clips dropped: {np.mean([s < thr for s in dub]):.1%} (target >= 90%)")
     print(f"still clips dropped: {np.mean([s < thr for s in still]):.1%}")
-    tot = right + wrong
-    print(f"composites: right speaker on {right / max(tot, 1):.1%} of clip frames ({right}/{tot}; target >= 95%); "
-          f"clips cover {covered / max(talk, 1):.1%} of the speech frames")
+    for label, (right, wrong, talk, covered) in comp.items():
+        tot = right + wrong
+        print(f"composites, {label}: right speaker on {right / max(tot, 1):.1%} of clip frames ({right}/{tot}; "
+              f"target >= 95%); clips cover {covered / max(talk, 1):.1%} of the speech frames")
     print(f"cost: {1000 * asd_s / max(asd_frames, 1):.1f} ms CPU per scored face frame (crops + model, "
           f"{base.asd_threads} thread), {asd_frames} frames")
 
@@ -182,8 +221,8 @@ def av_sync_report(sync: dict, arrays: dict, thr: float) -> None:
           f"{auc(sync['real'], sync['dubbed']):.3f}")
     loo: dict[str, list] = {"real": [], "dubbed": []}
     for kind in loo:
-        for vid, aud, mel, bs, mo in arrays[kind]:
-            model = AVSync(fit((m, b, o) for v, _, m, b, o in arrays["real"] if v not in (vid, aud)))
+        for vid, aud, mel, bs, mo, _ in arrays[kind]:
+            model = AVSync(fit((m, b, o) for v, _, m, b, o, _ in arrays["real"] if v not in (vid, aud)))
             loo[kind].append(model.score(mel, bs, mo))
     real = [s for s in loo["real"] if s is not None]
     dub = [s for s in loo["dubbed"] if s is not None]
@@ -194,6 +233,31 @@ def av_sync_report(sync: dict, arrays: dict, thr: float) -> None:
         print(f"AV-sync gate (leave-one-person-out): default min_av_sync {thr} drops {np.mean([s < thr for s in dub]):.1%} "
               f"of dubbed, keeps {np.mean([s >= thr for s in real]):.1%} of real; at {keep95:.3f} (keeps 95% of real) "
               f"it drops {np.mean([s < keep95 for s in dub]):.1%} of dubbed")
+    return loo
+
+
+def _mean_sync(runs) -> float | None:
+    """Frame-weighted mean of (frames, sync) over a case's runs with a score."""
+    ok = [(n, v) for n, v in runs if v is not None and np.isfinite(v)]
+    return sum(n * v for n, v in ok) / sum(n for n, _ in ok) if ok else None
+
+
+def combined_report(loo: dict, arrays: dict, emb: dict) -> None:
+    """ASD-sync (models/asd_sync.py) leave-one-person-out on the same cases (each scored by a model fitted on
+    the real cases' embeddings of the people in neither its video nor its audio), alone and summed with
+    AV-sync's leave-one-person-out score of each clip: the honest figures of the two together."""
+    from models.asd_sync import AsdSync, fit, run_sync
+
+    case: dict[str, list] = {"real": [], "dubbed": []}
+    for kind in case:
+        for vid, aud, runs in emb[kind]:
+            model = AsdSync(fit(r for v, _, rs in emb["real"] if v not in (vid, aud) for r in rs))
+            case[kind].append(_mean_sync([(len(ve), run_sync(*model.signals(ve, ae))) for ve, ae in runs]))
+    print(f"AUC ASD-sync, leave-one-person-out, real vs dubbed: {auc(case['real'], case['dubbed']):.3f}")
+    both = {k: [None if s is None or case[k][a[5]] is None else s + case[k][a[5]] for s, a in zip(loo[k], arrays[k])]
+            for k in case}
+    print(f"AUC AV-sync + ASD-sync, leave-one-person-out, real vs dubbed: {auc(both['real'], both['dubbed']):.3f}; "
+          f"at the sum that keeps 95% of real clips, dubbed dropped {_dropped_at_keep(both['real'], both['dubbed'], 0.95):.1%}")
 
 
 def cost(weights: str) -> None:

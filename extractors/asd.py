@@ -76,14 +76,16 @@ class TrackCrops:
                 self.crops[k][j] = c
 
 
-def track_scores(score, tr, tc: TrackCrops, mfcc: np.ndarray, min_run: int = 5) -> dict[int, tuple[int, np.ndarray]]:
-    """Speaking logits of every track that has crops: {track_id: (first 25 fps frame, scores)}; scores
-    run from that frame to the track's last, NaN where the track was not detected. Each contiguous run
-    of frames is scored on its own by ``score(faces, mfcc) -> logits``; runs shorter than ``min_run``
-    frames (0.2 s) stay NaN."""
+def track_scores(score, tr, tc: TrackCrops, mfcc: np.ndarray, min_run: int = 5):
+    """Speaking logits of every track that has crops, and its sync signals where the scorer has a sync
+    model: -> (scores, syncs), scores {track_id: (first 25 fps frame, logits)}, syncs {track_id: (first
+    frame, predicted (n, 128), observed (n, 128))}; each runs from that frame to the track's last, NaN
+    where the track was not detected. Each contiguous run of frames is scored on its own by
+    ``score(faces, mfcc) -> (logits, sync)``, sync None or (predicted, observed) (models.light_asd.Scorer.
+    track); runs shorter than ``min_run`` frames (0.2 s) stay NaN."""
     from models.light_asd import AUDIO_PER_VIDEO
 
-    out = {}
+    out, syncs = {}, {}
     for t in tr.tracks:
         det_of = dict(zip(t.samples, t.dets))
         ks = [k for k in range(len(tc.grid)) if det_of.get(int(tc.sample[k])) in tc.crops[k]]
@@ -91,6 +93,7 @@ def track_scores(score, tr, tc: TrackCrops, mfcc: np.ndarray, min_run: int = 5) 
             continue
         k0, k1 = ks[0], ks[-1] + 1
         sc = np.full(k1 - k0, np.nan, np.float32)
+        pred = obs = None
         ks_a = np.asarray(ks)
         breaks = np.flatnonzero(np.diff(ks_a) > 1)
         for run in np.split(ks_a, breaks + 1):
@@ -98,9 +101,32 @@ def track_scores(score, tr, tc: TrackCrops, mfcc: np.ndarray, min_run: int = 5) 
             if b - a < min_run or a * AUDIO_PER_VIDEO >= len(mfcc):
                 continue
             faces = np.stack([tc.crops[k][det_of[int(tc.sample[k])]] for k in range(a, b)])
-            s = score(faces, mfcc[a * AUDIO_PER_VIDEO: b * AUDIO_PER_VIDEO])
+            s, sy = score(faces, mfcc[a * AUDIO_PER_VIDEO: b * AUDIO_PER_VIDEO])
             sc[a - k0: a - k0 + len(s)] = s
+            if sy is not None:
+                if pred is None:
+                    pred, obs = (np.full((k1 - k0, sy[0].shape[1]), np.nan, np.float32) for _ in range(2))
+                pred[a - k0: a - k0 + len(sy[0])], obs[a - k0: a - k0 + len(sy[1])] = sy
         out[t.track_id] = (k0, sc)
+        if pred is not None:
+            syncs[t.track_id] = (k0, pred, obs)
+    return out, syncs
+
+
+def per_sample_sync(syncs: dict, tc: TrackCrops, n_samples: int, half: int, step: int = 25) -> dict[int, np.ndarray]:
+    """Each track's sync (models.asd_sync.window_sync over +-``half`` 25 fps frames) per detection sample,
+    NaN where it has too few frames: computed every ``step`` frames along the track (``step`` 25 = each
+    second) and held to the samples nearest each such centre."""
+    from models.asd_sync import window_sync
+
+    out = {}
+    for tid, (k0, pred, obs) in syncs.items():
+        centres = np.arange(0, len(pred), step) + min(step // 2, len(pred) - 1)
+        val = window_sync(pred, obs, centres, half)
+        s = tc.sample[k0: k0 + len(pred)]  # the sample governing each of the track's frames
+        col = np.full(n_samples, np.nan, np.float32)
+        col[s] = val[np.minimum(np.arange(len(pred)) // step, len(val) - 1)]
+        out[tid] = col
     return out
 
 

@@ -37,6 +37,13 @@ class IngestConfig:
     asd_device: str = "cpu"
     min_speaking_score: float = -2.5  # clips whose mean speaking logit is below this: not_speaking (bench_asd)
     asd_margin: float = 1.0  # among comparable faces, the speaker must lead the next by this logit
+    # which of several comparable faces says what is heard (models/asd_sync.py, on Light-ASD's embeddings):
+    # "shipped" (models/assets/asd-sync-v1), a weights file, or "" (off: the speaking logit alone decides).
+    # Where two or more comparable faces each have a sync score over +-asd_sync_window_s around a frame, the
+    # one leading the next by asd_sync_margin is the speaker; where none leads, the logit rule above decides.
+    asd_sync_model: str = "shipped"
+    asd_sync_window_s: float = 5.0
+    asd_sync_margin: float = 0.05
     # voice activity detection: "gmm" (the packaged GMM detector with the level/flatness/modulation gates
     # below) or "silero" (Silero VAD, vad_model: "packaged" or a path to its .onnx; vad_threshold on its
     # probability). gmm stays the default: Silero is the better detector on clean speech (bench_models:
@@ -88,6 +95,8 @@ class IngestConfig:
             raise ValueError(f"detect_fps must be in (0, 30], got {self.detect_fps}")
         if self.asd_weights and not self.asd_durations_s:
             raise ValueError("asd_durations_s needs at least one window length")
+        if self.asd_sync_window_s < 1.0:
+            raise ValueError(f"ingest.asd_sync_window_s must be >= 1 s, got {self.asd_sync_window_s}")
         if self.asd_device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"ingest.asd_device must be auto, cpu or cuda, got {self.asd_device!r}")
         if self.vad not in ("gmm", "silero"):

@@ -15,7 +15,7 @@ from storage_schemas import FPS
 
 from .config import IngestConfig
 from .errors import Reject
-from .asd import TrackCrops, per_sample, span_score, track_scores
+from .asd import TrackCrops, per_sample, per_sample_sync, span_score, track_scores
 from .audio_features import mfcc_100hz
 from .faces import FaceDetector, track
 from .media import decode_audio, iter_frames, open_video, timeline
@@ -178,10 +178,10 @@ def _analyse(path, uri, sid, pr: Probe, cfg: IngestConfig, detector, st: SourceA
     if tc is not None:
         def scorer(tr):
             t0 = time.perf_counter()
-            sc = track_scores(asd, tr, tc, mfcc_100hz(audio))
+            sc, sy = track_scores(asd, tr, tc, mfcc_100hz(audio))
             st.timings["asd"] += time.perf_counter() - t0
             st.asd_frames += int(sum(np.isfinite(v).sum() for _, v in sc.values()))
-            return sc
+            return sc, sy
     return cut_clips(uri, sid, pr, cfg, detections, sample_idx, n_out, vad, scorer, tc, out)
 
 
@@ -191,8 +191,9 @@ def cut_clips(uri, sid, pr: Probe, cfg: IngestConfig, detections, sample_idx, n_
 
     Without active-speaker detection (``scorer`` None) the speaker is the usable track with the largest
     area over time, and a frame where another face of comparable size is visible is blocked. With it,
-    each analysed frame's speaker is its only comparable face or, among several, the one whose speaking
-    logit leads the others by ``asd_margin`` (a frame where none does is blocked), and clips whose face
+    each analysed frame's speaker is its only comparable face or, among several, the one whose sync with
+    the speech (models.asd_sync, over +-``asd_sync_window_s``) leads the others by ``asd_sync_margin``, else
+    the one whose speaking logit leads by ``asd_margin`` (a frame where none does is blocked), and clips whose face
     speaks less than ``min_speaking_score`` are dropped as ``not_speaking`` (``out["dropped"]``).
     ``out["tracks"]`` receives the face_tracks rows."""
     out = out if out is not None else {"tracks": [], "dropped": []}
@@ -211,7 +212,7 @@ def cut_clips(uri, sid, pr: Probe, cfg: IngestConfig, detections, sample_idx, n_
                      largest_face_px=round(biggest, 1))
     boxes = {t.track_id: tr.box_at(t.track_id) for t in tr.tracks}
     wid = {t: (b[:, 2] - b[:, 0]) * w_px for t, b in boxes.items()}  # NaN where absent
-    scores = scorer(tr) if scorer is not None else None
+    scores, syncs = scorer(tr) if scorer is not None else (None, {})
     speaker = np.full(n_s, -1, np.int64)  # per sample: the speaker's track, -1 for none
     blocked = np.zeros(n_s, bool)
     if scores is None:
@@ -232,6 +233,8 @@ def cut_clips(uri, sid, pr: Probe, cfg: IngestConfig, detections, sample_idx, n_
         per = per_sample(scores, tc, n_s, int(round(cfg.detect_fps)))
         W = np.stack([np.nan_to_num(wid[t.track_id]) for t in tr.tracks])  # (tracks, samples)
         S = np.stack([per.get(t.track_id, np.full(n_s, np.nan)) for t in tr.tracks])
+        ysync = per_sample_sync(syncs, tc, n_s, int(round(cfg.asd_sync_window_s * 25)))
+        Y = np.stack([ysync.get(t.track_id, np.full(n_s, np.nan)) for t in tr.tracks])
         ids = np.array([t.track_id for t in tr.tracks])
         for s_ in range(n_s):
             usable = W[:, s_] >= cfg.min_face_px
@@ -243,7 +246,12 @@ def cut_clips(uri, sid, pr: Probe, cfg: IngestConfig, detections, sample_idx, n_
                 continue
             sc = np.where(comp & np.isfinite(S[:, s_]), S[:, s_], -np.inf)
             order = np.argsort(-sc, kind="stable")
-            if np.isfinite(sc[order[0]]) and sc[order[0]] >= cfg.min_speaking_score and \
+            sy = np.where(comp & np.isfinite(Y[:, s_]), Y[:, s_], -np.inf)
+            lead = np.argsort(-sy, kind="stable")
+            if np.isfinite(sy[lead[1]]) and sy[lead[0]] - sy[lead[1]] >= cfg.asd_sync_margin and \
+                    sc[lead[0]] >= cfg.min_speaking_score:
+                speaker[s_] = ids[lead[0]]  # the face that says what is heard
+            elif np.isfinite(sc[order[0]]) and sc[order[0]] >= cfg.min_speaking_score and \
                     sc[order[0]] - sc[order[1]] >= cfg.asd_margin:
                 speaker[s_] = ids[order[0]]
             else:

@@ -104,11 +104,25 @@ def fit(clips, alpha: float = ALPHA) -> np.ndarray:
 
 def save(path: str | Path, weights: np.ndarray, info: dict) -> str:
     """Write the weights (safetensors, the settings in its metadata) atomically; -> sha256."""
+    return save_weights(path, weights, "m2fd.av_sync", {**_settings(), "info": info})
+
+
+def load(path: str | Path) -> AVSync:
+    """Load weights written by ``save``; raises when the file's settings are not this code's, or when the
+    shipped file's sha256 is not the one it was released with."""
+    w, sha, meta = load_weights(path, "m2fd.av_sync", _settings(), (BANDS * (2 * CONTEXT + 1), len(MOUTH) + 1),
+                                SHIPPED, SHIPPED_SHA256, "AV-sync")
+    return AVSync(w, sha, meta.get("info"))
+
+
+def save_weights(path: str | Path, weights: np.ndarray, key: str, meta: dict) -> str:
+    """One float32 matrix ``weights`` and its settings ``meta`` (JSON under the single metadata ``key``:
+    safetensors orders several keys arbitrarily, so the bytes would differ run to run), written atomically
+    as safetensors; -> sha256. Shared by the ridge sync models (this one and models.asd_sync)."""
     from safetensors.numpy import save as st_save
 
-    # one metadata key (safetensors orders several keys arbitrarily: the bytes would differ run to run)
-    meta = {"m2fd.av_sync": json.dumps({**_settings(), "info": info}, sort_keys=True)}
-    blob = st_save({"weights": np.ascontiguousarray(weights, np.float32)}, metadata=meta)
+    blob = st_save({"weights": np.ascontiguousarray(weights, np.float32)},
+                   metadata={key: json.dumps(meta, sort_keys=True)})
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
@@ -117,22 +131,23 @@ def save(path: str | Path, weights: np.ndarray, info: dict) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def load(path: str | Path) -> AVSync:
-    """Load weights written by ``save``; raises when the file's settings are not this code's, or when the
-    shipped file's sha256 is not the one it was released with."""
+def load_weights(path: str | Path, key: str, settings: dict, shape: tuple, shipped: Path,
+                 shipped_sha256: str, what: str) -> tuple[np.ndarray, str, dict]:
+    """Read ``save_weights``' file -> (weights, sha256, metadata); raises when its settings or shape are not
+    ``settings`` / ``shape``, or when ``shipped``'s sha256 is not ``shipped_sha256``."""
     from safetensors import safe_open
 
     p = Path(path)
     sha = hashlib.sha256(p.read_bytes()).hexdigest()
-    if p.resolve() == SHIPPED and sha != SHIPPED_SHA256:
-        raise ValueError(f"{p}: sha256 {sha[:16]}..., expected {SHIPPED_SHA256[:16]}... (damaged or replaced)")
+    if p.resolve() == shipped and sha != shipped_sha256:
+        raise ValueError(f"{p}: sha256 {sha[:16]}..., expected {shipped_sha256[:16]}... (damaged or replaced)")
     with safe_open(str(p), "np") as f:
-        meta = json.loads((f.metadata() or {}).get("m2fd.av_sync", "{}"))
+        meta = json.loads((f.metadata() or {}).get(key, "{}"))
         w = f.get_tensor("weights")
-    got = {k: meta.get(k) for k in _settings()}
-    if got != _settings() or w.shape != (BANDS * (2 * CONTEXT + 1), len(MOUTH) + 1):
-        raise ValueError(f"{p}: not AV-sync weights of this code's settings ({got}, shape {w.shape})")
-    return AVSync(w, sha, meta.get("info"))
+    got = {k: meta.get(k) for k in settings}
+    if got != settings or w.shape != tuple(shape):
+        raise ValueError(f"{p}: not {what} weights of this code's settings ({got}, shape {w.shape})")
+    return w, sha, meta
 
 
 def _settings() -> dict:

@@ -224,8 +224,9 @@ class LightASD(nn.Module):
         self._folded = [e.block1.fold(), e.block2.fold(), e.block3.fold()]
         return self
 
-    def forward(self, faces: torch.Tensor, mfcc: torch.Tensor) -> torch.Tensor:
-        """faces (B, T, 112, 112) uint8 or float in [0, 255]; mfcc (B, 4T, 13) -> (B, T) speaking logits."""
+    def forward(self, faces: torch.Tensor, mfcc: torch.Tensor, embeddings: bool = False):
+        """faces (B, T, 112, 112) uint8 or float in [0, 255]; mfcc (B, 4T, 13) -> (B, T) speaking logits;
+        with ``embeddings``, (logits, visual (B, T, 128), audio (B, T, 128)): the encoders' outputs."""
         b, t = faces.shape[:2]
         v = ((faces.float() / 255.0 - MEAN) / STD).unsqueeze(1)
         e = self.model.visualEncoder
@@ -237,8 +238,8 @@ class LightASD(nn.Module):
         else:
             v = e.forward_2d(v)
         a = self.model.audioEncoder(mfcc.float().unsqueeze(1).transpose(2, 3))
-        x = self.model.GRU(a + v)
-        return self.lossAV.FC(x)[..., 1]
+        logits = self.lossAV.FC(self.model.GRU(a + v))[..., 1]
+        return (logits, v, a) if embeddings else logits
 
 
 def load(path: str | Path, expect_sha256: str | None = None) -> tuple[LightASD, str]:
@@ -267,33 +268,43 @@ DURATIONS_S = (1, 1, 1, 2, 2, 2, 3, 3, 4, 5, 6)
 
 @torch.no_grad()
 def score_track(model: LightASD, faces: np.ndarray, mfcc: np.ndarray, durations_s=DURATIONS_S,
-                smooth: int = 2) -> np.ndarray:
+                smooth: int = 2, embed: bool = False):
     """Per-frame speaking logits of one contiguous track: faces (T, 112, 112) uint8 at 25 fps and
     mfcc (>= 4T, 13) float at 100 Hz. As the original demo: the track is cut into windows of each of
     ``durations_s``, each window scored on its own, the per-frame scores averaged over the durations and
     smoothed over +-``smooth`` frames. Each window's result depends on that window only, so a frame's
-    score is the same whatever else is scored with it."""
+    score is the same whatever else is scored with it.
+
+    With ``embed``, returns (logits, visual, audio): the encoders' embeddings (T, 128) float32 as the
+    windows of the last of ``durations_s`` computed them (no extra pass)."""
     t = min(len(faces), len(mfcc) // AUDIO_PER_VIDEO)
     if t == 0:
-        return np.zeros(0, np.float32)
+        z = np.zeros(0, np.float32)
+        return (z, np.zeros((0, 128), np.float32), np.zeros((0, 128), np.float32)) if embed else z
     faces, mfcc = faces[:t], mfcc[: t * AUDIO_PER_VIDEO]
     dev = next(model.parameters()).device
     fv = torch.from_numpy(np.ascontiguousarray(faces)).to(dev)
     fa = torch.from_numpy(np.ascontiguousarray(mfcc, dtype=np.float32)).to(dev)
     total = np.zeros(t, np.float64)
+    ve = ae = None
     for d in durations_s:
         w = d * VIDEO_FPS
         out = np.empty(t, np.float64)
+        if embed:
+            ve, ae = np.empty((t, 128), np.float32), np.empty((t, 128), np.float32)
         for i in range(math.ceil(t / w)):
             a, b = i * w, min(t, (i + 1) * w)
-            s = model(fv[None, a:b], fa[None, a * AUDIO_PER_VIDEO: b * AUDIO_PER_VIDEO])
+            s = model(fv[None, a:b], fa[None, a * AUDIO_PER_VIDEO: b * AUDIO_PER_VIDEO], embeddings=embed)
+            if embed:
+                s, v, au = s
+                ve[a:b], ae[a:b] = v[0].float().cpu().numpy(), au[0].float().cpu().numpy()
             out[a:b] = s[0].double().cpu().numpy()
         total += out
     total /= len(durations_s)
     if smooth > 0 and t > 1:
         pad = np.pad(total, smooth, mode="edge")
         total = np.convolve(pad, np.ones(2 * smooth + 1) / (2 * smooth + 1), "valid")
-    return total.astype(np.float32)
+    return (total.astype(np.float32), ve, ae) if embed else total.astype(np.float32)
 
 
 def models_dir() -> Path:
@@ -310,18 +321,31 @@ def resolve(path: str) -> Path:
 
 
 class Scorer:
-    """``Scorer(path)(faces, mfcc) -> logits``: a loaded model with fixed threads and windows."""
+    """``Scorer(path)(faces, mfcc) -> logits``: a loaded model with fixed threads and windows.
+    ``track(faces, mfcc) -> (logits, sync)`` adds the run's (predicted, observed) visual embeddings of the
+    ``sync`` model (models.asd_sync.AsdSync; None when there is none)."""
 
-    def __init__(self, path: str | Path, durations_s=(2, 4), threads: int = 1, device: str = "cpu"):
+    def __init__(self, path: str | Path, durations_s=(2, 4), threads: int = 1, device: str = "cpu", sync=None):
         self.model, self.sha256 = load(path)
         if device != "cpu":
             self.model = self.model.to(device)  # forward folds the batch norms again on that device
         self.path, self.durations_s, self.threads, self.device = str(path), tuple(durations_s), int(threads), device
+        self.sync = sync
 
     def __call__(self, faces: np.ndarray, mfcc: np.ndarray) -> np.ndarray:
+        return self.embed(faces, mfcc, False)
+
+    def embed(self, faces: np.ndarray, mfcc: np.ndarray, embed: bool = True):
+        """score_track with this scorer's threads and windows (``embed``: with the embeddings)."""
         prev = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            return score_track(self.model, faces, mfcc, self.durations_s)
+            return score_track(self.model, faces, mfcc, self.durations_s, embed=embed)
         finally:
             torch.set_num_threads(prev)
+
+    def track(self, faces: np.ndarray, mfcc: np.ndarray):
+        if self.sync is None:
+            return self(faces, mfcc), None
+        logits, ve, ae = self.embed(faces, mfcc)
+        return logits, self.sync.signals(ve, ae)

@@ -18,6 +18,7 @@ from extractors.discover import InputRef, discover
 from extractors.errors import Reject
 from extractors.ingest import analyse, failed_analysis, quarantine_row, source_id_of
 from extractors.probe import fetch
+from models import asd_sync
 from storage_schemas import RowBuffer, atomic_write_bytes, table_path, write_table
 
 from .executors import LocalExecutor, TaskFailure
@@ -71,15 +72,23 @@ def _fetch_task(w: FetchWork) -> dict:
 
 
 @functools.lru_cache(maxsize=2)
-def asd_scorer(weights: str, durations_s: tuple[int, ...], threads: int, device: str = "cpu"):
-    """The active-speaker model of a config, loaded once per process (sha256-checked); ``device`` "auto"
-    is CUDA where this process sees a GPU."""
+def asd_scorer(weights: str, durations_s: tuple[int, ...], threads: int, device: str = "cpu", sync: str = ""):
+    """The active-speaker model of a config with its sync model (``sync``: ingest.asd_sync_model), loaded
+    once per process (sha256-checked); ``device`` "auto" is CUDA where this process sees a GPU."""
     import torch
 
     from models.light_asd import Scorer, resolve
 
     dev = "cuda" if device == "cuda" or device == "auto" and torch.cuda.is_available() else "cpu"
-    return Scorer(resolve(weights), durations_s, threads, dev)
+    sp = asd_sync.resolve(sync)
+    return Scorer(resolve(weights), durations_s, threads, dev, asd_sync.load(sp) if sp else None)
+
+
+def config_scorer(cfg: IngestConfig, device: str = "cpu"):
+    """asd_scorer of ``cfg`` (None when Light-ASD is off)."""
+    if not cfg.asd_weights:
+        return None
+    return asd_scorer(cfg.asd_weights, tuple(cfg.asd_durations_s), cfg.asd_threads, device, cfg.asd_sync_model)
 
 
 def asd_gpu(cfg: IngestConfig, ex) -> bool:
@@ -90,11 +99,13 @@ def asd_gpu(cfg: IngestConfig, ex) -> bool:
 def asd_lineage(cfg: IngestConfig) -> dict | None:
     """{"name", "path", "sha256"} of the configured Light-ASD weights (None when off); raises with the
     path when the file is missing or is not the released one."""
-    if not cfg.asd_weights:
+    s = config_scorer(cfg)
+    if s is None:
         return None
-    s = asd_scorer(cfg.asd_weights, tuple(cfg.asd_durations_s), cfg.asd_threads)
+    sync = {"sync": {"name": "asd-sync", "path": str(asd_sync.resolve(cfg.asd_sync_model)),
+                     "sha256": s.sync.sha256}} if s.sync is not None else {}
     return {"name": "light-asd", "path": s.path, "sha256": s.sha256,
-            **({"device": cfg.asd_device} if cfg.asd_device != "cpu" else {})}
+            **({"device": cfg.asd_device} if cfg.asd_device != "cpu" else {}), **sync}
 
 
 def vad_lineage(cfg: IngestConfig) -> dict:
@@ -112,10 +123,10 @@ def _analyse_task(w: AnalyseWork) -> dict:
     item, part = w.source, w.part
     maybe_fail("ingest", item["uri"])
     cfg = IngestConfig.from_dict(w.cfg)
-    asd = (asd_scorer(cfg.asd_weights, tuple(cfg.asd_durations_s), cfg.asd_threads, cfg.asd_device)
-           if cfg.asd_weights else None)
+    asd = config_scorer(cfg, cfg.asd_device)
     kept: list = []
-    result = analyse(item["path"], item["uri"], item["sha256"], item["size"], cfg, asd=asd, audio_sink=kept.append)
+    result = analyse(item["path"], item["uri"], item["sha256"], item["size"], cfg,
+                     asd=asd.track if asd is not None else None, audio_sink=kept.append)
     if kept and result["clips"]:  # later stages read it from parts/audio/ instead of decoding it again
         keep_audio(w.out, item["sha256"], kept[0])
     atomic_write_bytes(part, json.dumps(result, sort_keys=True).encode())

@@ -12,7 +12,7 @@ from extractors.ingest import analyse
 from extractors.media import decode_audio
 from extractors.probe import sha256_file
 from models import light_asd
-from pipelines.ingest import asd_scorer
+from pipelines.ingest import config_scorer
 from samples import _ff  # examples/samples.py: the ffmpeg call every test fixture uses
 from storage_schemas import open_dataset
 
@@ -21,8 +21,8 @@ ENC = ["-c:v", "libx264", "-preset", "ultrafast", "-crf", "20", "-pix_fmt", "yuv
 
 
 def _analyse(p: Path, cfg: IngestConfig = CFG) -> dict:
-    asd = asd_scorer(cfg.asd_weights, tuple(cfg.asd_durations_s), cfg.asd_threads) if cfg.asd_weights else None
-    return analyse(str(p), str(p), sha256_file(p), p.stat().st_size, cfg, asd=asd)
+    asd = config_scorer(cfg)
+    return analyse(str(p), str(p), sha256_file(p), p.stat().st_size, cfg, asd=asd.track if asd else None)
 
 
 def test_released_weights_load_strictly_and_are_checked(tmp_path):
