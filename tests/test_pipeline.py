@@ -78,8 +78,11 @@ def test_cli_run_mixed_folder_manifest_and_query(tmp_path, cases, real_dir):
     manifest.write_text("\n".join(json.dumps({"path": p}) for p in [str(real_dir / "d12.mp4"), "missing.mp4"]))
     out = tmp_path / "D"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # two_faces is d14 and d3 side by side under a TTS voice-over: with ASD-sync (the default) d14's motion
+    # follows that speech well enough (sync 0.39 against 0.11) to be taken as the speaker, a known limit
+    # (bench/RESULTS.md); this run checks the path where no face can be told apart, so ASD-sync is off
     r = subprocess.run(M2FD + ["run", str(src), str(manifest), "--out", str(out), "--num-cpus", "2",
-                               "--stages", "ingest"],
+                               "--stages", "ingest", "--set", 'ingest.asd_sync_model=""'],
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "done:" in r.stderr and "ingest:" in r.stderr
