@@ -88,10 +88,10 @@ def _dropped_at_keep(real, dubbed, keep: float) -> float:
 
 
 def auc(pos, neg) -> float:
-    pos, neg = np.asarray([x for x in pos if x is not None]), np.asarray([x for x in neg if x is not None])
-    if not len(pos) or not len(neg):
-        return float("nan")
-    return float((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
+    """models.ridge_sync.auc with None values left out."""
+    from models.ridge_sync import auc as pair_auc
+
+    return pair_auc([x for x in pos if x is not None], [x for x in neg if x is not None])
 
 
 def main() -> None:

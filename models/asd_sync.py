@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .av_sync import _z, auc, load_weights, save_weights
+from .ridge_sync import auc, lagged_corr, load_weights, resolve_weights, save_weights, zscore
 
 EMB = 128  # Light-ASD's embedding width (audio and visual)
 CONTEXT = 3  # 25 fps frames of audio embedding either side of a frame
@@ -37,7 +37,7 @@ SHIPPED_SHA256 = "9de0946025ec6e9e04d052cb206cf0b1bd5caa43f7f659f24f768b866373a4
 def audio_features(ae: np.ndarray) -> np.ndarray:
     """(T, 128) audio embeddings of one contiguous run -> (T, 128 (2 CONTEXT + 1)) model input."""
     n = len(ae)
-    a = _z(np.asarray(ae, np.float32))
+    a = zscore(np.asarray(ae, np.float32))
     p = np.pad(a, ((CONTEXT, CONTEXT), (0, 0)), mode="edge")
     return np.concatenate([p[i: i + n] for i in range(2 * CONTEXT + 1)], 1)
 
@@ -51,7 +51,7 @@ class AsdSync:
     def signals(self, ve: np.ndarray, ae: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One contiguous run's visual and audio embeddings (T, 128) each -> (predicted, observed) visual
         embeddings, each z-scored over the run (float32, (T, 128))."""
-        return _z(audio_features(ae) @ self.weights), _z(np.asarray(ve, np.float32))
+        return zscore(audio_features(ae) @ self.weights), zscore(np.asarray(ve, np.float32))
 
 
 def window_sync(pred: np.ndarray, obs: np.ndarray, centres: np.ndarray, half: int) -> np.ndarray:
@@ -61,20 +61,11 @@ def window_sync(pred: np.ndarray, obs: np.ndarray, centres: np.ndarray, half: in
     value depends on that window's frames only."""
     ok = np.isfinite(pred).all(1) & np.isfinite(obs).all(1)
     out = np.full(len(centres), np.nan, np.float32)
-    n = len(pred)
     for i, c in enumerate(np.asarray(centres, np.int64)):
-        a, b = max(0, int(c) - half), min(n, int(c) + half + 1)
-        best = -np.inf
-        for lag in range(-MAX_LAG, MAX_LAG + 1):  # lag > 0: the face moves after the sound
-            lo, hi = max(a, lag), min(b, n + lag)  # observed frames [lo, hi) against predicted [lo - lag, hi - lag)
-            if hi - lo < MIN_FRAMES:
-                continue
-            m = ok[lo:hi] & ok[lo - lag: hi - lag]
-            if m.sum() < MIN_FRAMES:
-                continue
-            best = max(best, float((_z(pred[lo - lag: hi - lag][m]) * _z(obs[lo:hi][m])).mean()))
-        if best > -np.inf:
-            out[i] = best
+        v = lagged_corr(pred, obs, ok, ok, max(0, int(c) - half), min(len(pred), int(c) + half + 1), MAX_LAG,
+                        MIN_FRAMES)
+        if v is not None:
+            out[i] = v
     return out
 
 
@@ -84,7 +75,7 @@ def fit(runs, alpha: float = ALPHA) -> np.ndarray:
     d = EMB * (2 * CONTEXT + 1)
     xtx, xty = np.zeros((d, d)), np.zeros((d, EMB))
     for ve, ae in runs:
-        x, y = audio_features(ae).astype(np.float64), _z(np.asarray(ve, np.float32)).astype(np.float64)
+        x, y = audio_features(ae).astype(np.float64), zscore(np.asarray(ve, np.float32)).astype(np.float64)
         xtx += x.T @ x
         xty += x.T @ y
     return np.linalg.solve(xtx + alpha * np.eye(d), xty).astype(np.float32)
@@ -107,12 +98,7 @@ def load(path: str | Path) -> AsdSync:
 
 def resolve(value: str | None) -> Path | None:
     """Config value -> weights file: "shipped" = models/assets/asd-sync-v1; "" or None = off; else a path."""
-    if not value:
-        return None
-    p = SHIPPED if value == "shipped" else Path(value).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"ingest.asd_sync_model = {value!r}: no such file ({p})")
-    return p
+    return resolve_weights(value, SHIPPED, "ingest.asd_sync_model")
 
 
 def leave_one_person_out(runs: list[tuple[str, np.ndarray, np.ndarray]], window: int = 250, others: int = 4,

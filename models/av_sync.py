@@ -14,14 +14,14 @@ own arrays: no other clip and no batch changes a clip's score. Pure numpy; no Ra
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from storage_schemas.vocab import BLENDSHAPES
+
+from .ridge_sync import auc, lagged_corr, load_weights, resolve_weights, save_weights, zscore  # noqa: F401 (auc: av_sync.auc)
 
 MOUTH = tuple(n for n in BLENDSHAPES if n.startswith(("jaw", "mouth")))  # 27 names
 BANDS = 20  # the 80 log-mel bins pooled 4 by 4
@@ -34,17 +34,10 @@ SHIPPED = Path(__file__).resolve().parent / "assets" / "av-sync-v1" / "av_sync.s
 SHIPPED_SHA256 = "568a55c4ae749ae6f7c3bd3801d43b533b6d600504f9cd85bdc8b8d593597399"  # scripts/train_av_sync.py
 
 
-def _z(x: np.ndarray) -> np.ndarray:
-    """Per-column z-score over the rows (NaN rows ignored, NaN -> 0)."""
-    m = np.nanmean(x, 0)
-    s = np.nanstd(x, 0) + 1e-3
-    return np.nan_to_num((x - m) / s).astype(np.float32)
-
-
 def speech_features(audio_mel: np.ndarray) -> np.ndarray:
     """(n, 80) log-mel at 30 fps -> (n, BANDS * (2 CONTEXT + 1)) model input."""
     n = len(audio_mel)
-    m = _z(np.asarray(audio_mel, np.float32)).reshape(n, BANDS, -1).mean(-1)
+    m = zscore(np.asarray(audio_mel, np.float32)).reshape(n, BANDS, -1).mean(-1)
     p = np.pad(m, ((CONTEXT, CONTEXT), (0, 0)), mode="edge")
     return np.concatenate([p[i: i + n] for i in range(2 * CONTEXT + 1)], 1)
 
@@ -60,7 +53,7 @@ def mouth_signals(blendshapes: np.ndarray, mouth_open: np.ndarray) -> np.ndarray
     y = np.where(bad[:, None], np.nanmean(y[~bad], 0), y)  # filled only to smooth across short gaps
     k = np.ones(SMOOTH) / SMOOTH
     y = np.stack([np.convolve(np.pad(c, SMOOTH // 2, mode="edge"), k, "valid") for c in y.T], 1)
-    y = _z(y)
+    y = zscore(y)
     y[bad] = np.nan
     return y
 
@@ -79,14 +72,8 @@ class AVSync:
         if ok.sum() < MIN_FRAMES or len(audio_mel) != len(y):
             return None
         pred = speech_features(audio_mel) @ self.weights
-        best = -np.inf
-        for lag in range(-MAX_LAG, MAX_LAG + 1):  # lag > 0: the mouth moves after the sound
-            a = pred[max(0, -lag): len(pred) - max(0, lag)]
-            b, m = y[max(0, lag): len(y) - max(0, -lag)], ok[max(0, lag): len(y) - max(0, -lag)]
-            if m.sum() < MIN_FRAMES:
-                continue
-            best = max(best, float((_z(a[m]) * _z(b[m])).mean()))
-        return None if best == -np.inf else round(best, 6)
+        best = lagged_corr(pred, y, np.ones(len(y), bool), ok, 0, len(y), MAX_LAG, MIN_FRAMES)
+        return None if best is None else round(best, 6)
 
 
 def fit(clips, alpha: float = ALPHA) -> np.ndarray:
@@ -115,53 +102,13 @@ def load(path: str | Path) -> AVSync:
     return AVSync(w, sha, meta.get("info"))
 
 
-def save_weights(path: str | Path, weights: np.ndarray, key: str, meta: dict) -> str:
-    """One float32 matrix ``weights`` and its settings ``meta`` (JSON under the single metadata ``key``:
-    safetensors orders several keys arbitrarily, so the bytes would differ run to run), written atomically
-    as safetensors; -> sha256. Shared by the ridge sync models (this one and models.asd_sync)."""
-    from safetensors.numpy import save as st_save
-
-    blob = st_save({"weights": np.ascontiguousarray(weights, np.float32)},
-                   metadata={key: json.dumps(meta, sort_keys=True)})
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_bytes(blob)
-    tmp.replace(p)
-    return hashlib.sha256(blob).hexdigest()
-
-
-def load_weights(path: str | Path, key: str, settings: dict, shape: tuple, shipped: Path,
-                 shipped_sha256: str, what: str) -> tuple[np.ndarray, str, dict]:
-    """Read ``save_weights``' file -> (weights, sha256, metadata); raises when its settings or shape are not
-    ``settings`` / ``shape``, or when ``shipped``'s sha256 is not ``shipped_sha256``."""
-    from safetensors import safe_open
-
-    p = Path(path)
-    sha = hashlib.sha256(p.read_bytes()).hexdigest()
-    if p.resolve() == shipped and sha != shipped_sha256:
-        raise ValueError(f"{p}: sha256 {sha[:16]}..., expected {shipped_sha256[:16]}... (damaged or replaced)")
-    with safe_open(str(p), "np") as f:
-        meta = json.loads((f.metadata() or {}).get(key, "{}"))
-        w = f.get_tensor("weights")
-    got = {k: meta.get(k) for k in settings}
-    if got != settings or w.shape != tuple(shape):
-        raise ValueError(f"{p}: not {what} weights of this code's settings ({got}, shape {w.shape})")
-    return w, sha, meta
-
-
 def _settings() -> dict:
     return {"bands": BANDS, "context": CONTEXT, "smooth": SMOOTH, "max_lag": MAX_LAG, "mouth": list(MOUTH)}
 
 
 def resolve(value: str | None) -> Path | None:
     """Config value -> weights file: "shipped" = models/assets/av-sync-v1; "" or None = off; else a path."""
-    if not value:
-        return None
-    p = SHIPPED if value == "shipped" else Path(value).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"extract.av_sync_model = {value!r}: no such file ({p})")
-    return p
+    return resolve_weights(value, SHIPPED, "extract.av_sync_model")
 
 
 def leave_one_source_out(clips: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], alpha: float = ALPHA,
@@ -188,9 +135,3 @@ def leave_one_source_out(clips: list[tuple[str, np.ndarray, np.ndarray, np.ndarr
                 if d is not None:
                     dubbed.append(d)
     return real, dubbed
-
-
-def auc(pos, neg) -> float:
-    """P(a positive scores above a negative), ties counting half."""
-    p, q = np.asarray(pos, float)[:, None], np.asarray(neg, float)[None]
-    return float((p > q).mean() + 0.5 * (p == q).mean()) if p.size and q.size else float("nan")
