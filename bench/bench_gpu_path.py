@@ -4,9 +4,10 @@ also runs on a CPU at small sizes).
 Sections (``--section``, repeatable; default all that can run here):
 - decode: NVDEC (PyNvVideoCodec) frames/s for one decoder session and for ``--sessions`` sessions in
   threads, against OpenCV's CPU decoder (its default threads);
-- landmarks: the torch Face Mesh (detection + tracking passes) in frames/s at each ``--batches`` size
-  and dtype, the networks alone, and its accuracy against MediaPipe on the same frames (mean and p95
-  distance in % of the inter-ocular distance; MediaPipe live where it is installed);
+- landmarks: the torch Face Mesh (detection + tracking) in frames/s at each ``--batches`` size and dtype,
+  with its default tracking (parallel chains) and the earlier 3- and 1-pass tracking side by side, the
+  networks alone, and its accuracy against MediaPipe on the same frames, chains and 3 passes (mean and
+  p95 distance in % of the inter-ocular distance; MediaPipe live where it is installed);
 - mediapipe: MediaPipe's own Face Mesh on one core and on ``--procs`` processes;
 - extract: the whole per-frame extraction (decode, landmarks, pose, crops, GNPFA encoding) through
   extractors.extract.extract_source, in input frames/s per GPU, with 1 and ``--workers`` processes
@@ -31,8 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from extractors.config import ExtractConfig  # noqa: E402
 from extractors.media import analysis_size  # noqa: E402
+from extractors.mesh_torch import CHAIN, WARMUP  # noqa: E402
 
 RESULTS: dict = {}
+# the torch Face Mesh's tracking variants timed side by side: (label, chain, passes); the first is the default
+TRACKINGS = [(f"chains of {CHAIN} (+{WARMUP} warm-up)", CHAIN, 3), ("3 passes", 0, 3), ("1 pass", 0, 1)]
+TRACK_DEFAULT = TRACKINGS[0][0]
 
 
 def videos_of(paths: list[str]) -> list[Path]:
@@ -182,6 +187,8 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
             refs = {k: z[k] for k in z.files}
     acc = []
     meshes = {dt: TorchFaceMesh(dev, getattr(torch, dt), modules=modules) for dt in dtypes}
+    # the earlier tracking (3 passes over each batch), first dtype, for the accuracy side by side
+    passes3 = TorchFaceMesh(dev, getattr(torch, dtypes[0]), modules=modules, chain=0)
     for v in videos:
         if v.name not in boxes:
             continue
@@ -193,19 +200,20 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
             except ImportError:
                 continue
         h, w = frames.shape[1:3]
-        for dt, mesh in meshes.items():
+        for (dt, mesh), tracking in [((dt, m), TRACK_DEFAULT) for dt, m in meshes.items()] + \
+                [((dtypes[0], passes3), "3 passes")]:
             got = track_frames(frames, box, ExtractConfig(mesh_batch=max(batches)), landmarker=mesh)
             d, cov = landmark_distances(refs[v.name], got, w, h)
-            acc.append({"video": v.name, "dtype": dt, "frames": int(len(d)), "coverage": round(cov, 3),
+            acc.append({"video": v.name, "dtype": dt, "tracking": tracking, "frames": int(len(d)), "coverage": round(cov, 3),
                         "mean_pct_iod": round(float(d.mean()) * 100, 3) if len(d) else None,
                         "p95_pct_iod": round(float(np.percentile(d, 95)) * 100, 3) if len(d) else None})
             print("accuracy", acc[-1], flush=True)
     if reference is not None and not reference.is_file() and refs:
         np.savez_compressed(reference, **refs)
-    for dt in dtypes:
-        d = [a for a in acc if a["dtype"] == dt and a["frames"]]
+    for dt, tracking in [(dt, TRACK_DEFAULT) for dt in dtypes] + [(dtypes[0], "3 passes")]:
+        d = [a for a in acc if a["dtype"] == dt and a["tracking"] == tracking and a["frames"]]
         if d:
-            print(f"accuracy {dt}: worst video mean {max(a['mean_pct_iod'] for a in d):.2f}% p95 "
+            print(f"accuracy {dt}, {tracking}: worst video mean {max(a['mean_pct_iod'] for a in d):.2f}% p95 "
                   f"{max(a['p95_pct_iod'] for a in d):.2f}% of IOD, min coverage {min(a['coverage'] for a in d):.2f}")
     RESULTS["accuracy"] = acc
     # throughput: one real video's frames repeated up to the largest batch, on the device
@@ -220,8 +228,8 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
         dt0 = dtypes[0]
         variants.append((dt0, "no CUDA graphs", TorchFaceMesh(dev, getattr(torch, dt0), modules=modules, graphs=False)))
     for dt, label, mesh in variants:
-        for passes in sorted({1, mesh.passes}) if label == "default" else [mesh.passes]:
-            mesh.passes = passes
+        for tracking, chain, passes in TRACKINGS if label == "default" else TRACKINGS[:1]:
+            mesh.chain, mesh.passes = chain, passes
             for b in batches:
                 x = torch.from_numpy(base[np.arange(b) % len(base)]).to(dev)
                 got = mesh.track(x, box, roi)[0]  # warm-up (kernels, allocator, graph capture)
@@ -232,9 +240,10 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
                     print("landmarks", rows[-1], flush=True)
                 reps = max(1, int(2 * 4096 / b)) if dev.startswith("cuda") else 1
                 fps = reps * b / _seconds(dev, lambda: mesh.track(x, box, roi), reps)
-                rows.append({"dtype": dt, "variant": label, "passes": passes, "batch": b, "frames_per_s": round(fps, 1)})
+                rows.append({"dtype": dt, "variant": label, "tracking": tracking, "batch": b,
+                             "frames_per_s": round(fps, 1)})
                 print("landmarks", rows[-1], flush=True)
-        mesh.passes = 3
+        mesh.chain, mesh.passes = TRACKINGS[0][1:]
         # the landmark network alone on 192 px crops, and cutting those crops from the frames
         for b in batches:
             crops = torch.rand(b, 192, 192, 3, device=dev, dtype=getattr(torch, dt))

@@ -123,7 +123,12 @@ class ExtractConfig:
     landmarker: str = "auto"
     # frames per batch of the torch engine (per clip, from its first frame); 0 = 32 on the CPU, 128 on CUDA
     mesh_batch: int = 0
-    mesh_passes: int = 3  # torch engine: tracking passes (1 = every frame cropped at its detection)
+    # torch engine tracking: MediaPipe's frame-to-frame chain, cut every mesh_chain frames into pieces
+    # tracked in parallel, each piece's chain started mesh_warmup frames earlier (extractors.mesh_torch);
+    # mesh_chain 0: mesh_passes passes over each batch instead (1 = every frame cropped at its detection)
+    mesh_chain: int = 8
+    mesh_warmup: int = 2
+    mesh_passes: int = 3
     # extraction tasks sharing one GPU (each asks 1/this of it); 0 = the stage's declared share, an eighth
     # (pipelines/stages.py: 8 measured best for the GPU alone). A node with more than 8 cores per GPU
     # leaves cores idle unless this is raised, since the tasks also transcribe and embed on their CPU
@@ -190,8 +195,10 @@ class ExtractConfig:
             raise ValueError(f"extract.landmarker must be auto, mediapipe or torch, got {cfg.landmarker!r}")
         if cfg.decoder not in ("auto", "cpu", "nvdec"):
             raise ValueError(f"extract.decoder must be auto, cpu or nvdec, got {cfg.decoder!r}")
-        if cfg.mesh_batch < 0 or cfg.mesh_passes < 1 or cfg.tasks_per_gpu < 0:
-            raise ValueError("extract.mesh_batch and extract.tasks_per_gpu must be >= 0, extract.mesh_passes >= 1")
+        if cfg.mesh_batch < 0 or cfg.mesh_passes < 1 or cfg.tasks_per_gpu < 0 or cfg.mesh_chain < 0 or \
+                cfg.mesh_warmup < 0:
+            raise ValueError("extract.mesh_batch, mesh_chain, mesh_warmup and tasks_per_gpu must be >= 0, "
+                             "extract.mesh_passes >= 1")
         for key in ("device", "asr_device"):
             if getattr(cfg, key) not in ("auto", "cpu", "cuda"):
                 raise ValueError(f"extract.{key} must be auto, cpu or cuda, got {getattr(cfg, key)!r}")

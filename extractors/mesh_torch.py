@@ -10,10 +10,15 @@ logic follows MediaPipe's face_landmark_front graph as tensor operations over a 
 - a detection's rect: box centre, rotation from the eye keypoints, the longer side x 1.5, square;
 - a rotated 192 px crop (bilinear, edge pixels replicated), landmarks, projected back to the frame;
 - the next frame's rect from this frame's landmarks (box of the mesh, rotation from points 33 and 263,
-  x 1.5), as MediaPipe tracks. Frames are batched, so tracking runs in passes: pass 1 crops every frame at
-  its detection, pass 2 re-crops frame t at the rect of pass 1's landmarks of frame t-1 where those
-  exist (MediaPipe's tracked crop), else at the detection. A frame's result depends only on its own
-  and its predecessor's pixels, never on how frames are batched.
+  x 1.5), as MediaPipe tracks: each frame is cropped where the previous frame's mesh was, at its own
+  detection where the previous frame has no face. That chain is sequential, so a clip is cut every
+  CHAIN frames (counted from its first frame) into pieces tracked side by side, one network batch per
+  step, each piece's chain started WARMUP frames earlier at a detection: a frame costs (CHAIN + WARMUP) /
+  CHAIN landmark runs and the detector runs only where a chain starts or lost the face. A frame's result
+  depends only on the clip's frames before it within its piece and warm-up, never on how frames are
+  batched. (The earlier tracking, ``chain=0``: ``passes`` passes over each batch, pass p cropping frame t
+  at pass p-1's landmarks of frame t-1; 3 passes ran 3 landmark networks and the detector per frame and
+  were 2-3x further from MediaPipe, bench/RESULTS.md.)
 
 Pure: arrays and tensors in, landmarks out; no Ray, no Dagster.
 """
@@ -30,6 +35,7 @@ import torch
 DET_PX, LM_PX = 128, 192
 _DET_MIN_SCORE, _NMS_IOU, _FLAG_MIN = 0.5, 0.3, 0.5
 _ROI_SCALE = 1.5
+CHAIN, WARMUP = 8, 2  # tracking: frames per chain piece, and the frames each piece's chain starts earlier
 
 
 def mediapipe_model(rel: str, modules: str | Path | None = None) -> Path:
@@ -66,17 +72,24 @@ def ssd_anchors() -> np.ndarray:
     return np.concatenate(out).astype(np.float32)
 
 
-def warp_crops(frames: torch.Tensor, rects: torch.Tensor, size: int, border: str, chunk: int = 64) -> torch.Tensor:
+def warp_crops(frames: torch.Tensor, rects: torch.Tensor, size: int, border: str, chunk: int = 64,
+               index: torch.Tensor | None = None) -> torch.Tensor:
     """Rotated square crops as MediaPipe's ImageToTensor cuts them (the rect's corners onto the output's
-    corners, bilinear). frames: (B, H, W, 3) uint8; rects: (B, 4) centre x, centre y, side (pixels),
-    rotation (radians); border: "zeros" (outside is black) or "border" (edge pixels replicated). Returns
-    (B, size, size, 3) float32 in 0-255 (NHWC, as the networks take it).
+    corners, bilinear). frames: (F, H, W, 3) uint8; rects: (B, 4) centre x, centre y, side (pixels),
+    rotation (radians), crop k cut from frame ``index[k]`` (default: frame k); border: "zeros" (outside is
+    black) or "border" (edge pixels replicated). Returns (B, size, size, 3) float32 in 0-255 (NHWC, as the
+    networks take it).
 
     The four bilinear taps are gathered straight from the uint8 frames (a whole frame is never converted to
-    float), in float32 whatever the networks run in (a half-precision grid would be off by pixels on large
-    frames); the same sampling as ``grid_sample(align_corners=True)`` at pixel coordinates. ``chunk``
-    frames at a time bounds the temporaries; each frame is sampled on its own, so chunking changes nothing."""
-    B, H, W, _ = frames.shape
+    float or copied), in float32 whatever the networks run in (a half-precision grid would be off by pixels
+    on large frames); the same sampling as ``grid_sample(align_corners=True)`` at pixel coordinates.
+    ``chunk`` crops at a time bound the temporaries; each crop is sampled on its own, so chunking changes
+    nothing."""
+    _, H, W, _ = frames.shape
+    B = len(rects)
+    if index is None:
+        index = torch.arange(B, device=frames.device)
+    flat = frames.reshape(-1, 3)
     out = torch.empty(B, size, size, 3, device=frames.device, dtype=torch.float32)
     u = torch.arange(size, device=frames.device, dtype=torch.float32) / size - 0.5
     dy, dx = torch.meshgrid(u, u, indexing="ij")  # (size, size) in units of the side
@@ -91,13 +104,12 @@ def warp_crops(frames: torch.Tensor, rects: torch.Tensor, size: int, border: str
         x0, y0 = torch.floor(x), torch.floor(y)
         wx, wy = (x - x0).reshape(n, -1, 1), (y - y0).reshape(n, -1, 1)
         x0, y0 = x0.long().reshape(n, -1), y0.long().reshape(n, -1)
-        flat = frames[i:i + n].reshape(n, H * W, 3)
+        base = (index[i:i + n].long() * (H * W))[:, None]
         acc = None
         for ox, oy, w in ((0, 0, (1 - wx) * (1 - wy)), (1, 0, wx * (1 - wy)), (0, 1, (1 - wx) * wy), (1, 1, wx * wy)):
             xi, yi = x0 + ox, y0 + oy
             inside = ((xi >= 0) & (xi < W) & (yi >= 0) & (yi < H)).unsqueeze(-1)
-            idx = (yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)).unsqueeze(-1).expand(n, -1, 3)
-            v = torch.gather(flat, 1, idx).float() * (w * inside)
+            v = flat[base + yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)].float() * (w * inside)
             acc = v if acc is None else acc + v
         out[i:i + n] = acc.reshape(n, size, size, 3)
     return out
@@ -121,15 +133,20 @@ def rect_from_points(xy: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
 class TorchFaceMesh:
     """Batched Face Mesh. ``track(frames, expect_box, det_roi, carry)`` -> (landmarks (B, 478, 3) in
     frame-normalised coordinates (x by width, y by height, z in x's scale; NaN where no face), carry for
-    the next batch of the same clip)."""
+    the next batch of the same clip). Tracking: chains cut every ``chain`` frames with ``warmup`` frames
+    of warm-up (the default), or with ``chain=0`` ``passes`` passes over each batch."""
 
     def __init__(self, device: str = "cpu", dtype: torch.dtype | None = None, passes: int = 3,
-                 modules: str | Path | None = None, graphs: bool | None = None):
+                 modules: str | Path | None = None, graphs: bool | None = None, chain: int = CHAIN,
+                 warmup: int = WARMUP):
         from models.tflite_torch import CudaGraphed, TFLiteGraph
 
         self.device = torch.device(device)
         self.dtype = dtype or torch.float32
         self.passes = passes
+        if chain < 0 or warmup < 0:
+            raise ValueError(f"chain and warmup must be >= 0, got {chain}, {warmup}")
+        self.chain, self.warmup = chain, warmup
         self.det = TFLiteGraph(mediapipe_model("face_detection/face_detection_short_range.tflite", modules)).eval()
         self.lm = TFLiteGraph(mediapipe_model("face_landmark/face_landmark_with_attention.tflite", modules)).eval()
         self.det.to(self.device, self.dtype)
@@ -149,11 +166,11 @@ class TorchFaceMesh:
 
     # --- networks ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def detect(self, frames: torch.Tensor, roi: torch.Tensor, expect: torch.Tensor):
-        """Detection on (B, H, W, 3) uint8 frames, each on its square roi (B, 4): the face whose box holds
-        ``expect`` (B, 2 pixels), merged with its overlapping anchors (weighted suppression). Returns
-        (rect (B, 4), found (B,))."""
-        x = warp_crops(frames, roi, DET_PX, "zeros") * (2 / 255) - 1
+    def detect(self, frames: torch.Tensor, roi: torch.Tensor, expect: torch.Tensor, index: torch.Tensor | None = None):
+        """Detection on (B, H, W, 3) uint8 frames (or on frames ``index`` (B,) of them), each on its square
+        roi (B, 4): the face whose box holds ``expect`` (B, 2 pixels), merged with its overlapping anchors
+        (weighted suppression). Returns (rect (B, 4), found (B,))."""
+        x = warp_crops(frames, roi, DET_PX, "zeros", index=index) * (2 / 255) - 1
         reg, cls = self._det(x.to(self.dtype))
         reg, score = reg.float(), torch.sigmoid(cls.float().clamp(-100, 100))[..., 0]
         a = self.anchors
@@ -183,9 +200,10 @@ class TorchFaceMesh:
         return rect_from_box(merged[:, 0], merged[:, 1], merged[:, 2], merged[:, 3]), found
 
     @torch.no_grad()
-    def landmarks(self, frames: torch.Tensor, rects: torch.Tensor):
-        """(B, 478, 3) landmarks in frame pixels (z in the same scale) and (B,) face-flag scores."""
-        x = warp_crops(frames, rects, LM_PX, "border") / 255
+    def landmarks(self, frames: torch.Tensor, rects: torch.Tensor, index: torch.Tensor | None = None):
+        """(B, 478, 3) landmarks in frame pixels (z in the same scale) and (B,) face-flag scores of the
+        crops at ``rects`` (B, 4) of frames ``index`` (B,) (default: rect k on frame k)."""
+        x = warp_crops(frames, rects, LM_PX, "border", index=index) / 255
         mesh, lips, leye, reye, liris, riris, flag = self._lm(x.to(self.dtype))
         B = len(rects)
         m = mesh.float().reshape(B, 468, 3).clone()
@@ -221,7 +239,19 @@ class TorchFaceMesh:
         expect = torch.tensor([(expect_box[0] + expect_box[2]) / 2 * W, (expect_box[1] + expect_box[3]) / 2 * H],
                               device=dev, dtype=torch.float32).expand(B, 2)
         roi = torch.tensor([det_roi[0], det_roi[1], det_roi[2], 0.0], device=dev, dtype=torch.float32).expand(B, 4)
-        det_rect, found = self.detect(f, roi, expect)
+        if self.chain:
+            out, ok, carry_out = self._chains(f, n, roi, expect, carry)
+        else:
+            det_rect, found = self.detect(f, roi, expect)
+            out, ok, carry_out = self._passes(f, n, det_rect, found, carry)
+        out = out[:n] / torch.tensor([W, H, W], device=dev, dtype=torch.float32)
+        out = torch.where(ok[:n, None, None], out, torch.full_like(out, float("nan")))
+        return out, carry_out
+
+    def _passes(self, f, n, det_rect, found, carry):
+        """Tracking in ``passes`` passes over the batch: pass 1 crops each frame at its detection, pass p
+        at the rect of pass p-1's landmarks of the frame before (chains of ``passes`` frames)."""
+        dev = self.device
         lm, flag = self.landmarks(f, det_rect)
         ok = found & (flag >= _FLAG_MIN)
         carry = list(carry) if carry is not None else [None] * self.passes
@@ -234,9 +264,56 @@ class TorchFaceMesh:
             lm, flag = self.landmarks(f, rect)
             ok = (prev_ok | found) & (flag >= _FLAG_MIN)
             carry_out.append((lm[n - 1:n], ok[n - 1:n]))
-        out = lm[:n] / torch.tensor([W, H, W], device=dev, dtype=torch.float32)
-        out = torch.where(ok[:n, None, None], out, torch.full_like(out, float("nan")))
-        return out, carry_out
+        return lm, ok, carry_out
+
+    def _chains(self, f, n, roi, expect, carry):
+        """MediaPipe's own tracking (each frame cropped at the rect of the previous frame's landmarks, at
+        its detection where the previous frame has none), run as parallel chains: the clip is cut at
+        every ``chain``-th frame (counted from the clip's first frame, whatever the batches), and each
+        piece's chain starts ``warmup`` frames earlier at a detection, those frames' results discarded.
+        A step runs the landmark network once on one frame of every piece, so a frame costs
+        (chain + warmup) / chain landmark runs (1.25 at 8 and 2), and every frame's crop comes from a chain
+        at least warmup + 1 frames long. The detector runs only where a chain starts or has lost the face.
+        ``carry``: the clip's frames seen so far and its last chain + warmup - 1 frames, so the cut does not
+        depend on the batches."""
+        dev = self.device
+        L, Wm = self.chain, self.warmup
+        B = len(f)
+        if carry is None or isinstance(carry, list):
+            carry = {"seen": 0, "frames": f[:0]}
+        o, P = carry["seen"], len(carry["frames"])
+        ext = torch.cat([carry["frames"], f]) if P else f  # ext frame j is the clip's frame o - P + j
+        first = (o // L) * L  # the first piece reaching into this batch starts here (clip frame)
+        S = -(-(o + n - first) // L)
+        starts = first + L * torch.arange(S, device=dev)
+        out_lm = torch.zeros(B + 1, 478, 3, device=dev)  # row B: where the steps outside this batch go
+        out_ok = torch.zeros(B + 1, dtype=torch.bool, device=dev)
+        prev_lm = torch.zeros(S, 478, 3, device=dev)
+        prev_ok = torch.zeros(S, dtype=torch.bool, device=dev)
+        for t in range(Wm + L):
+            c = starts - Wm + t  # the clip frame each chain is at
+            j = c - (o - P)
+            valid = (c >= 0) & (j >= 0) & (j < P + n)
+            jj = j.clamp(0, P + B - 1)
+            rect = rect_from_points(prev_lm[..., :2], 33, 263)
+            found = prev_ok.clone()
+            need = torch.nonzero(valid & ~prev_ok)[:, 0]
+            if len(need):
+                # detections of the chains without a face, padded to a power of two (few shapes)
+                m = len(need)
+                pad = torch.cat([need, need[-1:].expand(max(8, 1 << (m - 1).bit_length()) - m)])
+                dr, df = self.detect(ext, roi[:1].expand(len(pad), 4), expect[:1].expand(len(pad), 2), jj[pad])
+                rect[need], found[need] = dr[:m], df[:m]
+            lm, flag = self.landmarks(ext, rect, jj)
+            ok = valid & found & (flag >= _FLAG_MIN)
+            k = c - o
+            keep = valid & (t >= Wm) & (k >= 0) & (k < n)
+            k = torch.where(keep, k, torch.full_like(k, B))
+            out_lm[k], out_ok[k] = lm, ok & keep
+            prev_lm, prev_ok = lm, ok
+        keep_n = min(o + n, L - 1 + Wm)
+        carry_out = {"seen": o + n, "frames": ext[P + n - keep_n: P + n].clone()}
+        return out_lm[:B], out_ok[:B], carry_out
 
     def track_array(self, frames, expect_box, det_roi, carry=None):
         """``track`` on (B, H, W, 3) uint8 frames (numpy, or a tensor on any device); landmarks come

@@ -115,10 +115,12 @@ def _landmarker(cfg: ExtractConfig) -> tuple[str, object | None]:
     from extractors.mesh_torch import TorchFaceMesh
 
     dev = "cuda" if cuda else "cpu"
-    key = ("mesh", dev, cfg.mesh_passes)
+    key = ("mesh", dev, cfg.mesh_passes, cfg.mesh_chain, cfg.mesh_warmup)
     if key not in _MODELS:
-        _MODELS[key] = TorchFaceMesh(dev, torch.float16 if cuda else None, cfg.mesh_passes)
-    return f"torch-{dev}-{cfg.mesh_passes}pass", _MODELS[key]
+        _MODELS[key] = TorchFaceMesh(dev, torch.float16 if cuda else None, cfg.mesh_passes, chain=cfg.mesh_chain,
+                                     warmup=cfg.mesh_warmup)
+    tracking = f"chain{cfg.mesh_chain}w{cfg.mesh_warmup}" if cfg.mesh_chain else f"{cfg.mesh_passes}pass"
+    return f"torch-{dev}-{tracking}", _MODELS[key]
 
 
 NVDEC_CODECS = ("h264", "hevc", "av1", "vp9")  # what current NVIDIA decoders take (others: the CPU decoder)

@@ -169,7 +169,7 @@ def test_a_run_with_the_torch_landmarker_records_it_and_nvdec_fails_clearly_with
     m2fd = [sys.executable, "-m", "pipelines.cli", "run", str(video), "--executor", "local", "--stages", "ingest,extract"]
     r = subprocess.run(m2fd + ["--out", str(tmp_path / "T"), "--set", "landmarker=torch"], **kw)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads((tmp_path / "T" / "lineage" / "extract.json").read_text())["landmarkers"] == ["torch-cpu-3pass"]
+    assert json.loads((tmp_path / "T" / "lineage" / "extract.json").read_text())["landmarkers"] == ["torch-cpu-chain8w2"]
     feats = open_dataset(tmp_path / "T").table("clip_features").to_pylist()
     assert feats and all(f["status"] == "ok" and f["tracked_ratio"] >= 0.9 for f in feats)
     r = subprocess.run(m2fd + ["--out", str(tmp_path / "N"), "--set", "landmarker=torch", "--set", "decoder=nvdec"], **kw)
