@@ -348,7 +348,7 @@ class _GpuUse(threading.Thread):
 def _extract_worker(args) -> tuple[int, float, dict]:
     """Extract the given videos (one clip each, all frames) the way an extraction task does, then encode
     them with the shipped GNPFA; returns (input frames, seconds, timings)."""
-    jobs, dev, modules, batch, nvdec = args
+    jobs, dev, modules, batch, nvdec, chain = args
     import torch
 
     from extractors.extract import extract_source
@@ -357,7 +357,7 @@ def _extract_worker(args) -> tuple[int, float, dict]:
     from models.gnpfa import SHIPPED_DIR, encode_frames, load_checkpoint
 
     torch.set_num_threads(1)
-    mesh = TorchFaceMesh(dev, torch.float16 if dev.startswith("cuda") else None, modules=modules)
+    mesh = TorchFaceMesh(dev, torch.float16 if dev.startswith("cuda") else None, modules=modules, chain=chain)
     _, vae, enc, _ = load_checkpoint(SHIPPED_DIR, device=dev)
     cfg = ExtractConfig(mesh_batch=batch)
     tm: dict = {}
@@ -377,7 +377,7 @@ def _extract_worker(args) -> tuple[int, float, dict]:
 
 
 def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int], scale: int, modules: str | None,
-                    batch: int, nvdec: bool) -> None:
+                    batches: list[int], nvdec: bool, chains: list[int]) -> None:
     import cv2
 
     jobs = []
@@ -394,13 +394,13 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
     jobs = jobs * scale
     ctx = mp.get_context("spawn")
     rows = RESULTS["extract"] = []  # filled as measured: a later failure (e.g. out of memory) keeps the rows so far
-    for k in workers:
+    for k, chain, batch in [(k, c, b) for k in workers for c in chains for b in batches]:
         with ctx.Pool(k) as pool:
-            pool.map(_extract_worker, [(jobs[:1], dev, modules, batch, nvdec)] * k)  # start-up, model loads
+            pool.map(_extract_worker, [(jobs[:1], dev, modules, batch, nvdec, chain)] * k)  # start-up, model loads
             use = _GpuUse()
             use.start()
             t0 = time.perf_counter()
-            done = pool.map(_extract_worker, [(jobs[i::k], dev, modules, batch, nvdec) for i in range(k)])
+            done = pool.map(_extract_worker, [(jobs[i::k], dev, modules, batch, nvdec, chain) for i in range(k)])
             wall = time.perf_counter() - t0
             use.stop = True
         tm: dict = {}
@@ -408,7 +408,8 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
             for key, val in d[2].items():
                 tm[key] = round(tm.get(key, 0) + val, 2)
         frames = sum(d[0] for d in done)
-        rows.append({"workers": k, "videos": len(jobs), "input_frames": frames, "wall_s": round(wall, 1),
+        rows.append({"workers": k, "tracking": f"chains of {chain}" if chain else "3 passes", "mesh_batch": batch,
+                     "videos": len(jobs), "input_frames": frames, "wall_s": round(wall, 1),
                      "input_frames_per_s": round(frames / wall, 1), "nvdec": nvdec,
                      "gpu_util_mean_pct": round(float(np.mean(use.samples)), 1) if use.samples else None,
                      "task_seconds": tm})
@@ -429,7 +430,8 @@ def main() -> None:
     ap.add_argument("--mp-frames", type=int, default=300)
     ap.add_argument("--workers", default="1,4")
     ap.add_argument("--scale", type=int, default=1)
-    ap.add_argument("--mesh-batch", type=int, default=256)
+    ap.add_argument("--mesh-batch", default="256", help="extract: frames per torch Face Mesh batch (comma list)")
+    ap.add_argument("--chains", default=str(CHAIN), help="extract: tracking chain lengths, 0 = 3 passes (comma list)")
     ap.add_argument("--modules", default=None, help="a copy of mediapipe's modules/ folder (no mediapipe installed)")
     ap.add_argument("--boxes", type=Path, default=None, help="speaker boxes JSON (made here where MediaPipe is)")
     ap.add_argument("--reference", type=Path, default=None, help="MediaPipe landmarks .npz (made where MediaPipe is)")
@@ -460,7 +462,8 @@ def main() -> None:
                 from extractors.media import nvdec_available
 
                 section_extract(xvids, boxes, dev, [int(k) for k in a.workers.split(",")], a.scale, a.modules,
-                                a.mesh_batch, dev.startswith("cuda") and nvdec_available())
+                                [int(b) for b in a.mesh_batch.split(",")], dev.startswith("cuda") and nvdec_available(),
+                                [int(c) for c in a.chains.split(",")])
         except Exception as e:  # noqa: BLE001 - one section's failure must not lose the others' figures
             import traceback
 

@@ -89,7 +89,7 @@ def warp_crops(frames: torch.Tensor, rects: torch.Tensor, size: int, border: str
     B = len(rects)
     if index is None:
         index = torch.arange(B, device=frames.device)
-    flat = frames.reshape(-1, 3)
+    src = frames.reshape(1, -1, 3)  # every frame's pixels in one row, gathered per crop (a view, no copy)
     out = torch.empty(B, size, size, 3, device=frames.device, dtype=torch.float32)
     u = torch.arange(size, device=frames.device, dtype=torch.float32) / size - 0.5
     dy, dx = torch.meshgrid(u, u, indexing="ij")  # (size, size) in units of the side
@@ -105,11 +105,13 @@ def warp_crops(frames: torch.Tensor, rects: torch.Tensor, size: int, border: str
         wx, wy = (x - x0).reshape(n, -1, 1), (y - y0).reshape(n, -1, 1)
         x0, y0 = x0.long().reshape(n, -1), y0.long().reshape(n, -1)
         base = (index[i:i + n].long() * (H * W))[:, None]
+        rows = src.expand(n, -1, 3)
         acc = None
         for ox, oy, w in ((0, 0, (1 - wx) * (1 - wy)), (1, 0, wx * (1 - wy)), (0, 1, (1 - wx) * wy), (1, 1, wx * wy)):
             xi, yi = x0 + ox, y0 + oy
             inside = ((xi >= 0) & (xi < W) & (yi >= 0) & (yi < H)).unsqueeze(-1)
-            v = flat[base + yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)].float() * (w * inside)
+            idx = (base + yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)).unsqueeze(-1).expand(n, -1, 3)
+            v = torch.gather(rows, 1, idx).float() * (w * inside)
             acc = v if acc is None else acc + v
         out[i:i + n] = acc.reshape(n, size, size, 3)
     return out
