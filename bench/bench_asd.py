@@ -12,7 +12,10 @@ that no clip is dropped, so that every clip's speaking score is seen. Printed: t
 speaking score for real vs dubbed and real vs still, and of the old lip-sync proxy (Face Mesh, `--proxy`);
 the share of real clips kept and of dubbed / still clips dropped at the default threshold; on composites,
 the share of clip frames whose chosen face is the one speaking and the share of talking time that became a
-clip; the cost per scored frame.
+clip; with ``--proxy`` also AV-sync, ASD-sync and their sum (clip_features.sync_score) in-sample and leave
+one person out, and the sync-score gate (extract.min_sync_score) at the default and a few values: real clips
+kept, dubbed dropped, and the right speaker's share of the composite clip frames the gate keeps; the cost per
+scored frame.
 
     .venv/bin/python bench/bench_asd.py [--seconds 10] [--proxy] [--weights light-asd/pretrain_AVA_CVPR.model]
 """
@@ -149,21 +152,16 @@ def main() -> None:
                 reason = r["quarantine"][0]["reason"] if r["quarantine"] else ""
                 print(f"{kind:9s} {name:40s} clips {len(got)} scores {[round(g, 2) for g in got]} {reason}", flush=True)
                 if args.proxy and kind in proxy and r["clips"]:
-                    from extractors.extract import extract_source
                     from extractors.pose import mouth_opening
-                    from pipelines.extract import _loaded_models
 
-                    s = r["source"]
-                    m = _loaded_models(ExtractConfig())
-                    feats = extract_source(str(p), s["width"], s["height"], r["clips"], ExtractConfig(),
-                                           blendshaper=m["blendshaper"], av_sync=m["av_sync"])
+                    feats = _features(p, r)
                     proxy[kind] += [f.quality.get("lip_sync") for f in feats]
                     sync[kind] += [f.quality.get("av_sync") for f in feats]
-                    both[kind] += [None if f.quality.get("av_sync") is None or case_sync is None
-                                   else f.quality["av_sync"] + case_sync for f in feats]
+                    both[kind] += [_sync_score(f, c) for f, c in zip(feats, r["clips"])]
                     arrays[kind] += [(who[0], who[-1], f.audio_feat, f.blendshapes, mouth_opening(f.geometry),
                                       len(emb[kind]) - 1) for f in feats]
         comp = {}
+        comp_clips = []  # (right speaker?, frames, sync score) of the composites' clips with ASD-sync
         nosync = dataclasses.replace(base, asd_sync_model="")
         for label, cfg, sc in (("speaking logit only", nosync, config_scorer(nosync).track), ("with ASD-sync", base, asd)):
             right = wrong = talk = covered = 0
@@ -171,11 +169,14 @@ def main() -> None:
                 r = analyse(str(p), str(p), sha256_file(p), p.stat().st_size, cfg, asd=sc)
                 asd_s += r["metrics"].get("asd_s", 0.0)
                 asd_frames += r["metrics"].get("asd_frames", 0)
-                for c in r["clips"]:
+                feats = _features(p, r) if args.proxy and label == "with ASD-sync" and r["clips"] else []
+                for i, c in enumerate(r["clips"]):
                     on_left = (c["face_box"][0] + c["face_box"][2]) / 2 < _left_share(p, meta["first"])
                     ok = on_left == meta["speaker_left"]
                     right += c["n_frames"] * ok
                     wrong += c["n_frames"] * (not ok)
+                    if feats:
+                        comp_clips.append((ok, c["n_frames"], _sync_score(feats[i], c)))
                 # talking time: the speech the VAD found on the composite's timeline
                 talk += int(round((r["source"]["speech_s"] or 0) * 30))
                 covered += sum(c["n_frames"] for c in r["clips"])
@@ -196,10 +197,11 @@ def main() -> None:
     if args.proxy:
         print(f"AUC lip-sync proxy, real vs dubbed: {auc(proxy['real'], proxy['dubbed']):.3f}")
         loo = av_sync_report(sync, arrays, ExtractConfig().min_av_sync)
-        combined_report(loo, arrays, emb)
-        print(f"AUC AV-sync + ASD-sync (sum; both shipped, in-sample), real vs dubbed: "
-              f"{auc(both['real'], both['dubbed']):.3f}; at the sum that keeps 95% of real clips, dubbed dropped "
-              f"{_dropped_at_keep(both['real'], both['dubbed'], 0.95):.1%}")
+        loo_sum = combined_report(loo, arrays, emb)
+        print(f"AUC sync score (clip_features.sync_score = AV-sync + the clip's ASD-sync, both shipped, in-sample), "
+              f"real vs dubbed: {auc(both['real'], both['dubbed']):.3f}; at the score that keeps 95% of real clips, "
+              f"dubbed dropped {_dropped_at_keep(both['real'], both['dubbed'], 0.95):.1%}")
+        sync_gate_report(loo_sum, both, comp_clips, ExtractConfig().min_sync_score)
     print(f"real clips kept: {kept:.1%} (target >= 95%)")
     print(f"dubbed clips dropped: {np.mean([s < thr for s in dub]):.1%} (target >= 90%)")
     print(f"still clips dropped: {np.mean([s < thr for s in still]):.1%}")
@@ -236,16 +238,57 @@ def av_sync_report(sync: dict, arrays: dict, thr: float) -> None:
     return loo
 
 
+def sync_gate_report(loo: dict, shipped: dict, comp: list, default: float) -> None:
+    """The sync-score gate (extract.min_sync_score) at the default, at the leave-one-person-out threshold that
+    keeps 95% of real clips, and at a few round values: real clips kept and dubbed clips dropped (leave one
+    person out, and with the shipped models), and on composites the right speaker's share of the clip
+    frames the gate keeps (composite scores by the shipped models)."""
+    r = [x for x in loo["real"] if x is not None]
+    if not r:
+        return
+    keep95 = float(np.quantile(r, 0.05))
+    print(f"sync-score gate: the leave-one-person-out threshold keeping 95% of real clips is {keep95:.3f}; "
+          f"default extract.min_sync_score {default}")
+    for t in sorted({default, 0.0, 0.1, 0.2, 0.25, 0.3, round(keep95, 3)}):
+        def share(xs, below):
+            xs = [x for x in xs if x is not None]
+            return np.mean([(x < t) == below for x in xs]) if xs else float("nan")
+        passed = [(ok, n) for ok, n, sy in comp if sy is None or sy >= t]
+        n_kept, n_right = sum(n for _, n in passed), sum(n for ok, n in passed if ok)
+        print(f"  min_sync_score {t:6.3f}: leave-one-person-out real kept {share(loo['real'], False):.1%}, dubbed dropped "
+              f"{share(loo['dubbed'], True):.1%}; shipped models real kept {share(shipped['real'], False):.1%}, dubbed "
+              f"dropped {share(shipped['dubbed'], True):.1%}; composites right speaker on {n_right / max(n_kept, 1):.1%} "
+              f"of kept clip frames ({n_right}/{n_kept} of {sum(n for _, n, _ in comp)})")
+
+
+def _features(p: Path, r: dict) -> list:
+    """Extraction of ``analyse``'s clips of ``p`` (Face Mesh, blendshapes, AV-sync), as the extract stage does."""
+    from extractors.extract import extract_source
+    from pipelines.extract import _loaded_models
+
+    s = r["source"]
+    m = _loaded_models(ExtractConfig())
+    return extract_source(str(p), s["width"], s["height"], r["clips"], ExtractConfig(), blendshaper=m["blendshaper"],
+                          av_sync=m["av_sync"])
+
+
+def _sync_score(f, clip: dict) -> float | None:
+    """clip_features.sync_score of an extracted clip (extractors.records.clip_quality's sum)."""
+    av, asd = f.quality.get("av_sync"), clip.get("asd_sync")
+    return None if av is None or asd is None else av + asd
+
+
 def _mean_sync(runs) -> float | None:
     """Frame-weighted mean of (frames, sync) over a case's runs with a score."""
     ok = [(n, v) for n, v in runs if v is not None and np.isfinite(v)]
     return sum(n * v for n, v in ok) / sum(n for n, _ in ok) if ok else None
 
 
-def combined_report(loo: dict, arrays: dict, emb: dict) -> None:
+def combined_report(loo: dict, arrays: dict, emb: dict) -> dict:
     """ASD-sync (models/asd_sync.py) leave-one-person-out on the same cases (each scored by a model fitted on
     the real cases' embeddings of the people in neither its video nor its audio), alone and summed with
-    AV-sync's leave-one-person-out score of each clip: the honest figures of the two together."""
+    AV-sync's leave-one-person-out score of each clip: the honest figures of the two together. Returns those
+    sums, {"real": [...], "dubbed": [...]} (None where a clip has no score)."""
     from models.asd_sync import AsdSync, fit, run_sync
 
     case: dict[str, list] = {"real": [], "dubbed": []}
@@ -258,6 +301,7 @@ def combined_report(loo: dict, arrays: dict, emb: dict) -> None:
             for k in case}
     print(f"AUC AV-sync + ASD-sync, leave-one-person-out, real vs dubbed: {auc(both['real'], both['dubbed']):.3f}; "
           f"at the sum that keeps 95% of real clips, dubbed dropped {_dropped_at_keep(both['real'], both['dubbed'], 0.95):.1%}")
+    return both
 
 
 def cost(weights: str) -> None:

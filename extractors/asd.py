@@ -160,3 +160,17 @@ def span_score(scores: dict[int, tuple[int, np.ndarray]], tid: int, a: int, b: i
     seg = sc[max(0, ka - k0): max(0, kb - k0)]
     seg = seg[~np.isnan(seg)]
     return float(seg.mean()) if seg.size else None
+
+
+def span_sync(syncs: dict, tid: int, a: int, b: int, fps_in: int = 30, fps_asd: int = 25) -> float | None:
+    """Track ``tid``'s ASD-sync over the 30 fps frames [a, b) (models.asd_sync.run_sync on its frames
+    there, its undetected frames left out); None where it has no sync signals or too few frames."""
+    from models.asd_sync import run_sync
+
+    if tid not in syncs:
+        return None
+    k0, pred, obs = syncs[tid]
+    ka, kb = int(np.ceil(a * fps_asd / fps_in - 1e-9)), int(np.ceil(b * fps_asd / fps_in - 1e-9))
+    lo, hi = max(0, ka - k0), max(0, kb - k0)
+    v = run_sync(pred[lo:hi], obs[lo:hi]) if hi > lo else float("nan")
+    return float(v) if np.isfinite(v) else None

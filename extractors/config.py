@@ -169,6 +169,10 @@ class ExtractConfig:
     # or "" (off); clip_features.av_sync. Clips scoring below min_av_sync are dropped as poor_av_sync.
     av_sync_model: str = "shipped"
     min_av_sync: float = -1.0  # off by default (see bench/RESULTS.md: the score is reported per clip)
+    # clip_features.sync_score = av_sync + the clip's ASD-sync (ingest): clips below min_sync_score are dropped
+    # as poor_sync (dubbing, voice-over, the wrong one of two talking faces). 0.3: bench/bench_asd.py's
+    # leave-one-person-out threshold keeping 95% of real clips (0.314) rounded down; -2 turns it off
+    min_sync_score: float = 0.3
     # GNPFA: "shipped" (models/assets/gnpfa-v1, the same latent space for every dataset), "bootstrap" (train
     # one on this run's meshes: a private latent space) or a checkpoint folder (model.safetensors + config.json).
     # A dataset whose shards were committed with a shipped or bootstrap GNPFA keeps its own copy of it.

@@ -291,6 +291,7 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
         f.quality = _quality(f)
         if av_sync is not None:
             f.quality["av_sync"] = av_sync.score(f.audio_feat, f.blendshapes, mouth_opening(f.geometry))
+        f.quality["asd_sync"] = c.get("asd_sync")  # ingest's (clips.asd_sync); with av_sync, the sync score
         out.append(f)
     return out
 

@@ -15,7 +15,7 @@ from storage_schemas import FPS
 
 from .config import IngestConfig
 from .errors import Reject
-from .asd import TrackCrops, per_sample, per_sample_sync, span_score, track_scores
+from .asd import TrackCrops, per_sample, per_sample_sync, span_score, span_sync, track_scores
 from .audio_features import mfcc_100hz
 from .faces import FaceDetector, track
 from .media import decode_audio, iter_frames, open_video, timeline
@@ -297,6 +297,7 @@ def cut_clips(uri, sid, pr: Probe, cfg: IngestConfig, detections, sample_idx, n_
         med = np.median(bx, axis=0)
         others = {t.track_id for t in tr.tracks if t.track_id != tid and np.isfinite(wid[t.track_id][ss]).any()}
         sp_score = span_score(scores, tid, a, b) if scores is not None else None
+        sy = span_sync(syncs, tid, a, b)
         row = {
             "clip_id": f"{sid}-{a:06d}", "source_id": sid, "uri": uri,
             "start_s": round(a / FPS, 6), "end_s": round(b / FPS, 6), "start_frame": int(a), "n_frames": int(b - a),
@@ -305,6 +306,7 @@ def cut_clips(uri, sid, pr: Probe, cfg: IngestConfig, detections, sample_idx, n_
             "face_track_id": int(tid), "face_box": [float(x) for x in med[:4]],
             "face_size_px": float((med[2] - med[0]) * w_px), "face_score": float(med[4]),
             "n_other_faces": len(others), "speaking_score": None if sp_score is None else round(sp_score, 4),
+            "asd_sync": None if sy is None else round(sy, 4),
             "width": pr.width, "height": pr.height, "rotation": pr.rotation,
         }
         if sp_score is not None and sp_score < cfg.min_speaking_score:

@@ -72,6 +72,8 @@ def clip_quality(f, z: np.ndarray, recon_err: np.ndarray, image_z: np.ndarray, i
                  cfg: ExtractConfig) -> tuple[dict, str | None, str | None]:
     """Per-clip quality figures, and (reason, message) when the clip fails a threshold."""
     q = dict(f.quality)
+    av, asd = q.get("av_sync"), q.get("asd_sync")
+    q["sync_score"] = None if av is None or asd is None else float(av) + float(asd)
     t = f.tracked
     q["recon_err"] = float(recon_err.mean()) if len(recon_err) else None
     if t.any():
@@ -91,6 +93,8 @@ def clip_quality(f, z: np.ndarray, recon_err: np.ndarray, image_z: np.ndarray, i
          f"lip-sync proxy {q['lip_sync']:.2f} (< {cfg.min_lip_sync})"),
         ("poor_av_sync", q.get("av_sync") is not None and q["av_sync"] < cfg.min_av_sync,
          f"AV-sync score {q.get('av_sync') or 0:.2f} (< {cfg.min_av_sync})"),
+        ("poor_sync", q["sync_score"] is not None and q["sync_score"] < cfg.min_sync_score,
+         f"sync score {q['sync_score'] or 0:.2f} (AV-sync + ASD-sync; < {cfg.min_sync_score})"),
     ]
     for reason, failed, msg in checks:
         if failed:
@@ -107,7 +111,8 @@ def clip_features_row(clip: dict, f, q: dict, status: str, reason: str | None, c
         "clip_id": clip["clip_id"], "source_id": clip["source_id"], "status": status, "drop_reason": reason,
         "n_frames": int(f.n_frames), "tracked_ratio": float(q["tracked_ratio"]), "landmark_conf": float(q["landmark_conf"]),
         "jitter": _f(q.get("jitter")), "lip_sync": _f(q.get("lip_sync")),
-        "speaking_score": _f(clip.get("speaking_score")), "av_sync": _f(q.get("av_sync")), "recon_err": _f(q.get("recon_err")),
+        "speaking_score": _f(clip.get("speaking_score")), "av_sync": _f(q.get("av_sync")),
+        "asd_sync": _f(clip.get("asd_sync")), "sync_score": _f(q.get("sync_score")), "recon_err": _f(q.get("recon_err")),
         "image_pose_err_deg": _f(q.get("image_pose_err_deg")), "image_latent_rel_err": _f(q.get("image_latent_rel_err")),
         "neutral": None if np.isnan(f.neutral).any() else f.neutral.reshape(-1).astype(float).tolist(),
         "gnpfa_checkpoint": ckpt, "transcript_engine": engine,

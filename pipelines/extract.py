@@ -424,7 +424,8 @@ def _dropped(w: TrackWork, qrows: list[dict], ckpt_sha: str) -> dict:
     by_clip = {q["clip_id"]: q for q in qrows}
     feats = [{"clip_id": c["clip_id"], "source_id": c["source_id"], "status": "dropped",
               "drop_reason": by_clip[c["clip_id"]]["reason"], "n_frames": int(c["n_frames"]), "tracked_ratio": 0.0,
-              "landmark_conf": 0.0, "jitter": None, "lip_sync": None, "speaking_score": c.get("speaking_score"), "av_sync": None, "recon_err": None, "image_pose_err_deg": None,
+              "landmark_conf": 0.0, "jitter": None, "lip_sync": None, "speaking_score": c.get("speaking_score"), "av_sync": None,
+              "asd_sync": c.get("asd_sync"), "sync_score": None, "recon_err": None, "image_pose_err_deg": None,
               "image_latent_rel_err": None, "neutral": None, "gnpfa_checkpoint": ckpt_sha, "transcript_engine": None,
               "face_embedding": None, "voice_embedding": None}
              for c in w.clips]

@@ -96,6 +96,10 @@ def asd_gpu(cfg: IngestConfig, ex) -> bool:
     return bool(cfg.asd_weights) and cfg.asd_device != "cpu" and ex.has_gpu()
 
 
+# what an ingest part holds, in its name: parts of another format are analysed again (2: clips.asd_sync)
+PART_FORMAT = 2
+
+
 def asd_lineage(cfg: IngestConfig) -> dict | None:
     """{"name", "path", "sha256"} of the configured Light-ASD weights (None when off); raises with the
     path when the file is missing or is not the released one."""
@@ -182,7 +186,9 @@ def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | N
             unique[f["sha256"]] = f
     asd = asd_lineage(cfg)  # fails the run at once, naming the file, when the configured model is missing
     vad = vad_lineage(cfg)
-    digest = cfg.digest() + (f"-{asd['sha256'][:8]}" if asd else "") + (f"-{vad['sha256'][:8]}" if "sha256" in vad else "")
+    digest = (f"{cfg.digest()}-p{PART_FORMAT}" + (f"-{asd['sha256'][:8]}" if asd else "")
+              + (f"-{asd['sync']['sha256'][:8]}" if asd and "sync" in asd else "")
+              + (f"-{vad['sha256'][:8]}" if "sha256" in vad else ""))
     # each source's rows are kept as validated Arrow as it comes (its face tracks carry per-frame scores)
     tables = {name: RowBuffer(name) for name in ("sources", "clips", "face_tracks")}
     clip_s = 0.0

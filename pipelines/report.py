@@ -242,8 +242,9 @@ def _card(r: dict, key: str | None, preview: str | None) -> str:
             f'<div class="cap">{e(r.get("caption") or "")}</div>'
             f'<span class="k">split</span> {e(r.get("split") or "-")} · <span class="k">language</span> {e(r.get("language") or "-")} · '
             f'<span class="k">speaker</span> {e(r.get("speaker_id") or "-")} (face {e(r.get("face_track_id"))})<br>'
-            f'<span class="k">speaking score</span> {num(r.get("speaking_score"))} · <span class="k">AV sync</span> '
-            f'{num(r.get("av_sync"))} · <span class="k">lip-sync proxy</span> {num(r.get("lip_sync"))}<br><span class="k">tracked</span> {num(r.get("tracked_ratio"), "{:.0%}")} · '
+            f'<span class="k">speaking score</span> {num(r.get("speaking_score"))} · <span class="k">sync</span> '
+            f'{num(r.get("sync_score"))} (<span class="k">AV</span> {num(r.get("av_sync"))} + <span class="k">ASD</span> '
+            f'{num(r.get("asd_sync"))}) · <span class="k">lip-sync proxy</span> {num(r.get("lip_sync"))}<br><span class="k">tracked</span> {num(r.get("tracked_ratio"), "{:.0%}")} · '
             f'<span class="k">landmark conf</span> {num(r.get("landmark_conf"))} · <span class="k">GNPFA err</span> '
             f'{num(r.get("recon_err"))}% IOD<br><span class="k">status</span> {e(status)} {e(reason)}<br>{link}</div>')
 
@@ -280,6 +281,7 @@ def write_report(root: Path, out: Path | None = None) -> Path:
                           ("landmark_conf", "Landmark confidence", "confidence (0-1)"),
                           ("speaking_score", "Speaking score (Light-ASD)", "mean logit (>= 0: speaking)"),
                           ("av_sync", "AV-sync score", "correlation of predicted and observed mouth motion"),
+                          ("sync_score", "Sync score (AV-sync + ASD-sync)", "sum of two correlations"),
                           ("lip_sync", "Lip-sync proxy", "correlation")):
             hist(t, f"select {col} from clip_features", x, bins=10, color="#c44")
     qr = q("select reason r, count(*) n from quarantine group by 1 order by 2 desc, 1")
@@ -290,7 +292,7 @@ def write_report(root: Path, out: Path | None = None) -> Path:
                        "regexp_extract(c.uri, '[^/]+$') video", "c.speaking_score"]
     if "clip_features" in has:
         joins.append("left join clip_features f using (clip_id)")
-        cols += ["f.status fstatus", "f.drop_reason", "f.av_sync", "f.lip_sync", "f.tracked_ratio", "f.landmark_conf", "f.recon_err"]
+        cols += ["f.status fstatus", "f.drop_reason", "f.av_sync", "f.asd_sync", "f.sync_score", "f.lip_sync", "f.tracked_ratio", "f.landmark_conf", "f.recon_err"]
     if "label_rows" in has:
         joins.append("left join labels l using (clip_id)")
         cols += ["l.emotion", "l.intensity", "l.style_tags", "l.caption"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "0.7.0"  # 0.7.0: clip_features.av_sync; 0.6.0: frames.face_transform; 0.5.0: transcripts.rejected_s; 0.4.0: frames.blendshapes, clip_features face/voice embeddings, transcripts.model_sha256, speakers, samples.speaker_id; 0.3.0: clips/clip_features.speaking_score, face_tracks; 0.2.0: shards.version, samples.input_digest (dataset versions)
+SCHEMA_VERSION = "0.8.0"  # 0.8.0: clips/clip_features.asd_sync, clip_features.sync_score; 0.7.0: clip_features.av_sync; 0.6.0: frames.face_transform; 0.5.0: transcripts.rejected_s; 0.4.0: frames.blendshapes, clip_features face/voice embeddings, transcripts.model_sha256, speakers, samples.speaker_id; 0.3.0: clips/clip_features.speaking_score, face_tracks; 0.2.0: shards.version, samples.input_digest (dataset versions)
 FPS = 30  # every per-frame array in M2F-D is sampled at exactly this rate
 AUDIO_SAMPLE_RATE = 16_000
 
@@ -63,6 +63,9 @@ CLIPS = pa.schema(
         _f("n_other_faces", pa.int32(), doc="distinct non-speaker (background) face tracks in the clip"),
         _f("speaking_score", pa.float32(), True, "mean Light-ASD speaking logit of the clip's face over the clip "
                                                  "(>= 0: speaking); null where active-speaker detection is off"),
+        _f("asd_sync", pa.float32(), True, "ASD-sync (models/asd_sync.py) of the clip's face over the clip: mean "
+           "correlation of its Light-ASD visual embedding predicted from the speech with the observed one, best lag "
+           "within +-2 frames (25 fps); null where the sync model is off or the clip too short"),
         _f("width", pa.int32()),
         _f("height", pa.int32()),
         _f("rotation", pa.int32()),
@@ -134,6 +137,9 @@ CLIP_FEATURES = pa.schema(
         _f("speaking_score", pa.float32(), True, "the clip's Light-ASD speaking score (clips.speaking_score)"),
         _f("av_sync", pa.float32(), True, "AV-sync score (models/av_sync.py): mean correlation of the mouth motion "
            "predicted from the speech with the observed one, best lag within +-3 frames; null if off or too short"),
+        _f("asd_sync", pa.float32(), True, "the clip's ASD-sync (clips.asd_sync)"),
+        _f("sync_score", pa.float32(), True, "av_sync + asd_sync: does this face say what is heard (dubbing, "
+           "voice-over and another person's speech score low); null where either is"),
         _f("recon_err", pa.float32(), True, "mean GNPFA round-trip error, % IOD"),
         _f("image_pose_err_deg", pa.float32(), True, "image vs mesh head rotation, mean geodesic degrees"),
         _f("image_latent_rel_err", pa.float32(), True, "|z_image - z_mesh| / |z_mesh|, mean"),

@@ -32,6 +32,8 @@ QUARANTINE_REASONS: dict[str, str] = {
     "poor_lip_sync": "mouth opening does not follow the speech level",
     "poor_av_sync": "the mouth does not move as the speech predicts (AV-sync score below the threshold): "
                     "dubbing, a voice-over, another person's speech",
+    "poor_sync": "the face does not say what is heard (sync score, AV-sync + ASD-sync, below the threshold): "
+                 "dubbing, a voice-over, another person's speech",
 }
 
 QUARANTINE_STAGES = ("discover", "ingest", "extract", "label", "shard")

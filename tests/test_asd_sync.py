@@ -86,3 +86,54 @@ def test_of_two_talking_people_the_one_whose_speech_is_heard_is_chosen(two_talki
     off = _analyse(two_talking, dataclasses.replace(cfg, asd_sync_model=""))
     n_off = sum(c["n_frames"] for c in off["clips"] if (c["face_box"][0] + c["face_box"][2]) / 2 < 0.5)
     assert sum(c["n_frames"] for c in r["clips"]) > n_off
+
+
+def test_each_clip_carries_its_faces_sync_and_dubbed_speech_scores_lower(two_talking, tmp_path, real_dir):
+    """clips.asd_sync is the chosen face's sync over the clip: the speaker of two_talking has one, and the
+    same d12 footage with another person's speech laid over it (dubbed) scores well below the original."""
+    from test_asd import _analyse
+
+    cfg = dataclasses.replace(IngestConfig(), min_speaking_score=-1e9)  # keep every clip: compare the scores
+    r = _analyse(two_talking, cfg)
+    assert r["clips"] and all(c["asd_sync"] is not None and -1 <= c["asd_sync"] <= 1 for c in r["clips"])
+    real = tmp_path / "d12.mp4"
+    _ff("-i", str(real_dir / "d12.mp4"), "-t", "6.5", "-r", "30", *ENC, str(real))
+    dub = tmp_path / "d12_dubbed.mp4"
+    _ff("-i", str(real), "-i", str(real_dir / "s18.mp4"), "-map", "0:v", "-map", "1:a", "-c:v", "copy", "-c:a", "aac",
+        "-shortest", str(dub))
+    own, other = (_analyse(p, cfg)["clips"] for p in (real, dub))
+    assert own and other
+    mean = [np.average([c["asd_sync"] for c in cs], weights=[c["n_frames"] for c in cs]) for cs in (own, other)]
+    print("ASD-sync own vs dubbed", mean)
+    assert mean[0] > mean[1] + 0.1, mean
+    # ASD-sync off: no score
+    assert all(c["asd_sync"] is None for c in _analyse(real, dataclasses.replace(cfg, asd_sync_model=""))["clips"])
+
+
+def test_the_sync_gate_drops_a_dubbed_clip_and_keeps_the_original(tmp_path, real_dir, ray_cluster):
+    """The whole job on d12 and on the same footage under s18's speech: the original's clip is ok with a sync
+    score >= extract.min_sync_score, the dubbed one is dropped as poor_sync with its scores in the quarantine."""
+    import json
+
+    from extractors.config import ExtractConfig
+    from pipelines.job import run_job
+    from storage_schemas import open_dataset
+
+    src = tmp_path / "in"
+    src.mkdir()
+    _ff("-i", str(real_dir / "d12.mp4"), "-t", "6.5", "-r", "30", *ENC, str(src / "d12.mp4"))
+    _ff("-i", str(src / "d12.mp4"), "-i", str(real_dir / "s18.mp4"), "-map", "0:v", "-map", "1:a", "-c:v", "copy",
+        "-c:a", "aac", "-shortest", str(src / "d12_dubbed.mp4"))
+    out = tmp_path / "ds"
+    run_job([str(src)], out, executor="ray", num_cpus=2, log=lambda m: None)
+    rows = open_dataset(out).query(
+        "select regexp_extract(c.uri, '[^/]+$') video, f.status, f.drop_reason, f.sync_score, f.av_sync, f.asd_sync "
+        "from clip_features f join clips c using (clip_id) order by video").to_pylist()
+    thr = ExtractConfig().min_sync_score
+    real = [r for r in rows if r["video"] == "d12.mp4"]
+    dub = [r for r in rows if r["video"] == "d12_dubbed.mp4"]
+    assert real and all(r["status"] == "ok" and r["sync_score"] >= thr for r in real), rows
+    assert dub and all(r["status"] == "dropped" and r["drop_reason"] == "poor_sync" and r["sync_score"] < thr
+                       for r in dub), rows
+    q = open_dataset(out).query("select reason, detail from quarantine where reason = 'poor_sync'").to_pylist()
+    assert len(q) == len(dub) and all({"av_sync", "asd_sync", "sync_score"} <= set(json.loads(r["detail"])) for r in q)

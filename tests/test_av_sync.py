@@ -74,9 +74,13 @@ def test_real_run_scores_every_clip_from_its_own_frames(real_run):
 
     out, _ = real_run
     ds = open_dataset(out)
-    rows = ds.query("select clip_id, status, av_sync from clip_features order by clip_id").to_pylist()
+    rows = ds.query("select clip_id, status, av_sync, f.asd_sync, sync_score, c.asd_sync c_asd from clip_features f "
+                    "join clips c using (clip_id) order by clip_id").to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
     assert ok and all(r["av_sync"] is not None and -1 <= r["av_sync"] <= 1 for r in ok)
+    # the sync score: AV-sync (extraction) + the clip's ASD-sync (ingest, clips.asd_sync)
+    assert all(r["asd_sync"] is not None and r["asd_sync"] == r["c_asd"] for r in ok)
+    assert all(r["sync_score"] == pytest.approx(r["av_sync"] + r["asd_sync"], abs=1e-5) for r in ok)
     model = A.load(A.SHIPPED)
     for r in ok:
         a = clip_frame_arrays(ds, r["clip_id"])

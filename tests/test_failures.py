@@ -22,7 +22,8 @@ FAST_BOOTSTRAP = {"gnpfa_checkpoint": "bootstrap", "gnpfa_geometry_steps": 120, 
 
 def _features_row(**kw) -> dict:
     row = dict(clip_id="c0", source_id="s", status="ok", drop_reason=None, n_frames=3, tracked_ratio=1.0,
-               landmark_conf=1.0, jitter=None, lip_sync=None, speaking_score=None, av_sync=None, recon_err=None, image_pose_err_deg=None,
+               landmark_conf=1.0, jitter=None, lip_sync=None, speaking_score=None, av_sync=None, asd_sync=None,
+               sync_score=None, recon_err=None, image_pose_err_deg=None,
                image_latent_rel_err=None, neutral=[0.0] * 1434, gnpfa_checkpoint="x", transcript_engine=None,
                face_embedding=None, voice_embedding=None)
     return {**row, **kw}
