@@ -281,7 +281,7 @@ class TorchFaceMesh:
         dev = self.device
         L, Wm = self.chain, self.warmup
         B = len(f)
-        if carry is None or isinstance(carry, list):
+        if carry is None:
             carry = {"seen": 0, "frames": f[:0]}
         o, P = carry["seen"], len(carry["frames"])
         ext = torch.cat([carry["frames"], f]) if P else f  # ext frame j is the clip's frame o - P + j

@@ -113,6 +113,23 @@ def test_torch_face_mesh_follows_the_speaker_and_reports_no_face(real_dir, torch
     assert np.isnan(corner).all()
 
 
+def test_chains_find_the_face_again_after_it_is_lost_and_match_the_passes_where_both_track(real_dir, torch_mesh):
+    """A face that disappears (black frames mid-clip) is NaN there and found again by detection right after,
+    whatever the batches; where the chains and the earlier 3-pass tracking both track, they agree closely."""
+    cfg = ExtractConfig()
+    frames = _frames(real_dir / "d12.mp4", 30, cfg.mesh_max_side)
+    frames[11:17] = 0  # six frames without a face, across a chain piece's edge (pieces start every 8 frames)
+    box = [0.3, 0.2, 0.7, 0.7]
+    got = track_frames(frames, box, ExtractConfig(mesh_batch=32), landmarker=torch_mesh)
+    lost = np.isnan(got[:, 0, 0])
+    assert lost[11:17].all() and not lost[:11].any() and not lost[17:].any()
+    small = track_frames(frames, box, ExtractConfig(mesh_batch=7), landmarker=torch_mesh)
+    np.testing.assert_allclose(small, got, atol=1e-5)
+    passes = track_frames(frames, box, ExtractConfig(mesh_batch=32), landmarker=TorchFaceMesh("cpu", chain=0))
+    d, coverage = landmark_distances(passes, got, *frames.shape[1:3][::-1])
+    assert coverage == 1.0 and d.mean() < 0.02
+
+
 def test_crops_are_sampled_as_grid_sample_samples_them_and_cut_alike_from_device_frames(real_dir, torch_mesh):
     """The rotated crops are gathered from the uint8 frames (no whole frame in float): the same bilinear
     samples as ``grid_sample(align_corners=True)`` with zero or replicated borders, rects partly outside
