@@ -10,8 +10,9 @@ Sections (``--section``, repeatable; default all that can run here):
   p95 distance in % of the inter-ocular distance; MediaPipe live where it is installed);
 - mediapipe: MediaPipe's own Face Mesh on one core and on ``--procs`` processes;
 - extract: the whole per-frame extraction (decode, landmarks, pose, crops, GNPFA encoding) through
-  extractors.extract.extract_source, in input frames/s per GPU, with 1 and ``--workers`` processes
-  sharing the GPU, and the GPU's utilisation sampled meanwhile.
+  extractors.extract.extract_source, in input frames/s per GPU, with each of ``--workers`` processes
+  sharing the GPU, for each ``--chains`` tracking (0: 3 passes) and ``--mesh-batch`` size side by side,
+  and the GPU's utilisation sampled meanwhile.
 
 Prints a table per section and writes every figure to ``--json``.
 """
