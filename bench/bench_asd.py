@@ -273,9 +273,10 @@ def _features(p: Path, r: dict) -> list:
 
 
 def _sync_score(f, clip: dict) -> float | None:
-    """clip_features.sync_score of an extracted clip (extractors.records.clip_quality's sum)."""
-    av, asd = f.quality.get("av_sync"), clip.get("asd_sync")
-    return None if av is None or asd is None else av + asd
+    """clip_features.sync_score of an extracted clip."""
+    from extractors.records import sync_score
+
+    return sync_score(f.quality.get("av_sync"), clip.get("asd_sync"))
 
 
 def _mean_sync(runs) -> float | None:

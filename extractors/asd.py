@@ -150,14 +150,19 @@ def per_sample(scores: dict[int, tuple[int, np.ndarray]], tc: TrackCrops, n_samp
     return out
 
 
+def _span(k0: int, a: int, b: int, fps_in: int, fps_asd: int) -> slice:
+    """The 30 fps frames [a, b) as a slice of a track's 25 fps arrays that start at frame ``k0``."""
+    ka, kb = int(np.ceil(a * fps_asd / fps_in - 1e-9)), int(np.ceil(b * fps_asd / fps_in - 1e-9))
+    return slice(max(0, ka - k0), max(0, kb - k0))
+
+
 def span_score(scores: dict[int, tuple[int, np.ndarray]], tid: int, a: int, b: int, fps_in: int = 30,
                fps_asd: int = 25) -> float | None:
     """Mean logit of track ``tid`` over the 30 fps frames [a, b); None where it has no score there."""
     if tid not in scores:
         return None
     k0, sc = scores[tid]
-    ka, kb = int(np.ceil(a * fps_asd / fps_in - 1e-9)), int(np.ceil(b * fps_asd / fps_in - 1e-9))
-    seg = sc[max(0, ka - k0): max(0, kb - k0)]
+    seg = sc[_span(k0, a, b, fps_in, fps_asd)]
     seg = seg[~np.isnan(seg)]
     return float(seg.mean()) if seg.size else None
 
@@ -170,7 +175,6 @@ def span_sync(syncs: dict, tid: int, a: int, b: int, fps_in: int = 30, fps_asd: 
     if tid not in syncs:
         return None
     k0, pred, obs = syncs[tid]
-    ka, kb = int(np.ceil(a * fps_asd / fps_in - 1e-9)), int(np.ceil(b * fps_asd / fps_in - 1e-9))
-    lo, hi = max(0, ka - k0), max(0, kb - k0)
-    v = run_sync(pred[lo:hi], obs[lo:hi]) if hi > lo else float("nan")
+    sl = _span(k0, a, b, fps_in, fps_asd)
+    v = run_sync(pred[sl], obs[sl]) if len(pred[sl]) else float("nan")
     return float(v) if np.isfinite(v) else None

@@ -68,12 +68,16 @@ def _scatter(a: np.ndarray, mask: np.ndarray, shape) -> np.ndarray:
     return out
 
 
+def sync_score(av_sync: float | None, asd_sync: float | None) -> float | None:
+    """clip_features.sync_score: AV-sync + the clip's ASD-sync; None where either is."""
+    return None if av_sync is None or asd_sync is None else float(av_sync) + float(asd_sync)
+
+
 def clip_quality(f, z: np.ndarray, recon_err: np.ndarray, image_z: np.ndarray, image_rot: np.ndarray,
                  cfg: ExtractConfig) -> tuple[dict, str | None, str | None]:
     """Per-clip quality figures, and (reason, message) when the clip fails a threshold."""
     q = dict(f.quality)
-    av, asd = q.get("av_sync"), q.get("asd_sync")
-    q["sync_score"] = None if av is None or asd is None else float(av) + float(asd)
+    q["sync_score"] = sync_score(q.get("av_sync"), q.get("asd_sync"))
     t = f.tracked
     q["recon_err"] = float(recon_err.mean()) if len(recon_err) else None
     if t.any():
@@ -118,6 +122,16 @@ def clip_features_row(clip: dict, f, q: dict, status: str, reason: str | None, c
         "gnpfa_checkpoint": ckpt, "transcript_engine": engine,
         "face_embedding": _vec(f.face_embedding), "voice_embedding": _vec(f.voice_embedding),
     }
+
+
+def dropped_features_row(clip: dict, reason: str, ckpt: str) -> dict:
+    """The clip_features row of a clip that could not be extracted: its ingest scores, nothing measured."""
+    row = dict.fromkeys(TABLES["clip_features"].names)
+    row.update({"clip_id": clip["clip_id"], "source_id": clip["source_id"], "status": "dropped", "drop_reason": reason,
+                "n_frames": int(clip["n_frames"]), "tracked_ratio": 0.0, "landmark_conf": 0.0,
+                "speaking_score": clip.get("speaking_score"), "asd_sync": clip.get("asd_sync"),
+                "gnpfa_checkpoint": ckpt})
+    return row
 
 
 def _vec(v) -> list[float] | None:

@@ -25,7 +25,8 @@ from extractors.config import ExtractConfig
 from extractors.extract import extract_source, features_from_npz, features_to_npz
 from extractors.ingest import quarantine_row
 from extractors.pose import TEMPLATE_PATH
-from extractors.records import clip_features_row, clip_quality, frames_table, sample_tracked, training_arrays
+from extractors.records import (clip_features_row, clip_quality, dropped_features_row, frames_table, sample_tracked,
+                               training_arrays)
 from storage_schemas import SCHEMA_VERSION, RowBuffer, atomic_write_bytes, open_dataset, table_path, write_table
 from storage_schemas.arrays import array_path, write_array
 from storage_schemas.dataset import EXTRACT_LINEAGE
@@ -422,13 +423,7 @@ def _encodings(w: EncodeWork, feats: list, cfg: ExtractConfig) -> dict[str, np.n
 def _dropped(w: TrackWork, qrows: list[dict], ckpt_sha: str) -> dict:
     """Rows for a source none of whose clips could be extracted: each clip dropped with the reason."""
     by_clip = {q["clip_id"]: q for q in qrows}
-    feats = [{"clip_id": c["clip_id"], "source_id": c["source_id"], "status": "dropped",
-              "drop_reason": by_clip[c["clip_id"]]["reason"], "n_frames": int(c["n_frames"]), "tracked_ratio": 0.0,
-              "landmark_conf": 0.0, "jitter": None, "lip_sync": None, "speaking_score": c.get("speaking_score"), "av_sync": None,
-              "asd_sync": c.get("asd_sync"), "sync_score": None, "recon_err": None, "image_pose_err_deg": None,
-              "image_latent_rel_err": None, "neutral": None, "gnpfa_checkpoint": ckpt_sha, "transcript_engine": None,
-              "face_embedding": None, "voice_embedding": None}
-             for c in w.clips]
+    feats = [dropped_features_row(c, by_clip[c["clip_id"]]["reason"], ckpt_sha) for c in w.clips]
     return {"features": feats, "transcripts": [], "quarantine": qrows, "frames": 0}
 
 
