@@ -4,8 +4,11 @@ also runs on a CPU at small sizes).
 Sections (``--section``, repeatable; default all that can run here):
 - decode: NVDEC (PyNvVideoCodec) frames/s for one decoder session and for ``--sessions`` sessions in
   threads, against OpenCV's CPU decoder (its default threads);
+- decode-set: the whole set (``--scale`` copies of each video) decoded at once by ``--sessions`` NVDEC
+  sessions taking videos from one queue: the decode rate the whole extraction of that set cannot exceed;
 - landmarks: the torch Face Mesh (detection + tracking) in frames/s at each ``--batches`` size and dtype,
-  with its default tracking (parallel chains) and the earlier 3- and 1-pass tracking side by side, the
+  with its default tracking (parallel chains; ``--track-chains`` adds other chain lengths) and the
+  earlier 3- and 1-pass tracking side by side, the
   networks alone, and its accuracy against MediaPipe on the same frames, chains and 3 passes (mean and
   p95 distance in % of the inter-ocular distance; MediaPipe live where it is installed);
 - mediapipe: MediaPipe's own Face Mesh on one core and on ``--procs`` processes;
@@ -39,6 +42,10 @@ RESULTS: dict = {}
 # the torch Face Mesh's tracking variants timed side by side: (label, chain, passes); the first is the default
 TRACKINGS = [(f"chains of {CHAIN} (+{WARMUP} warm-up)", CHAIN, 3), ("3 passes", 0, 3), ("1 pass", 0, 1)]
 TRACK_DEFAULT = TRACKINGS[0][0]
+
+
+def chain_label(chain: int) -> str:
+    return f"chains of {chain} (+{WARMUP} warm-up)"
 
 
 def videos_of(paths: list[str]) -> list[Path]:
@@ -151,6 +158,38 @@ def section_decode(videos: list[Path], sessions: int) -> None:
     RESULTS["decode"] = rows
 
 
+def section_decode_set(videos: list[Path], sessions: int, scale: int) -> None:
+    """The whole set (``scale`` copies of each video) decoded at once: ``sessions`` threads, each opening
+    one decoder session per video it takes from a shared queue (longest first). Its frames/s bounds the
+    whole extraction of the same set on this GPU."""
+    import queue
+
+    jobs: queue.Queue = queue.Queue()
+    order = sorted(videos * scale, key=lambda v: -v.stat().st_size)
+    for v in order:
+        jobs.put(v)
+    counts = [0] * sessions
+
+    def work(i: int) -> None:
+        while True:
+            try:
+                v = jobs.get_nowait()
+            except queue.Empty:
+                return
+            counts[i] += _nvdec_all(v)
+
+    _nvdec_all(order[-1])  # the driver's start-up, untimed
+    th = [threading.Thread(target=work, args=(i,)) for i in range(sessions)]
+    t0 = time.perf_counter()
+    [t.start() for t in th]
+    [t.join() for t in th]
+    secs = time.perf_counter() - t0
+    row = {"videos": len(order), "sessions": sessions, "frames": sum(counts), "seconds": round(secs, 2),
+           "nvdec_fps_whole_set": round(sum(counts) / secs, 1)}
+    RESULTS.setdefault("decode_set", []).append(row)
+    print("decode_set", row, flush=True)
+
+
 # --- landmarks -----------------------------------------------------------------------------------------
 def _mp_track(args) -> tuple[int, float, np.ndarray]:
     frames, box = args
@@ -174,7 +213,7 @@ def _mp_worker(args) -> tuple[int, float, float]:
 
 
 def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[int], dtypes: list[str],
-                      n_acc: int, modules: str | None, reference: Path | None) -> None:
+                      n_acc: int, modules: str | None, reference: Path | None, chains: list[int] = ()) -> None:
     import torch
 
     from extractors.extract import track_frames
@@ -190,6 +229,10 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
     meshes = {dt: TorchFaceMesh(dev, getattr(torch, dt), modules=modules) for dt in dtypes}
     # the earlier tracking (3 passes over each batch), first dtype, for the accuracy side by side
     passes3 = TorchFaceMesh(dev, getattr(torch, dtypes[0]), modules=modules, chain=0)
+    # other chain lengths (--track-chains), first dtype: accuracy and throughput beside the default
+    others = [c for c in chains if c and c != CHAIN]
+    trackings = TRACKINGS[:1] + [(chain_label(c), c, 3) for c in others] + TRACKINGS[1:]
+    longer = [(chain_label(c), TorchFaceMesh(dev, getattr(torch, dtypes[0]), modules=modules, chain=c)) for c in others]
     for v in videos:
         if v.name not in boxes:
             continue
@@ -202,7 +245,7 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
                 continue
         h, w = frames.shape[1:3]
         for (dt, mesh), tracking in [((dt, m), TRACK_DEFAULT) for dt, m in meshes.items()] + \
-                [((dtypes[0], passes3), "3 passes")]:
+                [((dtypes[0], m), lab) for lab, m in longer] + [((dtypes[0], passes3), "3 passes")]:
             got = track_frames(frames, box, ExtractConfig(mesh_batch=max(batches)), landmarker=mesh)
             d, cov = landmark_distances(refs[v.name], got, w, h)
             acc.append({"video": v.name, "dtype": dt, "tracking": tracking, "frames": int(len(d)), "coverage": round(cov, 3),
@@ -211,7 +254,8 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
             print("accuracy", acc[-1], flush=True)
     if reference is not None and not reference.is_file() and refs:
         np.savez_compressed(reference, **refs)
-    for dt, tracking in [(dt, TRACK_DEFAULT) for dt in dtypes] + [(dtypes[0], "3 passes")]:
+    for dt, tracking in [(dt, TRACK_DEFAULT) for dt in dtypes] + [(dtypes[0], lab) for lab, _ in longer] + \
+            [(dtypes[0], "3 passes")]:
         d = [a for a in acc if a["dtype"] == dt and a["tracking"] == tracking and a["frames"]]
         if d:
             print(f"accuracy {dt}, {tracking}: worst video mean {max(a['mean_pct_iod'] for a in d):.2f}% p95 "
@@ -229,7 +273,7 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
         dt0 = dtypes[0]
         variants.append((dt0, "no CUDA graphs", TorchFaceMesh(dev, getattr(torch, dt0), modules=modules, graphs=False)))
     for dt, label, mesh in variants:
-        for tracking, chain, passes in TRACKINGS if label == "default" else TRACKINGS[:1]:
+        for tracking, chain, passes in (trackings if dt == dtypes[0] else TRACKINGS) if label == "default" else TRACKINGS[:1]:
             mesh.chain, mesh.passes = chain, passes
             for b in batches:
                 x = torch.from_numpy(base[np.arange(b) % len(base)]).to(dev)
@@ -421,7 +465,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--videos", nargs="+", default=["../shared/data/real"])
     ap.add_argument("--extract-videos", nargs="+", default=None, help="videos for the extract section (default --videos)")
-    ap.add_argument("--section", action="append", choices=["decode", "landmarks", "mediapipe", "extract", "compile"])
+    ap.add_argument("--section", action="append", choices=["decode", "decode-set", "landmarks", "mediapipe", "extract", "compile"])
     ap.add_argument("--device", default=None)
     ap.add_argument("--batches", default="256,1024,4096")
     ap.add_argument("--dtypes", default="float16,bfloat16,float32")
@@ -433,6 +477,7 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=1)
     ap.add_argument("--mesh-batch", default="256", help="extract: frames per torch Face Mesh batch (comma list)")
     ap.add_argument("--chains", default=str(CHAIN), help="extract: tracking chain lengths, 0 = 3 passes (comma list)")
+    ap.add_argument("--track-chains", default=str(CHAIN), help="landmarks: chain lengths timed (first dtype; comma list)")
     ap.add_argument("--modules", default=None, help="a copy of mediapipe's modules/ folder (no mediapipe installed)")
     ap.add_argument("--boxes", type=Path, default=None, help="speaker boxes JSON (made here where MediaPipe is)")
     ap.add_argument("--reference", type=Path, default=None, help="MediaPipe landmarks .npz (made where MediaPipe is)")
@@ -441,7 +486,7 @@ def main() -> None:
     import torch
 
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sections = a.section or ["decode", "landmarks", "mediapipe", "extract"]
+    sections = a.section or ["decode", "decode-set", "landmarks", "mediapipe", "extract"]
     vids = videos_of(a.videos)
     xvids = videos_of(a.extract_videos) if a.extract_videos else vids
     boxes = face_boxes(sorted(set(vids) | set(xvids), key=str), a.boxes)
@@ -452,9 +497,11 @@ def main() -> None:
         try:
             if s == "decode":
                 section_decode(vids, a.sessions)
+            elif s == "decode-set":
+                section_decode_set(vids, a.sessions, a.scale)
             elif s == "landmarks":
                 section_landmarks(vids, boxes, dev, [int(b) for b in a.batches.split(",")], a.dtypes.split(","),
-                                  a.acc_frames, a.modules, a.reference)
+                                  a.acc_frames, a.modules, a.reference, [int(c) for c in a.track_chains.split(",")])
             elif s == "compile":
                 section_compile(vids, boxes, dev, int(a.batches.split(",")[-1]), a.modules)
             elif s == "mediapipe":
