@@ -14,8 +14,9 @@ Sections (``--section``, repeatable; default all that can run here):
 - mediapipe: MediaPipe's own Face Mesh on one core and on ``--procs`` processes;
 - extract: the whole per-frame extraction (decode, landmarks, pose, crops, GNPFA encoding) through
   extractors.extract.extract_source, in input frames/s per GPU, with each of ``--workers`` processes
-  sharing the GPU, for each ``--chains`` tracking (0: 3 passes) and ``--mesh-batch`` size side by side,
-  and the GPU's utilisation sampled meanwhile.
+  sharing the GPU, for each ``--chains`` tracking (0: 3 passes), ``--mesh-batch`` size and ``--fused-warp``
+  side by side, and the GPU's utilisation sampled meanwhile (the workers' start-up, model loads and
+  compilation are timed apart, as ``startup_s``).
 
 Prints a table per section and writes every figure to ``--json``.
 """
@@ -233,6 +234,9 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
     others = [c for c in chains if c and c != CHAIN]
     trackings = TRACKINGS[:1] + [(chain_label(c), c, 3) for c in others] + TRACKINGS[1:]
     longer = [(chain_label(c), TorchFaceMesh(dev, getattr(torch, dtypes[0]), modules=modules, chain=c)) for c in others]
+    if dev.startswith("cuda"):  # crops cut by the torch.compile'd kernel (warp_crops(fused=True))
+        longer.append((f"{TRACK_DEFAULT}, fused warp", TorchFaceMesh(dev, getattr(torch, dtypes[0]), modules=modules,
+                                                                    fused_warp=True)))
     for v in videos:
         if v.name not in boxes:
             continue
@@ -272,6 +276,7 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
     if dev.startswith("cuda"):  # what the CUDA graphs bring, first dtype
         dt0 = dtypes[0]
         variants.append((dt0, "no CUDA graphs", TorchFaceMesh(dev, getattr(torch, dt0), modules=modules, graphs=False)))
+        variants.append((dt0, "fused warp", TorchFaceMesh(dev, getattr(torch, dt0), modules=modules, fused_warp=True)))
     for dt, label, mesh in variants:
         for tracking, chain, passes in (trackings if dt == dtypes[0] else TRACKINGS) if label == "default" else TRACKINGS[:1]:
             mesh.chain, mesh.passes = chain, passes
@@ -301,10 +306,11 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
             b = max(batches)
             x = torch.from_numpy(base[np.arange(b) % len(base)]).to(dev)
             rects = torch.tensor([[w / 2, h / 2, min(w, h) / 2, 0.1]], device=dev).expand(b, 4)
-            secs = [_seconds(dev, lambda: warp_crops(x, rects, 192, "border")) for _ in range(2)][-1]  # the second
-            rows.append({"dtype": "float32", "op": "warp_crops 192 px", "frame_size": [w, h], "batch": b,
-                         "frames_per_s": round(b / secs, 1)})
-            print("landmarks", rows[-1], flush=True)
+            for fused in (False, True):
+                secs = [_seconds(dev, lambda: warp_crops(x, rects, 192, "border", fused=fused)) for _ in range(3)][-1]
+                rows.append({"dtype": "float32", "op": "warp_crops 192 px" + (", fused" if fused else ""),
+                             "frame_size": [w, h], "batch": b, "frames_per_s": round(b / secs, 1)})
+                print("landmarks", rows[-1], flush=True)
 
 
 def section_compile(videos: list[Path], boxes: dict, dev: str, batch: int, modules: str | None) -> None:
@@ -393,7 +399,7 @@ class _GpuUse(threading.Thread):
 def _extract_worker(args) -> tuple[int, float, dict]:
     """Extract the given videos (one clip each, all frames) the way an extraction task does, then encode
     them with the shipped GNPFA; returns (input frames, seconds, timings)."""
-    jobs, dev, modules, batch, nvdec, chain = args
+    jobs, dev, modules, batch, nvdec, chain, fused = args
     import torch
 
     from extractors.extract import extract_source
@@ -402,7 +408,8 @@ def _extract_worker(args) -> tuple[int, float, dict]:
     from models.gnpfa import SHIPPED_DIR, encode_frames, load_checkpoint
 
     torch.set_num_threads(1)
-    mesh = TorchFaceMesh(dev, torch.float16 if dev.startswith("cuda") else None, modules=modules, chain=chain)
+    mesh = TorchFaceMesh(dev, torch.float16 if dev.startswith("cuda") else None, modules=modules, chain=chain,
+                         fused_warp=fused)
     _, vae, enc, _ = load_checkpoint(SHIPPED_DIR, device=dev)
     cfg = ExtractConfig(mesh_batch=batch)
     tm: dict = {}
@@ -422,7 +429,7 @@ def _extract_worker(args) -> tuple[int, float, dict]:
 
 
 def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int], scale: int, modules: str | None,
-                    batches: list[int], nvdec: bool, chains: list[int]) -> None:
+                    batches: list[int], nvdec: bool, chains: list[int], fused: list[bool] = (False,)) -> None:
     import cv2
 
     jobs = []
@@ -439,13 +446,15 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
     jobs = jobs * scale
     ctx = mp.get_context("spawn")
     rows = RESULTS["extract"] = []  # filled as measured: a later failure (e.g. out of memory) keeps the rows so far
-    for k, chain, batch in [(k, c, b) for k in workers for c in chains for b in batches]:
+    for k, chain, batch, fw in [(k, c, b, f) for k in workers for c in chains for b in batches for f in fused]:
         with ctx.Pool(k) as pool:
-            pool.map(_extract_worker, [(jobs[:1], dev, modules, batch, nvdec, chain)] * k)  # start-up, model loads
+            t0 = time.perf_counter()
+            pool.map(_extract_worker, [(jobs[:1], dev, modules, batch, nvdec, chain, fw)] * k)  # start-up, loads, compile
+            startup = time.perf_counter() - t0
             use = _GpuUse()
             use.start()
             t0 = time.perf_counter()
-            done = pool.map(_extract_worker, [(jobs[i::k], dev, modules, batch, nvdec, chain) for i in range(k)])
+            done = pool.map(_extract_worker, [(jobs[i::k], dev, modules, batch, nvdec, chain, fw) for i in range(k)])
             wall = time.perf_counter() - t0
             use.stop = True
         tm: dict = {}
@@ -454,6 +463,7 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
                 tm[key] = round(tm.get(key, 0) + val, 2)
         frames = sum(d[0] for d in done)
         rows.append({"workers": k, "tracking": f"chains of {chain}" if chain else "3 passes", "mesh_batch": batch,
+                     "fused_warp": fw, "startup_s": round(startup, 1),
                      "videos": len(jobs), "input_frames": frames, "wall_s": round(wall, 1),
                      "input_frames_per_s": round(frames / wall, 1), "nvdec": nvdec,
                      "gpu_util_mean_pct": round(float(np.mean(use.samples)), 1) if use.samples else None,
@@ -477,6 +487,7 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=1)
     ap.add_argument("--mesh-batch", default="256", help="extract: frames per torch Face Mesh batch (comma list)")
     ap.add_argument("--chains", default=str(CHAIN), help="extract: tracking chain lengths, 0 = 3 passes (comma list)")
+    ap.add_argument("--fused-warp", default="0", help="extract: crops by the compiled kernel, 0/1 (comma list)")
     ap.add_argument("--track-chains", default=str(CHAIN), help="landmarks: chain lengths timed (first dtype; comma list)")
     ap.add_argument("--modules", default=None, help="a copy of mediapipe's modules/ folder (no mediapipe installed)")
     ap.add_argument("--boxes", type=Path, default=None, help="speaker boxes JSON (made here where MediaPipe is)")
@@ -511,7 +522,7 @@ def main() -> None:
 
                 section_extract(xvids, boxes, dev, [int(k) for k in a.workers.split(",")], a.scale, a.modules,
                                 [int(b) for b in a.mesh_batch.split(",")], dev.startswith("cuda") and nvdec_available(),
-                                [int(c) for c in a.chains.split(",")])
+                                [int(c) for c in a.chains.split(",")], [bool(int(f)) for f in a.fused_warp.split(",")])
         except Exception as e:  # noqa: BLE001 - one section's failure must not lose the others' figures
             import traceback
 

@@ -129,6 +129,10 @@ class ExtractConfig:
     mesh_chain: int = 8
     mesh_warmup: int = 2
     mesh_passes: int = 3
+    # on CUDA, cut the torch engine's crops with one torch.compile'd kernel (extractors.mesh_torch.warp_crops
+    # fused=True): landmarks 1.9x at batch 4,096 on an H100, the same accuracy, but 10-20 s of compilation
+    # per worker and no gain measured on the whole extraction (bench/RESULTS.md); the CPU never uses it
+    mesh_fused_warp: bool = False
     # extraction tasks sharing one GPU (each asks 1/this of it); 0 = the stage's declared share, an eighth
     # (pipelines/stages.py: 8 measured best for the GPU alone). A node with more than 8 cores per GPU
     # leaves cores idle unless this is raised, since the tasks also transcribe and embed on their CPU

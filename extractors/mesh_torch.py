@@ -73,7 +73,7 @@ def ssd_anchors() -> np.ndarray:
 
 
 def warp_crops(frames: torch.Tensor, rects: torch.Tensor, size: int, border: str, chunk: int = 64,
-               index: torch.Tensor | None = None) -> torch.Tensor:
+               index: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
     """Rotated square crops as MediaPipe's ImageToTensor cuts them (the rect's corners onto the output's
     corners, bilinear). frames: (F, H, W, 3) uint8; rects: (B, 4) centre x, centre y, side (pixels),
     rotation (radians), crop k cut from frame ``index[k]`` (default: frame k); border: "zeros" (outside is
@@ -84,7 +84,8 @@ def warp_crops(frames: torch.Tensor, rects: torch.Tensor, size: int, border: str
     float or copied), in float32 whatever the networks run in (a half-precision grid would be off by pixels
     on large frames); the same sampling as ``grid_sample(align_corners=True)`` at pixel coordinates.
     ``chunk`` crops at a time bound the temporaries; each crop is sampled on its own, so chunking changes
-    nothing."""
+    nothing. ``fused``: each chunk through ``torch.compile`` (one generated kernel instead of ~40 with
+    crop-sized temporaries; the same sampling to float rounding), 8x larger chunks."""
     _, H, W, _ = frames.shape
     B = len(rects)
     if index is None:
@@ -93,28 +94,45 @@ def warp_crops(frames: torch.Tensor, rects: torch.Tensor, size: int, border: str
     out = torch.empty(B, size, size, 3, device=frames.device, dtype=torch.float32)
     u = torch.arange(size, device=frames.device, dtype=torch.float32) / size - 0.5
     dy, dx = torch.meshgrid(u, u, indexing="ij")  # (size, size) in units of the side
+    fn, chunk = (_fused_warp(), chunk * 8) if fused else (_warp_chunk, chunk)
     for i in range(0, B, chunk):
-        r = rects[i:i + chunk].float()
+        base = (index[i:i + chunk].long() * (H * W))[:, None]
+        r = rects[i:i + chunk].float().contiguous()  # one stride layout: no recompilation
         n = len(r)
-        c, s, side = torch.cos(r[:, 3])[:, None, None], torch.sin(r[:, 3])[:, None, None], r[:, 2, None, None]
-        x = r[:, 0, None, None] + (c * dx - s * dy) * side
-        y = r[:, 1, None, None] + (s * dx + c * dy) * side
-        if border == "border":
-            x, y = x.clamp(0, W - 1), y.clamp(0, H - 1)
-        x0, y0 = torch.floor(x), torch.floor(y)
-        wx, wy = (x - x0).reshape(n, -1, 1), (y - y0).reshape(n, -1, 1)
-        x0, y0 = x0.long().reshape(n, -1), y0.long().reshape(n, -1)
-        base = (index[i:i + n].long() * (H * W))[:, None]
-        rows = src.expand(n, -1, 3)
-        acc = None
-        for ox, oy, w in ((0, 0, (1 - wx) * (1 - wy)), (1, 0, wx * (1 - wy)), (0, 1, (1 - wx) * wy), (1, 1, wx * wy)):
-            xi, yi = x0 + ox, y0 + oy
-            inside = ((xi >= 0) & (xi < W) & (yi >= 0) & (yi < H)).unsqueeze(-1)
-            idx = (base + yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)).unsqueeze(-1).expand(n, -1, 3)
-            v = torch.gather(rows, 1, idx).float() * (w * inside)
-            acc = v if acc is None else acc + v
-        out[i:i + n] = acc.reshape(n, size, size, 3)
+        if fused and n % 8:  # padded to a multiple of 8 crops: no recompilation for a chunk of one crop
+            r, base = torch.cat([r, r[-1:].expand(8 - n % 8, 4)]), torch.cat([base, base[-1:].expand(8 - n % 8, 1)])
+        out[i:i + n] = fn(src, r, base, dx, dy, H, W, border == "border")[:n]
     return out
+
+
+def _warp_chunk(src: torch.Tensor, r: torch.Tensor, base: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor,
+                H: int, W: int, clamp: bool) -> torch.Tensor:
+    """warp_crops' sampling of one chunk: rects r (n, 4), ``base`` (n, 1) each crop's first pixel in the
+    row ``src`` (1, F H W, 3) -> (n, size, size, 3) float32."""
+    n = len(r)
+    c, s, side = torch.cos(r[:, 3])[:, None, None], torch.sin(r[:, 3])[:, None, None], r[:, 2, None, None]
+    x = r[:, 0, None, None] + (c * dx - s * dy) * side
+    y = r[:, 1, None, None] + (s * dx + c * dy) * side
+    if clamp:
+        x, y = x.clamp(0, W - 1), y.clamp(0, H - 1)
+    x0, y0 = torch.floor(x), torch.floor(y)
+    wx, wy = (x - x0).reshape(n, -1, 1), (y - y0).reshape(n, -1, 1)
+    x0, y0 = x0.long().reshape(n, -1), y0.long().reshape(n, -1)
+    rows = src.expand(n, -1, 3)
+    acc = None
+    for ox, oy, w in ((0, 0, (1 - wx) * (1 - wy)), (1, 0, wx * (1 - wy)), (0, 1, (1 - wx) * wy), (1, 1, wx * wy)):
+        xi, yi = x0 + ox, y0 + oy
+        inside = ((xi >= 0) & (xi < W) & (yi >= 0) & (yi < H)).unsqueeze(-1)
+        idx = (base + yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)).unsqueeze(-1).expand(n, -1, 3)
+        v = torch.gather(rows, 1, idx).float() * (w * inside)
+        acc = v if acc is None else acc + v
+    return acc.reshape(n, *dx.shape, 3)
+
+
+@lru_cache(maxsize=None)
+def _fused_warp():
+    """_warp_chunk through torch.compile (dynamic shapes: one kernel for every chunk and frame size)."""
+    return torch.compile(_warp_chunk, dynamic=True, fullgraph=True)
 
 
 def rect_from_box(lo: torch.Tensor, hi: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor) -> torch.Tensor:
@@ -140,7 +158,7 @@ class TorchFaceMesh:
 
     def __init__(self, device: str = "cpu", dtype: torch.dtype | None = None, passes: int = 3,
                  modules: str | Path | None = None, graphs: bool | None = None, chain: int = CHAIN,
-                 warmup: int = WARMUP):
+                 warmup: int = WARMUP, fused_warp: bool = False):
         from models.tflite_torch import CudaGraphed, TFLiteGraph
 
         self.device = torch.device(device)
@@ -159,6 +177,7 @@ class TorchFaceMesh:
         cuda = self.device.type == "cuda"
         self.graphs = cuda if graphs is None else graphs and cuda
         self._det, self._lm = (CudaGraphed(self.det), CudaGraphed(self.lm)) if self.graphs else (self.det, self.lm)
+        self.fused_warp = fused_warp  # crops cut by one torch.compile'd kernel (warp_crops(fused=True))
         self.anchors = torch.from_numpy(ssd_anchors()).to(self.device)
         # the refinement index lists are the model's own (its Landmarks2TransformMatrix subsets):
         # lips, left eye, right eye, in the order of its outputs
@@ -172,7 +191,7 @@ class TorchFaceMesh:
         """Detection on (B, H, W, 3) uint8 frames (or on frames ``index`` (B,) of them), each on its square
         roi (B, 4): the face whose box holds ``expect`` (B, 2 pixels), merged with its overlapping anchors
         (weighted suppression). Returns (rect (B, 4), found (B,))."""
-        x = warp_crops(frames, roi, DET_PX, "zeros", index=index) * (2 / 255) - 1
+        x = warp_crops(frames, roi, DET_PX, "zeros", index=index, fused=self.fused_warp) * (2 / 255) - 1
         reg, cls = self._det(x.to(self.dtype))
         reg, score = reg.float(), torch.sigmoid(cls.float().clamp(-100, 100))[..., 0]
         a = self.anchors
@@ -205,7 +224,7 @@ class TorchFaceMesh:
     def landmarks(self, frames: torch.Tensor, rects: torch.Tensor, index: torch.Tensor | None = None):
         """(B, 478, 3) landmarks in frame pixels (z in the same scale) and (B,) face-flag scores of the
         crops at ``rects`` (B, 4) of frames ``index`` (B,) (default: rect k on frame k)."""
-        x = warp_crops(frames, rects, LM_PX, "border", index=index) / 255
+        x = warp_crops(frames, rects, LM_PX, "border", index=index, fused=self.fused_warp) / 255
         mesh, lips, leye, reye, liris, riris, flag = self._lm(x.to(self.dtype))
         B = len(rects)
         m = mesh.float().reshape(B, 468, 3).clone()

@@ -116,12 +116,13 @@ def _landmarker(cfg: ExtractConfig) -> tuple[str, object | None]:
     from extractors.mesh_torch import TorchFaceMesh
 
     dev = "cuda" if cuda else "cpu"
-    key = ("mesh", dev, cfg.mesh_passes, cfg.mesh_chain, cfg.mesh_warmup)
+    fused = cuda and cfg.mesh_fused_warp
+    key = ("mesh", dev, cfg.mesh_passes, cfg.mesh_chain, cfg.mesh_warmup, fused)
     if key not in _MODELS:
         _MODELS[key] = TorchFaceMesh(dev, torch.float16 if cuda else None, cfg.mesh_passes, chain=cfg.mesh_chain,
-                                     warmup=cfg.mesh_warmup)
+                                     warmup=cfg.mesh_warmup, fused_warp=fused)
     tracking = f"chain{cfg.mesh_chain}w{cfg.mesh_warmup}" if cfg.mesh_chain else f"{cfg.mesh_passes}pass"
-    return f"torch-{dev}-{tracking}", _MODELS[key]
+    return f"torch-{dev}-{tracking}" + ("-fusedwarp" if fused else ""), _MODELS[key]
 
 
 NVDEC_CODECS = ("h264", "hevc", "av1", "vp9")  # what current NVIDIA decoders take (others: the CPU decoder)

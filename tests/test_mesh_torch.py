@@ -155,6 +155,14 @@ def test_crops_are_sampled_as_grid_sample_samples_them_and_cut_alike_from_device
         assert got.shape == (5, 48, 48, 3)
         assert (got - ref).abs().max() < 0.05, border  # float32 rounding of the normalised grid alone
         assert (ref.abs() > 0).float().mean() > 0.25  # mostly inside the frame: a real comparison
+        # the compiled kernel (mesh_fused_warp): the same sampling, chunks padded to 8 crops and cut back,
+        # crops taken from other frames by index
+        idx = torch.tensor([0, 4, 2, 3, 1])
+        fused = warp_crops(frames, rects, 48, border, index=idx, fused=True)
+        assert fused.shape == (5, 48, 48, 3)
+        assert (fused - warp_crops(frames, rects, 48, border, index=idx)).abs().max() < 0.01, border
+        assert (fused[[0, 2, 3]] - got[[0, 2, 3]]).abs().max() < 0.05, border  # their own frames
+        assert (fused[1] - got[1]).abs().max() > 1, border  # another frame: another crop
     cfg = ExtractConfig(mesh_batch=8)
     video = _frames(real_dir / "d14.mp4", 12, cfg.mesh_max_side)
     box = [0.3, 0.2, 0.7, 0.7]
