@@ -14,7 +14,8 @@ the share of real clips kept and of dubbed / still clips dropped at the default 
 the share of clip frames whose chosen face is the one speaking and the share of talking time that became a
 clip; with ``--proxy`` also AV-sync, ASD-sync and their sum (clip_features.sync_score) in-sample and leave
 one person out, and the sync-score gate (extract.min_sync_score) at the default and a few values: real clips
-kept, dubbed dropped, and the right speaker's share of the composite clip frames the gate keeps; the same
+kept, dubbed dropped, and the right speaker's share of the composite clip frames the gate keeps (the
+composites scored by the shipped models, and again by models fitted without their two people); the same
 dubbing figures over every pair of people (each real clip's face under every other person's speech, from
 the arrays already computed); the cost per scored frame.
 
@@ -80,7 +81,8 @@ def make_cases(tmp: Path, secs: float) -> dict[str, list[tuple[str, Path, dict]]
         ff("-i", str(first), "-i", str(second), "-filter_complex",
            "[0:v]scale=-2:360,setsar=1[l];[1:v]scale=-2:360,setsar=1[r];[l][r]hstack=inputs=2[v]",
            "-map", "[v]", "-map", f"{0 if left_speaks else 1}:a", *ENC, "-shortest", str(c))
-        cases["composite"].append((c.stem, c, {"speaker_left": left_speaks, "split_x": None, "first": first}))
+        cases["composite"].append((c.stem, c, {"speaker_left": left_speaks, "split_x": None, "first": first,
+                                               "people": (a.stem[5:], b.stem[5:])}))
     return cases
 
 
@@ -162,6 +164,7 @@ def main() -> None:
                     arrays[kind] += [(who[0], who[-1], f.audio_feat, f.blendshapes, mouth_opening(f.geometry),
                                       len(emb[kind]) - 1) for f in feats]
         comp = {}
+        comp_loo: list = []
         comp_clips = []  # (right speaker?, frames, sync score) of the composites' clips with ASD-sync
         nosync = dataclasses.replace(base, asd_sync_model="")
         for label, cfg, sc in (("speaking logit only", nosync, config_scorer(nosync).track), ("with ASD-sync", base, asd)):
@@ -186,6 +189,8 @@ def main() -> None:
                       f"{[(c['face_track_id'], c['n_frames'], round(c['speaking_score'], 2)) for c in r['clips']]} "
                       f"speaker {'left' if meta['speaker_left'] else 'right'} {q}", flush=True)
             comp[label] = (right, wrong, talk, covered)
+        if args.proxy and arrays["real"]:
+            comp_loo = composites_left_out(cases["composite"], base, scorer, arrays, emb)
     real, dub, still = scores["real"], scores["dubbed"], scores["still"]
     kept = np.mean([s >= thr for s in real]) if real else float("nan")
     print()
@@ -202,7 +207,7 @@ def main() -> None:
         print(f"AUC sync score (clip_features.sync_score = AV-sync + the clip's ASD-sync, both shipped, in-sample), "
               f"real vs dubbed: {auc(both['real'], both['dubbed']):.3f}; at the score that keeps 95% of real clips, "
               f"dubbed dropped {_dropped_at_keep(both['real'], both['dubbed'], 0.95):.1%}")
-        sync_gate_report(loo_sum, both, comp_clips, ExtractConfig().min_sync_score)
+        sync_gate_report(loo_sum, both, comp_clips, ExtractConfig().min_sync_score, comp_loo)
         all_pairs_report(arrays, emb, ExtractConfig().min_sync_score)
     print(f"speaking-score gate (min_speaking_score {thr}): real clips kept {kept:.1%}, dubbed clips dropped "
           f"{np.mean([s < thr for s in dub]):.1%}, still clips dropped {np.mean([s < thr for s in still]):.1%} "
@@ -240,7 +245,7 @@ def av_sync_report(sync: dict, arrays: dict, thr: float) -> None:
     return loo
 
 
-def sync_gate_report(loo: dict, shipped: dict, comp: list, default: float) -> None:
+def sync_gate_report(loo: dict, shipped: dict, comp: list, default: float, comp_loo: list = ()) -> None:
     """The sync-score gate (extract.min_sync_score) at the default, at the leave-one-person-out threshold that
     keeps 95% of real clips, and at a few round values: real clips kept and dubbed clips dropped (leave one
     person out, and with the shipped models), and on composites the right speaker's share of the clip
@@ -255,23 +260,58 @@ def sync_gate_report(loo: dict, shipped: dict, comp: list, default: float) -> No
         def share(xs, below):
             xs = [x for x in xs if x is not None]
             return np.mean([(x < t) == below for x in xs]) if xs else float("nan")
-        passed = [(ok, n) for ok, n, sy in comp if sy is None or sy >= t]
-        n_kept, n_right = sum(n for _, n in passed), sum(n for ok, n in passed if ok)
+        def kept_right(clips):
+            passed = [(ok, n) for ok, n, sy in clips if sy is None or sy >= t]
+            n_kept, n_right = sum(n for _, n in passed), sum(n for ok, n in passed if ok)
+            return f"{n_right / max(n_kept, 1):.1%} of kept clip frames ({n_right}/{n_kept} of {sum(n for _, n, _ in clips)})"
         print(f"  min_sync_score {t:6.3f}: leave-one-person-out real kept {share(loo['real'], False):.1%}, dubbed dropped "
               f"{share(loo['dubbed'], True):.1%}; shipped models real kept {share(shipped['real'], False):.1%}, dubbed "
-              f"dropped {share(shipped['dubbed'], True):.1%}; composites right speaker on {n_right / max(n_kept, 1):.1%} "
-              f"of kept clip frames ({n_right}/{n_kept} of {sum(n for _, n, _ in comp)})")
+              f"dropped {share(shipped['dubbed'], True):.1%}; composites right speaker on {kept_right(comp)} (shipped)"
+              + (f", {kept_right(comp_loo)} (leave the two people out)" if comp_loo else ""))
 
 
-def _features(p: Path, r: dict) -> list:
-    """Extraction of ``analyse``'s clips of ``p`` (Face Mesh, blendshapes, AV-sync), as the extract stage does."""
+def composites_left_out(composites: list, cfg, scorer, arrays: dict, emb: dict) -> list:
+    """The composites again with both sync models fitted without the composite's two people (ASD-sync for
+    the speaker choice and the clip's ASD-sync, AV-sync in extraction): honest figures for the choice and
+    the gate on people the models never saw. -> [(right speaker?, frames, sync score)] per clip."""
+    import copy
+
+    from extractors.ingest import analyse
+    from extractors.probe import sha256_file
+    from models.asd_sync import AsdSync, fit as asd_fit
+    from models.av_sync import AVSync, fit as av_fit
+
+    out = []
+    right = total = 0
+    for name, p, meta in composites:
+        ex = set(meta["people"])
+        sc = copy.copy(scorer)
+        sc.sync = AsdSync(asd_fit(r for v, _, rs in emb["real"] if v not in ex for r in rs))
+        av = AVSync(av_fit((m, b, o) for v, _, m, b, o, _ in arrays["real"] if v not in ex))
+        r = analyse(str(p), str(p), sha256_file(p), p.stat().st_size, cfg, asd=sc.track)
+        feats = _features(p, r, av) if r["clips"] else []
+        for f, c in zip(feats, r["clips"]):
+            ok = ((c["face_box"][0] + c["face_box"][2]) / 2 < _left_share(p, meta["first"])) == meta["speaker_left"]
+            out.append((ok, c["n_frames"], _sync_score(f, c)))
+            right += c["n_frames"] * ok
+            total += c["n_frames"]
+        print(f"composite (leave the two people out) {name:40s} clips "
+              f"{[(c['face_track_id'], c['n_frames'], c.get('asd_sync')) for c in r['clips']]}", flush=True)
+    print(f"composites, with ASD-sync fitted without the two people: right speaker on {right / max(total, 1):.1%} "
+          f"of clip frames ({right}/{total}) before the sync-score gate")
+    return out
+
+
+def _features(p: Path, r: dict, av_sync=None) -> list:
+    """Extraction of ``analyse``'s clips of ``p`` (Face Mesh, blendshapes, AV-sync: the shipped model unless
+    ``av_sync`` is given), as the extract stage does."""
     from extractors.extract import extract_source
     from pipelines.extract import _loaded_models
 
     s = r["source"]
     m = _loaded_models(ExtractConfig())
     return extract_source(str(p), s["width"], s["height"], r["clips"], ExtractConfig(), blendshaper=m["blendshaper"],
-                          av_sync=m["av_sync"])
+                          av_sync=m["av_sync"] if av_sync is None else av_sync)
 
 
 def _sync_score(f, clip: dict) -> float | None:
