@@ -178,6 +178,16 @@ class TorchFaceMesh:
         self.graphs = cuda if graphs is None else graphs and cuda
         self._det, self._lm = (CudaGraphed(self.det), CudaGraphed(self.lm)) if self.graphs else (self.det, self.lm)
         self.fused_warp = fused_warp  # crops cut by one torch.compile'd kernel (warp_crops(fused=True))
+        if fused_warp:  # compiled now, both border modes, so a node that cannot compile says so at load
+            try:
+                f = torch.zeros(2, 16, 16, 3, dtype=torch.uint8, device=self.device)
+                r = torch.tensor([[8.0, 8.0, 12.0, 0.1]], device=self.device).expand(3, 4)
+                for border in ("zeros", "border"):
+                    warp_crops(f, r, 8, border, index=torch.tensor([0, 1, 1], device=self.device), fused=True)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: one clear error instead
+                raise RuntimeError(f"extract.mesh_fused_warp: torch.compile could not build the crop kernel on "
+                                   f"{self.device} ({type(e).__name__}: {str(e)[:300]}); set "
+                                   f"extract.mesh_fused_warp=false") from e
         self.anchors = torch.from_numpy(ssd_anchors()).to(self.device)
         # the refinement index lists are the model's own (its Landmarks2TransformMatrix subsets):
         # lips, left eye, right eye, in the order of its outputs

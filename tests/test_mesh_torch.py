@@ -130,6 +130,23 @@ def test_chains_find_the_face_again_after_it_is_lost_and_match_the_passes_where_
     assert coverage == 1.0 and d.mean() < 0.02
 
 
+def test_the_fused_warp_tracks_as_the_eager_one(real_dir, torch_mesh):
+    """extract.mesh_fused_warp (the crops cut by one torch.compile'd kernel, compiled when the mesh is made):
+    the same landmarks as the eager sampling to float rounding on the CPU, face lost and found alike."""
+    cfg = ExtractConfig()
+    frames = _frames(real_dir / "d12.mp4", 20, cfg.mesh_max_side)
+    frames[9:12] = 0
+    box = [0.3, 0.2, 0.7, 0.7]
+    fused = TorchFaceMesh("cpu", fused_warp=True)
+    a = track_frames(frames, box, ExtractConfig(mesh_batch=16), landmarker=torch_mesh)
+    b = track_frames(frames, box, ExtractConfig(mesh_batch=16), landmarker=fused)
+    np.testing.assert_array_equal(np.isnan(a[:, 0, 0]), np.isnan(b[:, 0, 0]))
+    assert np.isnan(a[9:12]).all() and not np.isnan(a[12:]).any()
+    ok = ~np.isnan(a[:, 0, 0])
+    px = np.abs(a[ok, :, :2] - b[ok, :, :2]) * np.array(frames.shape[1:3][::-1])
+    assert px.max() < 0.05, px.max()  # float rounding (0.0003 px measured)
+
+
 def test_crops_are_sampled_as_grid_sample_samples_them_and_cut_alike_from_device_frames(real_dir, torch_mesh):
     """The rotated crops are gathered from the uint8 frames (no whole frame in float): the same bilinear
     samples as ``grid_sample(align_corners=True)`` with zero or replicated borders, rects partly outside
