@@ -7,10 +7,11 @@ Sections (``--section``, repeatable; default all that can run here):
 - decode-set: the whole set (``--scale`` copies of each video) decoded at once by ``--sessions`` NVDEC
   sessions taking videos from one queue: the decode rate the whole extraction of that set cannot exceed;
 - landmarks: the torch Face Mesh (detection + tracking) in frames/s at each ``--batches`` size and dtype,
-  with its default tracking (parallel chains; ``--track-chains`` adds other chain lengths) and the
-  earlier 3- and 1-pass tracking side by side, the
-  networks alone, and its accuracy against MediaPipe on the same frames, chains and 3 passes (mean and
-  p95 distance in % of the inter-ocular distance; MediaPipe live where it is installed);
+  with its default tracking (parallel chains; ``--track-chains`` adds other chain lengths), the earlier
+  3- and 1-pass tracking and, on CUDA, the crops cut by the compiled kernel (``fused warp``) side by side,
+  the networks and the crop cutting alone, and its accuracy against MediaPipe on the same frames for each
+  of those trackings (mean and p95 distance in % of the inter-ocular distance; MediaPipe live where it is
+  installed);
 - mediapipe: MediaPipe's own Face Mesh on one core and on ``--procs`` processes;
 - extract: the whole per-frame extraction (decode, landmarks, pose, crops, GNPFA encoding) through
   extractors.extract.extract_source, in input frames/s per GPU, with each of ``--workers`` processes
@@ -233,9 +234,9 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
     # other chain lengths (--track-chains), first dtype: accuracy and throughput beside the default
     others = [c for c in chains if c and c != CHAIN]
     trackings = TRACKINGS[:1] + [(chain_label(c), c, 3) for c in others] + TRACKINGS[1:]
-    longer = [(chain_label(c), TorchFaceMesh(dev, getattr(torch, dtypes[0]), modules=modules, chain=c)) for c in others]
+    extra = [(chain_label(c), TorchFaceMesh(dev, getattr(torch, dtypes[0]), modules=modules, chain=c)) for c in others]
     if dev.startswith("cuda"):  # crops cut by the torch.compile'd kernel (warp_crops(fused=True))
-        longer.append((f"{TRACK_DEFAULT}, fused warp", TorchFaceMesh(dev, getattr(torch, dtypes[0]), modules=modules,
+        extra.append((f"{TRACK_DEFAULT}, fused warp", TorchFaceMesh(dev, getattr(torch, dtypes[0]), modules=modules,
                                                                     fused_warp=True)))
     for v in videos:
         if v.name not in boxes:
@@ -249,7 +250,7 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
                 continue
         h, w = frames.shape[1:3]
         for (dt, mesh), tracking in [((dt, m), TRACK_DEFAULT) for dt, m in meshes.items()] + \
-                [((dtypes[0], m), lab) for lab, m in longer] + [((dtypes[0], passes3), "3 passes")]:
+                [((dtypes[0], m), lab) for lab, m in extra] + [((dtypes[0], passes3), "3 passes")]:
             got = track_frames(frames, box, ExtractConfig(mesh_batch=max(batches)), landmarker=mesh)
             d, cov = landmark_distances(refs[v.name], got, w, h)
             acc.append({"video": v.name, "dtype": dt, "tracking": tracking, "frames": int(len(d)), "coverage": round(cov, 3),
@@ -258,7 +259,7 @@ def section_landmarks(videos: list[Path], boxes: dict, dev: str, batches: list[i
             print("accuracy", acc[-1], flush=True)
     if reference is not None and not reference.is_file() and refs:
         np.savez_compressed(reference, **refs)
-    for dt, tracking in [(dt, TRACK_DEFAULT) for dt in dtypes] + [(dtypes[0], lab) for lab, _ in longer] + \
+    for dt, tracking in [(dt, TRACK_DEFAULT) for dt in dtypes] + [(dtypes[0], lab) for lab, _ in extra] + \
             [(dtypes[0], "3 passes")]:
         d = [a for a in acc if a["dtype"] == dt and a["tracking"] == tracking and a["frames"]]
         if d:
