@@ -145,9 +145,9 @@ def main() -> None:
                 r = analyse(str(p), str(p), sha256_file(p), p.stat().st_size, keep_all, asd=rec)
                 case_sync = _mean_sync([(n, v) for n, v, _, _ in runs])
                 asd_sync_of[kind].append(case_sync)
-                who = (info["video"], info["audio"])  # the people (videos' stems) seen and heard
+                who = (info["video"], info["audio"])  # the people (videos' stems) seen and heard: (v, a, ...) below
                 if kind in emb:
-                    emb[kind].append((who[0], who[-1], [(ve, ae) for _, _, ve, ae in runs]))
+                    emb[kind].append((*who, [(ve, ae) for _, _, ve, ae in runs]))
                 asd_s += r["metrics"].get("asd_s", 0.0)
                 asd_frames += r["metrics"].get("asd_frames", 0)
                 got = [c["speaking_score"] for c in r["clips"]]
@@ -161,10 +161,11 @@ def main() -> None:
                     proxy[kind] += [f.quality.get("lip_sync") for f in feats]
                     sync[kind] += [f.quality.get("av_sync") for f in feats]
                     both[kind] += [_sync_score(f, c) for f, c in zip(feats, r["clips"])]
-                    arrays[kind] += [(who[0], who[-1], f.audio_feat, f.blendshapes, mouth_opening(f.geometry),
+                    arrays[kind] += [(*who, f.audio_feat, f.blendshapes, mouth_opening(f.geometry),
                                       len(emb[kind]) - 1) for f in feats]
         comp = {}
         comp_loo: list = []
+        left = LeftOut(arrays, emb)  # the sync models fitted without given people, each fitted once
         comp_clips = []  # (right speaker?, frames, sync score) of the composites' clips with ASD-sync
         nosync = dataclasses.replace(base, asd_sync_model="")
         for label, cfg, sc in (("speaking logit only", nosync, config_scorer(nosync).track), ("with ASD-sync", base, asd)):
@@ -175,8 +176,7 @@ def main() -> None:
                 asd_frames += r["metrics"].get("asd_frames", 0)
                 feats = _features(p, r) if args.proxy and label == "with ASD-sync" and r["clips"] else []
                 for i, c in enumerate(r["clips"]):
-                    on_left = (c["face_box"][0] + c["face_box"][2]) / 2 < _left_share(p, meta["first"])
-                    ok = on_left == meta["speaker_left"]
+                    ok = _right_speaker(c, p, meta)
                     right += c["n_frames"] * ok
                     wrong += c["n_frames"] * (not ok)
                     if feats:
@@ -190,7 +190,7 @@ def main() -> None:
                       f"speaker {'left' if meta['speaker_left'] else 'right'} {q}", flush=True)
             comp[label] = (right, wrong, talk, covered)
         if args.proxy and arrays["real"]:
-            comp_loo = composites_left_out(cases["composite"], base, scorer, arrays, emb)
+            comp_loo = composites_left_out(cases["composite"], base, scorer, left)
     real, dub, still = scores["real"], scores["dubbed"], scores["still"]
     kept = np.mean([s >= thr for s in real]) if real else float("nan")
     print()
@@ -202,13 +202,13 @@ def main() -> None:
     print(f"AUC ASD-sync (Light-ASD embeddings, shipped asd-sync-v1, in-sample), real vs dubbed: {auc(a_r, a_d):.3f}")
     if args.proxy:
         print(f"AUC lip-sync proxy, real vs dubbed: {auc(proxy['real'], proxy['dubbed']):.3f}")
-        loo = av_sync_report(sync, arrays, ExtractConfig().min_av_sync)
-        loo_sum = combined_report(loo, arrays, emb)
+        loo = av_sync_report(sync, arrays, ExtractConfig().min_av_sync, left)
+        loo_sum = combined_report(loo, arrays, emb, left)
         print(f"AUC sync score (clip_features.sync_score = AV-sync + the clip's ASD-sync, both shipped, in-sample), "
               f"real vs dubbed: {auc(both['real'], both['dubbed']):.3f}; at the score that keeps 95% of real clips, "
               f"dubbed dropped {_dropped_at_keep(both['real'], both['dubbed'], 0.95):.1%}")
         sync_gate_report(loo_sum, both, comp_clips, ExtractConfig().min_sync_score, comp_loo)
-        all_pairs_report(arrays, emb, ExtractConfig().min_sync_score)
+        all_pairs_report(arrays, emb, ExtractConfig().min_sync_score, left)
     print(f"speaking-score gate (min_speaking_score {thr}): real clips kept {kept:.1%}, dubbed clips dropped "
           f"{np.mean([s < thr for s in dub]):.1%}, still clips dropped {np.mean([s < thr for s in still]):.1%} "
           f"(the dubbing targets, >= 95% kept and >= 90% dropped, are the sync-score gate's above)")
@@ -220,19 +220,45 @@ def main() -> None:
           f"{base.asd_threads} thread), {asd_frames} frames")
 
 
-def av_sync_report(sync: dict, arrays: dict, thr: float) -> None:
+class LeftOut:
+    """The AV-sync and ASD-sync models fitted on the real cases (``arrays``, ``emb`` of main) of everyone but
+    the given people (the people of a case's video and audio, or of a composite), each set fitted once."""
+
+    def __init__(self, arrays: dict, emb: dict):
+        self.arrays, self.emb, self._models = arrays, emb, {}
+
+    def av(self, people):
+        from models.av_sync import AVSync, fit
+
+        key = ("av", frozenset(people))
+        if key not in self._models:
+            self._models[key] = AVSync(fit((m, b, o) for v, _, m, b, o, _ in self.arrays["real"] if v not in key[1]))
+        return self._models[key]
+
+    def asd(self, people):
+        from models.asd_sync import AsdSync, fit
+
+        key = ("asd", frozenset(people))
+        if key not in self._models:
+            self._models[key] = AsdSync(fit(r for v, _, rs in self.emb["real"] if v not in key[1] for r in rs))
+        return self._models[key]
+
+
+def _right_speaker(clip: dict, comp: Path, meta: dict) -> bool:
+    """Whether a composite's clip is of the face on the side whose speech is heard."""
+    return ((clip["face_box"][0] + clip["face_box"][2]) / 2 < _left_share(comp, meta["first"])) == meta["speaker_left"]
+
+
+def av_sync_report(sync: dict, arrays: dict, thr: float, left: LeftOut) -> None:
     """AV-sync (models/av_sync.py) on the same real and dubbed clips: the shipped model (trained on these
     people, so in-sample) and, honestly, leave-one-person-out: each clip scored by a model fitted on the
     real clips of the people in neither its video nor its audio."""
-    from models.av_sync import AVSync, fit
-
     print(f"AUC AV-sync (shipped model; trained on these people), real vs dubbed: "
           f"{auc(sync['real'], sync['dubbed']):.3f}")
     loo: dict[str, list] = {"real": [], "dubbed": []}
     for kind in loo:
         for vid, aud, mel, bs, mo, _ in arrays[kind]:
-            model = AVSync(fit((m, b, o) for v, _, m, b, o, _ in arrays["real"] if v not in (vid, aud)))
-            loo[kind].append(model.score(mel, bs, mo))
+            loo[kind].append(left.av((vid, aud)).score(mel, bs, mo))
     real = [s for s in loo["real"] if s is not None]
     dub = [s for s in loo["dubbed"] if s is not None]
     print(f"AUC AV-sync, leave-one-person-out, real vs dubbed: {auc(real, dub):.3f} ({len(real)} real, {len(dub)} "
@@ -270,7 +296,7 @@ def sync_gate_report(loo: dict, shipped: dict, comp: list, default: float, comp_
               + (f", {kept_right(comp_loo)} (leave the two people out)" if comp_loo else ""))
 
 
-def composites_left_out(composites: list, cfg, scorer, arrays: dict, emb: dict) -> list:
+def composites_left_out(composites: list, cfg, scorer, left: LeftOut) -> list:
     """The composites again with both sync models fitted without the composite's two people (ASD-sync for
     the speaker choice and the clip's ASD-sync, AV-sync in extraction): honest figures for the choice and
     the gate on people the models never saw. -> [(right speaker?, frames, sync score)] per clip."""
@@ -278,20 +304,16 @@ def composites_left_out(composites: list, cfg, scorer, arrays: dict, emb: dict) 
 
     from extractors.ingest import analyse
     from extractors.probe import sha256_file
-    from models.asd_sync import AsdSync, fit as asd_fit
-    from models.av_sync import AVSync, fit as av_fit
 
     out = []
     right = total = 0
     for name, p, meta in composites:
-        ex = set(meta["people"])
         sc = copy.copy(scorer)
-        sc.sync = AsdSync(asd_fit(r for v, _, rs in emb["real"] if v not in ex for r in rs))
-        av = AVSync(av_fit((m, b, o) for v, _, m, b, o, _ in arrays["real"] if v not in ex))
+        sc.sync = left.asd(meta["people"])
         r = analyse(str(p), str(p), sha256_file(p), p.stat().st_size, cfg, asd=sc.track)
-        feats = _features(p, r, av) if r["clips"] else []
+        feats = _features(p, r, left.av(meta["people"])) if r["clips"] else []
         for f, c in zip(feats, r["clips"]):
-            ok = ((c["face_box"][0] + c["face_box"][2]) / 2 < _left_share(p, meta["first"])) == meta["speaker_left"]
+            ok = _right_speaker(c, p, meta)
             out.append((ok, c["n_frames"], _sync_score(f, c)))
             right += c["n_frames"] * ok
             total += c["n_frames"]
@@ -327,17 +349,17 @@ def _mean_sync(runs) -> float | None:
     return sum(n * v for n, v in ok) / sum(n for n, _ in ok) if ok else None
 
 
-def combined_report(loo: dict, arrays: dict, emb: dict) -> dict:
+def combined_report(loo: dict, arrays: dict, emb: dict, left: LeftOut) -> dict:
     """ASD-sync (models/asd_sync.py) leave-one-person-out on the same cases (each scored by a model fitted on
     the real cases' embeddings of the people in neither its video nor its audio), alone and summed with
     AV-sync's leave-one-person-out score of each clip: the honest figures of the two together. Returns those
     sums, {"real": [...], "dubbed": [...]} (None where a clip has no score)."""
-    from models.asd_sync import AsdSync, fit, run_sync
+    from models.asd_sync import run_sync
 
     case: dict[str, list] = {"real": [], "dubbed": []}
     for kind in case:
         for vid, aud, runs in emb[kind]:
-            model = AsdSync(fit(r for v, _, rs in emb["real"] if v not in (vid, aud) for r in rs))
+            model = left.asd((vid, aud))
             case[kind].append(_mean_sync([(len(ve), run_sync(*model.signals(ve, ae))) for ve, ae in runs]))
     print(f"AUC ASD-sync, leave-one-person-out, real vs dubbed: {auc(case['real'], case['dubbed']):.3f}")
     both = {k: [None if s is None or case[k][a[5]] is None else s + case[k][a[5]] for s, a in zip(loo[k], arrays[k])]
@@ -347,29 +369,20 @@ def combined_report(loo: dict, arrays: dict, emb: dict) -> dict:
     return both
 
 
-def all_pairs_report(arrays: dict, emb: dict, default: float) -> None:
+def all_pairs_report(arrays: dict, emb: dict, default: float, left: LeftOut) -> None:
     """The dubbing figures over every pair of people instead of one dub per video: each real clip's face
     under each other person's real speech, put together from the arrays already computed (AV-sync: the
     face clip's blendshapes with the speech clip's log-mel; ASD-sync: the face case's visual embeddings with
     the speech case's audio embeddings, Light-ASD's two encoders being separate), each pair scored by models
     fitted on the people in neither. About 20 x 19 dubbed pairs against the 19 dubbed files above: one
     case moves those figures by ~5 points."""
-    from models.asd_sync import AsdSync, fit as asd_fit, run_sync
-    from models.av_sync import AVSync, fit as av_fit
     from extractors.records import sync_score
-
-    models: dict = {}
-
-    def fitted(ex: frozenset):
-        if ex not in models:
-            models[ex] = (AVSync(av_fit((m, b, o) for v, _, m, b, o, _ in arrays["real"] if v not in ex)),
-                          AsdSync(asd_fit(r for v, _, rs in emb["real"] if v not in ex for r in rs)))
-        return models[ex]
+    from models.asd_sync import run_sync
 
     def pair(face, speech):
         fv, _, _, bs, mo, fi = face
         sv, _, mel, _, _, si = speech
-        av, asd = fitted(frozenset((fv, sv)))
+        av, asd = left.av((fv, sv)), left.asd((fv, sv))
         n = min(len(mel), len(bs))
         a = av.score(mel[:n], bs[:n], mo[:n])
         runs = [(min(len(ve), len(ae)), ve, ae) for (ve, _), (_, ae) in zip(emb["real"][fi][2], emb["real"][si][2])]
