@@ -129,7 +129,7 @@ def main() -> None:
         sync: dict[str, list] = {"real": [], "dubbed": []}  # the shipped AV-sync model's scores
         both: dict[str, list] = {"real": [], "dubbed": []}  # AV-sync + the case's ASD-sync
         emb: dict[str, list] = {"real": [], "dubbed": []}  # (video person, audio person, [(visual, audio) per run])
-        arrays: dict[str, list] = {"real": [], "dubbed": []}  # (video person, audio person, mel, blendshapes, mouth)
+        arrays: dict[str, list] = {"real": [], "dubbed": []}  # (video person, audio person, speech states, blendshapes, mouth)
         asd_s, asd_frames = 0.0, 0
         asd_sync_of: dict[str, list] = {"real": [], "dubbed": [], "still": []}  # the case's ASD-sync (models/asd_sync.py)
         for kind in ("real", "dubbed", "still") if not args.composites_only else ():
@@ -158,11 +158,12 @@ def main() -> None:
                     from extractors.pose import mouth_opening
 
                     feats = _features(p, r)
+                    states = _speech_states(p, r["clips"], feats)
                     proxy[kind] += [f.quality.get("lip_sync") for f in feats]
                     sync[kind] += [f.quality.get("av_sync") for f in feats]
                     both[kind] += [_sync_score(f, c) for f, c in zip(feats, r["clips"])]
-                    arrays[kind] += [(*who, f.audio_feat, f.blendshapes, mouth_opening(f.geometry),
-                                      len(emb[kind]) - 1) for f in feats]
+                    arrays[kind] += [(*who, st, f.blendshapes, mouth_opening(f.geometry), len(emb[kind]) - 1)
+                                     for f, st in zip(feats, states)]
         comp = {}
         comp_loo: list = []
         left = LeftOut(arrays, emb)  # the sync models fitted without given people, each fitted once
@@ -218,6 +219,11 @@ def main() -> None:
               f"target >= 95%); clips cover {covered / max(talk, 1):.1%} of the speech frames")
     print(f"cost: {1000 * asd_s / max(asd_frames, 1):.1f} ms CPU per scored face frame (crops + model, "
           f"{base.asd_threads} thread), {asd_frames} frames")
+    if ENCODER_COST[1]:
+        from models.av_sync import LAYER
+
+        print(f"cost: AV-sync's speech encoder (Whisper-base blocks 0-{LAYER}, "
+              f"1 thread) {1000 * ENCODER_COST[0] / ENCODER_COST[1]:.2f} ms CPU per clip frame, {ENCODER_COST[1]} frames")
 
 
 class LeftOut:
@@ -229,10 +235,12 @@ class LeftOut:
 
     def av(self, people):
         from models.av_sync import AVSync, fit
+        from pipelines.extract import _loaded_models
 
         key = ("av", frozenset(people))
         if key not in self._models:
-            self._models[key] = AVSync(fit((m, b, o) for v, _, m, b, o, _ in self.arrays["real"] if v not in key[1]))
+            real = [(m, b, o) for v, _, m, b, o, _ in self.arrays["real"] if v not in key[1] and m is not None]
+            self._models[key] = AVSync(fit(lambda: iter(real)), encoder=_loaded_models(ExtractConfig())["av_sync"].encoder)
         return self._models[key]
 
     def asd(self, people):
@@ -257,8 +265,8 @@ def av_sync_report(sync: dict, arrays: dict, thr: float, left: LeftOut) -> None:
           f"{auc(sync['real'], sync['dubbed']):.3f}")
     loo: dict[str, list] = {"real": [], "dubbed": []}
     for kind in loo:
-        for vid, aud, mel, bs, mo, _ in arrays[kind]:
-            loo[kind].append(left.av((vid, aud)).score(mel, bs, mo))
+        for vid, aud, st, bs, mo, _ in arrays[kind]:
+            loo[kind].append(left.av((vid, aud)).score(st, bs, mo))
     real = [s for s in loo["real"] if s is not None]
     dub = [s for s in loo["dubbed"] if s is not None]
     print(f"AUC AV-sync, leave-one-person-out, real vs dubbed: {auc(real, dub):.3f} ({len(real)} real, {len(dub)} "
@@ -336,6 +344,27 @@ def _features(p: Path, r: dict, av_sync=None) -> list:
                           av_sync=m["av_sync"] if av_sync is None else av_sync)
 
 
+def _speech_states(p: Path, clips: list, feats: list) -> list:
+    """Each extracted clip's speech states (the shipped AV-sync model's encoder on the clip's audio), for the
+    leave-people-out models and the pairs."""
+    from extractors.media import decode_audio
+    from extractors.transcribe import clip_audio
+    from pipelines.extract import _loaded_models
+
+    import time
+
+    enc = _loaded_models(ExtractConfig())["av_sync"].encoder
+    audio = decode_audio(str(p))
+    t = time.perf_counter()
+    out = [enc.states(clip_audio(audio, c["start_s"], c["end_s"]), len(f.blendshapes)) for c, f in zip(clips, feats)]
+    ENCODER_COST[0] += time.perf_counter() - t
+    ENCODER_COST[1] += sum(len(f.blendshapes) for f in feats)
+    return out
+
+
+ENCODER_COST = [0.0, 0]  # seconds and clip frames of the AV-sync speech encoder (_speech_states)
+
+
 def _sync_score(f, clip: dict) -> float | None:
     """clip_features.sync_score of an extracted clip."""
     from extractors.records import sync_score
@@ -372,7 +401,7 @@ def combined_report(loo: dict, arrays: dict, emb: dict, left: LeftOut) -> dict:
 def all_pairs_report(arrays: dict, emb: dict, default: float, left: LeftOut) -> None:
     """The dubbing figures over every pair of people instead of one dub per video: each real clip's face
     under each other person's real speech, put together from the arrays already computed (AV-sync: the
-    face clip's blendshapes with the speech clip's log-mel; ASD-sync: the face case's visual embeddings with
+    face clip's blendshapes with the speech clip's speech states; ASD-sync: the face case's visual embeddings with
     the speech case's audio embeddings, Light-ASD's two encoders being separate), each pair scored by models
     fitted on the people in neither. About 20 x 19 dubbed pairs against the 19 dubbed files above: one
     case moves those figures by ~5 points."""
@@ -381,10 +410,10 @@ def all_pairs_report(arrays: dict, emb: dict, default: float, left: LeftOut) -> 
 
     def pair(face, speech):
         fv, _, _, bs, mo, fi = face
-        sv, _, mel, _, _, si = speech
+        sv, _, st, _, _, si = speech
         av, asd = left.av((fv, sv)), left.asd((fv, sv))
-        n = min(len(mel), len(bs))
-        a = av.score(mel[:n], bs[:n], mo[:n])
+        n = min(len(st), len(bs)) if st is not None else 0
+        a = av.score(st[:n], bs[:n], mo[:n]) if n else None
         runs = [(min(len(ve), len(ae)), ve, ae) for (ve, _), (_, ae) in zip(emb["real"][fi][2], emb["real"][si][2])]
         b = _mean_sync([(k, run_sync(*asd.signals(ve[:k], ae[:k]))) for k, ve, ae in runs if k])
         return a, b, sync_score(a, b)

@@ -169,14 +169,17 @@ class ExtractConfig:
     min_landmark_conf: float = 0.5
     max_jitter: float = 0.05
     min_lip_sync: float = -1.0  # off by default; the proxy is reported per clip
-    # audio-visual synchronisation (models/av_sync.py): "shipped" (models/assets/av-sync-v1), a weights file,
+    # audio-visual synchronisation (models/av_sync.py): "shipped" (models/assets/av-sync-v2), a weights file,
     # or "" (off); clip_features.av_sync. Clips scoring below min_av_sync are dropped as poor_av_sync.
     av_sync_model: str = "shipped"
+    # its speech encoder: "packaged" (the Whisper-base CTranslate2 model) or such a folder; its model.bin must
+    # be the one the weights were fitted with (sha256 checked)
+    av_sync_encoder: str = "packaged"
     min_av_sync: float = -1.0  # off by default (see bench/RESULTS.md: the score is reported per clip)
     # clip_features.sync_score = av_sync + the clip's ASD-sync (ingest): clips below min_sync_score are dropped
-    # as poor_sync (dubbing, voice-over, the wrong one of two talking faces). 0.3: bench/bench_asd.py's
-    # leave-one-person-out threshold keeping 95% of real clips (0.314) rounded down; -2 turns it off
-    min_sync_score: float = 0.3
+    # as poor_sync (dubbing, voice-over, the wrong one of two talking faces). 0.33: bench/bench_asd.py's
+    # leave-one-person-out threshold keeping 95% of real clips (0.339) rounded down; -2 turns it off
+    min_sync_score: float = 0.33
     # GNPFA: "shipped" (models/assets/gnpfa-v1, the same latent space for every dataset), "bootstrap" (train
     # one on this run's meshes: a private latent space) or a checkpoint folder (model.safetensors + config.json).
     # A dataset whose shards were committed with a shipped or bootstrap GNPFA keeps its own copy of it.

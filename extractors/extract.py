@@ -208,8 +208,8 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
     ``face_embedder.embed(frame, landmarks) -> (128,)`` on ``identity_frames`` probe frames and
     ``voice_embedder.embed(audio) -> (256,)`` on the clip's audio (extractors.identity); ``landmarker``:
     a TorchFaceMesh (extractors.mesh_torch) in place of MediaPipe's own graph; ``nvdec``: decode with NVDEC
-    into CUDA memory (with a CUDA ``landmarker`` only); ``av_sync``: a models.av_sync.AVSync scoring each
-    clip's mouth motion against its speech (quality["av_sync"])."""
+    into CUDA memory (with a CUDA ``landmarker`` only); ``av_sync``: a models.av_sync.AVSync (loaded with its speech
+    encoder) scoring each clip's mouth motion against its speech (quality["av_sync"])."""
     tm = timings if timings is not None else {}
     tpl = load_template() if template is None else template
     t0 = time.perf_counter()
@@ -290,7 +290,9 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
             tm["transcribe_s"] = tm.get("transcribe_s", 0) + time.perf_counter() - t0
         f.quality = _quality(f)
         if av_sync is not None:
-            f.quality["av_sync"] = av_sync.score(f.audio_feat, f.blendshapes, mouth_opening(f.geometry))
+            t0 = time.perf_counter()
+            f.quality["av_sync"] = av_sync.score_clip(a, f.blendshapes, mouth_opening(f.geometry))
+            tm["av_sync_s"] = tm.get("av_sync_s", 0) + time.perf_counter() - t0
         f.quality["asd_sync"] = c.get("asd_sync")  # ingest's (clips.asd_sync); with av_sync, the sync score
         out.append(f)
     return out

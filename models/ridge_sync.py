@@ -1,4 +1,4 @@
-"""What the two audio-visual sync models share (models/av_sync.py: blendshapes from the log-mel, per clip;
+"""What the two audio-visual sync models share (models/av_sync.py: blendshapes from Whisper encoder states, per clip;
 models/asd_sync.py: Light-ASD's visual embedding from its audio embedding, per face track): per-column
 z-scores, the best-lag correlation of predicted and observed motion, the weights file (one float32 matrix
 in safetensors, its settings in one metadata key, the shipped file's sha256 checked) and the AUC their

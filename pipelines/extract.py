@@ -64,12 +64,15 @@ def clip_models(cfg: ExtractConfig) -> dict[str, Path | None]:
     from extractors.identity import check_opencv
     from extractors.transcribe import resolve_whisper
     from models.av_sync import resolve as av_sync_path
+    from models.av_sync import resolve_encoder
     from models.packaged import resolve
 
     asr = resolve_whisper(cfg.whisper_checkpoint)
     if cfg.face_embedder:  # said before any task starts, not as a failure of every clip
         check_opencv()
-    return {"asr": Path(asr[1]) if asr else None, "av_sync": av_sync_path(cfg.av_sync_model),
+    av = av_sync_path(cfg.av_sync_model)
+    return {"asr": Path(asr[1]) if asr else None, "av_sync": av,
+            "av_sync_encoder": resolve_encoder(cfg.av_sync_encoder) if av else None,
             "blendshapes": resolve(cfg.blendshape_model, "face-landmarker"),
             "face_embedder": resolve(cfg.face_embedder, "sface"),
             "voice_embedder": resolve(cfg.voice_embedder, "voice-encoder")}
@@ -87,7 +90,7 @@ _MODELS: dict = {}
 
 def _loaded_models(cfg: ExtractConfig) -> dict:
     """The per-clip models of a config, loaded once per worker process."""
-    key = (cfg.blendshape_model, cfg.face_embedder, cfg.voice_embedder, cfg.av_sync_model)
+    key = (cfg.blendshape_model, cfg.face_embedder, cfg.voice_embedder, cfg.av_sync_model, cfg.av_sync_encoder)
     if key not in _MODELS:
         from extractors.blendshapes import BlendshapeModel
         from extractors.face_geometry import FaceGeometry
@@ -99,7 +102,7 @@ def _loaded_models(cfg: ExtractConfig) -> dict:
                         "face_geometry": FaceGeometry(p["blendshapes"]) if p["blendshapes"] else None,
                         "face_embedder": FaceEmbedder(p["face_embedder"]) if p["face_embedder"] else None,
                         "voice_embedder": VoiceEmbedder(p["voice_embedder"]) if p["voice_embedder"] else None,
-                        "av_sync": load_av_sync(p["av_sync"]) if p["av_sync"] else None}
+                        "av_sync": load_av_sync(p["av_sync"], p["av_sync_encoder"]) if p["av_sync"] else None}
     return _MODELS[key]
 
 

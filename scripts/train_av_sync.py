@@ -2,15 +2,18 @@
 write it with its training record: which clips, how many frames, and the leave-one-source-out AUC of
 real against dubbed measured on the same data before the final fit.
 
-    .venv/bin/python scripts/train_av_sync.py DATASET [DATASET ...] [--out models/assets/av-sync-v1/av_sync.safetensors]
+    .venv/bin/python scripts/train_av_sync.py DATASET [DATASET ...] [--out models/assets/av-sync-v2/av_sync.safetensors]
 
 The shipped one: `m2fd run ../shared/data/corpus ../shared/data/real --out <ds>`, then this on <ds>
-(a new shipped file needs its sha256 in models.av_sync.SHIPPED_SHA256: load checks it).
-Reads one clip's frames at a time (memory does not grow with the dataset)."""
+(a new shipped file needs its sha256 in models.av_sync.SHIPPED_SHA256: load checks it). The speech states
+come from each clip's audio, decoded from its source (clips.uri) one source at a time, through the packaged
+Whisper-base encoder (--encoder: another CTranslate2 folder); they are kept per clip in a temporary folder
+of .npy files between the fit's two passes (memory does not grow with the dataset)."""
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +25,26 @@ from pipelines.frames import clip_frame_arrays  # noqa: E402
 from storage_schemas import open_dataset  # noqa: E402
 
 
-def dataset_clips(root: str):
-    """(source_id, clip_id, audio_mel, blendshapes, mouth_open) of every ok clip, one clip at a time."""
+def dataset_clips(root: str, encoder: av_sync.SpeechEncoder, spool: Path):
+    """(source_id, clip_id, states .npy path, blendshapes, mouth_open) of every ok clip, one source's audio
+    decoded at a time."""
+    from extractors.media import decode_audio
+    from extractors.transcribe import clip_audio
+
     ds = open_dataset(root)
-    for r in ds.query("select source_id, clip_id from clip_features where status = 'ok' "
-                      "order by source_id, clip_id").to_pylist():
+    rows = ds.query("select c.source_id, c.clip_id, c.uri, c.start_s, c.end_s from clip_features f join clips c "
+                    "using (clip_id) where f.status = 'ok' order by c.source_id, c.clip_id").to_pylist()
+    audio, uri = None, None
+    for r in rows:
+        if r["uri"] != uri:
+            audio, uri = decode_audio(r["uri"]), r["uri"]
         a = clip_frame_arrays(ds, r["clip_id"])
-        yield r["source_id"], r["clip_id"], a["audio_mel"], a["blendshapes"], a["mouth_open"]
+        st = encoder.states(clip_audio(audio, r["start_s"], r["end_s"]), len(a["blendshapes"]))
+        if st is None:
+            continue
+        p = spool / f"{r['clip_id']}.npy"
+        np.save(p, st)
+        yield r["source_id"], r["clip_id"], p, a["blendshapes"], a["mouth_open"]
 
 
 def main() -> None:
@@ -36,17 +52,22 @@ def main() -> None:
     ap.add_argument("datasets", nargs="+")
     ap.add_argument("--out", default=str(av_sync.SHIPPED))
     ap.add_argument("--alpha", type=float, default=av_sync.ALPHA)
+    ap.add_argument("--encoder", default=None, help="Whisper-base CTranslate2 folder (default: the packaged one)")
     args = ap.parse_args()
-    clips = [c for root in args.datasets for c in dataset_clips(root)]
-    if not clips:
-        raise SystemExit("no ok clips with frames in " + ", ".join(args.datasets))
-    real, dub = av_sync.leave_one_source_out([(s, m, b, o) for s, _, m, b, o in clips], args.alpha)
-    a = av_sync.auc(real, dub)
-    w = av_sync.fit(((m, b, o) for _, _, m, b, o in clips), args.alpha)
+    from models.packaged import path as packaged_path
+
+    encoder = av_sync.SpeechEncoder(args.encoder or packaged_path(av_sync.ENCODER).parent)
+    with tempfile.TemporaryDirectory() as td:
+        clips = [c for root in args.datasets for c in dataset_clips(root, encoder, Path(td))]
+        if not clips:
+            raise SystemExit("no ok clips with frames in " + ", ".join(args.datasets))
+        real, dub = av_sync.leave_one_source_out([(s, np.load(p), b, o) for s, _, p, b, o in clips], args.alpha)
+        a = av_sync.auc(real, dub)
+        w = av_sync.fit(lambda: ((np.load(p), b, o) for _, _, p, b, o in clips), args.alpha)
     info = {"alpha": args.alpha, "clips": len(clips), "sources": len({c[0] for c in clips}),
-            "frames": int(sum(len(c[2]) for c in clips)), "clip_ids": sorted(c[1] for c in clips),
+            "frames": int(sum(len(c[3]) for c in clips)), "clip_ids": sorted(c[1] for c in clips),
             "loso_auc_real_vs_dubbed": round(a, 4), "loso_real": len(real), "loso_dubbed": len(dub)}
-    sha = av_sync.save(args.out, w, info)
+    sha = av_sync.save(args.out, w, info, encoder.sha256)
     print(f"{len(clips)} clips of {info['sources']} sources, {info['frames']} frames; leave-one-source-out AUC "
           f"real vs dubbed {a:.3f} ({len(real)} real, {len(dub)} dubbed; real median {np.median(real):.3f}, "
           f"dubbed median {np.median(dub):.3f}) -> {args.out} sha256 {sha}")

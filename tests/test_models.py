@@ -273,4 +273,4 @@ def test_two_batches_of_real_people_get_languages_blendshapes_and_stable_speaker
     assert {k: v["sha256"] for k, v in used.items()} == {
         "asr": packaged.PACKAGED["whisper-base"].sha256, "blendshapes": packaged.PACKAGED["face-landmarker"].sha256,
         "face_embedder": packaged.PACKAGED["sface"].sha256, "voice_embedder": packaged.PACKAGED["voice-encoder"].sha256,
-        "av_sync": SHIPPED_SHA256}
+        "av_sync": SHIPPED_SHA256, "av_sync_encoder": packaged.PACKAGED["whisper-base"].sha256}
