@@ -347,11 +347,11 @@ def _features(p: Path, r: dict, av_sync=None) -> list:
 def _speech_states(p: Path, clips: list, feats: list) -> list:
     """Each extracted clip's speech states (the shipped AV-sync model's encoder on the clip's audio), for the
     leave-people-out models and the pairs."""
+    import time
+
     from extractors.media import decode_audio
     from extractors.transcribe import clip_audio
     from pipelines.extract import _loaded_models
-
-    import time
 
     enc = _loaded_models(ExtractConfig())["av_sync"].encoder
     audio = decode_audio(str(p))

@@ -191,7 +191,9 @@ def test_url_and_memory_inputs_are_fetched_once_and_reach_shards_on_ray(real_dir
         fs.pipe("/m2fd-test/s18.mp4", (src_dir / "s18.mp4").read_bytes())
         url, mem = f"http://127.0.0.1:{port}/d12.mp4", "memory://m2fd-test/s18.mp4"
         out = tmp_path / "D"
-        res = run_job([url, mem], out, ecfg=ExtractConfig(), executor="ray", num_cpus=2,
+        # the sync gate off: s18's first 5 s (its mouth leads its sound by ~0.25 s) scores 0.318 against the
+        # default 0.33 (bench/RESULTS.md, AV-sync v2); what is under test is that both sources reach the shards
+        res = run_job([url, mem], out, ecfg=ExtractConfig(min_sync_score=-2), executor="ray", num_cpus=2,
                       log=lambda m: None)
         time.sleep(0.2)
         gets = [ln for ln in log.read_text().splitlines() if '"GET /d12.mp4' in ln]
