@@ -179,11 +179,15 @@ class TorchFaceMesh:
         self._det, self._lm = (CudaGraphed(self.det), CudaGraphed(self.lm)) if self.graphs else (self.det, self.lm)
         self.fused_warp = fused_warp  # crops cut by one torch.compile'd kernel (warp_crops(fused=True))
         if fused_warp:  # compiled now, both border modes, so a node that cannot compile says so at load
+            # as detect() and landmarks() call it (no autograd, their crop sizes), with every size distinct (a
+            # frame's height, width, the crop count: equal sizes would be unified by dynamo's duck sizing, and a
+            # frame of other proportions would compile again at first use)
             try:
-                f = torch.zeros(2, 16, 16, 3, dtype=torch.uint8, device=self.device)
+                f = torch.zeros(2, 24, 16, 3, dtype=torch.uint8, device=self.device)
                 r = torch.tensor([[8.0, 8.0, 12.0, 0.1]], device=self.device).expand(3, 4)
-                for border in ("zeros", "border"):
-                    warp_crops(f, r, 8, border, index=torch.tensor([0, 1, 1], device=self.device), fused=True)
+                with torch.no_grad():
+                    for px, border in ((DET_PX, "zeros"), (LM_PX, "border")):
+                        warp_crops(f, r, px, border, index=torch.tensor([0, 1, 1], device=self.device), fused=True)
             except Exception as e:  # noqa: BLE001 - any compiler failure: one clear error instead
                 raise RuntimeError(f"extract.mesh_fused_warp: torch.compile could not build the crop kernel on "
                                    f"{self.device} ({type(e).__name__}: {str(e)[:300]}); set "
