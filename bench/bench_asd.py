@@ -114,6 +114,7 @@ def main() -> None:
     from extractors.ingest import analyse
     from extractors.probe import sha256_file
     from models.asd_sync import run_sync
+    from pipelines.extract import _loaded_models
     from pipelines.ingest import config_scorer
 
     base = IngestConfig(asd_weights=args.weights)
@@ -157,8 +158,9 @@ def main() -> None:
                 if args.proxy and kind in proxy and r["clips"]:
                     from extractors.pose import mouth_opening
 
-                    feats = _features(p, r)
-                    states = _speech_states(p, r["clips"], feats)
+                    rec = _Recorded(_loaded_models(ExtractConfig())["av_sync"])
+                    feats = _features(p, r, rec)
+                    states = rec.states
                     proxy[kind] += [f.quality.get("lip_sync") for f in feats]
                     sync[kind] += [f.quality.get("av_sync") for f in feats]
                     both[kind] += [_sync_score(f, c) for f, c in zip(feats, r["clips"])]
@@ -219,11 +221,11 @@ def main() -> None:
               f"target >= 95%); clips cover {covered / max(talk, 1):.1%} of the speech frames")
     print(f"cost: {1000 * asd_s / max(asd_frames, 1):.1f} ms CPU per scored face frame (crops + model, "
           f"{base.asd_threads} thread), {asd_frames} frames")
-    if ENCODER_COST[1]:
+    if _Recorded.frames:
         from models.av_sync import LAYER
 
-        print(f"cost: AV-sync's speech encoder (Whisper-base blocks 0-{LAYER}, "
-              f"1 thread) {1000 * ENCODER_COST[0] / ENCODER_COST[1]:.2f} ms CPU per clip frame, {ENCODER_COST[1]} frames")
+        print(f"cost: AV-sync's speech encoder (Whisper-base blocks 0-{LAYER}, 1 thread) "
+              f"{1000 * _Recorded.seconds / _Recorded.frames:.2f} ms CPU per clip frame, {_Recorded.frames} frames")
 
 
 class LeftOut:
@@ -344,25 +346,23 @@ def _features(p: Path, r: dict, av_sync=None) -> list:
                           av_sync=m["av_sync"] if av_sync is None else av_sync)
 
 
-def _speech_states(p: Path, clips: list, feats: list) -> list:
-    """Each extracted clip's speech states (the shipped AV-sync model's encoder on the clip's audio), for the
-    leave-people-out models and the pairs."""
-    import time
+class _Recorded:
+    """An AV-sync model for extract_source that also keeps each clip's speech states (for the leave-people-out
+    models and the pairs) and times the encoder (class totals: the cost line)."""
+    seconds, frames = 0.0, 0
 
-    from extractors.media import decode_audio
-    from extractors.transcribe import clip_audio
-    from pipelines.extract import _loaded_models
+    def __init__(self, model):
+        self.model, self.states = model, []
 
-    enc = _loaded_models(ExtractConfig())["av_sync"].encoder
-    audio = decode_audio(str(p))
-    t = time.perf_counter()
-    out = [enc.states(clip_audio(audio, c["start_s"], c["end_s"]), len(f.blendshapes)) for c, f in zip(clips, feats)]
-    ENCODER_COST[0] += time.perf_counter() - t
-    ENCODER_COST[1] += sum(len(f.blendshapes) for f in feats)
-    return out
+    def score_clip(self, audio, blendshapes, mouth_open):
+        import time
 
-
-ENCODER_COST = [0.0, 0]  # seconds and clip frames of the AV-sync speech encoder (_speech_states)
+        t = time.perf_counter()
+        st = self.model.encoder.states(audio, len(blendshapes))
+        _Recorded.seconds += time.perf_counter() - t
+        _Recorded.frames += len(blendshapes)
+        self.states.append(st)
+        return self.model.score(st, blendshapes, mouth_open)
 
 
 def _sync_score(f, clip: dict) -> float | None:

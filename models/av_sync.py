@@ -79,9 +79,10 @@ class SpeechEncoder:
         try:
             with torch.no_grad():
                 mel = log_mel_spectrogram(torch.from_numpy(np.ascontiguousarray(a)))  # (80, T) at 100 Hz
+                t_even = mel.shape[1] // 2 * 2  # the stride-2 convolution takes pairs of mel frames
                 out = []
-                for s in range(0, mel.shape[1] // 2 * 2, 2 * WINDOW):
-                    m = mel[:, s: min(s + 2 * WINDOW, mel.shape[1] // 2 * 2)]
+                for s in range(0, t_even, 2 * WINDOW):
+                    m = mel[:, s: min(s + 2 * WINDOW, t_even)]
                     x = torch.nn.functional.gelu(self.encoder.conv1(m[None]))
                     x = torch.nn.functional.gelu(self.encoder.conv2(x)).permute(0, 2, 1)
                     x = x + self.encoder.positional_embedding[: x.shape[1]]
