@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from extractors.config import ExtractConfig, IngestConfig  # noqa: E402  (pure dataclasses)
+from models.ridge_sync import context, zscore  # noqa: E402  (pure numpy)
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -113,6 +114,7 @@ def main() -> None:
         return cost(args.weights)
     from extractors.ingest import analyse
     from extractors.probe import sha256_file
+    from models.asd_sync import resolve as resolve_sync
     from models.asd_sync import run_sync
     from pipelines.extract import _loaded_models
     from pipelines.ingest import config_scorer
@@ -129,7 +131,8 @@ def main() -> None:
         proxy: dict[str, list] = {"real": [], "dubbed": []}
         sync: dict[str, list] = {"real": [], "dubbed": []}  # the shipped AV-sync model's scores
         both: dict[str, list] = {"real": [], "dubbed": []}  # AV-sync + the case's ASD-sync
-        emb: dict[str, list] = {"real": [], "dubbed": []}  # (video person, audio person, [(visual, audio) per run])
+        # (video person, audio person, [(visual, audio embeddings, speech states) per run])
+        emb: dict[str, list] = {"real": [], "dubbed": []}
         arrays: dict[str, list] = {"real": [], "dubbed": []}  # (video person, audio person, speech states, blendshapes, mouth)
         asd_s, asd_frames = 0.0, 0
         asd_sync_of: dict[str, list] = {"real": [], "dubbed": [], "still": []}  # the case's ASD-sync (models/asd_sync.py)
@@ -137,18 +140,19 @@ def main() -> None:
             for name, p, info in cases[kind]:
                 runs: list = []
 
-                def rec(faces, mfcc):  # scorer.track, keeping the run's embeddings for the honest figures
+                def rec(faces, mfcc, audio):  # scorer.track, keeping the run's arrays for the honest figures
                     logits, ve, ae = scorer.embed(faces, mfcc)
-                    sy = scorer.sync.signals(ve, ae)
-                    runs.append((len(logits), run_sync(*sy), ve, ae))
+                    st = scorer.sync.speech_states(audio, len(ve))
+                    sy = scorer.sync.signals(ve, st)
+                    runs.append((len(logits), run_sync(*sy), ve, ae, st))
                     return logits, sy
 
                 r = analyse(str(p), str(p), sha256_file(p), p.stat().st_size, keep_all, asd=rec)
-                case_sync = _mean_sync([(n, v) for n, v, _, _ in runs])
+                case_sync = _mean_sync([(n, v) for n, v, *_ in runs])
                 asd_sync_of[kind].append(case_sync)
                 who = (info["video"], info["audio"])  # the people (videos' stems) seen and heard: (v, a, ...) below
                 if kind in emb:
-                    emb[kind].append((*who, [(ve, ae) for _, _, ve, ae in runs]))
+                    emb[kind].append((*who, [(ve, ae, st) for _, _, ve, ae, st in runs]))
                 asd_s += r["metrics"].get("asd_s", 0.0)
                 asd_frames += r["metrics"].get("asd_frames", 0)
                 got = [c["speaking_score"] for c in r["clips"]]
@@ -168,7 +172,7 @@ def main() -> None:
                                      for f, st in zip(feats, states)]
         comp = {}
         comp_loo: list = []
-        left = LeftOut(arrays, emb)  # the sync models fitted without given people, each fitted once
+        left = LeftOut(arrays, emb, scorer.sync.encoder)  # the sync models fitted without given people, each once
         comp_clips = []  # (right speaker?, frames, sync score) of the composites' clips with ASD-sync
         nosync = dataclasses.replace(base, asd_sync_model="")
         for label, cfg, sc in (("speaking logit only", nosync, config_scorer(nosync).track), ("with ASD-sync", base, asd)):
@@ -202,7 +206,8 @@ def main() -> None:
     print(f"AUC speaking score, real vs dubbed: {auc(real, dub):.3f} (target >= 0.95)")
     print(f"AUC speaking score, real vs still:  {auc(real, still):.3f}")
     a_r, a_d = asd_sync_of["real"], asd_sync_of["dubbed"]
-    print(f"AUC ASD-sync (Light-ASD embeddings, shipped asd-sync-v1, in-sample), real vs dubbed: {auc(a_r, a_d):.3f}")
+    print(f"AUC ASD-sync (shipped {resolve_sync(base.asd_sync_model).parent.name}, in-sample), real vs dubbed: "
+          f"{auc(a_r, a_d):.3f}")
     if args.proxy:
         print(f"AUC lip-sync proxy, real vs dubbed: {auc(proxy['real'], proxy['dubbed']):.3f}")
         loo = av_sync_report(sync, arrays, ExtractConfig().min_av_sync, left)
@@ -232,8 +237,8 @@ class LeftOut:
     """The AV-sync and ASD-sync models fitted on the real cases (``arrays``, ``emb`` of main) of everyone but
     the given people (the people of a case's video and audio, or of a composite), each set fitted once."""
 
-    def __init__(self, arrays: dict, emb: dict):
-        self.arrays, self.emb, self._models = arrays, emb, {}
+    def __init__(self, arrays: dict, emb: dict, encoder=None):
+        self.arrays, self.emb, self.encoder, self._models = arrays, emb, encoder, {}
 
     def av(self, people):
         from models.av_sync import AVSync, fit
@@ -250,8 +255,31 @@ class LeftOut:
 
         key = ("asd", frozenset(people))
         if key not in self._models:
-            self._models[key] = AsdSync(fit(r for v, _, rs in self.emb["real"] if v not in key[1] for r in rs))
+            runs = [(ve, st) for v, _, rs in self.emb["real"] if v not in key[1] for ve, _, st in rs if st is not None]
+            self._models[key] = AsdSync(fit(lambda: iter(runs)), encoder=self.encoder)
         return self._models[key]
+
+    def asd_v1(self, people) -> np.ndarray:
+        """ASD-sync's first version (Light-ASD's visual embedding from its own audio embedding, +-3 frames,
+        ridge penalty 300), the baseline of the all-pairs figures."""
+        key = ("asd_v1", frozenset(people))
+        if key not in self._models:
+            d = 128 * (2 * V1_CONTEXT + 1)
+            xtx, xty = np.zeros((d, d)), np.zeros((d, 128))
+            for v, _, rs in self.emb["real"]:
+                for ve, ae, _ in rs if v not in key[1] else ():
+                    x, y = _v1_input(ae).astype(np.float64), zscore(ve).astype(np.float64)
+                    xtx += x.T @ x
+                    xty += x.T @ y
+            self._models[key] = np.linalg.solve(xtx + 300.0 * np.eye(d), xty).astype(np.float32)
+        return self._models[key]
+
+
+V1_CONTEXT = 3
+
+
+def _v1_input(ae: np.ndarray) -> np.ndarray:
+    return context(zscore(np.asarray(ae, np.float32)), V1_CONTEXT)
 
 
 def _right_speaker(clip: dict, comp: Path, meta: dict) -> bool:
@@ -389,7 +417,7 @@ def combined_report(loo: dict, arrays: dict, emb: dict, left: LeftOut) -> dict:
     for kind in case:
         for vid, aud, runs in emb[kind]:
             model = left.asd((vid, aud))
-            case[kind].append(_mean_sync([(len(ve), run_sync(*model.signals(ve, ae))) for ve, ae in runs]))
+            case[kind].append(_mean_sync([(len(ve), run_sync(*model.signals(ve, st))) for ve, _, st in runs]))
     print(f"AUC ASD-sync, leave-one-person-out, real vs dubbed: {auc(case['real'], case['dubbed']):.3f}")
     both = {k: [None if s is None or case[k][a[5]] is None else s + case[k][a[5]] for s, a in zip(loo[k], arrays[k])]
             for k in case}
@@ -401,31 +429,42 @@ def combined_report(loo: dict, arrays: dict, emb: dict, left: LeftOut) -> dict:
 def all_pairs_report(arrays: dict, emb: dict, default: float, left: LeftOut) -> None:
     """The dubbing figures over every pair of people instead of one dub per video: each real clip's face
     under each other person's real speech, put together from the arrays already computed (AV-sync: the
-    face clip's blendshapes with the speech clip's speech states; ASD-sync: the face case's visual embeddings with
-    the speech case's audio embeddings, Light-ASD's two encoders being separate), each pair scored by models
-    fitted on the people in neither. About 20 x 19 dubbed pairs against the 19 dubbed files above: one
-    case moves those figures by ~5 points."""
+    face clip's blendshapes with the speech clip's speech states; ASD-sync: the face case's visual
+    embeddings with the speech case's runs' speech states; ASD-sync v1, side by side: with its Light-ASD
+    audio embeddings, Light-ASD's two encoders being separate), each pair scored by models fitted on the
+    people in neither. About 20 x 19 dubbed pairs against the 19 dubbed files above: one case moves those
+    figures by ~5 points. Also: for one person's speech, how often that person's face scores above
+    another's (the choice among two faces)."""
     from extractors.records import sync_score
     from models.asd_sync import run_sync
 
     def pair(face, speech):
         fv, _, _, bs, mo, fi = face
         sv, _, st, _, _, si = speech
-        av, asd = left.av((fv, sv)), left.asd((fv, sv))
+        av, asd, w1 = left.av((fv, sv)), left.asd((fv, sv)), left.asd_v1((fv, sv))
         n = min(len(st), len(bs)) if st is not None else 0
         a = av.score(st[:n], bs[:n], mo[:n]) if n else None
-        runs = [(min(len(ve), len(ae)), ve, ae) for (ve, _), (_, ae) in zip(emb["real"][fi][2], emb["real"][si][2])]
-        b = _mean_sync([(k, run_sync(*asd.signals(ve[:k], ae[:k]))) for k, ve, ae in runs if k])
-        return a, b, sync_score(a, b)
+        runs = [(min(len(ve), len(ae)), ve, ae, ss) for (ve, _, _), (_, ae, ss) in zip(emb["real"][fi][2],
+                                                                                        emb["real"][si][2])]
+        b = _mean_sync([(k, run_sync(*asd.signals(ve[:k], None if ss is None else ss[:k]))) for k, ve, _, ss in runs if k])
+        b1 = _mean_sync([(k, run_sync(zscore(_v1_input(ae[:k]) @ w1), zscore(ve[:k]))) for k, ve, ae, _ in runs if k])
+        return a, b, sync_score(a, b), b1, sync_score(a, b1)
 
+    people = [c[0] for c in arrays["real"]]
     real = [pair(c, c) for c in arrays["real"]]
-    dub = [pair(c, o) for c in arrays["real"] for o in arrays["real"] if o[0] != c[0]]
+    ij = [(i, j) for i in range(len(people)) for j in range(len(people)) if people[j] != people[i]]
+    dub = [pair(arrays["real"][i], arrays["real"][j]) for i, j in ij]
     print(f"all pairs (each real clip's face under every other person's speech, leave the two people out): "
           f"{len(real)} real, {len(dub)} dubbed pairs")
-    for k, name in enumerate(("AV-sync", "ASD-sync", "sum (sync_score)")):
+    for k, name in enumerate(("AV-sync", "ASD-sync", "sum (sync_score)", "ASD-sync v1 (Light-ASD audio embedding)",
+                              "AV-sync + ASD-sync v1")):
         r, d = [x[k] for x in real], [x[k] for x in dub]
-        print(f"  {name:16s} AUC {auc(r, d):.3f}; at the score keeping 95% of real clips, dubbed dropped "
+        print(f"  {name:40s} AUC {auc(r, d):.3f}; at the score keeping 95% of real clips, dubbed dropped "
               f"{_dropped_at_keep(r, d, 0.95):.1%}")
+    for k, name in ((1, "ASD-sync"), (3, "ASD-sync v1")):  # the same speech: its own face against another's
+        right = [real[j][k] > dub[p][k] for p, (i, j) in enumerate(ij) if real[j][k] is not None and dub[p][k] is not None]
+        print(f"  {name}: of two faces under one person's speech, the speaker's own scores higher in "
+              f"{np.mean(right):.1%} of {len(right)} pairs")
     r = [x[2] for x in real if x[2] is not None]
     d = [x[2] for x in dub if x[2] is not None]
     if r and d:

@@ -37,11 +37,14 @@ class IngestConfig:
     asd_device: str = "cpu"
     min_speaking_score: float = -2.5  # clips whose mean speaking logit is below this: not_speaking (bench_asd)
     asd_margin: float = 1.0  # among comparable faces, the speaker must lead the next by this logit
-    # which of several comparable faces says what is heard (models/asd_sync.py, on Light-ASD's embeddings):
-    # "shipped" (models/assets/asd-sync-v1), a weights file, or "" (off: the speaking logit alone decides).
-    # Where two or more comparable faces each have a sync score over +-asd_sync_window_s around a frame, the
-    # one leading the next by asd_sync_margin is the speaker; where none leads, the logit rule above decides.
+    # which of several comparable faces says what is heard (models/asd_sync.py, on Light-ASD's visual
+    # embedding): "shipped" (models/assets/asd-sync-v2), a weights file, or "" (off: the speaking logit alone
+    # decides). Where two or more comparable faces each have a sync score over +-asd_sync_window_s around a
+    # frame, the one leading the next by asd_sync_margin is the speaker; where none leads, the logit rule
+    # above decides. Each clip's ASD-sync is clips.asd_sync (a part of extract's sync score).
     asd_sync_model: str = "shipped"
+    # its speech view's encoder: "packaged" (the Whisper-base CTranslate2 model) or such a folder (sha256 checked)
+    asd_sync_encoder: str = "packaged"
     asd_sync_window_s: float = 5.0
     asd_sync_margin: float = 0.05
     # voice activity detection: "gmm" (the packaged GMM detector with the level/flatness/modulation gates
@@ -177,9 +180,9 @@ class ExtractConfig:
     av_sync_encoder: str = "packaged"
     min_av_sync: float = -1.0  # off by default (see bench/RESULTS.md: the score is reported per clip)
     # clip_features.sync_score = av_sync + the clip's ASD-sync (ingest): clips below min_sync_score are dropped
-    # as poor_sync (dubbing, voice-over, the wrong one of two talking faces). 0.33: bench/bench_asd.py's
-    # leave-one-person-out threshold keeping 95% of real clips (0.339) rounded down; -2 turns it off
-    min_sync_score: float = 0.33
+    # as poor_sync (dubbing, voice-over, the wrong one of two talking faces). 0.27: bench/bench_asd.py's
+    # leave-one-person-out threshold keeping 95% of real clips (0.271) rounded down; -2 turns it off
+    min_sync_score: float = 0.27
     # GNPFA: "shipped" (models/assets/gnpfa-v1, the same latent space for every dataset), "bootstrap" (train
     # one on this run's meshes: a private latent space) or a checkpoint folder (model.safetensors + config.json).
     # A dataset whose shards were committed with a shipped or bootstrap GNPFA keeps its own copy of it.

@@ -178,7 +178,7 @@ def _analyse(path, uri, sid, pr: Probe, cfg: IngestConfig, detector, st: SourceA
     if tc is not None:
         def scorer(tr):
             t0 = time.perf_counter()
-            sc, sy = track_scores(asd, tr, tc, mfcc_100hz(audio))
+            sc, sy = track_scores(asd, tr, tc, mfcc_100hz(audio), audio)
             st.timings["asd"] += time.perf_counter() - t0
             st.asd_frames += int(sum(np.isfinite(v).sum() for _, v in sc.values()))
             return sc, sy

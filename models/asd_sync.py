@@ -1,57 +1,81 @@
-"""Which face is saying *this* speech: a synchronisation score of a face track, from Light-ASD's own
-embeddings, for ingest to choose the speaker among several comparable faces.
+"""Which face is saying *this* speech: a synchronisation score of a face track, from Light-ASD's visual
+embedding and what is said, for ingest to choose the speaker among several comparable faces and to score
+each clip's face (clips.asd_sync, a part of extraction's sync score).
 
 Light-ASD (models/light_asd.py) turns a track's grey face crops into a 128-d visual embedding per 25 fps
-frame and the MFCC into a 128-d audio embedding per frame, then fuses them. Its fused speaking logit
-says whether a face talks, not whether it says what is heard: two talking faces side by side, one of them
-dubbed by the other's speech, both score as speaking. This model asks the second question. A ridge
-regression predicts the visual embedding (z-scored per track run) from the audio embeddings of +-CONTEXT
-frames (z-scored per run); a track's sync over a window is the mean over the 128 dimensions of the
-correlation of predicted and observed embeddings, at the best lag within +-MAX_LAG frames.
+frame and the MFCC into an audio embedding, then fuses them. Its fused speaking logit says whether a face
+talks, not whether it says what is heard: two talking faces side by side, one of them dubbed by the
+other's speech, both score as speaking. This model asks the second question. A ridge regression predicts
+the visual embedding (z-scored per track run) from what is being said around each frame: the hidden states
+of Whisper-base's encoder after block 1 (models/av_sync.SpeechEncoder on the run's own 16 kHz audio, read
+at 25 fps), z-scored per run, projected on the training data's first PCA_DIMS principal directions,
++-CONTEXT frames; the projection and the ridge weights fold into one (512 (2 CONTEXT + 1), 128) matrix. A
+track's sync over a window is the mean over the 128 dimensions of the correlation of predicted and
+observed embeddings, at the best lag within +-MAX_LAG frames.
 
-It reuses what Light-ASD computes anyway (no second pass over the crops): the cost is one (896 x 128)
-product per frame and the windowed correlations. Measured with scripts/train_asd_sync.py, leave one
-person out on the shared videos (17 people): for the same 10 s of speech, the track that speaks it scores
-above another talking face's track in 91% of pairs (89% for 5 s windows). Where no face says what is heard
-(a voice-over), it can still rank one face well above another: it chooses, it does not verify. The weights are one float32 matrix in a safetensors file (no pickle). Pure numpy.
+The first version predicted the visual embedding from Light-ASD's own audio embedding (an MFCC encoder
+trained to tell speech from silence, so any voice's loudness follows a talking mouth): on bench_asd's
+pairs of people, leave the two out, it told a face under its own speech from the same face under another
+person's with an AUC of 0.91 against 0.95 for the speech states, and chose the face that speaks a given
+speech 92% of the time against 95% (bench/RESULTS.md). It reuses the crops' embeddings Light-ASD computes
+anyway; the encoder's two blocks cost about 0.4 ms CPU per frame (one thread). Where no face says what is
+heard (a voice-over), it can still rank one face well above another: it chooses, it does not verify. The
+weights are one float32 matrix in a safetensors file (no pickle; the encoder's sha256 in its metadata,
+checked on load). numpy, and torch for the encoder.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .ridge_sync import auc, lagged_corr, load_weights, resolve_weights, save_weights, zscore
+from .av_sync import LAYER, WIDTH, SpeechEncoder
+from .ridge_sync import auc, context, fit_projected, lagged_corr, load_weights, resolve_weights, save_weights, zscore
 
-EMB = 128  # Light-ASD's embedding width (audio and visual)
-CONTEXT = 3  # 25 fps frames of audio embedding either side of a frame
+EMB = 128  # Light-ASD's visual embedding width
+ENCODER = "whisper-base"  # the speech states' encoder (models/av_sync.SpeechEncoder, its block LAYER)
+PCA_DIMS = 32  # principal directions of the z-scored speech states kept
+CONTEXT = 3  # 25 fps frames of speech states either side of a frame
+ALPHA = 1e3  # ridge penalty
+DIM = WIDTH * (2 * CONTEXT + 1)
+FPS = 25  # Light-ASD's frame rate
 MAX_LAG = 2  # frames (80 ms) of audio-video offset searched either way
 MIN_FRAMES = 25  # a window with fewer frames of the track has no score
-ALPHA = 300.0  # ridge penalty (leave-one-person-out on the shared videos: 1e2..1e3 within 0.01 of each other)
 KEY = "m2fd.asd_sync"
-SHIPPED = Path(__file__).resolve().parent / "assets" / "asd-sync-v1" / "asd_sync.safetensors"
-SHIPPED_SHA256 = "9de0946025ec6e9e04d052cb206cf0b1bd5caa43f7f659f24f768b866373a471"  # scripts/train_asd_sync.py
+SHIPPED = Path(__file__).resolve().parent / "assets" / "asd-sync-v2" / "asd_sync.safetensors"
+SHIPPED_SHA256 = "ba7f1c5afe866c48eee19f0ef1c7b51184ac699585101364a348f01c3c27ce4d"  # scripts/train_asd_sync.py
 
 
-def audio_features(ae: np.ndarray) -> np.ndarray:
-    """(T, 128) audio embeddings of one contiguous run -> (T, 128 (2 CONTEXT + 1)) model input."""
-    n = len(ae)
-    a = zscore(np.asarray(ae, np.float32))
-    p = np.pad(a, ((CONTEXT, CONTEXT), (0, 0)), mode="edge")
-    return np.concatenate([p[i: i + n] for i in range(2 * CONTEXT + 1)], 1)
+def speech_features(states: np.ndarray) -> np.ndarray:
+    """(T, 512) speech states of one run -> (T, DIM) model input."""
+    return context(zscore(np.asarray(states, np.float32)), CONTEXT)
 
 
 @dataclass(frozen=True)
 class AsdSync:
-    weights: np.ndarray  # (EMB (2 CONTEXT + 1), EMB)
+    weights: np.ndarray  # (DIM, EMB)
     sha256: str | None = None
     info: dict | None = None
+    encoder: SpeechEncoder | None = field(default=None, compare=False, repr=False)
 
-    def signals(self, ve: np.ndarray, ae: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One contiguous run's visual and audio embeddings (T, 128) each -> (predicted, observed) visual
-        embeddings, each z-scored over the run (float32, (T, 128))."""
-        return zscore(audio_features(ae) @ self.weights), zscore(np.asarray(ve, np.float32))
+    def speech_states(self, audio: np.ndarray | None, n: int) -> np.ndarray | None:
+        """A run's 16 kHz mono ``audio`` (from its first frame's time) -> its (n, 512) speech states at
+        25 fps; None where there is no audio or it is under 40 ms."""
+        if audio is None:
+            return None
+        if self.encoder is None:
+            raise ValueError("this ASD-sync model was loaded without its speech encoder (models.asd_sync.load)")
+        return self.encoder.states(audio, n, FPS)
+
+    def signals(self, ve: np.ndarray, states: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """One contiguous run's visual embeddings (T, 128) and speech states (T, 512) -> (predicted,
+        observed) visual embeddings, each z-scored over the run (float32, (T, 128)); the predicted rows
+        are NaN (no score) where the run has no speech states."""
+        obs = zscore(np.asarray(ve, np.float32))
+        if states is None or len(states) != len(obs):
+            return np.full(obs.shape, np.nan, np.float32), obs
+        return zscore(speech_features(states) @ self.weights), obs
 
 
 def window_sync(pred: np.ndarray, obs: np.ndarray, centres: np.ndarray, half: int) -> np.ndarray:
@@ -70,68 +94,73 @@ def window_sync(pred: np.ndarray, obs: np.ndarray, centres: np.ndarray, half: in
 
 
 def fit(runs, alpha: float = ALPHA) -> np.ndarray:
-    """Ridge weights from ``runs``: an iterable of (visual, audio) embeddings (T, 128) of contiguous runs
-    of tracks that speak what is heard. Accumulates X'X and X'Y run by run."""
-    d = EMB * (2 * CONTEXT + 1)
-    xtx, xty = np.zeros((d, d)), np.zeros((d, EMB))
-    for ve, ae in runs:
-        x, y = audio_features(ae).astype(np.float64), zscore(np.asarray(ve, np.float32)).astype(np.float64)
-        xtx += x.T @ x
-        xty += x.T @ y
-    return np.linalg.solve(xtx + alpha * np.eye(d), xty).astype(np.float32)
+    """Folded weights (DIM, 128) from ``runs()``, a function giving an iterable of (visual embeddings
+    (T, 128), speech states (T, 512)) of contiguous runs of tracks that speak what is heard, read twice
+    (ridge_sync.fit_projected)."""
+    return fit_projected(lambda: ((st, zscore(np.asarray(ve, np.float32))) for ve, st in runs()), WIDTH, PCA_DIMS,
+                         CONTEXT, alpha)
 
 
 def _settings() -> dict:
-    return {"emb": EMB, "context": CONTEXT, "max_lag": MAX_LAG}
+    return {"emb": EMB, "encoder": ENCODER, "layer": LAYER, "pca_dims": PCA_DIMS, "context": CONTEXT, "fps": FPS,
+            "max_lag": MAX_LAG}
 
 
-def save(path: str | Path, weights: np.ndarray, info: dict) -> str:
-    return save_weights(path, weights, KEY, {**_settings(), "info": info})
+def save(path: str | Path, weights: np.ndarray, info: dict, encoder_sha256: str) -> str:
+    """Write the weights (safetensors, the settings and the encoder's sha256 in its metadata) atomically;
+    -> sha256."""
+    return save_weights(path, weights, KEY, {**_settings(), "encoder_sha256": encoder_sha256, "info": info})
 
 
-def load(path: str | Path) -> AsdSync:
-    """Load ``save``'s file (the shipped one's sha256 checked); raises on other settings."""
-    w, sha, meta = load_weights(path, KEY, _settings(), (EMB * (2 * CONTEXT + 1), EMB), SHIPPED, SHIPPED_SHA256,
-                                "ASD-sync")
-    return AsdSync(w, sha, meta.get("info"))
+def load(path: str | Path, encoder_dir: str | Path | None = None) -> AsdSync:
+    """Load ``save``'s file (the shipped one's sha256 checked); raises on other settings. With
+    ``encoder_dir`` (the Whisper-base CTranslate2 folder), also the speech encoder, whose model.bin must have
+    the sha256 the weights were fitted with."""
+    w, sha, meta = load_weights(path, KEY, _settings(), (DIM, EMB), SHIPPED, SHIPPED_SHA256, "ASD-sync")
+    enc = None
+    if encoder_dir is not None:
+        enc = SpeechEncoder(encoder_dir)
+        if meta.get("encoder_sha256") != enc.sha256:
+            raise ValueError(f"{path}: fitted on the speech encoder {str(meta.get('encoder_sha256'))[:16]}..., but "
+                             f"{enc.path} has {enc.sha256[:16]}... (ingest.asd_sync_encoder)")
+    return AsdSync(w, sha, meta.get("info"), enc)
 
 
 def resolve(value: str | None) -> Path | None:
-    """Config value -> weights file: "shipped" = models/assets/asd-sync-v1; "" or None = off; else a path."""
+    """Config value -> weights file: "shipped" = models/assets/asd-sync-v2; "" or None = off; else a path."""
     return resolve_weights(value, SHIPPED, "ingest.asd_sync_model")
 
 
 def leave_one_person_out(runs: list[tuple[str, np.ndarray, np.ndarray]], window: int = 250, others: int = 4,
                          alpha: float = ALPHA) -> dict:
-    """Honest figures on runs of several people: ``runs`` holds (person, visual, audio) embeddings. For each
-    person, a model fitted on the others scores that person's runs in windows of ``window`` frames: with
-    their own audio (real), the audio of ``others`` other people (dubbed), and, for the same audio, the
-    person's own track against another person's track (the choice among two faces). -> {"auc", "pairs",
-    "real", "dubbed"}."""
+    """Honest figures on runs of several people: ``runs`` holds (person, visual embeddings, speech states).
+    For each person, a model fitted on the others scores that person's runs in windows of ``window`` frames:
+    with their own speech (real), the speech of ``others`` other people (dubbed), and, for the same speech,
+    the person's own track against another person's track (the choice among two faces). -> {"auc",
+    "pairs", "real", "dubbed"}."""
     people = sorted({r[0] for r in runs})
     real: list[float] = []
     dubbed: list[float] = []
     right: list[bool] = []
     for who in people:
-        model = AsdSync(fit(((v, a) for p, v, a in runs if p != who), alpha))
+        model = AsdSync(fit(lambda: ((v, st) for p, v, st in runs if p != who), alpha))
         rest = sorted((r for r in runs if r[0] != who), key=lambda r: -len(r[1]))  # the longest runs first
         rest = [r for r in rest if len(r[1]) >= window] or rest[:others]
         pick = rest[:: max(1, len(rest) // others)][:others]
-        for _, ve, ae in (r for r in runs if r[0] == who):
+        for _, ve, st in (r for r in runs if r[0] == who):
             for s in range(0, max(1, len(ve) - window + 1), window):
-                v, a = ve[s: s + window], ae[s: s + window]
-                own = _whole(model, v, a)
-                real.append(own)
-                for _, ove, oae in pick:
+                v, a = ve[s: s + window], st[s: s + window]
+                real.append(_whole(model, v, a))
+                for _, ove, ost in pick:
                     m = min(len(v), len(ove))
-                    dubbed.append(_whole(model, v[:m], oae[:m]))
+                    dubbed.append(_whole(model, v[:m], ost[:m]))
                     right.append(_whole(model, v[:m], a[:m]) > _whole(model, ove[:m], a[:m]))
     return {"auc": auc(real, dubbed), "pairs": float(np.mean(right)) if right else float("nan"),
             "real": real, "dubbed": dubbed, "n_pairs": len(right)}
 
 
-def _whole(model: AsdSync, ve: np.ndarray, ae: np.ndarray) -> float:
-    return run_sync(*model.signals(ve, ae))
+def _whole(model: AsdSync, ve: np.ndarray, states: np.ndarray) -> float:
+    return run_sync(*model.signals(ve, states))
 
 
 def run_sync(pred: np.ndarray, obs: np.ndarray) -> float:

@@ -28,7 +28,8 @@ import numpy as np
 
 from storage_schemas.vocab import BLENDSHAPES
 
-from .ridge_sync import auc, lagged_corr, load_weights, resolve_weights, save_weights, zscore  # noqa: F401 (auc: av_sync.auc)
+from .ridge_sync import (auc, context, fit_projected, lagged_corr, load_weights, resolve_weights,  # noqa: F401 (auc)
+                         save_weights, zscore)
 
 MOUTH = tuple(n for n in BLENDSHAPES if n.startswith(("jaw", "mouth")))  # 27 names
 ENCODER = "whisper-base"  # the packaged model whose encoder gives the speech states (models/packaged.py)
@@ -49,7 +50,8 @@ DIM = WIDTH * (2 * CONTEXT + 1)
 
 class SpeechEncoder:
     """Whisper-base's encoder up to block LAYER (PyTorch, CPU, float32), weights read from the packaged
-    CTranslate2 model folder (models/whisper_ct2.py). ``states(audio, n)`` -> (n, 512) per 30 fps frame."""
+    CTranslate2 model folder (models/whisper_ct2.py). ``states(audio, n, fps)`` -> (n, 512) per video frame
+    (models/asd_sync.py reads them at Light-ASD's 25 fps)."""
 
     def __init__(self, model_dir: str | Path, threads: int = 1):
         import torch
@@ -65,9 +67,9 @@ class SpeechEncoder:
         self.sha256 = verified_sha256(d / "model.bin")
         self.path = d
 
-    def states(self, audio: np.ndarray, n: int) -> np.ndarray | None:
+    def states(self, audio: np.ndarray, n: int, fps: float = 30.0) -> np.ndarray | None:
         """A clip's 16 kHz mono ``audio`` -> (n, 512) float32 encoder states at the ``n`` frame times
-        ((k + 1/2) / 30 s, linearly interpolated), or None where the audio is under 40 ms."""
+        ((k + 1/2) / ``fps`` s, linearly interpolated), or None where the audio is under 40 ms."""
         import torch
         from whisper.audio import log_mel_spectrogram
 
@@ -92,7 +94,7 @@ class SpeechEncoder:
         finally:
             torch.set_num_threads(prev)
         h = np.concatenate(out).astype(np.float32)
-        t = np.clip((np.arange(n) + 0.5) * STATES_HZ / 30.0, 0, len(h) - 1)
+        t = np.clip((np.arange(n) + 0.5) * STATES_HZ / fps, 0, len(h) - 1)
         lo = np.floor(t).astype(int)
         hi = np.minimum(lo + 1, len(h) - 1)
         f = (t - lo)[:, None].astype(np.float32)
@@ -101,13 +103,7 @@ class SpeechEncoder:
 
 def speech_features(states: np.ndarray) -> np.ndarray:
     """(n, 512) encoder states -> (n, 512 (2 CONTEXT + 1)) model input (z-scored per clip, with context)."""
-    return _context(zscore(np.asarray(states, np.float32)))
-
-
-def _context(x: np.ndarray) -> np.ndarray:
-    n = len(x)
-    p = np.pad(x, ((CONTEXT, CONTEXT), (0, 0)), mode="edge")
-    return np.concatenate([p[i: i + n] for i in range(2 * CONTEXT + 1)], 1)
+    return context(zscore(np.asarray(states, np.float32)), CONTEXT)
 
 
 def mouth_signals(blendshapes: np.ndarray, mouth_open: np.ndarray) -> np.ndarray:
@@ -154,34 +150,10 @@ class AVSync:
 
 def fit(clips: Callable[[], Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]], alpha: float = ALPHA) -> np.ndarray:
     """Folded weights (DIM, 28) from ``clips()``, a function giving an iterable of (states, blendshapes,
-    mouth_open) per clip (only the tracked frames are used), read twice: the principal directions of the
-    z-scored states, then the ridge fit on their projections. Sums accumulate clip by clip: memory does not
-    grow with the data."""
-    k = len(MOUTH) + 1
-    cov, s1, m = np.zeros((WIDTH, WIDTH)), np.zeros(WIDTH), 0
-    for st, bs, mo in clips():
-        ok = np.isfinite(mouth_signals(bs, mo)).all(1)
-        x = zscore(np.asarray(st, np.float32))[ok].astype(np.float64)
-        cov += x.T @ x
-        s1 += x.sum(0)
-        m += len(x)
-    if m == 0:
-        raise ValueError("no tracked frames to fit AV-sync on")
-    mu = s1 / m
-    evals, evecs = np.linalg.eigh(cov / m - np.outer(mu, mu))
-    proj = evecs[:, ::-1][:, :PCA_DIMS]
-    proj *= np.sign(proj[np.abs(proj).argmax(0), range(PCA_DIMS)])  # one sign per direction: same bytes every fit
-    d = PCA_DIMS * (2 * CONTEXT + 1)
-    xtx, xty = np.zeros((d, d)), np.zeros((d, k))
-    for st, bs, mo in clips():
-        y = mouth_signals(bs, mo)
-        ok = np.isfinite(y).all(1)
-        x = _context(zscore(np.asarray(st, np.float32)) @ proj.astype(np.float32)).astype(np.float64)
-        xtx += x[ok].T @ x[ok]
-        xty += x[ok].T @ y[ok]
-    w = np.linalg.solve(xtx + alpha * np.eye(d), xty)
-    # context block c of the input: states (512) -> projection (PCA_DIMS) -> rows c of w
-    return np.concatenate([proj @ w[c * PCA_DIMS: (c + 1) * PCA_DIMS] for c in range(2 * CONTEXT + 1)]).astype(np.float32)
+    mouth_open) per clip (only the tracked frames are used), read twice (ridge_sync.fit_projected: the
+    principal directions of the z-scored states, then the ridge fit on their projections)."""
+    return fit_projected(lambda: ((st, mouth_signals(bs, mo)) for st, bs, mo in clips()), WIDTH, PCA_DIMS, CONTEXT,
+                         alpha)
 
 
 def save(path: str | Path, weights: np.ndarray, info: dict, encoder_sha256: str) -> str:
@@ -216,9 +188,10 @@ def resolve(value: str | None) -> Path | None:
     return resolve_weights(value, SHIPPED, "extract.av_sync_model")
 
 
-def resolve_encoder(value: str | None) -> Path:
-    """Config value (extract.av_sync_encoder) -> the encoder's model.bin: "packaged" = the registry's
-    Whisper-base (sha256 verified), else a CTranslate2 folder or its model.bin."""
+def resolve_encoder(value: str | None, key: str = "extract.av_sync_encoder") -> Path:
+    """Config value (``key``: extract.av_sync_encoder, ingest.asd_sync_encoder) -> the speech encoder's
+    model.bin: "packaged" = the registry's Whisper-base (sha256 verified), else a CTranslate2 folder or its
+    model.bin."""
     if value == "packaged":
         from .packaged import path
 
@@ -226,8 +199,8 @@ def resolve_encoder(value: str | None) -> Path:
     p = Path(value or "").expanduser()
     p = p / "model.bin" if p.is_dir() else p
     if not value or not p.is_file():
-        raise FileNotFoundError(f"extract.av_sync_encoder = {value!r}: no CTranslate2 model.bin there "
-                                "(the AV-sync model needs its Whisper-base encoder)")
+        raise FileNotFoundError(f"{key} = {value!r}: no CTranslate2 model.bin there (the sync model needs its "
+                                "Whisper-base encoder)")
     return p
 
 

@@ -322,8 +322,8 @@ def resolve(path: str) -> Path:
 
 class Scorer:
     """``Scorer(path)(faces, mfcc) -> logits``: a loaded model with fixed threads and windows.
-    ``track(faces, mfcc) -> (logits, sync)`` adds the run's (predicted, observed) visual embeddings of the
-    ``sync`` model (models.asd_sync.AsdSync; None when there is none)."""
+    ``track(faces, mfcc, audio) -> (logits, sync)`` adds the run's (predicted, observed) visual embeddings
+    of the ``sync`` model (models.asd_sync.AsdSync; None when there is none)."""
 
     def __init__(self, path: str | Path, durations_s=(2, 4), threads: int = 1, device: str = "cpu", sync=None):
         self.model, self.sha256 = load(path)
@@ -344,8 +344,10 @@ class Scorer:
         finally:
             torch.set_num_threads(prev)
 
-    def track(self, faces: np.ndarray, mfcc: np.ndarray):
+    def track(self, faces: np.ndarray, mfcc: np.ndarray, audio: np.ndarray | None = None):
+        """One run's logits and sync signals; ``audio``: the run's 16 kHz audio from its first frame (the
+        sync model reads what is said from it)."""
         if self.sync is None:
             return self(faces, mfcc), None
         logits, ve, ae = self.embed(faces, mfcc)
-        return logits, self.sync.signals(ve, ae)
+        return logits, self.sync.signals(ve, self.sync.speech_states(audio, len(ve)))

@@ -1,8 +1,8 @@
 """What the two audio-visual sync models share (models/av_sync.py: blendshapes from Whisper encoder states, per clip;
-models/asd_sync.py: Light-ASD's visual embedding from its audio embedding, per face track): per-column
-z-scores, the best-lag correlation of predicted and observed motion, the weights file (one float32 matrix
-in safetensors, its settings in one metadata key, the shipped file's sha256 checked) and the AUC their
-benchmarks report. Pure numpy."""
+models/asd_sync.py: Light-ASD's visual embedding from the same states, per face track run): per-column
+z-scores, the projected ridge fit with context, the best-lag correlation of predicted and observed motion,
+the weights file (one float32 matrix in safetensors, its settings in one metadata key, the shipped file's
+sha256 checked) and the AUC their benchmarks report. Pure numpy."""
 from __future__ import annotations
 
 import hashlib
@@ -37,6 +37,46 @@ def lagged_corr(pred: np.ndarray, obs: np.ndarray, ok_pred: np.ndarray, ok_obs: 
         c = float((zscore(pred[lo - lag: hi - lag][m]) * zscore(obs[lo:hi][m])).mean())
         best = c if best is None else max(best, c)
     return best
+
+
+def context(x: np.ndarray, c: int) -> np.ndarray:
+    """(n, d) -> (n, d (2 c + 1)): each row with the ``c`` rows either side (edge rows repeated)."""
+    n = len(x)
+    p = np.pad(x, ((c, c), (0, 0)), mode="edge")
+    return np.concatenate([p[i: i + n] for i in range(2 * c + 1)], 1)
+
+
+def fit_projected(pairs, width: int, dims: int, c: int, alpha: float) -> np.ndarray:
+    """Ridge weights predicting targets from speech states through a projection, folded into one
+    (width (2 c + 1), k) float32 matrix. ``pairs()`` gives an iterable of (states (n, width), targets (n, k)
+    with NaN rows where there is no target) and is read twice: the first ``dims`` principal directions of
+    the per-item z-scored states, then the ridge fit (penalty ``alpha``) of the targets on the projected
+    states with +-``c`` rows of context. Sums accumulate item by item: memory does not grow with the data.
+    The folded matrix takes ``context(zscore(states), c)``."""
+    cov, s1, m, k = np.zeros((width, width)), np.zeros(width), 0, 0
+    for st, y in pairs():
+        ok = np.isfinite(y).all(1)
+        x = zscore(np.asarray(st, np.float32))[ok].astype(np.float64)
+        cov += x.T @ x
+        s1 += x.sum(0)
+        m += len(x)
+        k = y.shape[1]
+    if m == 0:
+        raise ValueError("no frames with a target to fit on")
+    mu = s1 / m
+    evals, evecs = np.linalg.eigh(cov / m - np.outer(mu, mu))
+    proj = evecs[:, ::-1][:, :dims]
+    proj *= np.sign(proj[np.abs(proj).argmax(0), range(dims)])  # one sign per direction: same bytes every fit
+    d = dims * (2 * c + 1)
+    xtx, xty = np.zeros((d, d)), np.zeros((d, k))
+    for st, y in pairs():
+        ok = np.isfinite(y).all(1)
+        x = context(zscore(np.asarray(st, np.float32)) @ proj.astype(np.float32), c).astype(np.float64)
+        xtx += x[ok].T @ x[ok]
+        xty += x[ok].T @ y[ok]
+    w = np.linalg.solve(xtx + alpha * np.eye(d), xty)
+    # context block j of the input: states (width) -> projection (dims) -> rows j of w
+    return np.concatenate([proj @ w[j * dims: (j + 1) * dims] for j in range(2 * c + 1)]).astype(np.float32)
 
 
 def save_weights(path: str | Path, weights: np.ndarray, key: str, meta: dict) -> str:

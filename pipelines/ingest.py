@@ -72,23 +72,28 @@ def _fetch_task(w: FetchWork) -> dict:
 
 
 @functools.lru_cache(maxsize=2)
-def asd_scorer(weights: str, durations_s: tuple[int, ...], threads: int, device: str = "cpu", sync: str = ""):
-    """The active-speaker model of a config with its sync model (``sync``: ingest.asd_sync_model), loaded
-    once per process (sha256-checked); ``device`` "auto" is CUDA where this process sees a GPU."""
+def asd_scorer(weights: str, durations_s: tuple[int, ...], threads: int, device: str = "cpu", sync: str = "",
+               encoder: str = "packaged"):
+    """The active-speaker model of a config with its sync model (``sync``: ingest.asd_sync_model, ``encoder``:
+    ingest.asd_sync_encoder), loaded once per process (sha256-checked); ``device`` "auto" is CUDA where this
+    process sees a GPU."""
     import torch
 
+    from models.av_sync import resolve_encoder
     from models.light_asd import Scorer, resolve
 
     dev = "cuda" if device == "cuda" or device == "auto" and torch.cuda.is_available() else "cpu"
     sp = asd_sync.resolve(sync)
-    return Scorer(resolve(weights), durations_s, threads, dev, asd_sync.load(sp) if sp else None)
+    model = asd_sync.load(sp, resolve_encoder(encoder, "ingest.asd_sync_encoder")) if sp else None
+    return Scorer(resolve(weights), durations_s, threads, dev, model)
 
 
 def config_scorer(cfg: IngestConfig, device: str = "cpu"):
     """asd_scorer of ``cfg`` (None when Light-ASD is off)."""
     if not cfg.asd_weights:
         return None
-    return asd_scorer(cfg.asd_weights, tuple(cfg.asd_durations_s), cfg.asd_threads, device, cfg.asd_sync_model)
+    return asd_scorer(cfg.asd_weights, tuple(cfg.asd_durations_s), cfg.asd_threads, device, cfg.asd_sync_model,
+                      cfg.asd_sync_encoder)
 
 
 def asd_gpu(cfg: IngestConfig, ex) -> bool:
@@ -107,7 +112,9 @@ def asd_lineage(cfg: IngestConfig) -> dict | None:
     if s is None:
         return None
     sync = {"sync": {"name": "asd-sync", "path": str(asd_sync.resolve(cfg.asd_sync_model)),
-                     "sha256": s.sync.sha256}} if s.sync is not None else {}
+                     "sha256": s.sync.sha256,
+                     **({"encoder": {"path": str(s.sync.encoder.path / "model.bin"), "sha256": s.sync.encoder.sha256}}
+                        if s.sync.encoder is not None else {})}} if s.sync is not None else {}
     return {"name": "light-asd", "path": s.path, "sha256": s.sha256,
             **({"device": cfg.asd_device} if cfg.asd_device != "cpu" else {}), **sync}
 

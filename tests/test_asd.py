@@ -129,6 +129,10 @@ def test_scores_reach_the_tables_and_the_lineage(real_run):
     card = json.loads((out / "dataset.json").read_text())
     asd = card["lineage"]["checkpoints"]["active_speaker"]
     assert asd["sha256"] == light_asd.WEIGHTS[os.path.basename(asd["path"])]
+    from models import asd_sync, packaged
+
+    assert asd["sync"]["sha256"] == asd_sync.SHIPPED_SHA256
+    assert asd["sync"]["encoder"]["sha256"] == packaged.PACKAGED["whisper-base"].sha256
 
 
 class _Cluster:

@@ -19,7 +19,7 @@ def _clip(rng, n: int, mix: np.ndarray, w: np.ndarray, noise: float = 0.5):
     lat = np.cumsum(rng.normal(size=(n, LATENT)), 0) + 3 * rng.normal(size=(n, LATENT))
     lat = (lat - lat.mean(0)) / lat.std(0)
     states = (lat @ mix + 0.05 * rng.normal(size=(n, A.WIDTH))).astype(np.float32)
-    y = A._context(lat.astype(np.float32)) @ w + noise * rng.normal(size=(n, w.shape[1]))
+    y = A.context(lat.astype(np.float32), A.CONTEXT) @ w + noise * rng.normal(size=(n, w.shape[1]))
     bs = np.zeros((n, 52), np.float32)
     bs[:, [BLENDSHAPES.index(k) for k in A.MOUTH]] = y[:, :-1]
     return states, bs, y[:, -1].astype(np.float32)

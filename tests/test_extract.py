@@ -105,7 +105,10 @@ def test_real_run_has_every_frame_at_30fps(real_run):
         motion = [rotation_angle_deg(a @ r_ours[0].T, b @ r_mp[0].T) for a, b in zip(r_ours, r_mp)]
         assert np.mean(motion) < 4.0, (cid, np.mean(motion))
     feats = ds.table("clip_features").to_pylist()
-    assert all(f["status"] == "ok" and f["recon_err"] < 2.0 for f in feats)
+    assert all(f["recon_err"] < 2.0 for f in feats)
+    # the default sync gate drops s18's clip (its mouth leads its sound by ~0.25 s: bench/RESULTS.md), no other
+    assert {clips[f["clip_id"]]["uri"].rsplit("/", 1)[-1]: f["drop_reason"] for f in feats if f["status"] != "ok"} == \
+        {"s18.mp4": "poor_sync"}
     tr = ds.table("transcripts").to_pylist()
     assert len(tr) == len(clips) and all(t["engine"].startswith(("faster-whisper:", "whisper:", "pocketsphinx:")) for t in tr)
     card = json.loads((out / "dataset.json").read_text())
@@ -286,9 +289,11 @@ def test_tables_reproduce_the_training_geometry(real_run):
 
     out, _ = real_run
     from_parts, _ = _real_training_data(out)
-    full = {k: v for k, v in training_arrays(
+    ok = set(open_dataset(out).query("select clip_id from clip_features where status = 'ok'").column(0).to_pylist())
+    full = {k: v for k, v in training_arrays(  # the tables hold the clips extraction kept
         [f for js in sorted((out / "parts" / "extract").glob("*.json"))
-         for f in features_from_npz(str(js.with_suffix(".npz")), json.loads(js.read_text())["clips"])]).items()}
+         for f in features_from_npz(str(js.with_suffix(".npz")), json.loads(js.read_text())["clips"])
+         if f.clip_id in ok]).items()}
     from_tables = dataset_training_arrays(out)
     assert from_tables["offsets"].shape == full["offsets"].shape
     assert np.abs(from_tables["offsets"] - full["offsets"]).max() < 1e-3  # float32 storage of landmarks/pose

@@ -101,7 +101,8 @@ def test_one_failing_source_and_labeler_leave_the_rest_whole_and_the_next_batch_
     same batch again adds nothing."""
     out = tmp_path / "D"
     # the failures and versioning are under test here, not the GNPFA fit (a small bootstrap, on a bounded sample)
-    ecfg = ExtractConfig(**FAST_BOOTSTRAP, gnpfa_bootstrap_max_frames=100)
+    # nor the sync gate (the default drops s18's clip, whose labeller fails here: bench/RESULTS.md)
+    ecfg = ExtractConfig(**FAST_BOOTSTRAP, gnpfa_bootstrap_max_frames=100, min_sync_score=-2)
     # d14 is 17.9 s: its first 7 s (one talking clip) are enough to fail and then be added
     d14 = head_of(real_dir / "d14.mp4", 7, tmp_path / "src")
     inputs = [str(real_dir / "d12.mp4"), str(d14), str(real_dir / "s18.mp4")]
@@ -134,11 +135,12 @@ def test_one_failing_source_and_labeler_leave_the_rest_whole_and_the_next_batch_
     assert sorted(p.name for p in (out / "parts" / "audio").iterdir()) == sorted(
         f"{r['sha256']}.npy" for r in ds.table("sources").to_pylist())
 
-    # the next batch: the same videos and d3 (silent: no clips), no faults, the default config (the shipped GNPFA)
+    # the next batch: the same videos and d3 (silent: no clips), no faults, the default config (the shipped
+    # GNPFA) but for the sync gate
     monkeypatch.delenv("M2FD_INJECT_FAULT")
     monkeypatch.setenv("M2FD_DECODE_LOG", str(tmp_path / "decodes-2.log"))
-    second = run_job(inputs + [str(real_dir / "d3.mp4")], out, ecfg=ExtractConfig(), executor="ray", num_cpus=2,
-                     log=lambda m: None)
+    second = run_job(inputs + [str(real_dir / "d3.mp4")], out, ecfg=ExtractConfig(min_sync_score=-2), executor="ray",
+                     num_cpus=2, log=lambda m: None)
     s = second["ingest"]
     assert (s.analysed, s.reused, s.n_sources) == (1, 3, 4)  # only the new video is analysed
     ds = open_dataset(out)
@@ -191,8 +193,8 @@ def test_url_and_memory_inputs_are_fetched_once_and_reach_shards_on_ray(real_dir
         fs.pipe("/m2fd-test/s18.mp4", (src_dir / "s18.mp4").read_bytes())
         url, mem = f"http://127.0.0.1:{port}/d12.mp4", "memory://m2fd-test/s18.mp4"
         out = tmp_path / "D"
-        # the sync gate off: s18's first 5 s (its mouth leads its sound by ~0.25 s) scores 0.318 against the
-        # default 0.33 (bench/RESULTS.md, AV-sync v2); what is under test is that both sources reach the shards
+        # the sync gate off: s18 (its mouth leads its sound by ~0.25 s) falls under the default
+        # (bench/RESULTS.md); what is under test is that both sources reach the shards
         res = run_job([url, mem], out, ecfg=ExtractConfig(min_sync_score=-2), executor="ray", num_cpus=2,
                       log=lambda m: None)
         time.sleep(0.2)
