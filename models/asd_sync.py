@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .av_sync import LAYER, WIDTH, SpeechEncoder
+from .av_sync import LAYER, WIDTH, SpeechEncoder, fitted_encoder
 from .ridge_sync import auc, context, fit_projected, lagged_corr, load_weights, resolve_weights, save_weights, zscore
 
 EMB = 128  # Light-ASD's visual embedding width
@@ -117,13 +117,7 @@ def load(path: str | Path, encoder_dir: str | Path | None = None) -> AsdSync:
     ``encoder_dir`` (the Whisper-base CTranslate2 folder), also the speech encoder, whose model.bin must have
     the sha256 the weights were fitted with."""
     w, sha, meta = load_weights(path, KEY, _settings(), (DIM, EMB), SHIPPED, SHIPPED_SHA256, "ASD-sync")
-    enc = None
-    if encoder_dir is not None:
-        enc = SpeechEncoder(encoder_dir)
-        if meta.get("encoder_sha256") != enc.sha256:
-            raise ValueError(f"{path}: fitted on the speech encoder {str(meta.get('encoder_sha256'))[:16]}..., but "
-                             f"{enc.path} has {enc.sha256[:16]}... (ingest.asd_sync_encoder)")
-    return AsdSync(w, sha, meta.get("info"), enc)
+    return AsdSync(w, sha, meta.get("info"), fitted_encoder(encoder_dir, meta, path, "ingest.asd_sync_encoder"))
 
 
 def resolve(value: str | None) -> Path | None:

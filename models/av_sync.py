@@ -169,13 +169,19 @@ def load(path: str | Path, encoder_dir: str | Path | None = None) -> AVSync:
     with."""
     w, sha, meta = load_weights(path, "m2fd.av_sync", _settings(), (DIM, len(MOUTH) + 1), SHIPPED, SHIPPED_SHA256,
                                 "AV-sync")
-    enc = None
-    if encoder_dir is not None:
-        enc = SpeechEncoder(encoder_dir)
-        if meta.get("encoder_sha256") != enc.sha256:
-            raise ValueError(f"{path}: fitted on the speech encoder {str(meta.get('encoder_sha256'))[:16]}..., but "
-                             f"{enc.path} has {enc.sha256[:16]}... (extract.av_sync_encoder)")
-    return AVSync(w, sha, meta.get("info"), enc)
+    return AVSync(w, sha, meta.get("info"), fitted_encoder(encoder_dir, meta, path, "extract.av_sync_encoder"))
+
+
+def fitted_encoder(encoder_dir: str | Path | None, meta: dict, path: str | Path, key: str) -> SpeechEncoder | None:
+    """The speech encoder in ``encoder_dir`` (None: none), checked against the sha256 a weights file's
+    metadata says it was fitted with (raises naming the file and the config ``key``)."""
+    if encoder_dir is None:
+        return None
+    enc = SpeechEncoder(encoder_dir)
+    if meta.get("encoder_sha256") != enc.sha256:
+        raise ValueError(f"{path}: fitted on the speech encoder {str(meta.get('encoder_sha256'))[:16]}..., but "
+                         f"{enc.path} has {enc.sha256[:16]}... ({key})")
+    return enc
 
 
 def _settings() -> dict:
