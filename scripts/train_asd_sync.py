@@ -9,9 +9,9 @@ Each video goes through ingest's own analysis (extractors.ingest.analyse: detect
 crops and windows of the default config); the Light-ASD visual embeddings of its runs and the speech
 states of each run's audio (the packaged Whisper-base's encoder, models.av_sync.SpeechEncoder) are kept
 where the video has exactly one face track and at least one talking clip (so the track is the one
-speaking). Each video is one person (the shared corpus is 17 people, the real videos d12, d14 and s18 three more). The
-arrays of every run are held in memory (about 10 MB a minute of video). A new shipped file needs its
-sha256 in models.asd_sync.SHIPPED_SHA256: load checks it."""
+speaking). Each video is one person (the shared corpus is 17 people, the real videos d12, d14 and s18
+three more). The arrays of every run are held in memory (about 10 MB a minute of video). A new shipped
+file needs its sha256 in models.asd_sync.SHIPPED_SHA256: load checks it."""
 from __future__ import annotations
 
 import argparse
@@ -55,7 +55,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("inputs", nargs="+", help="video files or folders of them")
     ap.add_argument("--out", default=str(asd_sync.SHIPPED))
-    ap.add_argument("--encoder", default="packaged", help="the speech view's Whisper-base CTranslate2 folder")
+    ap.add_argument("--encoder", default="packaged",
+                    help='the speech encoder: a Whisper-base CTranslate2 folder, or "packaged" (the registry\'s)')
     args = ap.parse_args()
     paths = sorted(f for i in args.inputs for f in ([Path(i)] if Path(i).is_file() else Path(i).iterdir())
                    if f.suffix.lower() in IngestConfig().extensions)

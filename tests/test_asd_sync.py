@@ -16,13 +16,12 @@ from samples import _ff  # examples/samples.py: the ffmpeg call every test fixtu
 ENC = ["-c:v", "libx264", "-preset", "ultrafast", "-crf", "20", "-pix_fmt", "yuv420p", "-c:a", "aac"]
 
 
-def _runs(rng, n_runs: int, n: int, w: np.ndarray | None = None, mix: np.ndarray | None = None):
+def _runs(rng, n_runs: int, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """(visual embeddings, speech states) runs whose visual embedding is a linear function of the speech
-    states (8 latent speech factors spread over the 512 states) plus noise. -> (runs, w, mix)."""
-    if mix is None:
-        mix = rng.normal(size=(8, 512)).astype(np.float32)
-        w = np.zeros((S.DIM, S.EMB), np.float32)
-        w[:512] = (mix.T @ rng.normal(size=(8, S.EMB))) * 0.01
+    states (8 latent speech factors spread over the 512 states) plus noise."""
+    mix = rng.normal(size=(8, 512)).astype(np.float32)
+    w = np.zeros((S.DIM, S.EMB), np.float32)
+    w[:512] = (mix.T @ rng.normal(size=(8, S.EMB))) * 0.01
     out = []
     for _ in range(n_runs):
         e = rng.normal(size=(n + 2, 8))
@@ -30,12 +29,12 @@ def _runs(rng, n_runs: int, n: int, w: np.ndarray | None = None, mix: np.ndarray
         st = (z @ mix + 0.3 * rng.normal(size=(n, 512))).astype(np.float32)
         ve = S.speech_features(st) @ w
         out.append(((ve + 1.5 * ve.std() * rng.normal(size=ve.shape)).astype(np.float32), st))
-    return out, w, mix
+    return out
 
 
 def test_fit_recovers_the_relation_and_the_window_score_finds_the_speaker():
     rng = np.random.default_rng(0)
-    runs, _, _ = _runs(rng, 10, 250)
+    runs = _runs(rng, 10, 250)
     model = S.AsdSync(S.fit(lambda: iter(runs[:6])))
     own = [S.run_sync(*model.signals(v, st)) for v, st in runs[6:]]
     other = [S.run_sync(*model.signals(v, runs[6 + (i + 1) % 4][1])) for i, (v, _) in enumerate(runs[6:])]
@@ -63,7 +62,7 @@ def test_weights_save_deterministically_and_the_shipped_file_is_checked(tmp_path
     from models import packaged
 
     rng = np.random.default_rng(1)
-    runs, _, _ = _runs(rng, 3, 100)
+    runs = _runs(rng, 3, 100)
     a = S.save(tmp_path / "a.safetensors", S.fit(lambda: iter(runs)), {"n": 3}, "ab" * 32)
     b = S.save(tmp_path / "b.safetensors", S.fit(lambda: iter(runs)), {"n": 3}, "ab" * 32)
     back = S.load(tmp_path / "a.safetensors")
