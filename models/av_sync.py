@@ -51,21 +51,29 @@ DIM = WIDTH * (2 * CONTEXT + 1)
 class SpeechEncoder:
     """Whisper-base's encoder up to block LAYER (PyTorch, CPU, float32), weights read from the packaged
     CTranslate2 model folder (models/whisper_ct2.py). ``states(audio, n, fps)`` -> (n, 512) per video frame
-    (models/asd_sync.py reads them at Light-ASD's 25 fps)."""
+    (models/asd_sync.py reads them at Light-ASD's 25 fps). The weights' sha256 is checked at once; the
+    network is built at first use, so a process that only records lineage never holds it."""
 
     def __init__(self, model_dir: str | Path, threads: int = 1):
-        import torch
-
         from .packaged import verified_sha256
-        from .whisper_ct2 import load_whisper_from_ct2
 
         d = Path(model_dir)
         d = d.parent if d.is_file() else d
-        enc = load_whisper_from_ct2(d).encoder
-        enc.blocks = torch.nn.ModuleList(list(enc.blocks)[: LAYER + 1])
-        self.encoder, self.threads = enc.eval(), int(threads)
         self.sha256 = verified_sha256(d / "model.bin")
-        self.path = d
+        self.path, self.threads, self._encoder = d, int(threads), None
+
+    @property
+    def encoder(self):
+        """The torch encoder, blocks 0..LAYER (built from model.bin on first use)."""
+        if self._encoder is None:
+            import torch
+
+            from .whisper_ct2 import load_whisper_from_ct2
+
+            enc = load_whisper_from_ct2(self.path).encoder
+            enc.blocks = torch.nn.ModuleList(list(enc.blocks)[: LAYER + 1])
+            self._encoder = enc.eval()
+        return self._encoder
 
     def states(self, audio: np.ndarray, n: int, fps: float = 30.0) -> np.ndarray | None:
         """A clip's 16 kHz mono ``audio`` -> (n, 512) float32 encoder states at the ``n`` frame times
@@ -76,6 +84,7 @@ class SpeechEncoder:
         a = np.asarray(audio, np.float32)
         if a.size < 640 or n <= 0:
             return None
+        enc = self.encoder
         prev = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
@@ -85,10 +94,10 @@ class SpeechEncoder:
                 out = []
                 for s in range(0, t_even, 2 * WINDOW):
                     m = mel[:, s: min(s + 2 * WINDOW, t_even)]
-                    x = torch.nn.functional.gelu(self.encoder.conv1(m[None]))
-                    x = torch.nn.functional.gelu(self.encoder.conv2(x)).permute(0, 2, 1)
-                    x = x + self.encoder.positional_embedding[: x.shape[1]]
-                    for b in self.encoder.blocks:
+                    x = torch.nn.functional.gelu(enc.conv1(m[None]))
+                    x = torch.nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
+                    x = x + enc.positional_embedding[: x.shape[1]]
+                    for b in enc.blocks:
                         x = b(x)
                     out.append(x[0].numpy())
         finally:

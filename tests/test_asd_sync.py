@@ -73,8 +73,9 @@ def test_weights_save_deterministically_and_the_shipped_file_is_checked(tmp_path
         S.load(tmp_path / "a.safetensors", packaged.path("whisper-base"))
     shipped = S.load(S.resolve("shipped"), packaged.path("whisper-base"))
     assert shipped.sha256 == S.SHIPPED_SHA256 and shipped.info["lopo_10s"]["right_track"] > 0.5
+    assert shipped.encoder._encoder is None  # checked, not built: a driver recording lineage never holds it
     st = shipped.speech_states(np.random.default_rng(2).normal(0, 0.1, 16000).astype(np.float32), 25)
-    assert st.shape == (25, 512) and np.isfinite(st).all()
+    assert st.shape == (25, 512) and np.isfinite(st).all() and shipped.encoder._encoder is not None
     assert S.resolve("") is None
     with pytest.raises(FileNotFoundError):
         S.resolve(str(tmp_path / "missing.safetensors"))
