@@ -20,6 +20,7 @@ torch and numpy; no Ray, no Dagster.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -64,15 +65,10 @@ class SpeechEncoder:
 
     @property
     def encoder(self):
-        """The torch encoder, blocks 0..LAYER (built from model.bin on first use)."""
+        """The torch encoder, blocks 0..LAYER (built from model.bin on first use; one per process and
+        folder, shared by AV-sync and ASD-sync where one worker runs both)."""
         if self._encoder is None:
-            import torch
-
-            from .whisper_ct2 import load_whisper_from_ct2
-
-            enc = load_whisper_from_ct2(self.path).encoder
-            enc.blocks = torch.nn.ModuleList(list(enc.blocks)[: LAYER + 1])
-            self._encoder = enc.eval()
+            self._encoder = _encoder_blocks(str(self.path), self.sha256)
         return self._encoder
 
     def states(self, audio: np.ndarray, n: int, fps: float = 30.0) -> np.ndarray | None:
@@ -108,6 +104,19 @@ class SpeechEncoder:
         hi = np.minimum(lo + 1, len(h) - 1)
         f = (t - lo)[:, None].astype(np.float32)
         return h[lo] * (1 - f) + h[hi] * f
+
+
+@functools.lru_cache(maxsize=2)
+def _encoder_blocks(model_dir: str, sha256: str):
+    """Whisper-base's encoder blocks 0..LAYER from a CTranslate2 folder (``sha256``, checked by the caller,
+    keys the cache with the folder). Read-only at inference."""
+    import torch
+
+    from .whisper_ct2 import load_whisper_from_ct2
+
+    enc = load_whisper_from_ct2(Path(model_dir)).encoder
+    enc.blocks = torch.nn.ModuleList(list(enc.blocks)[: LAYER + 1])
+    return enc.eval()
 
 
 def speech_features(states: np.ndarray) -> np.ndarray:
