@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from storage_schemas import AUDIO_SAMPLE_RATE
+
+from .audio_features import mfcc_100hz
+
 CROP = 112
 PAD_VALUE = 110  # the original pads frames with this grey before cropping
 
@@ -76,17 +80,18 @@ class TrackCrops:
                 self.crops[k][j] = c
 
 
-def track_scores(score, tr, tc: TrackCrops, mfcc: np.ndarray, audio: np.ndarray | None = None, min_run: int = 5):
+def track_scores(score, tr, tc: TrackCrops, audio: np.ndarray, min_run: int = 5):
     """Speaking logits of every track that has crops, and its sync signals where the scorer has a sync
     model: -> (scores, syncs), scores {track_id: (first 25 fps frame, logits)}, syncs {track_id: (first
     frame, predicted (n, 128), observed (n, 128))}; each runs from that frame to the track's last, NaN
     where the track was not detected. Each contiguous run of frames is scored on its own by
-    ``score(faces, mfcc, audio) -> (logits, sync)`` (the run's MFCC and 16 kHz ``audio`` from its first
-    frame), sync None or (predicted, observed) (models.light_asd.Scorer.track); runs shorter than
-    ``min_run`` frames (0.2 s) stay NaN."""
+    ``score(faces, mfcc, audio) -> (logits, sync)`` (the run's MFCC at 100 Hz and 16 kHz ``audio`` from
+    its first frame, both from the source's ``audio``), sync None or (predicted, observed)
+    (models.light_asd.Scorer.track); runs shorter than ``min_run`` frames (0.2 s) stay NaN."""
     from models.light_asd import AUDIO_PER_VIDEO, VIDEO_FPS
 
-    per_frame = 16000 // VIDEO_FPS  # 16 kHz audio samples per 25 fps frame
+    mfcc = mfcc_100hz(audio)
+    per_frame = AUDIO_SAMPLE_RATE // VIDEO_FPS  # audio samples per 25 fps frame
 
     out, syncs = {}, {}
     for t in tr.tracks:
@@ -105,7 +110,7 @@ def track_scores(score, tr, tc: TrackCrops, mfcc: np.ndarray, audio: np.ndarray 
                 continue
             faces = np.stack([tc.crops[k][det_of[int(tc.sample[k])]] for k in range(a, b)])
             s, sy = score(faces, mfcc[a * AUDIO_PER_VIDEO: b * AUDIO_PER_VIDEO],
-                          None if audio is None else audio[a * per_frame: b * per_frame])
+                          audio[a * per_frame: b * per_frame])
             sc[a - k0: a - k0 + len(s)] = s
             if sy is not None:
                 if pred is None:

@@ -16,7 +16,6 @@ from storage_schemas import FPS
 from .config import IngestConfig
 from .errors import Reject
 from .asd import TrackCrops, per_sample, per_sample_sync, span_score, span_sync, track_scores
-from .audio_features import mfcc_100hz
 from .faces import FaceDetector, track
 from .media import decode_audio, iter_frames, open_video, timeline
 from .probe import Probe, probe
@@ -178,7 +177,7 @@ def _analyse(path, uri, sid, pr: Probe, cfg: IngestConfig, detector, st: SourceA
     if tc is not None:
         def scorer(tr):
             t0 = time.perf_counter()
-            sc, sy = track_scores(asd, tr, tc, mfcc_100hz(audio), audio)
+            sc, sy = track_scores(asd, tr, tc, audio)
             st.timings["asd"] += time.perf_counter() - t0
             st.asd_frames += int(sum(np.isfinite(v).sum() for _, v in sc.values()))
             return sc, sy
