@@ -17,8 +17,9 @@ from .config import ExtractConfig
 from .landmarks import MeshTracker
 from .media import NvdecVideo, decode_audio, iter_frames, open_video, timeline
 from .pose import STABLE, head_pose, load_template, mouth_opening, neutral_shape, normalise, to_metric
+from .records import failed_check, sync_score
 from .shards import keyframe_crop
-from .transcribe import clip_audio
+from .transcribe import clip_audio, transcribe_clips
 
 
 @dataclass
@@ -202,7 +203,9 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
                    audio: np.ndarray | None = None, landmarker=None, nvdec: bool = False,
                    av_sync=None) -> list[ClipFeatures]:
     """Extract every clip of one source in one sequential decoding pass (``audio``: the source's decoded
-    16 kHz mono audio where the caller has it, else it is decoded here). The optional models:
+    16 kHz mono audio where the caller has it, else it is decoded here). ``transcriber`` (an engine of
+    extractors.transcribe) transcribes the clips that pass the quality checks (records.failed_check), in
+    one pass (transcribe_clips); a clip the checks drop gets no transcript. The optional models:
     ``blendshaper(landmarks (n,478,3), width, height) -> (n,52)`` (extractors.blendshapes),
     ``face_geometry(landmarks, width, height) -> (n,4,4)`` (extractors.face_geometry),
     ``face_embedder.embed(frame, landmarks) -> (128,)`` on ``identity_frames`` probe frames and
@@ -283,11 +286,6 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
                              else np.full(256, np.nan, np.float32))
         tm["blendshapes_s"] = tm.get("blendshapes_s", 0) + t1 - t0
         tm["voice_embed_s"] = tm.get("voice_embed_s", 0) + time.perf_counter() - t1
-        if transcriber is not None:
-            t0 = time.perf_counter()
-            tr = transcriber(a)
-            f.transcript = dataclasses.asdict(tr)  # the transcripts table's fields, less clip_id
-            tm["transcribe_s"] = tm.get("transcribe_s", 0) + time.perf_counter() - t0
         f.quality = _quality(f)
         if av_sync is not None:
             t0 = time.perf_counter()
@@ -295,6 +293,16 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
             tm["av_sync_s"] = tm.get("av_sync_s", 0) + time.perf_counter() - t0
         f.quality["asd_sync"] = c.get("asd_sync")  # ingest's (clips.asd_sync); with av_sync, the sync score
         out.append(f)
+    if transcriber is not None:  # the clips the quality checks keep, decoded together (transcribe_clips)
+        t0 = time.perf_counter()
+        keep = [(f, c) for f, c in zip(out, clips)
+                if failed_check({**f.quality, "sync_score": sync_score(f.quality.get("av_sync"), f.quality["asd_sync"])},
+                                cfg)[0] is None]
+        for (f, _), tr in zip(keep, transcribe_clips(transcriber, [clip_audio(audio, c["start_s"], c["end_s"])
+                                                                   for _, c in keep])):
+            f.transcript = dataclasses.asdict(tr)  # the transcripts table's fields, less clip_id
+        tm["transcribe_s"] = tm.get("transcribe_s", 0) + time.perf_counter() - t0
+        tm["transcribed_clips"] = tm.get("transcribed_clips", 0) + len(keep)
     return out
 
 

@@ -86,6 +86,13 @@ def clip_quality(f, z: np.ndarray, recon_err: np.ndarray, image_z: np.ndarray, i
                                           max(np.linalg.norm(z, axis=1).mean(), 1e-9))
     else:
         q["image_pose_err_deg"] = q["image_latent_rel_err"] = None
+    return (q, *failed_check(q, cfg))
+
+
+def failed_check(q: dict, cfg: ExtractConfig) -> tuple[str | None, str | None]:
+    """(reason, message) of the first threshold a clip's quality figures fail, else (None, None). Every
+    figure it reads is known when extraction has tracked the clip (extract_source asks it which clips to
+    transcribe)."""
     checks = [
         ("low_tracking", q["tracked_ratio"] < cfg.min_tracked_ratio,
          f"speaker tracked in {q['tracked_ratio']:.0%} of frames (< {cfg.min_tracked_ratio:.0%})"),
@@ -102,8 +109,8 @@ def clip_quality(f, z: np.ndarray, recon_err: np.ndarray, image_z: np.ndarray, i
     ]
     for reason, failed, msg in checks:
         if failed:
-            return q, reason, msg
-    return q, None, None
+            return reason, msg
+    return None, None
 
 
 def _f(x):

@@ -2,10 +2,10 @@
 Whisper base (models.packaged "whisper-base": language detection, segments, word timestamps; int8 on
 CPU, float16 on CUDA; beam 5, temperature 0, a fixed thread count; at most ``max_tokens_per_s`` decoded
 tokens per second of audio, and segments whose text is a repetition loop are left out, their seconds
-counted in ``rejected_s``). openai-whisper ``.pt`` checkpoints
-stay supported by path or by name in $WHISPER_CACHE; pocketsphinx's bundled English model is used only
-where a configured *name* resolves to no weights at all. A configured path that does not exist is an
-error. Every result names its engine and the model's sha256."""
+counted in ``rejected_s``). The clips of one source are decoded together (``transcribe_clips``).
+openai-whisper ``.pt`` checkpoints stay supported by path or by name in $WHISPER_CACHE; pocketsphinx's
+bundled English model is used only where a configured *name* resolves to no weights at all. A
+configured path that does not exist is an error. Every result names its engine and the model's sha256."""
 from __future__ import annotations
 
 import hashlib
@@ -30,6 +30,16 @@ class Transcript:
     rejected_s: float | None = 0.0  # seconds of decoded segments left out as repetition loops (None: no check)
 
 
+@dataclass
+class Segment:
+    """One decoded segment: its text, times (s from the start of the audio decoded) and words, each word's
+    text as decoded (with its leading space, so that joining them gives the text back)."""
+    text: str
+    start_s: float
+    end_s: float
+    words: list[tuple[str, float, float]]
+
+
 # Real speech of the shared corpus (17 videos, 5 languages) decodes to at most 5.1 Whisper tokens per
 # second and a gzip compression ratio of at most 1.7 per segment; Whisper's decoder stuck in a loop
 # (music, some short clips) emits up to 448 tokens of "my, my, my, ..." per 30 s window, ratio 6-26.
@@ -42,19 +52,66 @@ def compression_ratio(text: str) -> float:
     return len(b) / len(zlib.compress(b)) if b else 0.0
 
 
-def drop_loops(segments: list, spans: list[tuple[str, float, float]], max_ratio: float) -> tuple[list, float]:
-    """(the segments whose text is not a repetition loop, seconds of those that are). ``spans`` holds each
-    segment's (text, start_s, end_s)."""
-    loop = [compression_ratio(t) > max_ratio for t, _, _ in spans]
-    kept = [s for s, bad in zip(segments, loop) if not bad]
-    return kept, round(sum(float(b - a) for (_, a, b), bad in zip(spans, loop) if bad), 3)
-
-
 def token_cap(n_samples: int, per_s: float, model_max: int = 440) -> int | None:
     """Decoded tokens allowed per 30 s window for audio of ``n_samples`` (None: the model's own 448)."""
     if not per_s:
         return None
     return int(min(model_max, max(16, math.ceil(min(n_samples / AUDIO_SAMPLE_RATE, 30.0) * per_s))))
+
+
+def transcribe_clips(engine, audios: list[np.ndarray], language: str | None = None) -> list[Transcript]:
+    """One Transcript per clip, the clips (16 kHz mono, in time order, of one source) decoded in one pass.
+
+    Whisper encodes a 30 s window at a time however short the audio (about 1.3 s of one CPU core for
+    Whisper base), and a clip decoded alone takes at least one window: a source's clips are decoded back
+    to back as one recording instead, so they share windows and one language detection. Each word goes
+    to the clip holding its midpoint, its times counted from that clip's start; a segment lying in one
+    clip gives that clip its text, one spanning a join gives each clip its own words' text. Segments
+    left out as repetition loops count in ``rejected_s`` of the clips they overlap. A clip's transcript
+    so depends on the source's other clips decoded with it (the same ones on every run of a config).
+    ``engine.decode(audio, language) -> (language, [Segment])``; ``engine.max_compression_ratio``: the
+    loop check (absent: none, rejected_s None)."""
+    if not audios:
+        return []
+    lengths = [len(a) for a in audios]
+    packed = (audios[0] if len(audios) == 1 else np.concatenate(audios)).astype(np.float32)
+    lang, segs = engine.decode(packed, language)
+    limit = getattr(engine, "max_compression_ratio", None)
+    joins = np.cumsum(lengths)[:-1] / AUDIO_SAMPLE_RATE  # where each clip after the first starts
+
+    def clip_of(t: float) -> int:
+        return int(np.searchsorted(joins, t, side="right"))
+
+    starts = np.concatenate([[0.0], joins])
+    ends = np.concatenate([joins, [np.inf]])
+    text: list[list[str]] = [[] for _ in audios]
+    words: list[list[dict]] = [[] for _ in audios]
+    rejected = [0.0] * len(audios)
+    for seg in segs:
+        if limit is not None and compression_ratio(seg.text) > limit:
+            for i in range(clip_of(seg.start_s), clip_of(max(seg.start_s, seg.end_s - 1e-3)) + 1):
+                lo, hi = (starts[i] if i else -np.inf), ends[i]
+                rejected[i] += max(0.0, min(seg.end_s, hi) - max(seg.start_s, lo))
+            continue
+        own = [clip_of((a + b) / 2) for _, a, b in seg.words]
+        first, last = clip_of(seg.start_s), clip_of(max(seg.start_s, seg.end_s - 1e-3))
+        if first == last and all(k == first for k in own):
+            text[first].append(seg.text)
+        else:
+            for i in sorted(set(own)):
+                text[i].append("".join(w for (w, _, _), k in zip(seg.words, own) if k == i))
+        for (w, a, b), k in zip(seg.words, own):
+            if w.strip():
+                dur = lengths[k] / AUDIO_SAMPLE_RATE
+                words[k].append({"word": w.strip(), "start_s": round(min(max(a - starts[k], 0.0), dur), 3),
+                                 "end_s": round(min(max(b - starts[k], 0.0), dur), 3)})
+    out = []
+    for i in range(len(audios)):
+        t = "".join(text[i]).strip()
+        # the language of audio with no accepted speech is not known (unless the caller said it)
+        out.append(Transcript(engine.engine, language or (lang if t or words[i] else None), t, words[i],
+                              getattr(engine, "sha256", None), round(rejected[i], 3) if limit is not None else None))
+    return out
 
 
 def resolve_whisper(checkpoint: str | None) -> tuple[str, str] | None:
@@ -143,7 +200,7 @@ class FasterWhisperTranscriber:
         probs = self.model.model.detect_language(self.model.encode(pad_or_trim(feats[:, :n])))[0]
         return probs[0][0][2:-2]  # "<|de|>" -> "de"
 
-    def __call__(self, audio: np.ndarray, language: str | None = None) -> Transcript:
+    def decode(self, audio: np.ndarray, language: str | None = None) -> tuple[str | None, list[Segment]]:
         audio = audio.astype(np.float32)
         try:
             lang = language or self.detect_language(audio)
@@ -153,12 +210,11 @@ class FasterWhisperTranscriber:
             segs = list(segs)
         finally:
             self._encoded.clear()
-        kept, rejected = drop_loops(segs, [(s.text, s.start, s.end) for s in segs], self.max_compression_ratio)
-        words = [{"word": w.word.strip(), "start_s": round(float(w.start), 3), "end_s": round(float(w.end), 3)}
-                 for s in kept for w in (s.words or []) if w.word.strip()]
-        text = "".join(s.text for s in kept).strip()
-        # the language of audio with no accepted speech is not known (unless the caller said it)
-        return Transcript(self.engine, language or (lang if kept else None), text, words, self.sha256, rejected)
+        return lang, [Segment(s.text, float(s.start), float(s.end), [(w.word, float(w.start), float(w.end))
+                                                                     for w in (s.words or [])]) for s in segs]
+
+    def __call__(self, audio: np.ndarray, language: str | None = None) -> Transcript:
+        return transcribe_clips(self, [audio], language)[0]
 
 
 class WhisperTranscriber:
@@ -175,18 +231,18 @@ class WhisperTranscriber:
         self.engine = f"whisper:{self.sha256[:16]}" + (":cuda-fp16" if self.device == "cuda" else "")
         self.max_tokens_per_s, self.max_compression_ratio = max_tokens_per_s, max_compression_ratio
 
-    def __call__(self, audio: np.ndarray, language: str | None = None) -> Transcript:
+    def decode(self, audio: np.ndarray, language: str | None = None) -> tuple[str | None, list[Segment]]:
         cap = token_cap(len(audio), self.max_tokens_per_s)
         res = self.model.transcribe(audio.astype(np.float32), language=language, word_timestamps=True,
                                     fp16=self.device == "cuda", temperature=0.0, condition_on_previous_text=False,
                                     verbose=None, **({"sample_len": cap} if cap else {}))
-        segs = res.get("segments", [])
-        kept, rejected = drop_loops(segs, [(seg.get("text", ""), seg["start"], seg["end"]) for seg in segs],
-                                    self.max_compression_ratio)
-        words = [{"word": w["word"].strip(), "start_s": float(w["start"]), "end_s": float(w["end"])}
-                 for seg in kept for w in seg.get("words", []) or []]
-        return Transcript(self.engine, language or (res.get("language") if kept else None),
-                          "".join(seg.get("text", "") for seg in kept).strip(), words, self.sha256, rejected)
+        return res.get("language"), [Segment(seg.get("text", ""), float(seg["start"]), float(seg["end"]),
+                                             [(w["word"], float(w["start"]), float(w["end"]))
+                                              for w in seg.get("words", []) or []])
+                                     for seg in res.get("segments", [])]
+
+    def __call__(self, audio: np.ndarray, language: str | None = None) -> Transcript:
+        return transcribe_clips(self, [audio], language)[0]
 
 
 class SphinxTranscriber:
@@ -199,7 +255,7 @@ class SphinxTranscriber:
         self._dec = Decoder(loglevel="FATAL")
         self.engine = f"pocketsphinx:{getattr(pocketsphinx, '__version__', '5')}-en-us"
 
-    def __call__(self, audio: np.ndarray, language: str | None = None) -> Transcript:
+    def decode(self, audio: np.ndarray, language: str | None = None) -> tuple[str | None, list[Segment]]:
         pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
         d = self._dec
         d.start_utt()
@@ -211,9 +267,16 @@ class SphinxTranscriber:
             w = seg.word
             if w.startswith("<") or w.startswith("[") or w in ("<s>", "</s>", "<sil>"):
                 continue
-            words.append({"word": w.split("(")[0], "start_s": seg.start_frame / fr, "end_s": (seg.end_frame + 1) / fr})
+            words.append((" " + w.split("(")[0], seg.start_frame / fr, (seg.end_frame + 1) / fr))
         hyp = d.hyp()
-        return Transcript(self.engine, "en", (hyp.hypstr if hyp else "").strip(), words, None, None)
+        text = (hyp.hypstr if hyp else "").strip()
+        if not text and not words:
+            return "en", []
+        # one segment for the utterance: its words carry the times (the hypothesis text has no times)
+        return "en", [Segment(" " + text, words[0][1] if words else 0.0, words[-1][2] if words else 0.0, words)]
+
+    def __call__(self, audio: np.ndarray, language: str | None = None) -> Transcript:
+        return transcribe_clips(self, [audio], language)[0]
 
 
 _CACHE: dict = {}

@@ -187,8 +187,9 @@ def _extract_task(w: TrackWork) -> dict:
 
 
 # the arrays a tracks part holds (extractors.extract._ARRAYS): a part written by code with other arrays
-# has another key, so it is recomputed rather than misread. 2: face_transform; 3: keyframe.
-TRACKS_FORMAT = 3
+# has another key, so it is recomputed rather than misread. 2: face_transform; 3: keyframe; 4: the clips
+# the checks keep are transcribed together, the others not at all (so each clip's ASD-sync is in the key).
+TRACKS_FORMAT = 4
 
 
 def _part_key(source: dict, clips: list[dict], cfg: ExtractConfig, models: dict) -> str:
@@ -196,7 +197,7 @@ def _part_key(source: dict, clips: list[dict], cfg: ExtractConfig, models: dict)
     h.update(f"tracks-{TRACKS_FORMAT}:".encode())
     h.update(source["sha256"].encode())
     h.update(json.dumps({k: v["sha256"] for k, v in models.items()}, sort_keys=True).encode())
-    h.update(json.dumps([(c["clip_id"], c["n_frames"]) for c in clips]).encode())
+    h.update(json.dumps([(c["clip_id"], c["n_frames"], c.get("asd_sync")) for c in clips]).encode())
     h.update(json.dumps({k: v for k, v in cfg.to_dict().items() if not k.startswith("gnpfa") and k != "device"},
                         sort_keys=True).encode())
     h.update(TEMPLATE_PATH.read_bytes())

@@ -145,7 +145,7 @@ CLIP_FEATURES = pa.schema(
         _f("image_latent_rel_err", pa.float32(), True, "|z_image - z_mesh| / |z_mesh|, mean"),
         _f("neutral", pa.list_(pa.float32(), N_LANDMARKS * 3), True, "speaker's neutral geometry, template frame"),
         _f("gnpfa_checkpoint", pa.string(), doc="sha256 of the GNPFA weights used"),
-        _f("transcript_engine", pa.string(), True),
+        _f("transcript_engine", pa.string(), True, "the transcripts row's engine; null: not transcribed (a dropped clip)"),
         _f("face_embedding", pa.list_(pa.float32(), FACE_EMBEDDING_DIM), True,
            "SFace identity embedding (L2-normalised mean over identity_frames probe frames); null if none tracked"),
         _f("voice_embedding", pa.list_(pa.float32(), VOICE_EMBEDDING_DIM), True,

@@ -142,6 +142,67 @@ def test_whisper_repetition_loops_are_left_out_and_real_speech_is_untouched():
     assert [w["start_s"] for w in got.words] == [round(w.start, 3) for s in segs for w in s.words if w.word.strip()]
 
 
+def test_packed_clips_get_their_own_words_text_and_rejected_seconds():
+    """transcribe_clips on an engine whose segments are given: words go to the clip holding their
+    midpoint with times from its start, a segment across a join is split by its words, a loop segment
+    counts in the seconds each clip it overlaps left out, and a clip with no accepted speech has no
+    language."""
+    from extractors.transcribe import Segment, transcribe_clips
+
+    class Engine:
+        engine, sha256, max_compression_ratio = "fake", "ab", 2.4
+
+        def __init__(self, segs):
+            self.segs, self.seen = segs, []
+
+        def decode(self, audio, language=None):
+            self.seen.append(len(audio))
+            return "en", self.segs
+
+    loop = " my, my, my, my, my, my, my, my, my, my, my, my, my, my, my, my"
+    eng = Engine([Segment(" Hello there.", 0.2, 1.0, [(" Hello", 0.2, 0.5), (" there.", 0.5, 1.0)]),
+                  Segment(" Good morning", 1.8, 2.6, [(" Good", 1.8, 2.1), (" morning", 2.15, 2.6)]),  # join at 2 s
+                  Segment(loop, 3.5, 5.5, [(" my,", 3.5, 3.7)])])
+    a, b, c = (np.zeros(int(d * SR), np.float32) for d in (2.0, 1.5, 3.0))
+    out = transcribe_clips(eng, [a, b, c])
+    assert eng.seen == [int(6.5 * SR)]  # decoded once, back to back
+    assert [t.text for t in out] == ["Hello there. Good", "morning", ""]
+    assert [w["word"] for w in out[0].words] == ["Hello", "there.", "Good"]
+    assert out[1].words == [{"word": "morning", "start_s": 0.15, "end_s": 0.6}]
+    assert [t.rejected_s for t in out] == [0.0, 0.0, 2.0] and [t.language for t in out] == ["en", "en", None]
+    assert transcribe_clips(eng, [a, b, c], language="de")[2].language == "de"
+    assert [t.rejected_s for t in transcribe_clips(eng, [np.zeros(int(4.5 * SR), np.float32), c])] == [1.0, 1.0]
+    assert transcribe_clips(eng, []) == []
+
+
+def test_a_sources_clips_are_transcribed_in_one_pass_with_the_words_each_gets_alone():
+    """Three clips of one real English source: decoded back to back they need one encoder window (three
+    alone) and get the words they get decoded one by one, in the same order, to within a few words."""
+    import difflib
+
+    from extractors.transcribe import make_transcriber, transcribe_clips
+
+    tr = make_transcriber("base")
+    clips = [_corpus_audio("edtalk_obama.mp4", a, b - a) for a, b in ((0.0, 6.0), (6.5, 12.0), (13.0, 19.0))]
+    calls = []
+    encode = tr.model.encode
+    tr.model.encode = lambda f: calls.append(1) or encode(f)
+    try:
+        alone = [tr(c) for c in clips]
+        n_alone = len(calls)
+        calls.clear()
+        packed = transcribe_clips(tr, clips)
+    finally:
+        tr.model.encode = encode
+    assert len(calls) < n_alone and len(calls) <= 3, (len(calls), n_alone)  # language + first window + a tail at most
+    for p, a, c in zip(packed, alone, clips):
+        assert p.language == a.language == "en" and p.rejected_s == 0
+        assert all(0 <= w["start_s"] <= w["end_s"] <= len(c) / SR for w in p.words)
+        pw, aw = [w["word"].lower().strip(".,!?") for w in p.words], [w["word"].lower().strip(".,!?") for w in a.words]
+        assert len(aw) >= 8 and difflib.SequenceMatcher(None, pw, aw).ratio() >= 0.8, (p.text, a.text)
+    assert transcribe_clips(tr, clips) == packed  # deterministic
+
+
 def test_a_configured_model_that_is_missing_is_a_clear_error(tmp_path):
     from extractors.config import ExtractConfig
     from extractors.transcribe import resolve_whisper
