@@ -25,7 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("GLOG_minloglevel", "2")
-M2FD = [str(REPO / ".venv" / "bin" / "m2fd")]
+# `python -m` from REPO (run_cli's cwd): this checkout's code, also where .venv is another checkout's (its
+# console script would import whatever that venv's editable install points at, while Ray's workers run this one)
+M2FD = [str(REPO / ".venv" / "bin" / "python"), "-m", "pipelines.cli"]
 
 
 def _tree(root: int) -> list[int]:
