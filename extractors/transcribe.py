@@ -88,13 +88,13 @@ def transcribe_clips(engine, audios: list[np.ndarray], language: str | None = No
     words: list[list[dict]] = [[] for _ in audios]
     rejected = [0.0] * len(audios)
     for seg in segs:
+        first, last = clip_of(seg.start_s), clip_of(max(seg.start_s, seg.end_s - 1e-3))
         if limit is not None and compression_ratio(seg.text) > limit:
-            for i in range(clip_of(seg.start_s), clip_of(max(seg.start_s, seg.end_s - 1e-3)) + 1):
+            for i in range(first, last + 1):
                 lo, hi = (starts[i] if i else -np.inf), ends[i]
                 rejected[i] += max(0.0, min(seg.end_s, hi) - max(seg.start_s, lo))
             continue
         own = [clip_of((a + b) / 2) for _, a, b in seg.words]
-        first, last = clip_of(seg.start_s), clip_of(max(seg.start_s, seg.end_s - 1e-3))
         if first == last and all(k == first for k in own):
             text[first].append(seg.text)
         else:
@@ -152,7 +152,15 @@ def transcriber_sha256(checkpoint: str | None) -> str | None:
     return verified_sha256(os.path.join(path, "model.bin") if kind == "ct2" else path)
 
 
-class FasterWhisperTranscriber:
+class _Engine:
+    """What the engines share: ``engine(audio, language) -> Transcript`` for one clip; each engine defines
+    ``decode(audio, language) -> (language, [Segment])`` (transcribe_clips decodes several clips at once)."""
+
+    def __call__(self, audio: np.ndarray, language: str | None = None) -> Transcript:
+        return transcribe_clips(self, [audio], language)[0]
+
+
+class FasterWhisperTranscriber(_Engine):
     """faster-whisper on a CTranslate2 model folder: deterministic settings (beam 5, temperature 0 only,
     no conditioning on previous text, fixed CPU threads). The encoder runs once per 30 s window: the
     language detection's encoder output is reused by the decoding (faster-whisper 1.2.1 encodes the first
@@ -213,11 +221,8 @@ class FasterWhisperTranscriber:
         return lang, [Segment(s.text, float(s.start), float(s.end), [(w.word, float(w.start), float(w.end))
                                                                      for w in (s.words or [])]) for s in segs]
 
-    def __call__(self, audio: np.ndarray, language: str | None = None) -> Transcript:
-        return transcribe_clips(self, [audio], language)[0]
 
-
-class WhisperTranscriber:
+class WhisperTranscriber(_Engine):
     def __init__(self, checkpoint_path: str, device: str | None = None, max_tokens_per_s: float = MAX_TOKENS_PER_S,
                  max_compression_ratio: float = MAX_COMPRESSION_RATIO):
         import torch
@@ -241,11 +246,8 @@ class WhisperTranscriber:
                                               for w in seg.get("words", []) or []])
                                      for seg in res.get("segments", [])]
 
-    def __call__(self, audio: np.ndarray, language: str | None = None) -> Transcript:
-        return transcribe_clips(self, [audio], language)[0]
 
-
-class SphinxTranscriber:
+class SphinxTranscriber(_Engine):
     """pocketsphinx 5 with its bundled US-English acoustic model, dictionary and language model."""
 
     def __init__(self):
@@ -274,9 +276,6 @@ class SphinxTranscriber:
             return "en", []
         # one segment for the utterance: its words carry the times (the hypothesis text has no times)
         return "en", [Segment(" " + text, words[0][1] if words else 0.0, words[-1][2] if words else 0.0, words)]
-
-    def __call__(self, audio: np.ndarray, language: str | None = None) -> Transcript:
-        return transcribe_clips(self, [audio], language)[0]
 
 
 _CACHE: dict = {}
