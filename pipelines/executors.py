@@ -6,6 +6,8 @@ Both executors offer the same four calls, so a stage never asks which one it has
 ``has_gpu()`` (whether a task asking for a GPU, or a share of one, can be placed)."""
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import traceback
 from dataclasses import dataclass
@@ -17,9 +19,43 @@ from pipelines import faults
 
 # glibc keeps freed memory of native libraries (MediaPipe, decoders, pocketsphinx) in per-thread
 # arenas: a long-lived worker's resident size then drifts up task after task (measured: 0.75 -> 1.45 GB
-# between extraction tasks; with these it returns to about 0.8 GB after every task). MKL_CBWR: see
-# pipelines/__init__.py (set again here so that a worker has it from its first instruction)
-WORKER_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_TRIM_THRESHOLD_": "65536", "MKL_CBWR": os.environ["MKL_CBWR"]}
+# between extraction tasks). Two arenas, and the heap trimmed when each task ends (stage_task), bring it
+# back after every task. A low MALLOC_TRIM_THRESHOLD_ did that before, but setting it turns off glibc's
+# adaptive mmap threshold, so every array over 128 KB (a decoded frame, a crop batch) was mapped and faulted
+# in afresh: on the real videos x4, 84-87 s of kernel time instead of 39 s, and the run 1.2x as long
+# (bench/RESULTS.md, #13).
+# MKL_CBWR: see pipelines/__init__.py (set again here so that a worker has it from its first instruction)
+WORKER_ENV = {"MALLOC_ARENA_MAX": "2", "MKL_CBWR": os.environ["MKL_CBWR"]}
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; None elsewhere (musl, macOS)
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> None:
+    """Hand the process's freed heap memory back to the OS (glibc malloc_trim; a no-op elsewhere)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def stage_task(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Marks a stage's per-item task function (the functions STAGES names): when it returns or raises, the
+    process trims its heap, so a long-lived Ray worker (or the driver, in-process) is back near its size
+    before the task. The wrapper keeps the function's name (Ray names its worker ray::<name>) and is what
+    the module holds, so Ray ships it by reference."""
+    @functools.wraps(fn)
+    def run(item: Any) -> Any:
+        try:
+            return fn(item)
+        finally:
+            trim_heap()
+
+    return run
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,11 @@ from storage_schemas.arrays import array_path, write_array
 from storage_schemas.dataset import EXTRACT_LINEAGE
 from storage_schemas.tables import TRANSCRIPTS
 
-from .executors import TaskFailure
+from .executors import TaskFailure, stage_task
 from .faults import maybe_fail
 from .gnpfa import NotEnoughFrames, gnpfa_device, obtain_gnpfa
 from .stage_io import failure_rows, replace_quarantine, source_audio, source_path
-from .stages import task_options
+from .stages import task_cpus, task_options
 
 PARTS = Path("parts") / "extract"
 ENCODE_PARTS = Path("parts") / "encode"
@@ -152,6 +152,7 @@ def landmarker_gpu(cfg: ExtractConfig, ex) -> bool:
     return cfg.landmarker in ("auto", "torch") and cfg.device != "cpu" and ex.has_gpu()
 
 
+@stage_task
 def _extract_task(w: TrackWork) -> dict:
     import cv2
     import torch
@@ -344,6 +345,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@stage_task
 def _encode_task(w: EncodeWork) -> dict:
     """Rows of clip_features / transcripts / quarantine for one source, its frames table and crops.
 
@@ -365,7 +367,7 @@ def _encode_task(w: EncodeWork) -> dict:
     cfg = ExtractConfig(**w.track.cfg)
     meta = json.loads(Path(w.track.npz).with_suffix(".json").read_text())
     feats = features_from_npz(w.track.npz, meta["clips"])
-    enc = _encodings(w, feats, cfg)
+    enc = _encodings(w, feats)
     clip_by_id = {c["clip_id"]: c for c in w.track.clips}
     rows: dict = {"features": [], "transcripts": [], "quarantine": [], "frames": 0}
     tables = []
@@ -396,7 +398,7 @@ def _encode_task(w: EncodeWork) -> dict:
     return rows
 
 
-def _encodings(w: EncodeWork, feats: list, cfg: ExtractConfig) -> dict[str, np.ndarray]:
+def _encodings(w: EncodeWork, feats: list) -> dict[str, np.ndarray]:
     """Per clip: z, recon_err, image_z, image_rot of its tracked frames (cached in the part's .npz)."""
     npz = w.part.with_suffix(".npz")
     if npz.is_file():
@@ -407,8 +409,11 @@ def _encodings(w: EncodeWork, feats: list, cfg: ExtractConfig) -> dict[str, np.n
     from models.gnpfa import encode_frames, load_checkpoint
 
     threads = torch.get_num_threads()
-    if w.device == "cpu":  # a fixed thread count: the same CPU reductions wherever this runs
-        torch.set_num_threads(cfg.gnpfa_train_threads)
+    if w.device == "cpu":
+        # the CPUs the task asks for, fixed wherever it runs: with gnpfa_train_threads (2) in 1-CPU tasks two
+        # workers ran 4 threads on 2 cores and the encode stage took 1.5x as long (bench/RESULTS.md); the
+        # latents are bit-identical at 1 and 2 threads (tests/test_extract.py)
+        torch.set_num_threads(task_cpus(_encode_task))
     try:
         _, vae, enc, _ = load_checkpoint(w.ckpt_dir, device=w.device)
         out: dict[str, np.ndarray] = {}

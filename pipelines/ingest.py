@@ -21,7 +21,7 @@ from extractors.probe import fetch
 from models import asd_sync
 from storage_schemas import RowBuffer, atomic_write_bytes, table_path, write_table
 
-from .executors import LocalExecutor, TaskFailure
+from .executors import LocalExecutor, TaskFailure, stage_task
 from .faults import maybe_fail
 from .stage_io import CACHE, keep_audio, replace_quarantine
 from .stages import task_options
@@ -62,6 +62,7 @@ class AnalyseWork:
     part: str  # parts/ingest/<sha256>-<config digest>.json, written last
 
 
+@stage_task
 def _fetch_task(w: FetchWork) -> dict:
     uri, cache = w.uri, w.cache
     try:
@@ -130,6 +131,7 @@ def vad_lineage(cfg: IngestConfig) -> dict:
     return {"name": "silero", "path": str(p), "sha256": verified_sha256(p)}
 
 
+@stage_task
 def _analyse_task(w: AnalyseWork) -> dict:
     item, part = w.source, w.part
     maybe_fail("ingest", item["uri"])

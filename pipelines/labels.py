@@ -15,7 +15,7 @@ from storage_schemas import atomic_write_bytes, open_dataset, table_path, write_
 from storage_schemas.arrays import array_path, read_array
 from storage_schemas.tables import CLIP_COLUMNS
 
-from .executors import TaskFailure
+from .executors import TaskFailure, stage_task
 from .faults import maybe_fail
 from .frames import clip_frame_arrays
 from .stage_io import clip_rows, failure_rows, replace_quarantine, source_audio
@@ -39,6 +39,7 @@ class LabelWork:
     part: str  # parts/label/<source>-<key>.json: the rows, reused while the key holds
 
 
+@stage_task
 def _label_task(w: LabelWork) -> dict:
     from extractors.labels import get_labeler
 

@@ -20,7 +20,7 @@ from storage_schemas import SCHEMA_VERSION, open_dataset, table_path, write_json
 from storage_schemas.arrays import array_path, read_array
 from storage_schemas.tables import CLIP_COLUMNS
 
-from .executors import TaskFailure
+from .executors import TaskFailure, stage_task
 from .faults import maybe_fail
 from .frames import clip_frame_arrays
 from .stage_io import clip_rows, failure_rows, replace_quarantine, source_audio
@@ -53,6 +53,7 @@ class SampleWork:
         return Path(self.out) / SPOOL / f"{self.source['source_id']}.tar"
 
 
+@stage_task
 def _sample_task(w: SampleWork) -> dict[str, int]:
     """Build the source's samples and spool them to parts/shard/<source>.tar (validated, in clip order);
     return each sample's size in bytes: the driver packs shards from sizes and reads the bytes back

@@ -101,6 +101,12 @@ def stage(name: str) -> Stage:
     raise ValueError(f"unknown stage {name!r}; the stages are {', '.join(STAGE_NAMES)}")
 
 
+def task_cpus(fn: Callable) -> int:
+    """The CPUs a stage's task function asks for: the most threads its compute may use (more oversubscribe
+    the node's cores, since Ray packs tasks by the CPUs they ask)."""
+    return max(1, int(_BY_TASK[fn.__name__].cpus))
+
+
 def task_options(fn: Callable, use_gpu: bool = False, gpus: float | None = None) -> dict:
     """The Ray options of a stage's task function, as its stage declares them (``gpus``: another share)."""
     return _BY_TASK[fn.__name__].ray_options(use_gpu, gpus)

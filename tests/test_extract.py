@@ -14,7 +14,7 @@ from extractors.extract import features_from_npz, lip_sync_proxy
 from extractors.pose import (STABLE, build_template, head_pose, load_template, normalise, rotation_angle_deg,
                              similarity_fit)
 from extractors.records import split_tail, training_arrays
-from models.gnpfa import (GNPFAConfig, encode_images, load_checkpoint, reconstruct, save_checkpoint,
+from models.gnpfa import (GNPFAConfig, encode_frames, encode_images, load_checkpoint, reconstruct, save_checkpoint,
                           train_geometry, train_image)
 from storage_schemas import open_dataset
 
@@ -198,6 +198,30 @@ def test_folded_image_encoder_is_the_same_function_and_leaves_the_model_alone(re
     assert torch.abs(z1 - z0).max() <= 1e-4 * torch.abs(z0).max() and torch.abs(r1 - r0).max() < 1e-4
     z2, _ = encode_images(enc, crops, batch=32)  # inference folds; the result is the eval model's
     assert np.abs(z2 - z0.numpy()).max() <= 1e-4 * float(torch.abs(z0).max())
+
+
+def test_encoding_latents_do_not_depend_on_the_thread_count(real_run):
+    """An encoding task runs torch on the one CPU it asks for (more threads oversubscribed the cores); the
+    latents of real frames with the shipped GNPFA are bit-identical at 1 and 2 threads, so the thread
+    count is not part of the result."""
+    from storage_schemas.dataset import gnpfa_checkpoint_dir
+
+    out, _ = real_run
+    _, vae, enc, _ = load_checkpoint(gnpfa_checkpoint_dir(out, required=True))
+    a = training_arrays(features_from_npz(*next((str(js.with_suffix(".npz")), json.loads(js.read_text())["clips"])
+                                                for js in sorted((out / "parts" / "extract").glob("*.json")))))
+    n = min(96, len(a["crops"]))
+    prev = torch.get_num_threads()
+    res = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            res.append(encode_frames(vae, enc, a["offsets"][:n], a["neutrals"][:n], a["crops"][:n]))
+    finally:
+        torch.set_num_threads(prev)
+    assert n >= 32 and res[0].keys() == res[1].keys()
+    for k in res[0]:
+        assert np.array_equal(res[0][k], res[1][k]), k
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
