@@ -2,7 +2,6 @@
 the landing sensor turns new videos into a batch partition and a run request."""
 import json
 import os
-import pickle
 import shutil
 import signal
 import socket
@@ -53,8 +52,10 @@ def test_the_stage_list_is_what_the_job_cli_and_scheduler_use():
         for task, res in s.tasks.items():
             fn = getattr(mod, task)
             assert f"task_options({task}" in inspect.getsource(mod), f"{task} is run without its stage's resources"
-            # a stage_task (its worker trims the heap after it), shipped to Ray by reference under its own name
-            assert fn.__wrapped__.__name__ == task and pickle.loads(pickle.dumps(fn)) is fn
+            # a stage_task (its worker trims the heap after it) under its own name, found at its module and name
+            # (what Ray's cloudpickle needs to ship it by reference)
+            home = getattr(importlib.import_module(fn.__module__), fn.__qualname__)
+            assert fn.__wrapped__.__name__ == task and home is fn
             opts = task_options(fn)
             assert opts["num_cpus"] == res.cpus and opts.get("memory", 0) == int(res.memory_gb * 2**30)
             assert "num_gpus" not in opts and task_options(fn, use_gpu=True).get("num_gpus", 0) == res.gpus
