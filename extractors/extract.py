@@ -17,7 +17,7 @@ from .config import ExtractConfig
 from .landmarks import MeshTracker
 from .media import NvdecVideo, decode_audio, iter_frames, open_video, timeline
 from .pose import STABLE, head_pose, load_template, mouth_opening, neutral_shape, normalise, to_metric
-from .records import failed_check, sync_score
+from .records import failed_check
 from .shards import keyframe_crop
 from .transcribe import clip_audio, transcribe_clips
 
@@ -295,9 +295,7 @@ def extract_source(path: str, width: int, height: int, clips: list[dict], cfg: E
         out.append(f)
     if transcriber is not None:  # the clips the quality checks keep, decoded together (transcribe_clips)
         t0 = time.perf_counter()
-        keep = [(f, c) for f, c in zip(out, clips)
-                if failed_check({**f.quality, "sync_score": sync_score(f.quality.get("av_sync"), f.quality["asd_sync"])},
-                                cfg)[0] is None]
+        keep = [(f, c) for f, c in zip(out, clips) if failed_check(f.quality, cfg)[0] is None]
         for (f, _), tr in zip(keep, transcribe_clips(transcriber, [clip_audio(audio, c["start_s"], c["end_s"])
                                                                    for _, c in keep])):
             f.transcript = dataclasses.asdict(tr)  # the transcripts table's fields, less clip_id

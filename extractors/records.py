@@ -92,7 +92,8 @@ def clip_quality(f, z: np.ndarray, recon_err: np.ndarray, image_z: np.ndarray, i
 def failed_check(q: dict, cfg: ExtractConfig) -> tuple[str | None, str | None]:
     """(reason, message) of the first threshold a clip's quality figures fail, else (None, None). Every
     figure it reads is known when extraction has tracked the clip (extract_source asks it which clips to
-    transcribe)."""
+    transcribe), the sync score too: computed here from the AV-sync and ASD-sync figures."""
+    sync = sync_score(q.get("av_sync"), q.get("asd_sync"))
     checks = [
         ("low_tracking", q["tracked_ratio"] < cfg.min_tracked_ratio,
          f"speaker tracked in {q['tracked_ratio']:.0%} of frames (< {cfg.min_tracked_ratio:.0%})"),
@@ -104,8 +105,8 @@ def failed_check(q: dict, cfg: ExtractConfig) -> tuple[str | None, str | None]:
          f"lip-sync proxy {q['lip_sync']:.2f} (< {cfg.min_lip_sync})"),
         ("poor_av_sync", q.get("av_sync") is not None and q["av_sync"] < cfg.min_av_sync,
          f"AV-sync score {q.get('av_sync') or 0:.2f} (< {cfg.min_av_sync})"),
-        ("poor_sync", q["sync_score"] is not None and q["sync_score"] < cfg.min_sync_score,
-         f"sync score {q['sync_score'] or 0:.2f} (AV-sync + ASD-sync; < {cfg.min_sync_score})"),
+        ("poor_sync", sync is not None and sync < cfg.min_sync_score,
+         f"sync score {sync or 0:.2f} (AV-sync + ASD-sync; < {cfg.min_sync_score})"),
     ]
     for reason, failed, msg in checks:
         if failed:
