@@ -13,6 +13,8 @@ Sections (``--section``, repeatable; default all that can run here):
   of those trackings (mean and p95 distance in % of the inter-ocular distance; MediaPipe live where it is
   installed);
 - mediapipe: MediaPipe's own Face Mesh on one core and on ``--procs`` processes;
+- detect: ingest's face detection (full-range BlazeFace) in PyTorch frame by frame and in ``--batches``,
+  its detections against the same port on the CPU, and MediaPipe's CPU graph on one core where installed;
 - extract: the whole per-frame extraction (decode, landmarks, pose, crops, GNPFA encoding) through
   extractors.extract.extract_source, in input frames/s per GPU, with each of ``--workers`` processes
   sharing the GPU, for each ``--chains`` tracking (0: 3 passes), ``--mesh-batch`` size and ``--fused-warp``
@@ -368,6 +370,55 @@ def section_mediapipe(videos: list[Path], boxes: dict, procs: int, n: int) -> No
     RESULTS["mediapipe"] = row
 
 
+def section_detect(videos: list[Path], dev: str, modules: str | None, batches: list[int], n: int = 32) -> None:
+    """Ingest's face detection (full-range BlazeFace) on frames at ingest's analysis size (640 px): the
+    torch port on ``dev`` frame by frame (as ingest calls it) and in batches, against the same port on the
+    CPU (detection counts, box IoU) and MediaPipe's CPU graph on one core where MediaPipe is installed."""
+    import torch
+
+    from extractors.faces import iou
+    from extractors.mesh_torch import TorchFaceDetector
+
+    frames = [cv_frames(v, n, 640) for v in videos]
+    det = TorchFaceDetector(dev, dtype=torch.float16 if dev.startswith("cuda") else None, modules=modules)
+    ref = TorchFaceDetector("cpu", modules=modules)
+    torch.set_num_threads(1)
+    row: dict = {"frames": sum(len(f) for f in frames), "device": dev}
+    for f in frames:
+        det.detect_batch(f[:1]), det.detect_batch(f)  # graphs and cuDNN plans for each shape
+    t0 = time.perf_counter()
+    got = [[det.detect(x) for x in f] for f in frames]
+    row["fps_frame_by_frame"] = round(row["frames"] / (time.perf_counter() - t0), 1)
+    for b in batches:
+        t0 = time.perf_counter()
+        for f in frames:
+            for i in range(0, len(f), b):
+                det.detect_batch(f[i:i + b])
+        row[f"fps_batch_{b}"] = round(row["frames"] / (time.perf_counter() - t0), 1)
+    want = [[ref.detect(x) for x in f[:8]] for f in frames]
+    same, ious = 0, []
+    for g, w in zip(got, want):
+        for a, b in zip(g, w):
+            same += len(a) == len(b)
+            if len(a) == len(b) and len(a):
+                ious.append(float(iou(a[:, :4], b[:, :4]).max(1).min()))
+    row["same_count_as_cpu"] = f"{same}/{sum(len(w) for w in want)}"
+    row["iou_with_cpu_min"] = round(min(ious), 4) if ious else None
+    try:
+        from extractors.faces import FaceDetector
+
+        with FaceDetector(1, 0.5) as md:
+            t0 = time.perf_counter()
+            for f in frames:
+                for x in f:
+                    md.detect(x)
+            row["mediapipe_fps_1core"] = round(row["frames"] / (time.perf_counter() - t0), 1)
+    except ImportError:
+        pass
+    print("detect", row, flush=True)
+    RESULTS["detect"] = row
+
+
 def _one_thread() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
@@ -400,7 +451,7 @@ class _GpuUse(threading.Thread):
 def _extract_worker(args) -> tuple[int, float, dict]:
     """Extract the given videos (one clip each, all frames) the way an extraction task does, then encode
     them with the shipped GNPFA; returns (input frames, seconds, timings)."""
-    jobs, dev, modules, batch, nvdec, chain, fused = args
+    jobs, dev, modules, batch, nvdec, chain, fused, prof = args
     import torch
 
     from extractors.extract import extract_source
@@ -414,6 +465,12 @@ def _extract_worker(args) -> tuple[int, float, dict]:
     _, vae, enc, _ = load_checkpoint(SHIPPED_DIR, device=dev)
     cfg = ExtractConfig(mesh_batch=batch)
     tm: dict = {}
+    profiler = None
+    if prof:  # this worker's CPU ops and CUDA kernels, summed (--profile)
+        from torch.profiler import ProfilerActivity, profile
+
+        profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.startswith("cuda") else []))
+        profiler.__enter__()
     frames, t0 = 0, time.perf_counter()
     for path, w, h, n, box in jobs:
         clip = {"clip_id": f"{Path(path).stem}-0", "start_frame": 0, "n_frames": n, "start_s": 0.0, "end_s": n / 30,
@@ -426,11 +483,21 @@ def _extract_worker(args) -> tuple[int, float, dict]:
             encode_frames(vae, enc, arr["offsets"], arr["neutrals"], arr["crops"], device=dev)
         tm["gnpfa_s"] = tm.get("gnpfa_s", 0) + time.perf_counter() - t1
         frames += n
-    return frames, time.perf_counter() - t0, tm
+    wall = time.perf_counter() - t0
+    if profiler is not None:
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        profiler.__exit__(None, None, None)
+        ka = profiler.key_averages()
+        Path(prof).write_text(f"{frames} input frames, {wall:.2f} s\n\n"
+                              + (ka.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70)
+                                 + "\n\n" if dev.startswith("cuda") else "") + ka.table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=70))
+    return frames, wall, tm
 
 
 def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int], scale: int, modules: str | None,
-                    batches: list[int], nvdec: bool, chains: list[int], fused: list[bool] = (False,)) -> None:
+                    batches: list[int], nvdec: bool, chains: list[int], fused: list[bool] = (False,),
+                    profile: Path | None = None) -> None:
     import cv2
 
     jobs = []
@@ -450,14 +517,19 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
     for k, chain, batch, fw in [(k, c, b, f) for k in workers for c in chains for b in batches for f in fused]:
         with ctx.Pool(k) as pool:
             t0 = time.perf_counter()
-            pool.map(_extract_worker, [(jobs[:1], dev, modules, batch, nvdec, chain, fw)] * k)  # start-up, loads, compile
+            pool.map(_extract_worker, [(jobs[:1], dev, modules, batch, nvdec, chain, fw, None)] * k)  # start-up, loads, compile
             startup = time.perf_counter() - t0
             use = _GpuUse()
             use.start()
             t0 = time.perf_counter()
-            done = pool.map(_extract_worker, [(jobs[i::k], dev, modules, batch, nvdec, chain, fw) for i in range(k)])
+            done = pool.map(_extract_worker, [(jobs[i::k], dev, modules, batch, nvdec, chain, fw, None) for i in range(k)])
             wall = time.perf_counter() - t0
             use.stop = True
+            if profile is not None:  # again, worker 0 under the profiler (the others as they were)
+                profile.mkdir(parents=True, exist_ok=True)
+                name = f"profile-w{k}-c{chain}-b{batch}{'-fused' if fw else ''}.txt"
+                pool.map(_extract_worker, [(jobs[i::k], dev, modules, batch, nvdec, chain, fw,
+                                            str(profile / name) if i == 0 else None) for i in range(k)])
         tm: dict = {}
         for d in done:
             for key, val in d[2].items():
@@ -476,7 +548,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--videos", nargs="+", default=["../shared/data/real"])
     ap.add_argument("--extract-videos", nargs="+", default=None, help="videos for the extract section (default --videos)")
-    ap.add_argument("--section", action="append", choices=["decode", "decode-set", "landmarks", "mediapipe", "extract", "compile"])
+    ap.add_argument("--section", action="append", choices=["decode", "decode-set", "landmarks", "mediapipe", "extract", "compile",
+                                                           "detect"])
     ap.add_argument("--device", default=None)
     ap.add_argument("--batches", default="256,1024,4096")
     ap.add_argument("--dtypes", default="float16,bfloat16,float32")
@@ -494,6 +567,8 @@ def main() -> None:
     ap.add_argument("--boxes", type=Path, default=None, help="speaker boxes JSON (made here where MediaPipe is)")
     ap.add_argument("--reference", type=Path, default=None, help="MediaPipe landmarks .npz (made where MediaPipe is)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="extract: after each timed run, run it again with worker 0 under torch.profiler; its tables go here")
     a = ap.parse_args()
     import torch
 
@@ -518,12 +593,15 @@ def main() -> None:
                 section_compile(vids, boxes, dev, int(a.batches.split(",")[-1]), a.modules)
             elif s == "mediapipe":
                 section_mediapipe(vids, boxes, a.procs, a.mp_frames)
+            elif s == "detect":
+                section_detect(vids, dev, a.modules, [int(b) for b in a.batches.split(",")])
             elif s == "extract":
                 from extractors.media import nvdec_available
 
                 section_extract(xvids, boxes, dev, [int(k) for k in a.workers.split(",")], a.scale, a.modules,
                                 [int(b) for b in a.mesh_batch.split(",")], dev.startswith("cuda") and nvdec_available(),
-                                [int(c) for c in a.chains.split(",")], [bool(int(f)) for f in a.fused_warp.split(",")])
+                                [int(c) for c in a.chains.split(",")], [bool(int(f)) for f in a.fused_warp.split(",")],
+                                a.profile)
         except Exception as e:  # noqa: BLE001 - one section's failure must not lose the others' figures
             import traceback
 

@@ -20,6 +20,11 @@ class IngestConfig:
     detect_fps: float = 10.0  # face detection rate on the 30 fps grid (every 3rd frame)
     face_model: int = 1  # MediaPipe face detection: 0 short range (<2 m), 1 full range (<5 m)
     face_min_score: float = 0.5
+    # which face detector runs it: "mediapipe" (MediaPipe's CPU graph), "torch" (the same full-range network
+    # in PyTorch, extractors.mesh_torch.TorchFaceDetector: on CUDA where the cluster has a GPU, an analysis
+    # task then asks a share of it; boxes within a few % IoU of MediaPipe's) or "auto" (torch where the
+    # cluster has a GPU, else mediapipe). The engine that ran is in the ingest parts' names.
+    detector: str = "mediapipe"
     min_face_px: int = 64  # minimum speaker face width in display pixels
     other_face_ratio: float = 0.4  # a second face this large relative to the speaker blocks the frame
     track_iou: float = 0.3
@@ -106,9 +111,20 @@ class IngestConfig:
             raise ValueError(f"vad must be gmm or silero, got {self.vad!r}")
         if self.face_model not in (0, 1):
             raise ValueError("face_model must be 0 or 1")
+        if self.detector not in ("mediapipe", "torch", "auto"):
+            raise ValueError(f"ingest.detector must be mediapipe, torch or auto, got {self.detector!r}")
+        if self.detector != "mediapipe" and self.face_model != 1:
+            raise ValueError("ingest.detector=torch/auto runs the full-range model only: set face_model=1")
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        # keys added after datasets were made are left out at the default that does what was done before
+        # them, so a dataset's ingest parts stay valid across the upgrade
+        d = {k: v for k, v in self.to_dict().items() if _ADDED_LATER.get(k, _NONE) != v}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+_NONE = object()
+_ADDED_LATER = {"detector": "mediapipe"}
 
 
 @dataclass(frozen=True)

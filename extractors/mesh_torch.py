@@ -52,19 +52,19 @@ def mediapipe_model(rel: str, modules: str | Path | None = None) -> Path:
     return p
 
 
-@lru_cache(maxsize=1)
-def ssd_anchors() -> np.ndarray:
-    """(896, 2) anchor centres of the short-range detector (MediaPipe's SsdAnchorsCalculator with 4 layers,
-    strides 8, 16, 16, 16, two anchors a layer, fixed anchor size; layers of one stride share a grid)."""
-    strides = [8, 16, 16, 16]
+@lru_cache(maxsize=None)
+def ssd_anchors(px: int = DET_PX, strides: tuple[int, ...] = (8, 16, 16, 16), per_layer: int = 2) -> np.ndarray:
+    """Anchor centres of MediaPipe's SsdAnchorsCalculator with a fixed anchor size (layers of one stride
+    share a grid): the short-range detector's (896, 2) by default (128 px, strides 8, 16, 16, 16, two
+    anchors a layer); the full-range one's (2304, 2) with ``(192, (4,), 1)``."""
     out, i = [], 0
     while i < len(strides):
         n = 0
         j = i
         while j < len(strides) and strides[j] == strides[i]:
-            n += 2
+            n += per_layer
             j += 1
-        g = math.ceil(DET_PX / strides[i])
+        g = math.ceil(px / strides[i])
         ys, xs = np.meshgrid((np.arange(g) + 0.5) / g, (np.arange(g) + 0.5) / g, indexing="ij")
         c = np.stack([xs.ravel(), ys.ravel()], -1)
         out.append(np.repeat(c, n, axis=0))
@@ -133,6 +133,94 @@ def _warp_chunk(src: torch.Tensor, r: torch.Tensor, base: torch.Tensor, dx: torc
 def _fused_warp():
     """_warp_chunk through torch.compile (dynamic shapes: one kernel for every chunk and frame size)."""
     return torch.compile(_warp_chunk, dynamic=True, fullgraph=True)
+
+
+def _to(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A small host tensor on ``dev`` without waiting for the kernels queued there."""
+    return x.to(dev, non_blocking=True) if dev.type == "cuda" else x
+
+
+FULL_PX = 192  # the full-range detector's input
+
+
+def weighted_nms(boxes: np.ndarray, scores: np.ndarray, iou_thr: float = _NMS_IOU) -> np.ndarray:
+    """MediaPipe's weighted non-maximum suppression (NonMaxSuppressionCalculator, WEIGHTED, IoU): the best
+    remaining box takes every remaining box overlapping it by more than ``iou_thr`` (itself included) and
+    becomes their score-weighted mean, with its own score. boxes (N, 4) x0 y0 x1 y1 -> (M, 5) with scores."""
+    from .faces import iou
+
+    order = np.argsort(-scores, kind="stable")
+    out = []
+    while len(order):
+        top = order[0]
+        sim = iou(boxes[top:top + 1], boxes[order])[0]
+        take = order[sim > iou_thr]
+        w = scores[take]
+        out.append(np.append((boxes[take] * w[:, None]).sum(0) / w.sum(), scores[top]))
+        if len(take) == 0:  # a degenerate box overlaps nothing, not even itself: MediaPipe stops there
+            break
+        order = order[sim <= iou_thr]
+    return np.asarray(out, np.float32).reshape(-1, 5)
+
+
+class TorchFaceDetector:
+    """MediaPipe's full-range face detection (``FaceDetector(model=1)``: the wheel's sparse
+    face_detection_full_range model, densified at load) in PyTorch, on CUDA or the CPU: each frame
+    letterboxed onto 192 px (zeros outside it), 2,304 anchors decoded, scores >= ``min_score`` kept, then
+    MediaPipe's weighted suppression. ``detect(rgb)`` returns what FaceDetector.detect returns: (N, 5)
+    [x0, y0, x1, y1, score], normalised to the frame and clipped to it; ``detect_batch`` does a batch of
+    equal-sized frames in one network run."""
+
+    def __init__(self, device: str = "cpu", min_score: float = 0.5, dtype: torch.dtype | None = None,
+                 modules: str | Path | None = None, graphs: bool | None = None):
+        from models.tflite_torch import CudaGraphed, TFLiteGraph
+
+        self.device = torch.device(device)
+        self.dtype = dtype or torch.float32
+        self.min_score = min_score
+        self.net = TFLiteGraph(mediapipe_model("face_detection/face_detection_full_range_sparse.tflite", modules)).eval()
+        self.net.to(self.device, self.dtype)
+        cuda = self.device.type == "cuda"
+        self._net = CudaGraphed(self.net) if (cuda if graphs is None else graphs and cuda) else self.net
+        self.anchors = torch.from_numpy(ssd_anchors(FULL_PX, (4,), 1)).to(self.device)
+        self.sha256 = self.net.sha256
+
+    @torch.no_grad()
+    def detect_batch(self, frames) -> list[np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+        x = x.to(self.device)
+        B, H, W, _ = x.shape
+        side = float(max(H, W))
+        roi = torch.tensor([W / 2, H / 2, side, 0.0], dtype=torch.float32).to(self.device).expand(B, 4)
+        crops = warp_crops(x, roi, FULL_PX, "zeros") * (2 / 255) - 1
+        reg, cls = self._net(crops.to(self.dtype))
+        score = torch.sigmoid(cls.float().clamp(-100, 100))[..., 0]
+        ctr = reg[..., :2].float() / FULL_PX + self.anchors
+        half = reg[..., 2:4].float() / FULL_PX / 2
+        box = torch.cat([ctr - half, ctr + half], -1)  # letterboxed-square-normalised
+        # -> frame-normalised: the square of side max(H, W) centred on the frame
+        scale = torch.tensor([side / W, side / H, side / W, side / H], device=box.device)
+        off = torch.tensor([(W - side) / 2 / W, (H - side) / 2 / H] * 2, device=box.device)
+        box, score = (box * scale + off).cpu().numpy(), score.cpu().numpy()
+        out = []
+        for b, sc in zip(box, score):
+            keep = sc >= self.min_score
+            d = weighted_nms(b[keep], sc[keep])
+            d[:, :4] = np.clip(d[:, :4], 0.0, 1.0)
+            out.append(d[(d[:, 2] > d[:, 0]) & (d[:, 3] > d[:, 1])])
+        return out
+
+    def detect(self, rgb: np.ndarray) -> np.ndarray:
+        return self.detect_batch(rgb[None])[0]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def rect_from_box(lo: torch.Tensor, hi: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor) -> torch.Tensor:
@@ -222,7 +310,7 @@ class TorchFaceMesh:
         cand = (score >= _DET_MIN_SCORE) & holds
         seed = torch.where(cand, score, torch.full_like(score, -1)).argmax(1)
         found = cand.any(1)
-        sb = box[torch.arange(len(box)), seed]  # (B, 2, 2)
+        sb = box[torch.arange(len(box), device=box.device), seed]  # (B, 2, 2)
         lo, hi = torch.maximum(box[:, :, 0], sb[:, None, 0]), torch.minimum(box[:, :, 1], sb[:, None, 1])
         inter = (hi - lo).clamp(min=0).prod(-1)
         area = (box[:, :, 1] - box[:, :, 0]).prod(-1)
@@ -249,7 +337,8 @@ class TorchFaceMesh:
         for pts, eye in ((liris, self.left_eye), (riris, self.right_eye)):
             z = m[:, eye[:16], 2].mean(1, keepdim=True)
             iris.append(torch.cat([pts.float().reshape(B, 5, 2), z[:, :, None].expand(B, 5, 1)], -1))
-        lm = torch.cat([m] + iris, 1) / LM_PX - torch.tensor([0.5, 0.5, 0.0], device=m.device)
+        lm = torch.cat([m] + iris, 1) / LM_PX
+        lm[..., :2] -= 0.5  # crop-centred x, y (no constant tensor copied to the device: that waits for it)
         r = rects.float()
         c, s = torch.cos(r[:, 3])[:, None], torch.sin(r[:, 3])[:, None]
         side = r[:, 2, None]
@@ -271,15 +360,18 @@ class TorchFaceMesh:
         f = torch.cat([frames, frames[-1:].expand(B - n, *frames.shape[1:])]) if B > n else frames
         _, H, W, _ = f.shape
         dev = self.device
-        expect = torch.tensor([(expect_box[0] + expect_box[2]) / 2 * W, (expect_box[1] + expect_box[3]) / 2 * H],
-                              device=dev, dtype=torch.float32).expand(B, 2)
-        roi = torch.tensor([det_roi[0], det_roi[1], det_roi[2], 0.0], device=dev, dtype=torch.float32).expand(B, 4)
+        # small host values go to the device without a wait (a blocking copy waits for every queued kernel)
+        expect = _to(torch.tensor([(expect_box[0] + expect_box[2]) / 2 * W, (expect_box[1] + expect_box[3]) / 2 * H],
+                                  dtype=torch.float32), dev).expand(B, 2)
+        roi = _to(torch.tensor([det_roi[0], det_roi[1], det_roi[2], 0.0], dtype=torch.float32), dev).expand(B, 4)
         if self.chain:
-            out, ok, carry_out = self._chains(f, n, roi, expect, carry)
+            out, ok, carry_out, missed = self._chains(f, n, roi, expect, carry, scheduled=True)
+            if bool(missed):  # a chain lost the face: again with detections wherever one is lost (one wait a batch)
+                out, ok, carry_out, _ = self._chains(f, n, roi, expect, carry, scheduled=False)
         else:
             det_rect, found = self.detect(f, roi, expect)
             out, ok, carry_out = self._passes(f, n, det_rect, found, carry)
-        out = out[:n] / torch.tensor([W, H, W], device=dev, dtype=torch.float32)
+        out = out[:n] / _to(torch.tensor([W, H, W], dtype=torch.float32), dev)
         out = torch.where(ok[:n, None, None], out, torch.full_like(out, float("nan")))
         return out, carry_out
 
@@ -301,7 +393,7 @@ class TorchFaceMesh:
             carry_out.append((lm[n - 1:n], ok[n - 1:n]))
         return lm, ok, carry_out
 
-    def _chains(self, f, n, roi, expect, carry):
+    def _chains(self, f, n, roi, expect, carry, scheduled: bool = False):
         """MediaPipe's own tracking (each frame cropped at the rect of the previous frame's landmarks, at
         its detection where the previous frame has none), run as parallel chains: the clip is cut at
         every ``chain``-th frame (counted from the clip's first frame, whatever the batches), and each
@@ -310,7 +402,11 @@ class TorchFaceMesh:
         (chain + warmup) / chain landmark runs (1.25 at 8 and 2), and every frame's crop comes from a chain
         at least warmup + 1 frames long. The detector runs only where a chain starts or has lost the face.
         ``carry``: the clip's frames seen so far and its last chain + warmup - 1 frames, so the cut does not
-        depend on the batches."""
+        depend on the batches. ``scheduled``: detections only where a chain starts (known on the host: no
+        step waits for the GPU), and ``missed`` (a device bool) says whether a chain lost the face, where
+        MediaPipe detects again: the caller then runs the batch unscheduled (a detection wherever a face is
+        lost, found by waiting for each step), which gives the same result a scheduled run gives when no
+        face is lost. Returns (landmarks, ok, carry, missed)."""
         dev = self.device
         L, Wm = self.chain, self.warmup
         B = len(f)
@@ -325,6 +421,9 @@ class TorchFaceMesh:
         out_ok = torch.zeros(B + 1, dtype=torch.bool, device=dev)
         prev_lm = torch.zeros(S, 478, 3, device=dev)
         prev_ok = torch.zeros(S, dtype=torch.bool, device=dev)
+        starts_h = first + L * np.arange(S)
+        valid_before = np.zeros(S, bool)
+        missed = torch.zeros((), dtype=torch.bool, device=dev)
         for t in range(Wm + L):
             c = starts - Wm + t  # the clip frame each chain is at
             j = c - (o - P)
@@ -332,7 +431,17 @@ class TorchFaceMesh:
             jj = j.clamp(0, P + B - 1)
             rect = rect_from_points(prev_lm[..., :2], 33, 263)
             found = prev_ok.clone()
-            need = torch.nonzero(valid & ~prev_ok)[:, 0]
+            if scheduled:  # the chains that start at this step (the same on the host: no wait)
+                c_h = starts_h - Wm + t
+                valid_h = (c_h >= 0) & (c_h - (o - P) >= 0) & (c_h - (o - P) < P + n)
+                start_h = np.flatnonzero(valid_h & ~valid_before)
+                valid_before = valid_h
+                sched = torch.zeros(S, dtype=torch.bool)
+                sched[start_h] = True
+                missed = missed | (valid & ~prev_ok & ~_to(sched, dev)).any()
+                need = _to(torch.from_numpy(start_h), dev)
+            else:
+                need = torch.nonzero(valid & ~prev_ok)[:, 0]
             if len(need):
                 # detections of the chains without a face, padded to a power of two (few shapes)
                 m = len(need)
@@ -348,7 +457,7 @@ class TorchFaceMesh:
             prev_lm, prev_ok = lm, ok
         keep_n = min(o + n, L - 1 + Wm)
         carry_out = {"seen": o + n, "frames": ext[P + n - keep_n: P + n].clone()}
-        return out_lm[:B], out_ok[:B], carry_out
+        return out_lm[:B], out_ok[:B], carry_out, missed
 
     def track_array(self, frames, expect_box, det_roi, carry=None):
         """``track`` on (B, H, W, 3) uint8 frames (numpy, or a tensor on any device); landmarks come

@@ -65,6 +65,42 @@ def _to4(c: torch.Tensor) -> torch.Tensor:
     return c.permute(0, 3, 1, 2)
 
 
+def _densify(sp, values: np.ndarray, shape: list[int], path) -> np.ndarray:
+    """A sparse constant (TFLite's SparsityParameters: each dimension, in traversal order, dense or
+    compressed-sparse-row) as its dense array; ``values`` are the stored non-zeros in traversal order."""
+    import tflite
+
+    if sp.BlockMapLength():
+        raise NotImplementedError(f"{path}: block-sparse tensors are not supported")
+    order = sp.TraversalOrderAsNumpy().tolist()
+    vec = {1: tflite.Int32Vector, 2: tflite.Uint16Vector, 3: tflite.Uint8Vector}
+
+    def ints(kind: int, table) -> np.ndarray:
+        v = vec[kind]()
+        v.Init(table.Bytes, table.Pos)
+        return v.ValuesAsNumpy().astype(np.int64)
+
+    coords = np.zeros((1, 0), np.int64)  # the coordinates of each position reached so far, by level
+    pos = np.zeros(1, np.int64)  # each one's position in the level's storage
+    for lvl in range(sp.DimMetadataLength()):
+        d = sp.DimMetadata(lvl)
+        if d.Format() == 0:  # dense: every index
+            n = d.DenseSize()
+            idx = np.tile(np.arange(n), len(pos))
+            coords = np.repeat(coords, n, axis=0)
+            pos = (pos[:, None] * n + np.arange(n)).ravel()
+        else:  # CSR: the indices stored for each parent
+            seg, ind = ints(d.ArraySegmentsType(), d.ArraySegments()), ints(d.ArrayIndicesType(), d.ArrayIndices())
+            counts = seg[pos + 1] - seg[pos]
+            pos = np.concatenate([np.arange(a, b) for a, b in zip(seg[pos], seg[pos + 1])]) if len(pos) else pos
+            coords = np.repeat(coords, counts, axis=0)
+            idx = ind[pos]
+        coords = np.concatenate([coords, idx[:, None]], 1)
+    out = np.zeros(shape, values.dtype)
+    out[tuple(coords[:, order.index(dim)] for dim in range(len(shape)))] = values[pos]
+    return out
+
+
 class TFLiteGraph(torch.nn.Module):
     """One subgraph of a .tflite file. ``forward(x)`` takes NHWC float input(s) of any batch (the
     preprocessing is the caller's) and returns the graph's outputs in TFLite layout, batch first."""
@@ -86,9 +122,9 @@ class TFLiteGraph(torch.nn.Module):
             self.shapes[i] = t.ShapeAsNumpy().tolist() if t.ShapeLength() else []
             b = model.Buffers(t.Buffer())
             if b is not None and b.DataLength():
-                if t.Sparsity() is not None:
-                    raise NotImplementedError(f"{path}: sparse tensors (DENSIFY) are not supported")
-                consts[i] = np.frombuffer(b.DataAsNumpy().tobytes(), _NP[t.Type()]).reshape(self.shapes[i] or ())
+                raw = np.frombuffer(b.DataAsNumpy().tobytes(), _NP[t.Type()])
+                consts[i] = (_densify(t.Sparsity(), raw, self.shapes[i], path) if t.Sparsity() is not None
+                             else raw.reshape(self.shapes[i] or ()))
         self.inputs = [int(g.Inputs(i)) for i in range(g.InputsLength())]
         self.outputs = [int(g.Outputs(i)) for i in range(g.OutputsLength())]
         self.output_names = [g.Tensors(i).Name().decode() for i in self.outputs]
@@ -101,6 +137,9 @@ class TFLiteGraph(torch.nn.Module):
             outs = [int(j) for j in op.OutputsAsNumpy()]
             if kind == "DEQUANTIZE" and ins[0] in consts:  # fp16 weights: fold
                 consts[outs[0]] = consts[ins[0]].astype(np.float32)
+                continue
+            if kind == "DENSIFY" and ins[0] in consts:  # sparse weights, made dense at load: fold
+                consts[outs[0]] = consts[ins[0]]
                 continue
             if kind == "CUSTOM":
                 kind = code.CustomCode().decode()
@@ -167,6 +206,14 @@ class TFLiteGraph(torch.nn.Module):
             p = tflite.ReshapeOptions()
             p.Init(o.Bytes, o.Pos)
             return {"shape": p.NewShapeAsNumpy().tolist() if p.NewShapeLength() else None}
+        if kind == "RESIZE_BILINEAR":
+            p = tflite.ResizeBilinearOptions()
+            p.Init(o.Bytes, o.Pos)
+            return {"align_corners": p.AlignCorners(), "half_pixel": p.HalfPixelCenters()}
+        if kind == "DEPTH_TO_SPACE":
+            p = tflite.DepthToSpaceOptions()
+            p.Init(o.Bytes, o.Pos)
+            return {"block": p.BlockSize()}
         if kind == "STRIDED_SLICE":
             p = tflite.StridedSliceOptions()
             p.Init(o.Bytes, o.Pos)
@@ -244,6 +291,16 @@ class TFLiteGraph(torch.nn.Module):
             return _act(torch.cat(xs, ax), o["act"])
         if k == "STRIDED_SLICE":
             return self._strided_slice(op, get)
+        if k == "RESIZE_BILINEAR":
+            x, (h, w) = get(op.inputs[0]), self._consts_np[op.inputs[1]].astype(int).tolist()
+            if not (o["align_corners"] or o["half_pixel"]):  # TF's legacy sampling (src = dst * in / out)
+                raise NotImplementedError(f"{self.path}: RESIZE_BILINEAR without half_pixel_centers or align_corners")
+            return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=bool(o["align_corners"]))
+        if k == "DEPTH_TO_SPACE":  # TensorFlow's depth-column-row order: channel (i * bs + j) * C + c
+            x, bs = get(op.inputs[0]), o["block"]
+            n, c, h, w = x.shape
+            return (x.reshape(n, bs, bs, c // (bs * bs), h, w).permute(0, 3, 4, 1, 5, 2)
+                    .reshape(n, c // (bs * bs), h * bs, w * bs))
         if k == "Landmarks2TransformMatrix":
             return landmarks_to_transform_matrix(get(op.inputs[0]), o, getattr(self, o["subset"]))
         if k == "TransformTensorBilinear":

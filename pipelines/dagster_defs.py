@@ -177,8 +177,10 @@ def tracks(context: dg.AssetExecutionContext, m2fd: M2FDResource, watch: dg.Reso
 
     r = run_tracks(m2fd.out, m2fd.configs().extract, m2fd.ex, progress=watch.progress, prefetch=m2fd._prefetch)
     m2fd._prefetch = None
-    m = r.pop("metrics")
-    return dg.MaterializeResult(metadata={**r, "cpu_s": dg.MetadataValue.json({k: round(v, 2) for k, v in m.items()})})
+    m = r.pop("metrics")  # task seconds by step (``*_s``) and counts (clips transcribed)
+    counts = {k: int(v) for k, v in m.items() if not k.endswith("_s")}
+    return dg.MaterializeResult(metadata={**r, **counts, "cpu_s": dg.MetadataValue.json(
+        {k: round(v, 2) for k, v in m.items() if k.endswith("_s")})})
 
 
 @dg.asset(group_name="m2fd", deps=[tracks],

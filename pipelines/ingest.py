@@ -60,6 +60,7 @@ class AnalyseWork:
     source: dict  # {"uri", "path", "sha256", "size"} as fetched
     cfg: dict  # IngestConfig.to_dict()
     part: str  # parts/ingest/<sha256>-<config digest>.json, written last
+    detector: str = "mediapipe"  # the face detector's engine (detector_engine)
 
 
 @stage_task
@@ -98,8 +99,36 @@ def config_scorer(cfg: IngestConfig, device: str = "cpu"):
 
 
 def asd_gpu(cfg: IngestConfig, ex) -> bool:
-    """Whether analysis tasks ask a share of a GPU (Light-ASD on CUDA, where the cluster has one)."""
-    return bool(cfg.asd_weights) and cfg.asd_device != "cpu" and ex.has_gpu()
+    """Whether analysis tasks ask a share of a GPU (Light-ASD or the torch face detector on CUDA, where the
+    cluster has one)."""
+    return (bool(cfg.asd_weights) and cfg.asd_device != "cpu" or cfg.detector != "mediapipe") and ex.has_gpu()
+
+
+def detector_engine(cfg: IngestConfig, ex) -> str:
+    """The face detector the analysis tasks run: "mediapipe", "torch-cuda" or "torch-cpu" (ingest.detector;
+    "auto" is torch on CUDA where the cluster has a GPU, else MediaPipe)."""
+    if cfg.detector == "mediapipe" or (cfg.detector == "auto" and not ex.has_gpu()):
+        return "mediapipe"
+    return "torch-cuda" if ex.has_gpu() else "torch-cpu"
+
+
+@functools.lru_cache(maxsize=2)
+def _torch_detector(device: str, min_score: float):
+    """One torch face detector per worker process and device (the densified weights load once)."""
+    from extractors.mesh_torch import TorchFaceDetector
+
+    return TorchFaceDetector(device, min_score)
+
+
+def face_detector(engine: str, cfg: IngestConfig):
+    """The detector an analysis task runs (None: MediaPipe's graph, made and closed by the analysis)."""
+    if engine == "mediapipe":
+        return None
+    import torch
+
+    if engine == "torch-cuda" and not torch.cuda.is_available():
+        raise RuntimeError("ingest.detector: this analysis task was given no CUDA device")
+    return _torch_detector("cuda" if engine == "torch-cuda" else "cpu", cfg.face_min_score)
 
 
 # what an ingest part holds, in its name: parts of another format are analysed again (2: clips.asd_sync)
@@ -118,6 +147,18 @@ def asd_lineage(cfg: IngestConfig) -> dict | None:
                         if s.sync.encoder is not None else {})}} if s.sync is not None else {}
     return {"name": "light-asd", "path": s.path, "sha256": s.sha256,
             **({"device": cfg.asd_device} if cfg.asd_device != "cpu" else {}), **sync}
+
+
+def detector_lineage(cfg: IngestConfig) -> dict:
+    """The face detector of a config: the full-range model file both engines run, and ingest.detector
+    (the engine that ran is in the ingest parts' names)."""
+    from extractors.mesh_torch import mediapipe_model
+    from models.packaged import verified_sha256
+
+    rel = "face_detection/face_detection_full_range_sparse.tflite" if cfg.face_model == 1 else \
+        "face_detection/face_detection_short_range.tflite"
+    p = mediapipe_model(rel)
+    return {"detector": cfg.detector, "path": str(p), "sha256": verified_sha256(p)}
 
 
 def vad_lineage(cfg: IngestConfig) -> dict:
@@ -139,7 +180,8 @@ def _analyse_task(w: AnalyseWork) -> dict:
     asd = config_scorer(cfg, cfg.asd_device)
     kept: list = []
     result = analyse(item["path"], item["uri"], item["sha256"], item["size"], cfg,
-                     asd=asd.track if asd is not None else None, audio_sink=kept.append)
+                     detector=face_detector(w.detector, cfg), asd=asd.track if asd is not None else None,
+                     audio_sink=kept.append)
     if kept and result["clips"]:  # later stages read it from parts/audio/ instead of decoding it again
         keep_audio(w.out, item["sha256"], kept[0])
     atomic_write_bytes(part, json.dumps(result, sort_keys=True).encode())
@@ -198,6 +240,8 @@ def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | N
     digest = (f"{cfg.digest()}-p{PART_FORMAT}" + (f"-{asd['sha256'][:8]}" if asd else "")
               + (f"-{asd['sync']['sha256'][:8]}" if asd and "sync" in asd else "")
               + (f"-{vad['sha256'][:8]}" if "sha256" in vad else ""))
+    engine = detector_engine(cfg, ex)
+    digest += f"-{engine}" if engine != "mediapipe" else ""
     # each source's rows are kept as validated Arrow as it comes (its face tracks carry per-frame scores)
     tables = {name: RowBuffer(name) for name in ("sources", "clips", "face_tracks")}
     clip_s = 0.0
@@ -220,7 +264,7 @@ def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | N
             take(cached)
             n_done += 1
         else:
-            todo.append(AnalyseWork(str(out), f, cfg.to_dict(), str(part)))
+            todo.append(AnalyseWork(str(out), f, cfg.to_dict(), str(part), engine))
     summary.reused = n_done
     tick("analyse", n_done, len(unique))
     for item, res in ex.map_unordered(_analyse_task, todo, **task_options(_analyse_task, use_gpu=asd_gpu(cfg, ex))):

@@ -19,7 +19,7 @@ def finish_dataset(out: Path, cfg: RunConfig) -> dict:
     from storage_schemas import write_json
     from storage_schemas.dataset import CARD, extract_lineage
 
-    from .ingest import asd_lineage, vad_lineage
+    from .ingest import asd_lineage, detector_lineage, vad_lineage
     from .lineage import code_version
 
     icfg, ecfg = cfg.ingest, cfg.extract
@@ -42,6 +42,7 @@ def finish_dataset(out: Path, cfg: RunConfig) -> dict:
                 "landmarkers": ext.get("landmarkers"),  # the Face Mesh engines the extraction parts were made with
                 "face_template": hashlib.sha256(TEMPLATE_PATH.read_bytes()).hexdigest(),
                 "gnpfa": ext.get("gnpfa"),
+                "face_detection": detector_lineage(icfg),
                 "active_speaker": asd_lineage(icfg),
                 "vad": vad_lineage(icfg),
                 "transcription": ext.get("engines"),

@@ -95,6 +95,9 @@ def test_run_is_a_dagster_run_with_every_stage_and_check(real_result):
     ds = open_dataset(out)
     assert res["assets"]["clips"]["n_clips"] == ds.table("clips").num_rows
     assert res["assets"]["shards"]["version"] == 1
+    tracks = res["assets"]["tracks"]  # task seconds by step, and the count of transcribed clips beside them
+    assert tracks["cpu_s"] and all(k.endswith("_s") for k in tracks["cpu_s"])
+    assert tracks["transcribed_clips"] == ds.table("transcripts").num_rows
     assert json.loads((out / "batches" / f"{res['batch']}.json").read_text())["sources"]
 
 
