@@ -155,10 +155,11 @@ def weighted_nms(boxes: np.ndarray, scores: np.ndarray, iou_thr: float = _NMS_IO
         top = order[0]
         sim = iou(boxes[top:top + 1], boxes[order])[0]
         take = order[sim > iou_thr]
+        if len(take) == 0:  # a box of no area overlaps nothing, not even itself: MediaPipe keeps it and stops
+            out.append(np.append(boxes[top], scores[top]))
+            break
         w = scores[take]
         out.append(np.append((boxes[take] * w[:, None]).sum(0) / w.sum(), scores[top]))
-        if len(take) == 0:  # a degenerate box overlaps nothing, not even itself: MediaPipe stops there
-            break
         order = order[sim <= iou_thr]
     return np.asarray(out, np.float32).reshape(-1, 5)
 

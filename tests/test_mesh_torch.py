@@ -324,3 +324,17 @@ def test_ingest_with_the_torch_detector_cuts_the_clips_mediapipe_cuts(real_dir):
     with pytest.raises(ValueError, match="face_model=1"):
         IngestConfig.from_dict({"detector": "torch", "face_model": 0})
     assert IngestConfig().digest() != cfg.digest()
+
+
+def test_weighted_suppression_merges_overlapping_boxes_as_mediapipe_does():
+    """MediaPipe's WEIGHTED suppression: the best box takes the boxes overlapping it by IoU > 0.3 (itself
+    included) and becomes their score-weighted mean with its own score; a box of no area stops it."""
+    from extractors.mesh_torch import weighted_nms
+
+    b = np.array([[0.1, 0.1, 0.3, 0.3], [0.12, 0.1, 0.32, 0.3], [0.6, 0.6, 0.8, 0.8]], np.float32)
+    s = np.array([0.9, 0.6, 0.8], np.float32)
+    got = weighted_nms(b, s)
+    np.testing.assert_allclose(got, [[0.108, 0.1, 0.308, 0.3, 0.9], [0.6, 0.6, 0.8, 0.8, 0.8]], atol=1e-6)
+    flat = np.vstack([b, [[0.5, 0.5, 0.5, 0.6]]]).astype(np.float32)
+    np.testing.assert_allclose(weighted_nms(flat, np.append(s, 0.95).astype(np.float32)), [[0.5, 0.5, 0.5, 0.6, 0.95]])
+    assert weighted_nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32)).shape == (0, 5)
