@@ -117,14 +117,17 @@ class IngestConfig:
             raise ValueError("ingest.detector=torch/auto runs the full-range model only: set face_model=1")
 
     def digest(self) -> str:
-        # keys added after datasets were made are left out at the default that does what was done before
-        # them, so a dataset's ingest parts stay valid across the upgrade
-        d = {k: v for k, v in self.to_dict().items() if _ADDED_LATER.get(k, _NONE) != v}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(_keyed(self.to_dict()), sort_keys=True).encode()).hexdigest()[:12]
 
 
+# keys added after datasets were made, with the default that does what was done before them: left out of
+# digests and part keys at that default, so a dataset's parts stay valid across the upgrade
+_ADDED_LATER = {"detector": "mediapipe", "asr_engine": "ctranslate2"}
 _NONE = object()
-_ADDED_LATER = {"detector": "mediapipe"}
+
+
+def _keyed(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if _ADDED_LATER.get(k, _NONE) != v}
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,10 @@ class ExtractConfig:
     # "cpu" (the same transcripts on every machine), "cuda" (faster on a GPU node; float16 transcripts differ
     # in places and the engine string says so) or "auto" (CUDA where a GPU is visible)
     asr_device: str = "cpu"
+    # which runtime decodes: "ctranslate2" (faster-whisper) or "torch" (openai-whisper's PyTorch model on the
+    # same packaged weights, models.whisper_ct2: for GPUs whose CUDA the ctranslate2 wheel was not built for,
+    # such as CUDA 13 nodes; beam 5 as faster-whisper; the engine string says "whisper-torch")
+    asr_engine: str = "ctranslate2"
     # decoded tokens per second of audio at most (real speech: <= 5.1; 0 = Whisper's 448 per 30 s window), and
     # the gzip compression ratio above which a decoded segment is a repetition loop and left out (Whisper's 2.4)
     asr_max_tokens_per_s: float = 15.0
@@ -232,10 +239,17 @@ class ExtractConfig:
         for key in ("device", "asr_device"):
             if getattr(cfg, key) not in ("auto", "cpu", "cuda"):
                 raise ValueError(f"extract.{key} must be auto, cpu or cuda, got {getattr(cfg, key)!r}")
+        if cfg.asr_engine not in ("ctranslate2", "torch"):
+            raise ValueError(f"extract.asr_engine must be ctranslate2 or torch, got {cfg.asr_engine!r}")
         return cfg
 
+    def keyed(self) -> dict[str, Any]:
+        """to_dict() less the keys added after datasets were made while at the default that does what was
+        done before them (what digests and part keys hash, so existing parts stay valid)."""
+        return _keyed(self.to_dict())
+
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha256(json.dumps(self.keyed(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)

@@ -223,24 +223,40 @@ class FasterWhisperTranscriber(_Engine):
 
 
 class WhisperTranscriber(_Engine):
+    """openai-whisper's PyTorch model: an openai-whisper ``.pt`` checkpoint (greedy decoding), or a
+    CTranslate2 model folder's weights loaded into it (models.whisper_ct2; asr_engine=torch: beam 5 as
+    faster-whisper decodes, engine "whisper-torch:<folder>:<sha16>"), float16 on CUDA."""
+
     def __init__(self, checkpoint_path: str, device: str | None = None, max_tokens_per_s: float = MAX_TOKENS_PER_S,
                  max_compression_ratio: float = MAX_COMPRESSION_RATIO):
         import torch
-        import whisper
 
         from models.packaged import verified_sha256
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = whisper.load_model(checkpoint_path, device=self.device)
-        self.sha256 = verified_sha256(checkpoint_path)
-        self.engine = f"whisper:{self.sha256[:16]}" + (":cuda-fp16" if self.device == "cuda" else "")
+        cuda = ":cuda-fp16" if self.device == "cuda" else ""
+        if Path(checkpoint_path).is_dir():
+            from models.whisper_ct2 import load_whisper_from_ct2
+
+            self.model = load_whisper_from_ct2(checkpoint_path, device=self.device)
+            self.sha256 = transcriber_sha256(checkpoint_path)
+            self.engine = f"whisper-torch:{Path(checkpoint_path).name}:{self.sha256[:16]}{cuda}"
+            self.beam_size: int | None = 5
+        else:
+            import whisper
+
+            self.model = whisper.load_model(checkpoint_path, device=self.device)
+            self.sha256 = verified_sha256(checkpoint_path)
+            self.engine = f"whisper:{self.sha256[:16]}{cuda}"
+            self.beam_size = None
         self.max_tokens_per_s, self.max_compression_ratio = max_tokens_per_s, max_compression_ratio
 
     def decode(self, audio: np.ndarray, language: str | None = None) -> tuple[str | None, list[Segment]]:
         cap = token_cap(len(audio), self.max_tokens_per_s)
         res = self.model.transcribe(audio.astype(np.float32), language=language, word_timestamps=True,
                                     fp16=self.device == "cuda", temperature=0.0, condition_on_previous_text=False,
-                                    verbose=None, **({"sample_len": cap} if cap else {}))
+                                    verbose=None, **({"sample_len": cap} if cap else {}),
+                                    **({"beam_size": self.beam_size} if self.beam_size else {}))
         return res.get("language"), [Segment(seg.get("text", ""), float(seg["start"]), float(seg["end"]),
                                              [(w["word"], float(w["start"]), float(w["end"]))
                                               for w in seg.get("words", []) or []])
@@ -282,18 +298,21 @@ _CACHE: dict = {}
 
 
 def make_transcriber(whisper_checkpoint: str | None, threads: int = 1, max_tokens_per_s: float = MAX_TOKENS_PER_S,
-                     max_compression_ratio: float = MAX_COMPRESSION_RATIO, device: str = "cpu"):
+                     max_compression_ratio: float = MAX_COMPRESSION_RATIO, device: str = "cpu",
+                     engine: str = "ctranslate2"):
     """The engine for a configured checkpoint, one per process (loading Whisper takes about a second).
     ``device``: "cpu" (the default: the same transcripts on every machine, and no CUDA library is loaded,
     so a node whose CUDA the wheel was not built for still transcribes), "cuda", or "auto" (CUDA where a
-    GPU is visible); a GPU engine names its device in the engine string (its transcripts differ in places)."""
-    key = (whisper_checkpoint, threads, max_tokens_per_s, max_compression_ratio, device)
+    GPU is visible); a GPU engine names its device in the engine string (its transcripts differ in places).
+    ``engine``: "ctranslate2" (faster-whisper) or "torch" (a CTranslate2 folder's weights in openai-whisper's
+    PyTorch model, on any device PyTorch runs on); an openai-whisper .pt runs in PyTorch either way."""
+    key = (whisper_checkpoint, threads, max_tokens_per_s, max_compression_ratio, device, engine)
     if key not in _CACHE:
         r = resolve_whisper(whisper_checkpoint)
         limits = {"max_tokens_per_s": max_tokens_per_s, "max_compression_ratio": max_compression_ratio}
         if r is None:
             _CACHE[key] = SphinxTranscriber()
-        elif r[0] == "ct2":
+        elif r[0] == "ct2" and engine == "ctranslate2":
             _CACHE[key] = FasterWhisperTranscriber(r[1], device=None if device == "auto" else device, threads=threads,
                                                    **limits)
         else:

@@ -174,7 +174,8 @@ def _extract_task(w: TrackWork) -> dict:
         feats = extract_source(source_path(w.out, s), s["width"], s["height"], w.clips, cfg,
                                audio=source_audio(w.out, s),  # kept by ingest: not decoded again
                                transcriber=make_transcriber(cfg.whisper_checkpoint, cfg.asr_threads, cfg.asr_max_tokens_per_s,
-                                                            cfg.asr_max_compression_ratio, cfg.asr_device), timings=tm,
+                                                            cfg.asr_max_compression_ratio, cfg.asr_device,
+                                                            cfg.asr_engine), timings=tm,
                                landmarker=landmarker, nvdec=nvdec, **_loaded_models(cfg))
     finally:
         torch.set_num_threads(threads)
@@ -199,7 +200,7 @@ def _part_key(source: dict, clips: list[dict], cfg: ExtractConfig, models: dict)
     h.update(source["sha256"].encode())
     h.update(json.dumps({k: v["sha256"] for k, v in models.items()}, sort_keys=True).encode())
     h.update(json.dumps([(c["clip_id"], c["n_frames"], c.get("asd_sync")) for c in clips]).encode())
-    h.update(json.dumps({k: v for k, v in cfg.to_dict().items() if not k.startswith("gnpfa") and k != "device"},
+    h.update(json.dumps({k: v for k, v in cfg.keyed().items() if not k.startswith("gnpfa") and k != "device"},
                         sort_keys=True).encode())
     h.update(TEMPLATE_PATH.read_bytes())
     return h.hexdigest()[:24]
@@ -507,12 +508,14 @@ def run_extract(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callab
 
 
 def track_resources(cfg: ExtractConfig, ex) -> dict:
-    """Ray resources of an extraction task: a share of a GPU for the torch landmarker where there is one.
-    Asking for NVDEC where the run has no GPU is a configuration error, said before any task starts."""
+    """Ray resources of an extraction task: a share of a GPU for the torch landmarker or transcription on
+    CUDA (asr_device) where there is one. Asking for NVDEC where the run has no GPU is a configuration
+    error, said before any task starts."""
     gpu = landmarker_gpu(cfg, ex)
     if cfg.decoder == "nvdec" and not gpu:
         raise ValueError("decoder=nvdec needs the torch landmarker (landmarker=torch or auto, device not cpu) "
                          "on a GPU, and this run has none (in the Ray cluster, or in this process)")
+    gpu = gpu or (cfg.asr_device != "cpu" and ex.has_gpu())
     return task_options(_extract_task, use_gpu=gpu, gpus=1 / cfg.tasks_per_gpu if cfg.tasks_per_gpu else None)
 
 

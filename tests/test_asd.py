@@ -159,6 +159,9 @@ def test_gpu_shares_follow_the_config():
     assert track_resources(ExtractConfig(landmarker="torch"), _Cluster())["num_gpus"] == 1 / 8
     assert track_resources(ExtractConfig(landmarker="torch", tasks_per_gpu=16), _Cluster())["num_gpus"] == 1 / 16
     assert "num_gpus" not in track_resources(ExtractConfig(landmarker="mediapipe"), _Cluster())
+    # transcription on CUDA needs the task to see a GPU, whichever landmarker runs; so does the torch detector
+    assert track_resources(ExtractConfig(landmarker="mediapipe", asr_device="cuda"), _Cluster())["num_gpus"] == 1 / 8
+    assert asd_gpu(dataclasses.replace(CFG, detector="torch"), _Cluster())
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")

@@ -86,6 +86,32 @@ def test_transcription_stays_on_the_cpu_unless_asked_where_a_gpu_is_visible(monk
         ExtractConfig.from_dict({"asr_device": "gpu"})
 
 
+def test_asr_engine_torch_transcribes_with_the_packaged_weights_in_pytorch():
+    """extract.asr_engine=torch (for GPUs ctranslate2 has no build for): the packaged Whisper base weights in
+    openai-whisper's PyTorch model through the pipeline's engine interface, beam 5 as faster-whisper: the
+    same language and nearly the same words on real German speech, named as its own engine; a config key
+    added at its default leaves digests and part keys as they were."""
+    import difflib
+
+    from extractors.config import ExtractConfig
+    from extractors.transcribe import WhisperTranscriber, make_transcriber
+
+    cfg = ExtractConfig.from_dict({"asr_engine": "torch"})
+    tr = make_transcriber("base", engine=cfg.asr_engine)
+    assert isinstance(tr, WhisperTranscriber) and tr.sha256 == packaged.PACKAGED["whisper-base"].sha256
+    assert tr.engine.startswith("whisper-torch:") and tr.sha256[:16] in tr.engine and "cuda" not in tr.engine
+    audio = _corpus_audio("mimictalk_german.mp4", 0.0, 8.0)
+    got, want = tr(audio), make_transcriber("base")(audio)
+    assert got.language == want.language == "de" and got.engine == tr.engine and got.model_sha256 == tr.sha256
+    starts = [w["start_s"] for w in got.words]
+    assert len(got.words) >= 8 and starts == sorted(starts) and all(w["end_s"] <= 8.05 for w in got.words)
+    assert difflib.SequenceMatcher(None, got.text.split(), want.text.split()).ratio() >= 0.7, (got.text, want.text)
+    assert ExtractConfig().keyed() == {k: v for k, v in ExtractConfig().to_dict().items() if k != "asr_engine"}
+    assert cfg.digest() != ExtractConfig().digest()
+    with pytest.raises(ValueError, match="asr_engine"):
+        ExtractConfig.from_dict({"asr_engine": "onnx"})
+
+
 def test_the_packaged_whisper_weights_run_in_openai_whispers_pytorch_model():
     """models/whisper_ct2 loads the packaged CTranslate2 weights into openai-whisper's model (for PyTorch
     devices that ctranslate2 has no build for): greedy decoding of real German speech gives faster-whisper's
