@@ -108,6 +108,20 @@ def test_of_two_faces_of_the_same_size_the_speaking_one_is_chosen(made):
     for c in r["clips"]:
         assert (c["face_box"][0] + c["face_box"][2]) / 2 > 0.5  # the talking person is on the right
         assert c["n_other_faces"] >= 1
+    # the torch port of the face detector (ingest.detector=torch) finds both faces alike and the same speaker;
+    # its boxes differ from MediaPipe's in the third decimal, which moves the first second's speaker decision
+    # (ASD-sync at its margin there): the clip spans overlap by more than 80% (measured: 0-219 vs 30-219)
+    from pipelines.ingest import face_detector
+
+    p = made["two_people"]
+    asd = config_scorer(CFG)
+    port = analyse(str(p), str(p), sha256_file(p), p.stat().st_size, CFG, asd=asd.track,
+                   detector=face_detector("torch-cpu", CFG))["clips"]
+    assert len(port) == len(r["clips"])
+    for a, b in zip(port, r["clips"]):
+        assert (a["face_box"][0] + a["face_box"][2]) / 2 > 0.5 and a["n_other_faces"] >= 1
+        lo, hi = max(a["start_frame"], b["start_frame"]), min(a["start_frame"] + a["n_frames"], b["start_frame"] + b["n_frames"])
+        assert hi - lo > 0.8 * max(a["n_frames"], b["n_frames"]), (a["start_frame"], a["n_frames"], b["start_frame"], b["n_frames"])
     # without active-speaker detection the same video cannot be used
     off = _analyse(made["two_people"], IngestConfig(asd_weights=""))
     assert off["source"]["status"] == "quarantined" and off["quarantine"][0]["reason"] == "multiple_faces"
@@ -133,6 +147,9 @@ def test_scores_reach_the_tables_and_the_lineage(real_run):
 
     assert asd["sync"]["sha256"] == asd_sync.SHIPPED_SHA256
     assert asd["sync"]["encoder"]["sha256"] == packaged.PACKAGED["whisper-base"].sha256
+    fd = card["lineage"]["checkpoints"]["face_detection"]  # the full-range model file both detectors run
+    assert fd["detector"] == "mediapipe" and fd["path"].endswith("face_detection_full_range_sparse.tflite")
+    assert fd["sha256"] == packaged.sha256_of(fd["path"])
 
 
 class _Cluster:
