@@ -98,7 +98,7 @@ def config_scorer(cfg: IngestConfig, device: str = "cpu"):
                       cfg.asd_sync_encoder)
 
 
-def asd_gpu(cfg: IngestConfig, ex) -> bool:
+def analysis_gpu(cfg: IngestConfig, ex) -> bool:
     """Whether analysis tasks ask a share of a GPU (Light-ASD or the torch face detector on CUDA, where the
     cluster has one)."""
     return (bool(cfg.asd_weights) and cfg.asd_device != "cpu" or cfg.detector != "mediapipe") and ex.has_gpu()
@@ -267,7 +267,7 @@ def run_ingest(sources: list[str], out: str | os.PathLike, cfg: IngestConfig | N
             todo.append(AnalyseWork(str(out), f, cfg.to_dict(), str(part), engine))
     summary.reused = n_done
     tick("analyse", n_done, len(unique))
-    for item, res in ex.map_unordered(_analyse_task, todo, **task_options(_analyse_task, use_gpu=asd_gpu(cfg, ex))):
+    for item, res in ex.map_unordered(_analyse_task, todo, **task_options(_analyse_task, use_gpu=analysis_gpu(cfg, ex))):
         if isinstance(res, TaskFailure):
             res = _analysis_failed(item.source, res)
         take(res)

@@ -164,12 +164,12 @@ def test_gpu_shares_follow_the_config():
 
     from extractors.config import ExtractConfig
     from pipelines.extract import track_resources
-    from pipelines.ingest import _analyse_task, asd_gpu
+    from pipelines.ingest import _analyse_task, analysis_gpu
     from pipelines.stages import task_options
 
-    assert not asd_gpu(CFG, _Cluster())  # cpu by default: the same scores on every machine
+    assert not analysis_gpu(CFG, _Cluster())  # cpu by default: the same scores on every machine
     auto = dataclasses.replace(CFG, asd_device="auto")
-    assert asd_gpu(auto, _Cluster()) and not asd_gpu(dataclasses.replace(auto, asd_weights=""), _Cluster())
+    assert analysis_gpu(auto, _Cluster()) and not analysis_gpu(dataclasses.replace(auto, asd_weights=""), _Cluster())
     assert task_options(_analyse_task, use_gpu=True)["num_gpus"] == 1 / 32
     with pytest.raises(ValueError, match="asd_device"):
         dataclasses.replace(CFG, asd_device="gpu").check()
@@ -178,7 +178,7 @@ def test_gpu_shares_follow_the_config():
     assert "num_gpus" not in track_resources(ExtractConfig(landmarker="mediapipe"), _Cluster())
     # transcription on CUDA needs the task to see a GPU, whichever landmarker runs; so does the torch detector
     assert track_resources(ExtractConfig(landmarker="mediapipe", asr_device="cuda"), _Cluster())["num_gpus"] == 1 / 8
-    assert asd_gpu(dataclasses.replace(CFG, detector="torch"), _Cluster())
+    assert analysis_gpu(dataclasses.replace(CFG, detector="torch"), _Cluster())
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")

@@ -297,7 +297,7 @@ def test_ingest_with_the_torch_detector_cuts_the_clips_mediapipe_cuts(real_dir):
     from extractors.config import IngestConfig
     from extractors.ingest import analyse
     from extractors.probe import sha256_file
-    from pipelines.ingest import asd_gpu, config_scorer, detector_engine, face_detector
+    from pipelines.ingest import analysis_gpu, config_scorer, detector_engine, face_detector
 
     p = real_dir / "d14.mp4"
     sha, size = sha256_file(p), p.stat().st_size
@@ -319,7 +319,7 @@ def test_ingest_with_the_torch_detector_cuts_the_clips_mediapipe_cuts(real_dir):
     auto = IngestConfig.from_dict({"detector": "auto"})
     assert [detector_engine(c, Cluster(False)) for c in (IngestConfig(), cfg, auto)] == ["mediapipe", "torch-cpu", "mediapipe"]
     assert [detector_engine(c, Cluster(True)) for c in (IngestConfig(), cfg, auto)] == ["mediapipe", "torch-cuda", "torch-cuda"]
-    assert asd_gpu(cfg, Cluster(True)) and not asd_gpu(IngestConfig(), Cluster(True)) and not asd_gpu(cfg, Cluster(False))
+    assert analysis_gpu(cfg, Cluster(True)) and not analysis_gpu(IngestConfig(), Cluster(True)) and not analysis_gpu(cfg, Cluster(False))
     assert face_detector("mediapipe", IngestConfig()) is None
     with pytest.raises(ValueError, match="face_model=1"):
         IngestConfig.from_dict({"detector": "torch", "face_model": 0})
