@@ -101,6 +101,36 @@ def _densify(sp, values: np.ndarray, shape: list[int], path) -> np.ndarray:
     return out
 
 
+def _conv_opts(p) -> dict:
+    return {"pad": p.Padding(), "sh": p.StrideH(), "sw": p.StrideW(), "act": p.FusedActivationFunction(),
+            "dh": p.DilationHFactor(), "dw": p.DilationWFactor()}
+
+
+def _act_opts(p) -> dict:
+    return {"act": p.FusedActivationFunction()}
+
+
+# each builtin operator's options: (the tflite options class, what is read from it)
+_OPTIONS = {
+    "CONV_2D": ("Conv2DOptions", _conv_opts),
+    "DEPTHWISE_CONV_2D": ("DepthwiseConv2DOptions", _conv_opts),
+    **{k: ("Pool2DOptions", lambda p: {"pad": p.Padding(), "sh": p.StrideH(), "sw": p.StrideW(), "fh": p.FilterHeight(),
+                                       "fw": p.FilterWidth(), "act": p.FusedActivationFunction()})
+       for k in ("MAX_POOL_2D", "AVERAGE_POOL_2D")},
+    "ADD": ("AddOptions", _act_opts),
+    "MUL": ("MulOptions", _act_opts),
+    "SUB": ("SubOptions", _act_opts),
+    "CONCATENATION": ("ConcatenationOptions", lambda p: {"axis": p.Axis(), "act": p.FusedActivationFunction()}),
+    "RESHAPE": ("ReshapeOptions", lambda p: {"shape": p.NewShapeAsNumpy().tolist() if p.NewShapeLength() else None}),
+    "RESIZE_BILINEAR": ("ResizeBilinearOptions",
+                        lambda p: {"align_corners": p.AlignCorners(), "half_pixel": p.HalfPixelCenters()}),
+    "DEPTH_TO_SPACE": ("DepthToSpaceOptions", lambda p: {"block": p.BlockSize()}),
+    "STRIDED_SLICE": ("StridedSliceOptions",
+                      lambda p: {"begin_mask": p.BeginMask(), "end_mask": p.EndMask(), "shrink": p.ShrinkAxisMask(),
+                                 "ellipsis": p.EllipsisMask(), "new_axis": p.NewAxisMask()}),
+}
+
+
 class TFLiteGraph(torch.nn.Module):
     """One subgraph of a .tflite file. ``forward(x)`` takes NHWC float input(s) of any batch (the
     preprocessing is the caller's) and returns the graph's outputs in TFLite layout, batch first."""
@@ -181,45 +211,12 @@ class TFLiteGraph(torch.nn.Module):
         import tflite
 
         o = op.BuiltinOptions()
-        if o is None:
+        if o is None or kind not in _OPTIONS:
             return {}
-        if kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
-            cls = tflite.Conv2DOptions if kind == "CONV_2D" else tflite.DepthwiseConv2DOptions
-            p = cls()
-            p.Init(o.Bytes, o.Pos)
-            return {"pad": p.Padding(), "sh": p.StrideH(), "sw": p.StrideW(), "act": p.FusedActivationFunction(),
-                    "dh": p.DilationHFactor(), "dw": p.DilationWFactor()}
-        if kind in ("MAX_POOL_2D", "AVERAGE_POOL_2D"):
-            p = tflite.Pool2DOptions()
-            p.Init(o.Bytes, o.Pos)
-            return {"pad": p.Padding(), "sh": p.StrideH(), "sw": p.StrideW(), "fh": p.FilterHeight(),
-                    "fw": p.FilterWidth(), "act": p.FusedActivationFunction()}
-        if kind in ("ADD", "MUL", "SUB"):
-            p = {"ADD": tflite.AddOptions, "MUL": tflite.MulOptions, "SUB": tflite.SubOptions}[kind]()
-            p.Init(o.Bytes, o.Pos)
-            return {"act": p.FusedActivationFunction()}
-        if kind == "CONCATENATION":
-            p = tflite.ConcatenationOptions()
-            p.Init(o.Bytes, o.Pos)
-            return {"axis": p.Axis(), "act": p.FusedActivationFunction()}
-        if kind == "RESHAPE":
-            p = tflite.ReshapeOptions()
-            p.Init(o.Bytes, o.Pos)
-            return {"shape": p.NewShapeAsNumpy().tolist() if p.NewShapeLength() else None}
-        if kind == "RESIZE_BILINEAR":
-            p = tflite.ResizeBilinearOptions()
-            p.Init(o.Bytes, o.Pos)
-            return {"align_corners": p.AlignCorners(), "half_pixel": p.HalfPixelCenters()}
-        if kind == "DEPTH_TO_SPACE":
-            p = tflite.DepthToSpaceOptions()
-            p.Init(o.Bytes, o.Pos)
-            return {"block": p.BlockSize()}
-        if kind == "STRIDED_SLICE":
-            p = tflite.StridedSliceOptions()
-            p.Init(o.Bytes, o.Pos)
-            return {"begin_mask": p.BeginMask(), "end_mask": p.EndMask(), "shrink": p.ShrinkAxisMask(),
-                    "ellipsis": p.EllipsisMask(), "new_axis": p.NewAxisMask()}
-        return {}
+        cls, read = _OPTIONS[kind]
+        p = getattr(tflite, cls)()
+        p.Init(o.Bytes, o.Pos)
+        return read(p)
 
     def const(self, t: int) -> torch.Tensor:
         return getattr(self, self._names[t])
