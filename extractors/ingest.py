@@ -65,6 +65,9 @@ class SourceAnalysis:
         self.asd_frames = 0
 
 
+DETECT_BATCH = 32  # sample frames per detect_batch call (a batched detector: extractors.mesh_torch.TorchFaceDetector)
+
+
 def analyse(path: str, uri: str, sha: str, size: int, cfg: IngestConfig, detector: FaceDetector | None = None,
             stats: SourceAnalysis | None = None, asd=None, audio_sink=None) -> dict[str, Any]:
     """Return {"source": row, "clips": [rows], "quarantine": [rows], "tracks": [rows], "metrics": {...}}
@@ -151,6 +154,26 @@ def _analyse(path, uri, sid, pr: Probe, cfg: IngestConfig, detector, st: SourceA
     tc = TrackCrops(n_out, stride, cfg.min_face_px, float(pr.width)) if asd is not None else None
     need = np.union1d(sample_idx, tc.needed()) if tc is not None else sample_idx
     detections: list[np.ndarray] = []
+    # a detector with detect_batch (the torch port) gets DETECT_BATCH samples at a time, counted from the
+    # source's first frame; the frames between are held until their sample's detections exist
+    batch = DETECT_BATCH if hasattr(det, "detect_batch") else 1
+    held: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        t1 = time.perf_counter()
+        samples = [f for k, f in held if k % stride == 0]
+        got = iter(det.detect_batch(np.stack(samples)) if batch > 1 else [det.detect(f) for f in samples])
+        t2 = time.perf_counter()
+        st.timings["detect"] += t2 - t1
+        for k, f in held:
+            if k % stride == 0:
+                detections.append(next(got))
+            if tc is not None and detections:
+                tc.add(k, f, detections[-1])
+        st.timings["asd"] += time.perf_counter() - t2
+        held.clear()
+
+    n_held = 0  # samples among the held frames
     try:
         it = iter_frames(vr, tl, need)
         while True:
@@ -159,15 +182,15 @@ def _analyse(path, uri, sid, pr: Probe, cfg: IngestConfig, detector, st: SourceA
                 k, frame = next(it)
             except StopIteration:
                 break
-            t1 = time.perf_counter()
-            st.timings["decode"] += t1 - t0
-            if k % stride == 0:
-                detections.append(det.detect(frame))
-                st.timings["detect"] += time.perf_counter() - t1
-            if tc is not None and detections:
-                t2 = time.perf_counter()
-                tc.add(k, frame, detections[-1])
-                st.timings["asd"] += time.perf_counter() - t2
+            st.timings["decode"] += time.perf_counter() - t0
+            if k % stride == 0:  # a sample: the held ones are detected first once there are `batch` of them
+                if n_held == batch:
+                    flush()
+                    n_held = 0
+                n_held += 1
+            held.append((k, frame))
+        if held:
+            flush()
     finally:
         if own:
             det.close()

@@ -309,6 +309,15 @@ def test_ingest_with_the_torch_detector_cuts_the_clips_mediapipe_cuts(real_dir):
     for a, b in zip(got, want):
         np.testing.assert_allclose(a["face_box"], b["face_box"], atol=0.01)
 
+    class OneByOne:  # the same detector without detect_batch: ingest then detects each sample as it comes
+        def __init__(self, det):
+            self.detect = det.detect
+
+    single = analyse(str(p), str(p), sha, size, cfg, detector=OneByOne(face_detector("torch-cpu", cfg)), asd=asd.track)
+    assert [(c["start_frame"], c["n_frames"]) for c in single["clips"]] == [(c["start_frame"], c["n_frames"]) for c in got]
+    for a, b in zip(single["clips"], got):  # batches of 32 samples and of one: float rounding apart
+        np.testing.assert_allclose(a["face_box"], b["face_box"], atol=1e-4)
+
     class Cluster:
         def __init__(self, gpu):
             self.gpu = gpu
