@@ -143,6 +143,15 @@ def _to(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
 FULL_PX = 192  # the full-range detector's input
 
 
+def anchor_boxes(reg: torch.Tensor, anchors: torch.Tensor, px: int) -> torch.Tensor:
+    """SSD box regressions (.., A, >= 4: centre offset, size, in input pixels) on fixed-size anchors
+    (A, 2) -> (.., A, 4) x0 y0 x1 y1, normalised to the detector's input (MediaPipe's
+    TensorsToDetections with x/y/w/h scale = ``px``)."""
+    ctr = reg[..., :2] / px + anchors
+    half = reg[..., 2:4] / px / 2
+    return torch.cat([ctr - half, ctr + half], -1)
+
+
 def weighted_nms(boxes: np.ndarray, scores: np.ndarray, iou_thr: float = _NMS_IOU) -> np.ndarray:
     """MediaPipe's weighted non-maximum suppression (NonMaxSuppressionCalculator, WEIGHTED, IoU): the best
     remaining box takes every remaining box overlapping it by more than ``iou_thr`` (itself included) and
@@ -196,9 +205,7 @@ class TorchFaceDetector:
         crops = warp_crops(x, roi, FULL_PX, "zeros") * (2 / 255) - 1
         reg, cls = self._net(crops.to(self.dtype))
         score = torch.sigmoid(cls.float().clamp(-100, 100))[..., 0]
-        ctr = reg[..., :2].float() / FULL_PX + self.anchors
-        half = reg[..., 2:4].float() / FULL_PX / 2
-        box = torch.cat([ctr - half, ctr + half], -1)  # letterboxed-square-normalised
+        box = anchor_boxes(reg.float(), self.anchors, FULL_PX)  # letterboxed-square-normalised
         # -> frame-normalised: the square of side max(H, W) centred on the frame
         scale = torch.tensor([side / W, side / H, side / W, side / H], device=box.device)
         off = torch.tensor([(W - side) / 2 / W, (H - side) / 2 / H] * 2, device=box.device)
@@ -213,15 +220,6 @@ class TorchFaceDetector:
 
     def detect(self, rgb: np.ndarray) -> np.ndarray:
         return self.detect_batch(rgb[None])[0]
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def rect_from_box(lo: torch.Tensor, hi: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor) -> torch.Tensor:
@@ -299,9 +297,7 @@ class TorchFaceMesh:
         reg, score = reg.float(), torch.sigmoid(cls.float().clamp(-100, 100))[..., 0]
         a = self.anchors
         pts = reg[..., 4:].reshape(*reg.shape[:2], 6, 2) / DET_PX + a[None, :, None]  # ROI-normalised
-        ctr = reg[..., :2] / DET_PX + a
-        half = reg[..., 2:4] / DET_PX / 2
-        box = torch.cat([ctr - half, ctr + half], -1)  # x0 y0 x1 y1, ROI-normalised
+        box = anchor_boxes(reg, a, DET_PX)
         # ROI-normalised -> frame pixels (the ROI is square and upright)
         side, origin = roi[:, 2, None, None], (roi[:, :2] - roi[:, 2:3] / 2)[:, None]
         box = box.reshape(*box.shape[:2], 2, 2) * side[..., None] + origin[:, :, None]
@@ -417,29 +413,27 @@ class TorchFaceMesh:
         ext = torch.cat([carry["frames"], f]) if P else f  # ext frame j is the clip's frame o - P + j
         first = (o // L) * L  # the first piece reaching into this batch starts here (clip frame)
         S = -(-(o + n - first) // L)
-        starts = first + L * torch.arange(S, device=dev)
         out_lm = torch.zeros(B + 1, 478, 3, device=dev)  # row B: where the steps outside this batch go
         out_ok = torch.zeros(B + 1, dtype=torch.bool, device=dev)
         prev_lm = torch.zeros(S, 478, 3, device=dev)
         prev_ok = torch.zeros(S, dtype=torch.bool, device=dev)
-        starts_h = first + L * np.arange(S)
+        starts = first + L * np.arange(S)
         valid_before = np.zeros(S, bool)
         missed = torch.zeros((), dtype=torch.bool, device=dev)
         for t in range(Wm + L):
-            c = starts - Wm + t  # the clip frame each chain is at
-            j = c - (o - P)
-            valid = (c >= 0) & (j >= 0) & (j < P + n)
-            jj = j.clamp(0, P + B - 1)
+            # the clip frame each chain is at, its frame in ext and whether it lies in this batch: known on the host
+            c_h = starts - Wm + t
+            j_h = c_h - (o - P)
+            valid_h = (c_h >= 0) & (j_h >= 0) & (j_h < P + n)
+            c, valid = _to(torch.from_numpy(c_h), dev), _to(torch.from_numpy(valid_h), dev)
+            jj = _to(torch.from_numpy(j_h.clip(0, P + B - 1)), dev)
             rect = rect_from_points(prev_lm[..., :2], 33, 263)
             found = prev_ok.clone()
-            if scheduled:  # the chains that start at this step (the same on the host: no wait)
-                c_h = starts_h - Wm + t
-                valid_h = (c_h >= 0) & (c_h - (o - P) >= 0) & (c_h - (o - P) < P + n)
+            if scheduled:  # the chains that start at this step
                 start_h = np.flatnonzero(valid_h & ~valid_before)
+                not_starting = _to(torch.from_numpy(~valid_h | valid_before), dev)
+                missed = missed | (valid & ~prev_ok & not_starting).any()  # a face lost on the way
                 valid_before = valid_h
-                sched = torch.zeros(S, dtype=torch.bool)
-                sched[start_h] = True
-                missed = missed | (valid & ~prev_ok & ~_to(sched, dev)).any()
                 need = _to(torch.from_numpy(start_h), dev)
             else:
                 need = torch.nonzero(valid & ~prev_ok)[:, 0]

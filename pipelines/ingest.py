@@ -101,7 +101,8 @@ def config_scorer(cfg: IngestConfig, device: str = "cpu"):
 def analysis_gpu(cfg: IngestConfig, ex) -> bool:
     """Whether analysis tasks ask a share of a GPU (Light-ASD or the torch face detector on CUDA, where the
     cluster has one)."""
-    return (bool(cfg.asd_weights) and cfg.asd_device != "cpu" or cfg.detector != "mediapipe") and ex.has_gpu()
+    light_asd_on_cuda = bool(cfg.asd_weights) and cfg.asd_device != "cpu"
+    return (light_asd_on_cuda or cfg.detector != "mediapipe") and ex.has_gpu()
 
 
 def detector_engine(cfg: IngestConfig, ex) -> str:
