@@ -18,14 +18,17 @@ Sections (``--section``, repeatable; default all that can run here):
 - extract: the whole per-frame extraction (decode, landmarks, pose, crops, GNPFA encoding) through
   extractors.extract.extract_source, in input frames/s per GPU, with each of ``--workers`` processes
   sharing the GPU, for each ``--chains`` tracking (0: 3 passes), ``--mesh-batch`` size and ``--fused-warp``
-  side by side, and the GPU's utilisation sampled meanwhile (the workers' start-up, model loads and
-  compilation are timed apart, as ``startup_s``).
+  side by side, and the GPU's utilisation sampled meanwhile. Each process keeps its models (and their CUDA
+  graphs) from job to job as an extraction worker does; their start-up, loads and compilation are timed
+  apart, as ``startup_s``. ``--schedule``: the videos handed out up front (static) and/or one at a time,
+  largest first (dynamic, as Ray schedules a task per source), timed on the same warm workers.
 
 Prints a table per section and writes every figure to ``--json``.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -448,6 +451,22 @@ class _GpuUse(threading.Thread):
             pass
 
 
+@functools.lru_cache(maxsize=None)
+def _worker_models(dev: str, modules: str | None, chain: int, fused: bool):
+    """This process's torch Face Mesh and shipped GNPFA, made once as an extraction task's worker keeps
+    them (pipelines.extract caches its models per process): later jobs reuse the CUDA graphs captured."""
+    import torch
+
+    from extractors.mesh_torch import TorchFaceMesh
+    from models.gnpfa import SHIPPED_DIR, load_checkpoint
+
+    torch.set_num_threads(1)
+    mesh = TorchFaceMesh(dev, torch.float16 if dev.startswith("cuda") else None, modules=modules, chain=chain,
+                         fused_warp=fused)
+    _, vae, enc, _ = load_checkpoint(SHIPPED_DIR, device=dev)
+    return mesh, vae, enc
+
+
 def _extract_worker(args) -> tuple[int, float, dict]:
     """Extract the given videos (one clip each, all frames) the way an extraction task does, then encode
     them with the shipped GNPFA; returns (input frames, seconds, timings)."""
@@ -455,14 +474,10 @@ def _extract_worker(args) -> tuple[int, float, dict]:
     import torch
 
     from extractors.extract import extract_source
-    from extractors.mesh_torch import TorchFaceMesh
     from extractors.records import training_arrays
-    from models.gnpfa import SHIPPED_DIR, encode_frames, load_checkpoint
+    from models.gnpfa import encode_frames
 
-    torch.set_num_threads(1)
-    mesh = TorchFaceMesh(dev, torch.float16 if dev.startswith("cuda") else None, modules=modules, chain=chain,
-                         fused_warp=fused)
-    _, vae, enc, _ = load_checkpoint(SHIPPED_DIR, device=dev)
+    mesh, vae, enc = _worker_models(dev, modules, chain, fused)
     cfg = ExtractConfig(mesh_batch=batch)
     tm: dict = {}
     profiler = None
@@ -495,9 +510,27 @@ def _extract_worker(args) -> tuple[int, float, dict]:
     return frames, wall, tm
 
 
+_BARRIER = None
+
+
+def _pool_init(barrier) -> None:
+    global _BARRIER
+    _BARRIER = barrier
+
+
+def _warm(args) -> None:
+    """One job in each process of the pool (models, CUDA graphs, compilation), then wait for the others:
+    the barrier makes every process take exactly one of these."""
+    _extract_worker(args)
+    _BARRIER.wait()
+
+
 def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int], scale: int, modules: str | None,
                     batches: list[int], nvdec: bool, chains: list[int], fused: list[bool] = (False,),
-                    profile: Path | None = None) -> None:
+                    profile: Path | None = None, schedules: list[str] = ("static",)) -> None:
+    """``schedules``: ``static`` hands each process every k-th video up front (the figures of sessions 2-11);
+    ``dynamic`` hands out one video at a time, largest first, to whichever process is free (as Ray schedules
+    extraction tasks per source)."""
     import cv2
 
     jobs = []
@@ -512,36 +545,42 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
             continue  # the pipeline decodes these on the CPU
         jobs.append((str(v), w, h, n, boxes[v.name]))
     jobs = jobs * scale
+    by_size = sorted(jobs, key=lambda j: -j[1] * j[2] * j[3])  # decoded pixels, largest first
     ctx = mp.get_context("spawn")
     rows = RESULTS["extract"] = []  # filled as measured: a later failure (e.g. out of memory) keeps the rows so far
     for k, chain, batch, fw in [(k, c, b, f) for k in workers for c in chains for b in batches for f in fused]:
-        with ctx.Pool(k) as pool:
+        args = (dev, modules, batch, nvdec, chain, fw)
+        with ctx.Pool(k, initializer=_pool_init, initargs=(ctx.Barrier(k),)) as pool:
             t0 = time.perf_counter()
-            pool.map(_extract_worker, [(jobs[:1], dev, modules, batch, nvdec, chain, fw, None)] * k)  # start-up, loads, compile
+            pool.map(_warm, [(jobs[:1], *args[:-1], fw, None)] * k, chunksize=1)  # start-up, loads, compile
             startup = time.perf_counter() - t0
-            use = _GpuUse()
-            use.start()
-            t0 = time.perf_counter()
-            done = pool.map(_extract_worker, [(jobs[i::k], dev, modules, batch, nvdec, chain, fw, None) for i in range(k)])
-            wall = time.perf_counter() - t0
-            use.stop = True
+            for sched in schedules:
+                use = _GpuUse()
+                use.start()
+                t0 = time.perf_counter()
+                if sched == "static":
+                    done = pool.map(_extract_worker, [(jobs[i::k], *args, None) for i in range(k)], chunksize=1)
+                else:
+                    done = list(pool.imap_unordered(_extract_worker, [([j], *args, None) for j in by_size], chunksize=1))
+                wall = time.perf_counter() - t0
+                use.stop = True
+                tm: dict = {}
+                for d in done:
+                    for key, val in d[2].items():
+                        tm[key] = round(tm.get(key, 0) + val, 2)
+                frames = sum(d[0] for d in done)
+                rows.append({"workers": k, "schedule": sched, "tracking": f"chains of {chain}" if chain else "3 passes",
+                             "mesh_batch": batch, "fused_warp": fw, "startup_s": round(startup, 1),
+                             "videos": len(jobs), "input_frames": frames, "wall_s": round(wall, 1),
+                             "input_frames_per_s": round(frames / wall, 1), "nvdec": nvdec,
+                             "gpu_util_mean_pct": round(float(np.mean(use.samples)), 1) if use.samples else None,
+                             "task_seconds": tm})
+                print("extract", rows[-1], flush=True)
             if profile is not None:  # again, worker 0 under the profiler (the others as they were)
                 profile.mkdir(parents=True, exist_ok=True)
                 name = f"profile-w{k}-c{chain}-b{batch}{'-fused' if fw else ''}.txt"
-                pool.map(_extract_worker, [(jobs[i::k], dev, modules, batch, nvdec, chain, fw,
-                                            str(profile / name) if i == 0 else None) for i in range(k)])
-        tm: dict = {}
-        for d in done:
-            for key, val in d[2].items():
-                tm[key] = round(tm.get(key, 0) + val, 2)
-        frames = sum(d[0] for d in done)
-        rows.append({"workers": k, "tracking": f"chains of {chain}" if chain else "3 passes", "mesh_batch": batch,
-                     "fused_warp": fw, "startup_s": round(startup, 1),
-                     "videos": len(jobs), "input_frames": frames, "wall_s": round(wall, 1),
-                     "input_frames_per_s": round(frames / wall, 1), "nvdec": nvdec,
-                     "gpu_util_mean_pct": round(float(np.mean(use.samples)), 1) if use.samples else None,
-                     "task_seconds": tm})
-        print("extract", rows[-1], flush=True)
+                pool.map(_extract_worker, [(jobs[i::k], *args, str(profile / name) if i == 0 else None)
+                                           for i in range(k)], chunksize=1)
 
 
 def main() -> None:
@@ -562,6 +601,8 @@ def main() -> None:
     ap.add_argument("--mesh-batch", default="256", help="extract: frames per torch Face Mesh batch (comma list)")
     ap.add_argument("--chains", default=str(CHAIN), help="extract: tracking chain lengths, 0 = 3 passes (comma list)")
     ap.add_argument("--fused-warp", default="0", help="extract: crops by the compiled kernel, 0/1 (comma list)")
+    ap.add_argument("--schedule", default="static", help="extract: static and/or dynamic (comma list, timed in that "
+                    "order on the same warm workers)")
     ap.add_argument("--track-chains", default=str(CHAIN), help="landmarks: chain lengths timed (first dtype; comma list)")
     ap.add_argument("--modules", default=None, help="a copy of mediapipe's modules/ folder (no mediapipe installed)")
     ap.add_argument("--boxes", type=Path, default=None, help="speaker boxes JSON (made here where MediaPipe is)")
@@ -601,7 +642,7 @@ def main() -> None:
                 section_extract(xvids, boxes, dev, [int(k) for k in a.workers.split(",")], a.scale, a.modules,
                                 [int(b) for b in a.mesh_batch.split(",")], dev.startswith("cuda") and nvdec_available(),
                                 [int(c) for c in a.chains.split(",")], [bool(int(f)) for f in a.fused_warp.split(",")],
-                                a.profile)
+                                a.profile, a.schedule.split(","))
         except Exception as e:  # noqa: BLE001 - one section's failure must not lose the others' figures
             import traceback
 
