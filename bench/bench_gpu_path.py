@@ -552,7 +552,7 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
         args = (dev, modules, batch, nvdec, chain, fw)
         with ctx.Pool(k, initializer=_pool_init, initargs=(ctx.Barrier(k),)) as pool:
             t0 = time.perf_counter()
-            pool.map(_warm, [(jobs[:1], *args[:-1], fw, None)] * k, chunksize=1)  # start-up, loads, compile
+            pool.map(_warm, [(jobs[:1], *args, None)] * k, chunksize=1)  # start-up, loads, compile
             startup = time.perf_counter() - t0
             for sched in schedules:
                 use = _GpuUse()
