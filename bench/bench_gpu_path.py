@@ -22,6 +22,9 @@ Sections (``--section``, repeatable; default all that can run here):
   graphs) from job to job as an extraction worker does; their start-up, loads and compilation are timed
   apart, as ``startup_s``. ``--schedule``: the videos handed out up front (static) and/or one at a time,
   largest first (dynamic, as Ray schedules a task per source), timed on the same warm workers.
+  ``--threads`` T > 1: each process runs T sources at once in threads sharing one torch Face Mesh
+  (extractors.mesh_torch.SharedTracker: their batches tracked together, the networks on calls of exactly
+  ``--pad-to`` crops), so one CUDA context carries many sources' chains per step.
 
 Prints a table per section and writes every figure to ``--json``.
 """
@@ -469,35 +472,58 @@ def _worker_models(dev: str, modules: str | None, chain: int, fused: bool):
 
 def _extract_worker(args) -> tuple[int, float, dict]:
     """Extract the given videos (one clip each, all frames) the way an extraction task does, then encode
-    them with the shipped GNPFA; returns (input frames, seconds, timings)."""
-    jobs, dev, modules, batch, nvdec, chain, fused, prof = args
+    them with the shipped GNPFA; returns (input frames, seconds, timings). ``threads`` > 1: that many
+    videos at a time in threads, their tracking shared (SharedTracker, networks on ``pad_to`` crops)."""
+    jobs, dev, modules, batch, nvdec, chain, fused, threads, pad_to, prof = args
     import torch
 
     from extractors.extract import extract_source
+    from extractors.mesh_torch import SharedTracker
     from extractors.records import training_arrays
     from models.gnpfa import encode_frames
 
     mesh, vae, enc = _worker_models(dev, modules, chain, fused)
     cfg = ExtractConfig(mesh_batch=batch)
     tm: dict = {}
+    lock = threading.Lock()
+    shared = SharedTracker(mesh, pad_to=pad_to) if threads > 1 else None
+
+    def one(job) -> int:
+        path, w, h, n, box = job
+        clip = {"clip_id": f"{Path(path).stem}-0", "start_frame": 0, "n_frames": n, "start_s": 0.0, "end_s": n / 30,
+                "face_box": box, "face_size_px": (box[2] - box[0]) * w}
+        mine: dict = {}
+        if shared is None:
+            feats = extract_source(path, w, h, [clip], cfg, audio=np.zeros(int(16000 * n / 30) + 1600, np.float32),
+                                   timings=mine, landmarker=mesh, nvdec=nvdec)
+        else:
+            with shared.member():
+                feats = extract_source(path, w, h, [clip], cfg, audio=np.zeros(int(16000 * n / 30) + 1600, np.float32),
+                                       timings=mine, landmarker=shared, nvdec=nvdec)
+        t1 = time.perf_counter()
+        arr = training_arrays(feats)
+        if len(arr["offsets"]):
+            encode_frames(vae, enc, arr["offsets"], arr["neutrals"], arr["crops"], device=dev)
+        mine["gnpfa_s"] = time.perf_counter() - t1
+        with lock:
+            for key, val in mine.items():
+                tm[key] = tm.get(key, 0) + val
+        return n
     profiler = None
     if prof:  # this worker's CPU ops and CUDA kernels, summed (--profile)
         from torch.profiler import ProfilerActivity, profile
 
         profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.startswith("cuda") else []))
         profiler.__enter__()
-    frames, t0 = 0, time.perf_counter()
-    for path, w, h, n, box in jobs:
-        clip = {"clip_id": f"{Path(path).stem}-0", "start_frame": 0, "n_frames": n, "start_s": 0.0, "end_s": n / 30,
-                "face_box": box, "face_size_px": (box[2] - box[0]) * w}
-        feats = extract_source(path, w, h, [clip], cfg, audio=np.zeros(int(16000 * n / 30) + 1600, np.float32),
-                               timings=tm, landmarker=mesh, nvdec=nvdec)
-        t1 = time.perf_counter()
-        arr = training_arrays(feats)
-        if len(arr["offsets"]):
-            encode_frames(vae, enc, arr["offsets"], arr["neutrals"], arr["crops"], device=dev)
-        tm["gnpfa_s"] = tm.get("gnpfa_s", 0) + time.perf_counter() - t1
-        frames += n
+    t0 = time.perf_counter()
+    if shared is None:
+        frames = sum(one(j) for j in jobs)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as ex:
+            frames = sum(ex.map(one, jobs))
+        tm["shared_batches_per_call"] = round(shared.batches / max(shared.calls, 1), 2)
     wall = time.perf_counter() - t0
     if profiler is not None:
         if dev.startswith("cuda"):
@@ -527,7 +553,8 @@ def _warm(args) -> None:
 
 def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int], scale: int, modules: str | None,
                     batches: list[int], nvdec: bool, chains: list[int], fused: list[bool] = (False,),
-                    profile: Path | None = None, schedules: list[str] = ("static",)) -> None:
+                    profile: Path | None = None, schedules: list[str] = ("static",), threads: list[int] = (1,),
+                    pad_to: int = 256) -> None:
     """``schedules``: ``static`` hands each process every k-th video up front (the figures of sessions 2-11);
     ``dynamic`` hands out one video at a time, largest first, to whichever process is free (as Ray schedules
     extraction tasks per source)."""
@@ -548,8 +575,9 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
     by_size = sorted(jobs, key=lambda j: -j[1] * j[2] * j[3])  # decoded pixels, largest first
     ctx = mp.get_context("spawn")
     rows = RESULTS["extract"] = []  # filled as measured: a later failure (e.g. out of memory) keeps the rows so far
-    for k, chain, batch, fw in [(k, c, b, f) for k in workers for c in chains for b in batches for f in fused]:
-        args = (dev, modules, batch, nvdec, chain, fw)
+    for k, chain, batch, fw, th in [(k, c, b, f, t) for k in workers for c in chains for b in batches for f in fused
+                                    for t in threads]:
+        args = (dev, modules, batch, nvdec, chain, fw, th, pad_to)
         with ctx.Pool(k, initializer=_pool_init, initargs=(ctx.Barrier(k),)) as pool:
             t0 = time.perf_counter()
             pool.map(_warm, [(jobs[:1], *args, None)] * k, chunksize=1)  # start-up, loads, compile
@@ -560,6 +588,9 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
                 t0 = time.perf_counter()
                 if sched == "static":
                     done = pool.map(_extract_worker, [(jobs[i::k], *args, None) for i in range(k)], chunksize=1)
+                elif th > 1:  # each process takes th videos at a time (largest first), run side by side in threads
+                    groups = [by_size[i:i + th] for i in range(0, len(by_size), th)]
+                    done = list(pool.imap_unordered(_extract_worker, [(g, *args, None) for g in groups], chunksize=1))
                 else:
                     done = list(pool.imap_unordered(_extract_worker, [([j], *args, None) for j in by_size], chunksize=1))
                 wall = time.perf_counter() - t0
@@ -569,7 +600,7 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
                     for key, val in d[2].items():
                         tm[key] = round(tm.get(key, 0) + val, 2)
                 frames = sum(d[0] for d in done)
-                rows.append({"workers": k, "schedule": sched, "tracking": f"chains of {chain}" if chain else "3 passes",
+                rows.append({"workers": k, "threads": th, "pad_to": pad_to if th > 1 else None, "schedule": sched, "tracking": f"chains of {chain}" if chain else "3 passes",
                              "mesh_batch": batch, "fused_warp": fw, "startup_s": round(startup, 1),
                              "videos": len(jobs), "input_frames": frames, "wall_s": round(wall, 1),
                              "input_frames_per_s": round(frames / wall, 1), "nvdec": nvdec,
@@ -578,7 +609,7 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
                 print("extract", rows[-1], flush=True)
             if profile is not None:  # again, worker 0 under the profiler (the others as they were)
                 profile.mkdir(parents=True, exist_ok=True)
-                name = f"profile-w{k}-c{chain}-b{batch}{'-fused' if fw else ''}.txt"
+                name = f"profile-w{k}-t{th}-c{chain}-b{batch}{'-fused' if fw else ''}.txt"
                 pool.map(_extract_worker, [(jobs[i::k], *args, str(profile / name) if i == 0 else None)
                                            for i in range(k)], chunksize=1)
 
@@ -603,6 +634,9 @@ def main() -> None:
     ap.add_argument("--fused-warp", default="0", help="extract: crops by the compiled kernel, 0/1 (comma list)")
     ap.add_argument("--schedule", default="static", help="extract: static and/or dynamic (comma list, timed in that "
                     "order on the same warm workers)")
+    ap.add_argument("--threads", default="1", help="extract: sources run at once in threads of each process, their "
+                    "tracking shared (comma list)")
+    ap.add_argument("--pad-to", type=int, default=256, help="extract with --threads > 1: crops per network call")
     ap.add_argument("--track-chains", default=str(CHAIN), help="landmarks: chain lengths timed (first dtype; comma list)")
     ap.add_argument("--modules", default=None, help="a copy of mediapipe's modules/ folder (no mediapipe installed)")
     ap.add_argument("--boxes", type=Path, default=None, help="speaker boxes JSON (made here where MediaPipe is)")
@@ -642,7 +676,7 @@ def main() -> None:
                 section_extract(xvids, boxes, dev, [int(k) for k in a.workers.split(",")], a.scale, a.modules,
                                 [int(b) for b in a.mesh_batch.split(",")], dev.startswith("cuda") and nvdec_available(),
                                 [int(c) for c in a.chains.split(",")], [bool(int(f)) for f in a.fused_warp.split(",")],
-                                a.profile, a.schedule.split(","))
+                                a.profile, a.schedule.split(","), [int(t) for t in a.threads.split(",")], a.pad_to)
         except Exception as e:  # noqa: BLE001 - one section's failure must not lose the others' figures
             import traceback
 

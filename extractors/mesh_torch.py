@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import time
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -292,8 +295,30 @@ class TorchFaceMesh:
         """Detection on (B, H, W, 3) uint8 frames (or on frames ``index`` (B,) of them), each on its square
         roi (B, 4): the face whose box holds ``expect`` (B, 2 pixels), merged with its overlapping anchors
         (weighted suppression). Returns (rect (B, 4), found (B,))."""
-        x = warp_crops(frames, roi, DET_PX, "zeros", index=index, fused=self.fused_warp) * (2 / 255) - 1
-        reg, cls = self._det(x.to(self.dtype))
+        return self._det_out(self._run(self._det, self._det_crops(frames, roi, index)), roi, expect)
+
+    def _det_crops(self, frames: torch.Tensor, roi: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        return warp_crops(frames, roi, DET_PX, "zeros", index=index, fused=self.fused_warp) * (2 / 255) - 1
+
+    def _lm_crops(self, frames: torch.Tensor, rects: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        return warp_crops(frames, rects, LM_PX, "border", index=index, fused=self.fused_warp) / 255
+
+    def _run(self, net, x: torch.Tensor, pad_to: int | None = None) -> list[torch.Tensor]:
+        """A network on crops ``x``: in one call, or with ``pad_to`` in calls of exactly that many crops (the
+        last one padded), so every crop runs through the same kernels whatever else is in the batch."""
+        if not pad_to:
+            return net(x.to(self.dtype))
+        n, outs = len(x), []
+        for i in range(0, n, pad_to):
+            c = x[i:i + pad_to]
+            if len(c) < pad_to:
+                c = torch.cat([c, c[-1:].expand(pad_to - len(c), *c.shape[1:])])
+            outs.append(net(c.to(self.dtype)))
+        return [torch.cat([o[k] for o in outs])[:n] for k in range(len(outs[0]))]
+
+    def _det_out(self, outs, roi: torch.Tensor, expect: torch.Tensor):
+        """detect()'s result from the detector's outputs on the crops at ``roi`` (rows as in detect())."""
+        reg, cls = outs
         reg, score = reg.float(), torch.sigmoid(cls.float().clamp(-100, 100))[..., 0]
         a = self.anchors
         pts = reg[..., 4:].reshape(*reg.shape[:2], 6, 2) / DET_PX + a[None, :, None]  # ROI-normalised
@@ -323,8 +348,11 @@ class TorchFaceMesh:
     def landmarks(self, frames: torch.Tensor, rects: torch.Tensor, index: torch.Tensor | None = None):
         """(B, 478, 3) landmarks in frame pixels (z in the same scale) and (B,) face-flag scores of the
         crops at ``rects`` (B, 4) of frames ``index`` (B,) (default: rect k on frame k)."""
-        x = warp_crops(frames, rects, LM_PX, "border", index=index, fused=self.fused_warp) / 255
-        mesh, lips, leye, reye, liris, riris, flag = self._lm(x.to(self.dtype))
+        return self._lm_out(self._run(self._lm, self._lm_crops(frames, rects, index)), rects)
+
+    def _lm_out(self, outs, rects: torch.Tensor):
+        """landmarks()'s result from the landmark network's outputs on the crops at ``rects``."""
+        mesh, lips, leye, reye, liris, riris, flag = outs
         B = len(rects)
         m = mesh.float().reshape(B, 468, 3).clone()
         m[:, self.lips, :2] = lips.float().reshape(B, 80, 2)
@@ -343,34 +371,59 @@ class TorchFaceMesh:
         py = r[:, 1, None] + (s * lm[..., 0] + c * lm[..., 1]) * side
         return torch.stack([px, py, lm[..., 2] * side], -1), torch.sigmoid(flag.float().reshape(B))
 
-    # --- a clip --------------------------------------------------------------------------------------
+    # --- a clip ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def track(self, frames: torch.Tensor, expect_box, det_roi, carry=None):
         """frames: (B, H, W, 3) uint8 on this device, consecutive frames of one clip; expect_box: the
         speaker's [x0, y0, x1, y1] (frame-normalised); det_roi: the square detection region [cx, cy, side]
         in pixels; carry: what the previous batch of the clip returned (None at the clip's start)."""
-        n = len(frames)
-        # a batch is padded (its last frame repeated) up to a power of two: every clip's last, partial
-        # batch then has one of a few shapes, so cuDNN plans each convolution once per shape, not per clip
-        # (measured on an H200: planning new shapes was most of the extraction's time)
-        B = max(8, 1 << (n - 1).bit_length())
-        f = torch.cat([frames, frames[-1:].expand(B - n, *frames.shape[1:])]) if B > n else frames
-        _, H, W, _ = f.shape
-        dev = self.device
-        # small host values go to the device without a wait (a blocking copy waits for every queued kernel)
-        expect = _to(torch.tensor([(expect_box[0] + expect_box[2]) / 2 * W, (expect_box[1] + expect_box[3]) / 2 * H],
-                                  dtype=torch.float32), dev).expand(B, 2)
-        roi = _to(torch.tensor([det_roi[0], det_roi[1], det_roi[2], 0.0], dtype=torch.float32), dev).expand(B, 4)
+        return self.track_many([(frames, expect_box, det_roi, carry)])[0]
+
+    @torch.no_grad()
+    def track_many(self, jobs, pad_to: int | None = None):
+        """``track`` on the next batch of several clips at once: ``jobs`` are (frames, expect_box, det_roi,
+        carry) as track() takes them, frames of any size; returns [(landmarks, carry)] in the same order.
+        Each chain step runs the networks once over the chains of every clip, so many clips' small batches
+        fill the GPU as one large batch does. ``pad_to``: the networks run on calls of exactly that many
+        crops (the last padded), so a clip's landmarks do not depend on which clips share its steps (every
+        crop through the same kernels; on CUDA, one captured graph per network); None: one call of
+        whatever size, as track() runs one clip."""
+        if not jobs:
+            return []
+        prep = []
+        for frames, expect_box, det_roi, carry in jobs:
+            n = len(frames)
+            # a batch is padded (its last frame repeated) up to a power of two: every clip's last, partial
+            # batch then has one of a few shapes, so cuDNN plans each convolution once per shape, not per clip
+            # (measured on an H200: planning new shapes was most of the extraction's time)
+            B = max(8, 1 << (n - 1).bit_length())
+            f = torch.cat([frames, frames[-1:].expand(B - n, *frames.shape[1:])]) if B > n else frames
+            _, H, W, _ = f.shape
+            # small host values go to the device without a wait (a blocking copy waits for every queued kernel)
+            expect = _to(torch.tensor([(expect_box[0] + expect_box[2]) / 2 * W,
+                                       (expect_box[1] + expect_box[3]) / 2 * H], dtype=torch.float32),
+                         self.device).expand(B, 2)
+            roi = _to(torch.tensor([det_roi[0], det_roi[1], det_roi[2], 0.0], dtype=torch.float32),
+                      self.device).expand(B, 4)
+            prep.append((f, n, roi, expect, carry))
         if self.chain:
-            out, ok, carry_out, missed = self._chains(f, n, roi, expect, carry, scheduled=True)
-            if bool(missed):  # a chain lost the face: again with detections wherever one is lost (one wait a batch)
-                out, ok, carry_out, _ = self._chains(f, n, roi, expect, carry, scheduled=False)
+            res = self._chains_many(prep, scheduled=True, pad_to=pad_to)
+            missed = torch.stack([r[3] for r in res]).cpu().numpy()  # one wait for all the clips
+            if missed.any():  # a chain lost the face: again with detections wherever one is lost
+                redo = self._chains_many([prep[i] for i in np.flatnonzero(missed)], scheduled=False, pad_to=pad_to)
+                for i, r in zip(np.flatnonzero(missed), redo):
+                    res[i] = r
         else:
-            det_rect, found = self.detect(f, roi, expect)
-            out, ok, carry_out = self._passes(f, n, det_rect, found, carry)
-        out = out[:n] / _to(torch.tensor([W, H, W], dtype=torch.float32), dev)
-        out = torch.where(ok[:n, None, None], out, torch.full_like(out, float("nan")))
-        return out, carry_out
+            res = []
+            for f, n, roi, expect, carry in prep:
+                det_rect, found = self.detect(f, roi, expect)
+                res.append(self._passes(f, n, det_rect, found, carry))
+        out = []
+        for (f, n, *_), (lm, ok, carry_out, *_) in zip(prep, res):
+            _, H, W, _ = f.shape
+            lm = lm[:n] / _to(torch.tensor([W, H, W], dtype=torch.float32), self.device)
+            out.append((torch.where(ok[:n, None, None], lm, torch.full_like(lm, float("nan"))), carry_out))
+        return out
 
     def _passes(self, f, n, det_rect, found, carry):
         """Tracking in ``passes`` passes over the batch: pass 1 crops each frame at its detection, pass p
@@ -391,6 +444,10 @@ class TorchFaceMesh:
         return lm, ok, carry_out
 
     def _chains(self, f, n, roi, expect, carry, scheduled: bool = False):
+        """_chains_many on one clip."""
+        return self._chains_many([(f, n, roi, expect, carry)], scheduled)[0]
+
+    def _chains_many(self, items, scheduled: bool = False, pad_to: int | None = None):
         """MediaPipe's own tracking (each frame cropped at the rect of the previous frame's landmarks, at
         its detection where the previous frame has none), run as parallel chains: the clip is cut at
         every ``chain``-th frame (counted from the clip's first frame, whatever the batches), and each
@@ -398,67 +455,163 @@ class TorchFaceMesh:
         A step runs the landmark network once on one frame of every piece, so a frame costs
         (chain + warmup) / chain landmark runs (1.25 at 8 and 2), and every frame's crop comes from a chain
         at least warmup + 1 frames long. The detector runs only where a chain starts or has lost the face.
-        ``carry``: the clip's frames seen so far and its last chain + warmup - 1 frames, so the cut does not
-        depend on the batches. ``scheduled``: detections only where a chain starts (known on the host: no
-        step waits for the GPU), and ``missed`` (a device bool) says whether a chain lost the face, where
-        MediaPipe detects again: the caller then runs the batch unscheduled (a detection wherever a face is
-        lost, found by waiting for each step), which gives the same result a scheduled run gives when no
-        face is lost. Returns (landmarks, ok, carry, missed)."""
+        ``items``: one (frames, n, roi, expect, carry) per clip, whose chains step together (one network
+        call a step for all of them, ``pad_to`` as in track_many); ``carry``: the clip's frames seen so far
+        and its last chain + warmup - 1 frames, so the cut does not depend on the batches. ``scheduled``:
+        detections only where a chain starts (known on the host: no step waits for the GPU), and
+        ``missed`` (a device bool) says whether a chain of the clip lost the face, where MediaPipe detects
+        again: the caller then runs the batch unscheduled (a detection wherever a face is lost, found by
+        waiting for each step), which gives the same result a scheduled run gives when no face is lost.
+        Returns [(landmarks, ok, carry, missed)] per clip."""
         dev = self.device
         L, Wm = self.chain, self.warmup
-        B = len(f)
-        if carry is None:
-            carry = {"seen": 0, "frames": f[:0]}
-        o, P = carry["seen"], len(carry["frames"])
-        ext = torch.cat([carry["frames"], f]) if P else f  # ext frame j is the clip's frame o - P + j
-        first = (o // L) * L  # the first piece reaching into this batch starts here (clip frame)
-        S = -(-(o + n - first) // L)
-        out_lm = torch.zeros(B + 1, 478, 3, device=dev)  # row B: where the steps outside this batch go
-        out_ok = torch.zeros(B + 1, dtype=torch.bool, device=dev)
-        prev_lm = torch.zeros(S, 478, 3, device=dev)
-        prev_ok = torch.zeros(S, dtype=torch.bool, device=dev)
-        starts = first + L * np.arange(S)
-        valid_before = np.zeros(S, bool)
-        missed = torch.zeros((), dtype=torch.bool, device=dev)
+        cl = []  # per clip: its frames in one tensor with the carried ones, and its pieces (host)
+        for f, n, roi, expect, carry in items:
+            carry = carry if carry is not None else {"seen": 0, "frames": f[:0]}
+            o, P = carry["seen"], len(carry["frames"])
+            first = (o // L) * L  # the first piece reaching into this batch starts here (clip frame)
+            S = -(-(o + n - first) // L)
+            cl.append({"B": len(f), "n": n, "o": o, "P": P, "roi": roi, "expect": expect,
+                       "ext": torch.cat([carry["frames"], f]) if P else f,  # ext frame j: clip frame o - P + j
+                       "starts": first + L * np.arange(S), "valid_before": np.zeros(S, bool)})
+        off = np.cumsum([0] + [len(c["starts"]) for c in cl])  # clip i's chains: rows off[i]:off[i + 1]
+        boff = np.cumsum([0] + [c["B"] + 1 for c in cl])  # its output rows; row B of each: steps outside its batch
+        out_lm = torch.zeros(boff[-1], 478, 3, device=dev)
+        out_ok = torch.zeros(boff[-1], dtype=torch.bool, device=dev)
+        prev_lm = torch.zeros(off[-1], 478, 3, device=dev)
+        prev_ok = torch.zeros(off[-1], dtype=torch.bool, device=dev)
+        lost = torch.zeros(off[-1], dtype=torch.bool, device=dev)  # a chain lost its face on the way
         for t in range(Wm + L):
             # the clip frame each chain is at, its frame in ext and whether it lies in this batch: known on the host
-            c_h = starts - Wm + t
-            j_h = c_h - (o - P)
-            valid_h = (c_h >= 0) & (j_h >= 0) & (j_h < P + n)
-            c, valid = _to(torch.from_numpy(c_h), dev), _to(torch.from_numpy(valid_h), dev)
-            jj = _to(torch.from_numpy(j_h.clip(0, P + B - 1)), dev)
+            valid_h, jj_h, row_h, start_h, going_h = [], [], [], [], []
+            for i, c in enumerate(cl):
+                c_h = c["starts"] - Wm + t
+                j_h = c_h - (c["o"] - c["P"])
+                v = (c_h >= 0) & (j_h >= 0) & (j_h < c["P"] + c["n"])
+                k = c_h - c["o"]
+                keep = v & (t >= Wm) & (k >= 0) & (k < c["n"])
+                valid_h.append(v)
+                jj_h.append(j_h.clip(0, c["P"] + c["B"] - 1))
+                row_h.append(boff[i] + np.where(keep, k, c["B"]))
+                start_h.append(off[i] + np.flatnonzero(v & ~c["valid_before"]))  # chains that start at this step
+                going_h.append(~v | c["valid_before"])
+                c["valid_before"] = v
+            valid_h = np.concatenate(valid_h)
+            valid = _to(torch.from_numpy(valid_h), dev)
+            jj = _to(torch.from_numpy(np.concatenate(jj_h)), dev)
+            row = _to(torch.from_numpy(np.concatenate(row_h)), dev)
             rect = rect_from_points(prev_lm[..., :2], 33, 263)
             found = prev_ok.clone()
-            if scheduled:  # the chains that start at this step
-                start_h = np.flatnonzero(valid_h & ~valid_before)
-                not_starting = _to(torch.from_numpy(~valid_h | valid_before), dev)
-                missed = missed | (valid & ~prev_ok & not_starting).any()  # a face lost on the way
-                valid_before = valid_h
-                need = _to(torch.from_numpy(start_h), dev)
+            if scheduled:
+                lost = lost | (valid & ~prev_ok & _to(torch.from_numpy(np.concatenate(going_h)), dev))
+                need_h = np.concatenate(start_h)
             else:
-                need = torch.nonzero(valid & ~prev_ok)[:, 0]
-            if len(need):
-                # detections of the chains without a face, padded to a power of two (few shapes)
-                m = len(need)
-                pad = torch.cat([need, need[-1:].expand(max(8, 1 << (m - 1).bit_length()) - m)])
-                dr, df = self.detect(ext, roi[:1].expand(len(pad), 4), expect[:1].expand(len(pad), 2), jj[pad])
+                need_h = torch.nonzero(valid & ~prev_ok)[:, 0].cpu().numpy()
+            if len(need_h):
+                # detections of the chains without a face; with one call of any size, padded to a power of two
+                # (few shapes)
+                m = len(need_h)
+                owner = np.searchsorted(off, need_h, side="right") - 1
+                crops, roi, expect = [], [], []
+                for i in np.unique(owner):
+                    mine = need_h[owner == i]
+                    crops.append(self._det_crops(cl[i]["ext"], cl[i]["roi"][:1].expand(len(mine), 4),
+                                                 jj[_to(torch.from_numpy(mine), dev)]))
+                    roi.append(cl[i]["roi"][:1].expand(len(mine), 4))
+                    expect.append(cl[i]["expect"][:1].expand(len(mine), 2))
+                crops, roi, expect = torch.cat(crops), torch.cat(roi), torch.cat(expect)
+                if not pad_to:
+                    p = max(8, 1 << (m - 1).bit_length()) - m
+                    crops, roi, expect = (torch.cat([x, x[-1:].expand(p, *x.shape[1:])]) for x in (crops, roi, expect))
+                dr, df = self._det_out(self._run(self._det, crops, pad_to), roi, expect)
+                need = _to(torch.from_numpy(need_h), dev)
                 rect[need], found[need] = dr[:m], df[:m]
-            lm, flag = self.landmarks(ext, rect, jj)
+            crops = torch.cat([self._lm_crops(c["ext"], rect[off[i]:off[i + 1]], jj[off[i]:off[i + 1]])
+                               for i, c in enumerate(cl)])
+            lm, flag = self._lm_out(self._run(self._lm, crops, pad_to), rect)
             ok = valid & found & (flag >= _FLAG_MIN)
-            k = c - o
-            keep = valid & (t >= Wm) & (k >= 0) & (k < n)
-            k = torch.where(keep, k, torch.full_like(k, B))
-            out_lm[k], out_ok[k] = lm, ok & keep
+            out_lm[row], out_ok[row] = lm, ok & (row != _to(torch.from_numpy(np.repeat(boff[1:] - 1, np.diff(off))), dev))
             prev_lm, prev_ok = lm, ok
-        keep_n = min(o + n, L - 1 + Wm)
-        carry_out = {"seen": o + n, "frames": ext[P + n - keep_n: P + n].clone()}
-        return out_lm[:B], out_ok[:B], carry_out, missed
+        res = []
+        for i, c in enumerate(cl):
+            keep_n = min(c["o"] + c["n"], L - 1 + Wm)
+            carry_out = {"seen": c["o"] + c["n"], "frames": c["ext"][c["P"] + c["n"] - keep_n: c["P"] + c["n"]].clone()}
+            res.append((out_lm[boff[i]:boff[i + 1] - 1], out_ok[boff[i]:boff[i + 1] - 1], carry_out,
+                        lost[off[i]:off[i + 1]].any()))
+        return res
 
     def track_array(self, frames, expect_box, det_roi, carry=None):
         """``track`` on (B, H, W, 3) uint8 frames (numpy, or a tensor on any device); landmarks come
         back as float32 numpy."""
         x = torch.from_numpy(frames) if isinstance(frames, np.ndarray) else frames
         lm, carry = self.track(x.to(self.device), expect_box, det_roi, carry)
+        return lm.cpu().numpy().astype(np.float32), carry
+
+
+class SharedTracker:
+    """One TorchFaceMesh for several threads of a process, each extracting its own sources (extract_source
+    with ``landmarker=`` this object): their ``track_array`` calls wait for one another and run as one
+    ``track_many``, so each chain step's networks see every thread's chains in one batch. A call runs once
+    every thread inside ``member()`` has a batch waiting, or ``wait_s`` after it came (a thread busy on
+    the CPU does not hold the others); a thread that calls outside ``member()`` is not waited for. The
+    networks run on calls of exactly ``pad_to`` crops, so a clip's landmarks do not depend on which
+    batches shared its steps (tested: the same as the clip tracked alone, to the bit on the CPU)."""
+
+    def __init__(self, mesh: TorchFaceMesh, pad_to: int = 256, wait_s: float = 0.005):
+        if pad_to < 1:
+            raise ValueError(f"pad_to must be >= 1, got {pad_to}")
+        self.mesh, self.pad_to, self.wait_s = mesh, int(pad_to), float(wait_s)
+        self.device = mesh.device
+        self._cv = threading.Condition()
+        self._members = 0
+        self._pending: list[dict] = []
+        self._running = False
+        self.calls = self.batches = 0  # track_many runs, and the batches they carried (batches / calls: sharing)
+
+    @contextmanager
+    def member(self):
+        """The calling thread's batches are waited for until it leaves."""
+        with self._cv:
+            self._members += 1
+        try:
+            yield self
+        finally:
+            with self._cv:
+                self._members -= 1
+                self._cv.notify_all()
+
+    def track_array(self, frames, expect_box, det_roi, carry=None):
+        """TorchFaceMesh.track_array, run together with the other threads' waiting batches."""
+        x = torch.from_numpy(frames) if isinstance(frames, np.ndarray) else frames
+        req = {"job": (x.to(self.device), expect_box, det_roi, carry), "out": None}
+        with self._cv:
+            self._pending.append(req)
+            self._cv.notify_all()
+            due = time.monotonic() + self.wait_s
+            while True:
+                if req["out"] is not None:
+                    break
+                now = time.monotonic()
+                if (not self._running and any(r is req for r in self._pending)
+                        and (len(self._pending) >= self._members or now >= due)):
+                    run, self._pending, self._running = self._pending, [], True
+                    break
+                self._cv.wait(timeout=max(due - now, 0.0) or 0.05)
+        if req["out"] is None:  # this thread runs every batch waiting, its own among them
+            try:
+                res = self.mesh.track_many([r["job"] for r in run], self.pad_to)
+            except BaseException as e:  # noqa: BLE001 - every waiting thread gets the error, not a hang
+                res = [e] * len(run)
+            with self._cv:
+                self.calls += 1
+                self.batches += len(run)
+                for r, o in zip(run, res):
+                    r["out"] = o
+                self._running = False
+                self._cv.notify_all()
+        if isinstance(req["out"], BaseException):
+            raise req["out"]
+        lm, carry = req["out"]
         return lm.cpu().numpy().astype(np.float32), carry
 
 

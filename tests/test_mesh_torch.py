@@ -160,6 +160,63 @@ def test_chains_scheduled_on_the_host_give_the_waiting_chains_result_and_say_whe
     np.testing.assert_array_equal(~torch.isnan(got[:, 0, 0]).numpy(), exact[1][:26].numpy())
 
 
+def test_clips_tracked_together_get_the_landmarks_each_gets_alone(real_dir, torch_mesh):
+    """track_many steps several clips' chains together (one network call a step for all of them, frames of
+    different sizes, batches carried across a chain piece's edge, a face lost in one clip). With a fixed
+    network call size (``pad_to``) a clip's landmarks are those it gets alone, to the bit, whichever clips
+    share its steps; they equal track()'s to float rounding. SharedTracker, the same through threads: three
+    threads tracking a clip each through extraction's own loop get those landmarks, and their batches ran
+    together."""
+    import threading
+
+    from extractors.mesh_torch import SharedTracker
+
+    cfg = ExtractConfig()
+    clips = [(_frames(real_dir / "d12.mp4", 19, cfg.mesh_max_side), [0.3, 0.2, 0.7, 0.7]),
+             (_frames(real_dir.parent / "corpus" / "retalking_face1.mp4", 12, cfg.mesh_max_side), [0.25, 0.15, 0.75, 0.8]),
+             (_frames(real_dir / "d14.mp4", 16, cfg.mesh_max_side), [0.3, 0.2, 0.7, 0.7])]
+    clips[0][0][9:12] = 0  # a face lost and found again in one clip only
+    assert clips[0][0].shape[1:] != clips[1][0].shape[1:]
+
+    def roi(f):
+        return [f.shape[2] / 2, f.shape[1] / 2, float(max(f.shape[1:3]))]
+
+    def run(which, bs=6):
+        carry, got = dict.fromkeys(which), {i: [] for i in which}
+        for b0 in range(0, 19, bs):
+            live = [i for i in which if b0 < len(clips[i][0])]
+            jobs = [(torch.from_numpy(clips[i][0][b0:b0 + bs]), clips[i][1], roi(clips[i][0]), carry[i]) for i in live]
+            for i, (lm, c) in zip(live, torch_mesh.track_many(jobs, pad_to=16)):
+                got[i].append(lm)
+                carry[i] = c
+        return {i: torch.cat(g).numpy() for i, g in got.items()}
+
+    together = run([0, 1, 2])
+    for i, (f, box) in enumerate(clips):
+        np.testing.assert_array_equal(run([i])[i], together[i])
+        alone = torch_mesh.track(torch.from_numpy(f), box, roi(f))[0].numpy()
+        np.testing.assert_allclose(together[i], alone, atol=1e-5)
+    assert np.isnan(together[0][9:12]).all() and not np.isnan(together[0][12:]).any()
+    assert not np.isnan(together[1]).any() and not np.isnan(together[2]).any()
+
+    shared = SharedTracker(torch_mesh, pad_to=16, wait_s=1.0)
+    got, barrier = {}, threading.Barrier(3)
+
+    def thread(i):
+        with shared.member():
+            barrier.wait()
+            got[i] = track_frames(clips[i][0], clips[i][1], ExtractConfig(mesh_batch=6), landmarker=shared)
+
+    ts = [threading.Thread(target=thread, args=(i,)) for i in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for i in range(3):
+        np.testing.assert_array_equal(got[i], together[i])
+    assert shared.batches == 4 + 2 + 3 and shared.calls < shared.batches, (shared.calls, shared.batches)
+
+
 def test_the_fused_warp_tracks_as_the_eager_one(real_dir, torch_mesh):
     """extract.mesh_fused_warp (the crops cut by one torch.compile'd kernel, compiled when the mesh is made):
     the same landmarks as the eager sampling to float rounding on the CPU, face lost and found alike."""
