@@ -24,7 +24,8 @@ Sections (``--section``, repeatable; default all that can run here):
   largest first (dynamic, as Ray schedules a task per source), timed on the same warm workers.
   ``--threads`` T > 1: each process runs T sources at once in threads sharing one torch Face Mesh
   (extractors.mesh_torch.SharedTracker: their batches tracked together, the networks on calls of exactly
-  ``--pad-to`` crops), so one CUDA context carries many sources' chains per step.
+  ``--pad-to`` crops), so one CUDA context carries many sources' chains per step. ``--cpu-decode-below``:
+  videos whose longer side is under it are decoded on the CPU beside NVDEC.
 
 Prints a table per section and writes every figure to ``--json``.
 """
@@ -474,7 +475,7 @@ def _extract_worker(args) -> tuple[int, float, dict]:
     """Extract the given videos (one clip each, all frames) the way an extraction task does, then encode
     them with the shipped GNPFA; returns (input frames, seconds, timings). ``threads`` > 1: that many
     videos at a time in threads, their tracking shared (SharedTracker, networks on ``pad_to`` crops)."""
-    jobs, dev, modules, batch, nvdec, chain, fused, threads, pad_to, prof = args
+    jobs, dev, modules, batch, nvdec, chain, fused, threads, pad_to, cpu_below, prof = args
     import torch
 
     from extractors.extract import extract_source
@@ -493,13 +494,14 @@ def _extract_worker(args) -> tuple[int, float, dict]:
         clip = {"clip_id": f"{Path(path).stem}-0", "start_frame": 0, "n_frames": n, "start_s": 0.0, "end_s": n / 30,
                 "face_box": box, "face_size_px": (box[2] - box[0]) * w}
         mine: dict = {}
+        nv = nvdec and max(w, h) >= cpu_below  # smaller videos decoded on the CPU beside NVDEC (--cpu-decode-below)
         if shared is None:
             feats = extract_source(path, w, h, [clip], cfg, audio=np.zeros(int(16000 * n / 30) + 1600, np.float32),
-                                   timings=mine, landmarker=mesh, nvdec=nvdec)
+                                   timings=mine, landmarker=mesh, nvdec=nv)
         else:
             with shared.member():
                 feats = extract_source(path, w, h, [clip], cfg, audio=np.zeros(int(16000 * n / 30) + 1600, np.float32),
-                                       timings=mine, landmarker=shared, nvdec=nvdec)
+                                       timings=mine, landmarker=shared, nvdec=nv)
         t1 = time.perf_counter()
         arr = training_arrays(feats)
         if len(arr["offsets"]):
@@ -523,7 +525,7 @@ def _extract_worker(args) -> tuple[int, float, dict]:
 
         with ThreadPoolExecutor(threads) as ex:
             frames = sum(ex.map(one, jobs))
-        tm["shared_batches_per_call"] = round(shared.batches / max(shared.calls, 1), 2)
+        tm["shared_calls"], tm["shared_batches"] = shared.calls, shared.batches  # batches / calls: how much was shared
     wall = time.perf_counter() - t0
     if profiler is not None:
         if dev.startswith("cuda"):
@@ -554,7 +556,7 @@ def _warm(args) -> None:
 def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int], scale: int, modules: str | None,
                     batches: list[int], nvdec: bool, chains: list[int], fused: list[bool] = (False,),
                     profile: Path | None = None, schedules: list[str] = ("static",), threads: list[int] = (1,),
-                    pad_to: int = 256) -> None:
+                    pad_to: int = 256, cpu_below: int = 0) -> None:
     """``schedules``: ``static`` hands each process every k-th video up front (the figures of sessions 2-11);
     ``dynamic`` hands out one video at a time, largest first, to whichever process is free (as Ray schedules
     extraction tasks per source)."""
@@ -577,7 +579,7 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
     rows = RESULTS["extract"] = []  # filled as measured: a later failure (e.g. out of memory) keeps the rows so far
     for k, chain, batch, fw, th in [(k, c, b, f, t) for k in workers for c in chains for b in batches for f in fused
                                     for t in threads]:
-        args = (dev, modules, batch, nvdec, chain, fw, th, pad_to)
+        args = (dev, modules, batch, nvdec, chain, fw, th, pad_to, cpu_below)
         with ctx.Pool(k, initializer=_pool_init, initargs=(ctx.Barrier(k),)) as pool:
             t0 = time.perf_counter()
             pool.map(_warm, [(jobs[:1], *args, None)] * k, chunksize=1)  # start-up, loads, compile
@@ -600,7 +602,8 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
                     for key, val in d[2].items():
                         tm[key] = round(tm.get(key, 0) + val, 2)
                 frames = sum(d[0] for d in done)
-                rows.append({"workers": k, "threads": th, "pad_to": pad_to if th > 1 else None, "schedule": sched, "tracking": f"chains of {chain}" if chain else "3 passes",
+                rows.append({"workers": k, "threads": th, "pad_to": pad_to if th > 1 else None,
+                             "cpu_decode_below": cpu_below or None, "schedule": sched, "tracking": f"chains of {chain}" if chain else "3 passes",
                              "mesh_batch": batch, "fused_warp": fw, "startup_s": round(startup, 1),
                              "videos": len(jobs), "input_frames": frames, "wall_s": round(wall, 1),
                              "input_frames_per_s": round(frames / wall, 1), "nvdec": nvdec,
@@ -637,6 +640,8 @@ def main() -> None:
     ap.add_argument("--threads", default="1", help="extract: sources run at once in threads of each process, their "
                     "tracking shared (comma list)")
     ap.add_argument("--pad-to", type=int, default=256, help="extract with --threads > 1: crops per network call")
+    ap.add_argument("--cpu-decode-below", type=int, default=0, help="extract: videos whose longer side is under this "
+                    "decoded on the CPU (decord, one thread) even where NVDEC is")
     ap.add_argument("--track-chains", default=str(CHAIN), help="landmarks: chain lengths timed (first dtype; comma list)")
     ap.add_argument("--modules", default=None, help="a copy of mediapipe's modules/ folder (no mediapipe installed)")
     ap.add_argument("--boxes", type=Path, default=None, help="speaker boxes JSON (made here where MediaPipe is)")
@@ -676,7 +681,8 @@ def main() -> None:
                 section_extract(xvids, boxes, dev, [int(k) for k in a.workers.split(",")], a.scale, a.modules,
                                 [int(b) for b in a.mesh_batch.split(",")], dev.startswith("cuda") and nvdec_available(),
                                 [int(c) for c in a.chains.split(",")], [bool(int(f)) for f in a.fused_warp.split(",")],
-                                a.profile, a.schedule.split(","), [int(t) for t in a.threads.split(",")], a.pad_to)
+                                a.profile, a.schedule.split(","), [int(t) for t in a.threads.split(",")], a.pad_to,
+                                a.cpu_decode_below)
         except Exception as e:  # noqa: BLE001 - one section's failure must not lose the others' figures
             import traceback
 
