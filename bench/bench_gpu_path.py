@@ -32,6 +32,7 @@ Prints a table per section and writes every figure to ``--json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import multiprocessing as mp
@@ -495,13 +496,9 @@ def _extract_worker(args) -> tuple[int, float, dict]:
                 "face_box": box, "face_size_px": (box[2] - box[0]) * w}
         mine: dict = {}
         nv = nvdec and max(w, h) >= cpu_below  # smaller videos decoded on the CPU beside NVDEC (--cpu-decode-below)
-        if shared is None:
+        with shared.member() if shared is not None else contextlib.nullcontext():
             feats = extract_source(path, w, h, [clip], cfg, audio=np.zeros(int(16000 * n / 30) + 1600, np.float32),
-                                   timings=mine, landmarker=mesh, nvdec=nv)
-        else:
-            with shared.member():
-                feats = extract_source(path, w, h, [clip], cfg, audio=np.zeros(int(16000 * n / 30) + 1600, np.float32),
-                                       timings=mine, landmarker=shared, nvdec=nv)
+                                   timings=mine, landmarker=shared or mesh, nvdec=nv)
         t1 = time.perf_counter()
         arr = training_arrays(feats)
         if len(arr["offsets"]):

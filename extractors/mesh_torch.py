@@ -387,7 +387,7 @@ class TorchFaceMesh:
         fill the GPU as one large batch does. ``pad_to``: the networks run on calls of exactly that many
         crops (the last padded), so a clip's landmarks do not depend on which clips share its steps (every
         crop through the same kernels; on CUDA, one captured graph per network); None: one call of
-        whatever size, as track() runs one clip."""
+        whatever size, as track() runs one clip. The 3-pass tracking (``chain=0``) runs clip by clip."""
         if not jobs:
             return []
         prep = []
@@ -483,7 +483,7 @@ class TorchFaceMesh:
         lost = torch.zeros(off[-1], dtype=torch.bool, device=dev)  # a chain lost its face on the way
         for t in range(Wm + L):
             # the clip frame each chain is at, its frame in ext and whether it lies in this batch: known on the host
-            valid_h, jj_h, row_h, start_h, going_h = [], [], [], [], []
+            valid_h, jj_h, row_h, keep_h, start_h, going_h = [], [], [], [], [], []
             for i, c in enumerate(cl):
                 c_h = c["starts"] - Wm + t
                 j_h = c_h - (c["o"] - c["P"])
@@ -493,6 +493,7 @@ class TorchFaceMesh:
                 valid_h.append(v)
                 jj_h.append(j_h.clip(0, c["P"] + c["B"] - 1))
                 row_h.append(boff[i] + np.where(keep, k, c["B"]))
+                keep_h.append(keep)
                 start_h.append(off[i] + np.flatnonzero(v & ~c["valid_before"]))  # chains that start at this step
                 going_h.append(~v | c["valid_before"])
                 c["valid_before"] = v
@@ -530,7 +531,7 @@ class TorchFaceMesh:
                                for i, c in enumerate(cl)])
             lm, flag = self._lm_out(self._run(self._lm, crops, pad_to), rect)
             ok = valid & found & (flag >= _FLAG_MIN)
-            out_lm[row], out_ok[row] = lm, ok & (row != _to(torch.from_numpy(np.repeat(boff[1:] - 1, np.diff(off))), dev))
+            out_lm[row], out_ok[row] = lm, ok & _to(torch.from_numpy(np.concatenate(keep_h)), dev)
             prev_lm, prev_ok = lm, ok
         res = []
         for i, c in enumerate(cl):
@@ -580,10 +581,9 @@ class SharedTracker:
                 self._members -= 1
                 self._cv.notify_all()
 
-    def track_array(self, frames, expect_box, det_roi, carry=None):
-        """TorchFaceMesh.track_array, run together with the other threads' waiting batches."""
-        x = torch.from_numpy(frames) if isinstance(frames, np.ndarray) else frames
-        req = {"job": (x.to(self.device), expect_box, det_roi, carry), "out": None}
+    def track(self, frames: torch.Tensor, expect_box, det_roi, carry=None):
+        """TorchFaceMesh.track, run together with the other threads' waiting batches."""
+        req = {"job": (frames, expect_box, det_roi, carry), "out": None}
         with self._cv:
             self._pending.append(req)
             self._cv.notify_all()
@@ -611,8 +611,9 @@ class SharedTracker:
                 self._cv.notify_all()
         if isinstance(req["out"], BaseException):
             raise req["out"]
-        lm, carry = req["out"]
-        return lm.cpu().numpy().astype(np.float32), carry
+        return req["out"]
+
+    track_array = TorchFaceMesh.track_array  # the same conversions around this class's track()
 
 
 def landmark_distances(ref: np.ndarray, test: np.ndarray, width: int, height: int) -> tuple[np.ndarray, float]:
