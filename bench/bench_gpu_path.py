@@ -6,6 +6,8 @@ Sections (``--section``, repeatable; default all that can run here):
   threads, against OpenCV's CPU decoder (its default threads);
 - decode-set: the whole set (``--scale`` copies of each video) decoded at once by ``--sessions`` NVDEC
   sessions taking videos from one queue: the decode rate the whole extraction of that set cannot exceed;
+  for each of ``--colours``: PyNvVideoCodec's RGB output, NV12 converted by extractors.media.yuv420_to_rgb
+  (NvdecVideo's path), and NV12 alone (the decoder's ceiling);
 - landmarks: the torch Face Mesh (detection + tracking) in frames/s at each ``--batches`` size and dtype,
   with its default tracking (parallel chains; ``--track-chains`` adds other chain lengths), the earlier
   3- and 1-pass tracking and, on CUDA, the crops cut by the compiled kernel (``fused warp``) side by side,
@@ -24,7 +26,8 @@ Sections (``--section``, repeatable; default all that can run here):
   largest first (dynamic, as Ray schedules a task per source), timed on the same warm workers.
   ``--threads`` T > 1: each process runs T sources at once in threads sharing one torch Face Mesh
   (extractors.mesh_torch.SharedTracker: their batches tracked together, the networks on calls of exactly
-  ``--pad-to`` crops), so one CUDA context carries many sources' chains per step. ``--cpu-decode-below``:
+  ``--pad-to`` crops, 256 unless given), so one CUDA context carries many sources' chains per step; with one
+  thread ``--pad-to`` pads a process's own calls (extract.mesh_pad_to). ``--cpu-decode-below``:
   videos whose longer side is under it are decoded on the CPU beside NVDEC.
 
 Prints a table per section and writes every figure to ``--json``.
@@ -124,17 +127,25 @@ def _seconds(dev: str, fn, reps: int = 1) -> float:
 
 
 # --- decode --------------------------------------------------------------------------------------------
-def _nvdec_all(path: Path) -> int:
+def _nvdec_all(path: Path, colour: str = "rgb") -> int:
+    """Decode a whole video with NVDEC into CUDA tensors, 64 frames at a time: ``rgb`` PyNvVideoCodec's own
+    RGB conversion, ``nv12`` its NV12 surfaces converted by media.yuv420_to_rgb (what NvdecVideo does), ``native``
+    the NV12 surfaces only (the decoder's ceiling)."""
     import PyNvVideoCodec as nvc
     import torch
 
-    dec = nvc.SimpleDecoder(str(path), gpu_id=0, use_device_memory=True, output_color_type=nvc.OutputColorType.RGB)
+    from extractors.media import yuv420_to_rgb
+
+    kind = nvc.OutputColorType.RGB if colour == "rgb" else nvc.OutputColorType.NATIVE
+    dec = nvc.SimpleDecoder(str(path), gpu_id=0, use_device_memory=True, output_color_type=kind)
     n = 0
     while True:
         got = dec.get_batch_frames(64)
         if not got:
             break
         x = torch.stack([torch.from_dlpack(f) for f in got])
+        if colour == "nv12":
+            yuv420_to_rgb(x)
         n += len(x)
     torch.cuda.synchronize()
     return n
@@ -170,10 +181,10 @@ def section_decode(videos: list[Path], sessions: int) -> None:
     RESULTS["decode"] = rows
 
 
-def section_decode_set(videos: list[Path], sessions: int, scale: int) -> None:
+def section_decode_set(videos: list[Path], sessions: int, scale: int, colour: str = "rgb") -> None:
     """The whole set (``scale`` copies of each video) decoded at once: ``sessions`` threads, each opening
     one decoder session per video it takes from a shared queue (longest first). Its frames/s bounds the
-    whole extraction of the same set on this GPU."""
+    whole extraction of the same set on this GPU. ``colour``: see _nvdec_all."""
     import queue
 
     jobs: queue.Queue = queue.Queue()
@@ -188,15 +199,15 @@ def section_decode_set(videos: list[Path], sessions: int, scale: int) -> None:
                 v = jobs.get_nowait()
             except queue.Empty:
                 return
-            counts[i] += _nvdec_all(v)
+            counts[i] += _nvdec_all(v, colour)
 
-    _nvdec_all(order[-1])  # the driver's start-up, untimed
+    _nvdec_all(order[-1], colour)  # the driver's start-up, untimed
     th = [threading.Thread(target=work, args=(i,)) for i in range(sessions)]
     t0 = time.perf_counter()
     [t.start() for t in th]
     [t.join() for t in th]
     secs = time.perf_counter() - t0
-    row = {"videos": len(order), "sessions": sessions, "frames": sum(counts), "seconds": round(secs, 2),
+    row = {"videos": len(order), "sessions": sessions, "colour": colour, "frames": sum(counts), "seconds": round(secs, 2),
            "nvdec_fps_whole_set": round(sum(counts) / secs, 1)}
     RESULTS.setdefault("decode_set", []).append(row)
     print("decode_set", row, flush=True)
@@ -488,7 +499,9 @@ def _extract_worker(args) -> tuple[int, float, dict]:
     cfg = ExtractConfig(mesh_batch=batch)
     tm: dict = {}
     lock = threading.Lock()
-    shared = SharedTracker(mesh, pad_to=pad_to) if threads > 1 else None
+    # --pad-to 0: a shared tracker pads to 256, a plain one not at all (calls of each batch's size)
+    shared = SharedTracker(mesh, pad_to=pad_to or 256) if threads > 1 else None
+    mesh.pad_to = (pad_to or None) if threads <= 1 else None
 
     def one(job) -> int:
         path, w, h, n, box = job
@@ -553,7 +566,7 @@ def _warm(args) -> None:
 def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int], scale: int, modules: str | None,
                     batches: list[int], nvdec: bool, chains: list[int], fused: list[bool] = (False,),
                     profile: Path | None = None, schedules: list[str] = ("static",), threads: list[int] = (1,),
-                    pad_to: int = 256, cpu_below: int = 0) -> None:
+                    pad_to: int = 0, cpu_below: int = 0) -> None:
     """``schedules``: ``static`` hands each process every k-th video up front (the figures of sessions 2-11);
     ``dynamic`` hands out one video at a time, largest first, to whichever process is free (as Ray schedules
     extraction tasks per source)."""
@@ -599,7 +612,7 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
                     for key, val in d[2].items():
                         tm[key] = round(tm.get(key, 0) + val, 2)
                 frames = sum(d[0] for d in done)
-                rows.append({"workers": k, "threads": th, "pad_to": pad_to if th > 1 else None,
+                rows.append({"workers": k, "threads": th, "pad_to": (pad_to or 256) if th > 1 else (pad_to or None),
                              "cpu_decode_below": cpu_below or None, "schedule": sched, "tracking": f"chains of {chain}" if chain else "3 passes",
                              "mesh_batch": batch, "fused_warp": fw, "startup_s": round(startup, 1),
                              "videos": len(jobs), "input_frames": frames, "wall_s": round(wall, 1),
@@ -625,6 +638,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float16,bfloat16,float32")
     ap.add_argument("--acc-frames", type=int, default=90)
     ap.add_argument("--sessions", type=int, default=8)
+    ap.add_argument("--colours", default="rgb,nv12,native", help="decode-set: NVDEC outputs timed (see _nvdec_all)")
     ap.add_argument("--procs", type=int, default=os.cpu_count())
     ap.add_argument("--mp-frames", type=int, default=300)
     ap.add_argument("--workers", default="1,4")
@@ -636,7 +650,8 @@ def main() -> None:
                     "order on the same warm workers)")
     ap.add_argument("--threads", default="1", help="extract: sources run at once in threads of each process, their "
                     "tracking shared (comma list)")
-    ap.add_argument("--pad-to", type=int, default=256, help="extract with --threads > 1: crops per network call")
+    ap.add_argument("--pad-to", type=int, default=0, help="extract: crops per network call (0: 256 with --threads > 1, "
+                    "else each batch's own size)")
     ap.add_argument("--cpu-decode-below", type=int, default=0, help="extract: videos whose longer side is under this "
                     "decoded on the CPU (decord, one thread) even where NVDEC is")
     ap.add_argument("--track-chains", default=str(CHAIN), help="landmarks: chain lengths timed (first dtype; comma list)")
@@ -662,7 +677,8 @@ def main() -> None:
             if s == "decode":
                 section_decode(vids, a.sessions)
             elif s == "decode-set":
-                section_decode_set(vids, a.sessions, a.scale)
+                for colour in a.colours.split(","):  # side by side in one run
+                    section_decode_set(vids, a.sessions, a.scale, colour)
             elif s == "landmarks":
                 section_landmarks(vids, boxes, dev, [int(b) for b in a.batches.split(",")], a.dtypes.split(","),
                                   a.acc_frames, a.modules, a.reference, [int(c) for c in a.track_chains.split(",")])

@@ -122,7 +122,7 @@ class IngestConfig:
 
 # keys added after datasets were made, with the default that does what was done before them: left out of
 # digests and part keys at that default, so a dataset's parts stay valid across the upgrade
-_ADDED_LATER = {"detector": "mediapipe", "asr_engine": "ctranslate2"}
+_ADDED_LATER = {"detector": "mediapipe", "asr_engine": "ctranslate2", "mesh_pad_to": 0, "sources_per_worker": 1}
 _NONE = object()
 
 
@@ -143,7 +143,7 @@ class ExtractConfig:
     # (torch where the extraction task gets a GPU, mediapipe elsewhere). The engine a part was made with is
     # recorded in the extraction lineage (landmarkers).
     landmarker: str = "auto"
-    # frames per batch of the torch engine (per clip, from its first frame); 0 = 32 on the CPU, 128 on CUDA
+    # frames per batch of the torch engine (per clip, from its first frame); 0 = 32 on the CPU, 256 on CUDA
     mesh_batch: int = 0
     # torch engine tracking: MediaPipe's frame-to-frame chain, cut every mesh_chain frames into pieces
     # tracked in parallel, each piece's chain started mesh_warmup frames earlier (extractors.mesh_torch);
@@ -159,6 +159,17 @@ class ExtractConfig:
     # (pipelines/stages.py: 8 measured best for the GPU alone). A node with more than 8 cores per GPU
     # leaves cores idle unless this is raised, since the tasks also transcribe and embed on their CPU
     tasks_per_gpu: int = 0
+    # torch engine: its networks run on calls of exactly this many crops (the last call padded), so a clip's
+    # landmarks do not depend on how its frames were batched with other clips', and on CUDA each network
+    # keeps one captured graph. 0 = on CUDA one chain step of a batch (mesh batch / mesh_chain crops: 2.1x
+    # the whole extraction of unpadded calls, 16 workers on an H100, bench/RESULTS.md), on the CPU each
+    # batch's own size. sources_per_worker > 1 needs it set
+    mesh_pad_to: int = 0
+    # torch engine: sources one extraction worker runs at once, in threads sharing one tracker whose chain
+    # steps run every source's chains in one network call (extractors.mesh_torch.SharedTracker: many small
+    # clips fill a GPU as one large batch does; on Ray a threaded actor per worker). Scheduling only: the
+    # results are the same as one source per worker with the same mesh_pad_to
+    sources_per_worker: int = 1
     # video decoding for extraction: "cpu" (decord), "nvdec" (NVIDIA's decoder into GPU memory, for the torch
     # landmarker on CUDA; an error where it cannot run) or "auto" (nvdec where it can run: the torch landmarker
     # on CUDA, PyNvVideoCodec installed, an H.264/HEVC/AV1/VP9 source at a constant frame rate without rotation;
@@ -233,15 +244,31 @@ class ExtractConfig:
         if cfg.decoder not in ("auto", "cpu", "nvdec"):
             raise ValueError(f"extract.decoder must be auto, cpu or nvdec, got {cfg.decoder!r}")
         if cfg.mesh_batch < 0 or cfg.mesh_passes < 1 or cfg.tasks_per_gpu < 0 or cfg.mesh_chain < 0 or \
-                cfg.mesh_warmup < 0:
-            raise ValueError("extract.mesh_batch, mesh_chain, mesh_warmup and tasks_per_gpu must be >= 0, "
-                             "extract.mesh_passes >= 1")
+                cfg.mesh_warmup < 0 or cfg.mesh_pad_to < 0 or cfg.sources_per_worker < 1:
+            raise ValueError("extract.mesh_batch, mesh_chain, mesh_warmup, mesh_pad_to and tasks_per_gpu must be >= 0, "
+                             "extract.mesh_passes and sources_per_worker >= 1")
+        if cfg.sources_per_worker > 1 and not cfg.mesh_pad_to:
+            raise ValueError("extract.sources_per_worker > 1 shares one tracker between sources: set extract.mesh_pad_to "
+                             "(e.g. 256) so each source's landmarks do not depend on which sources shared its batches")
+        if cfg.sources_per_worker > 1 and cfg.landmarker == "mediapipe":
+            raise ValueError("extract.sources_per_worker > 1 shares the torch landmarker: set landmarker=torch or auto")
         for key in ("device", "asr_device"):
             if getattr(cfg, key) not in ("auto", "cpu", "cuda"):
                 raise ValueError(f"extract.{key} must be auto, cpu or cuda, got {getattr(cfg, key)!r}")
         if cfg.asr_engine not in ("ctranslate2", "torch"):
             raise ValueError(f"extract.asr_engine must be ctranslate2 or torch, got {cfg.asr_engine!r}")
         return cfg
+
+    def mesh_batch_for(self, cuda: bool) -> int:
+        """Frames per torch Face Mesh batch on this device (mesh_batch, or its default)."""
+        return self.mesh_batch or (256 if cuda else 32)
+
+    def mesh_pad_for(self, cuda: bool) -> int | None:
+        """Crops per torch Face Mesh network call on this device (mesh_pad_to, or its default; None: each
+        call the size of its batch's step)."""
+        if self.mesh_pad_to:
+            return self.mesh_pad_to
+        return -(-self.mesh_batch_for(True) // self.mesh_chain) if cuda and self.mesh_chain else None
 
     def keyed(self) -> dict[str, Any]:
         """to_dict() less the keys added after datasets were made while at the default that does what was

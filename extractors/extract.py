@@ -134,7 +134,7 @@ def _unit_mean(vecs: list[np.ndarray], dim: int) -> np.ndarray:
 def _meshed(frames, n: int, box, window: float | None, cfg: ExtractConfig, landmarker, tm: dict):
     """Yield (i, frame, landmarks or None, face crop or None) for the next ``n`` frames of one clip:
     MediaPipe's graph frame by frame, or ``landmarker`` (extractors.mesh_torch.TorchFaceMesh) on batches of
-    ``cfg.mesh_batch`` frames (0: 32 on the CPU, 128 on CUDA) counted from the clip's first frame (so a
+    ``cfg.mesh_batch`` frames (0: 32 on the CPU, 256 on CUDA) counted from the clip's first frame (so a
     frame's batch never depends on other clips). Frames decoded by NVDEC stay CUDA tensors (H, W, 3): the
     crops are cut on the GPU at the same pixels ``crop_face`` takes, and only they come back to the host."""
     if landmarker is None:
@@ -153,7 +153,7 @@ def _meshed(frames, n: int, box, window: float | None, cfg: ExtractConfig, landm
     from .mesh_torch import detection_roi
 
     carry = None
-    size = cfg.mesh_batch or (128 if landmarker.device.type == "cuda" else 32)
+    size = cfg.mesh_batch_for(landmarker.device.type == "cuda")
     for b0 in range(0, n, size):
         t0 = time.perf_counter()
         got = [next(frames)[1] for _ in range(min(size, n - b0))]

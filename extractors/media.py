@@ -1,6 +1,7 @@
 """Sequential decoding: video frames resampled to the 30 fps grid by timestamp, audio to 16 kHz mono."""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from dataclasses import dataclass
@@ -83,8 +84,12 @@ class NvdecVideo:
         import PyNvVideoCodec as nvc
 
         _trace("video", path)
+        # NVDEC's own surfaces (NV12), converted to RGB below as the CPU decoder converts (yuv420_to_rgb):
+        # PyNvVideoCodec's RGB output takes another matrix for some untagged streams (4 of the 17 corpus videos
+        # 1.4-2.7 levels off decord's frames on average) and waits for the GPU each frame (bench/RESULTS.md)
         self.dec = nvc.SimpleDecoder(str(path), gpu_id=gpu_id, use_device_memory=True,
-                                     output_color_type=nvc.OutputColorType.RGB)
+                                     output_color_type=nvc.OutputColorType.NATIVE)
+        self.space, self.full_range = colour_tags(path, nvc)
         m = self.dec.get_stream_metadata()
         n, fps = len(self.dec), float(m.average_fps)
         if n == 0 or fps <= 0:
@@ -96,17 +101,12 @@ class NvdecVideo:
 
     def _resized(self, frames: list):
         import torch
-        import torch.nn.functional as F
 
-        x = torch.stack([torch.from_dlpack(f) for f in frames])  # (B, H, W, 3) uint8 on the GPU
+        x = torch.stack([_surface(torch.from_dlpack(f)) for f in frames])  # (B, H*3/2, W) NV12 on the GPU
         w, h = self.size
-        if x.shape[1:3] == (h, w):
-            return x
         out = torch.empty(len(x), h, w, 3, dtype=torch.uint8, device=x.device)
         for i in range(0, len(x), 8):  # 8 frames at a time: a 64-frame chunk of 1080p in float32 is 1.6 GB
-            y = F.interpolate(x[i:i + 8].permute(0, 3, 1, 2).float(), size=(h, w), mode="bilinear", antialias=True,
-                              align_corners=False)
-            out[i:i + 8] = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+            out[i:i + 8] = yuv420_to_rgb(x[i:i + 8], self.space, self.full_range, (w, h))
         return out
 
     def iter_frames(self, out_idx: np.ndarray) -> Iterator[tuple[int, object]]:
@@ -123,6 +123,103 @@ class NvdecVideo:
                     raise Reject("truncated", f"NVDEC ended at frame {base} of {len(self.timeline.starts)}")
                 buf = self._resized(got)
             yield k, buf[i - base]
+
+
+def _surface(t):
+    """A decoded NV12 surface as (H*3/2, W): luma rows, then the interleaved chroma rows."""
+    if t.ndim == 3 and t.shape[-1] == 1:
+        t = t[..., 0]
+    if t.ndim != 2 or t.shape[0] % 3 or t.shape[1] % 2:
+        raise ValueError(f"NVDEC surface of shape {tuple(t.shape)}: an NV12 (H*3/2, W) surface was expected")
+    return t
+
+
+def colour_tags(path: str, nvc=None) -> tuple[str, bool]:
+    """(YUV matrix, full range) of a video stream as ffmpeg reads its tags (what the CPU decoder converts
+    by): "bt709" where tagged so, else "bt601"; full range for a yuvj pixel format or a "pc" range tag.
+    Without ffprobe, PyNvVideoCodec's demuxer's tags, which miss some (on the lent H100: a BT.709 tag and a
+    full-range stream of the corpus read as untagged)."""
+    try:
+        p = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+                            "stream=pix_fmt,color_space,color_range", "-of", "default=nw=1", str(path)],
+                           capture_output=True, text=True, timeout=60)
+        if p.returncode == 0 and p.stdout.strip():
+            kv = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
+            return (("bt709" if kv.get("color_space") == "bt709" else "bt601"),
+                    kv.get("color_range") == "pc" or kv.get("pix_fmt", "").startswith("yuvj"))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        d = nvc.CreateDemuxer(str(path))
+        space, rng = str(d.ColorSpace()).upper(), str(d.ColorRange()).upper()
+    except Exception:  # noqa: BLE001 - no tags to be had: ffmpeg's defaults
+        return "bt601", False
+    return ("bt709" if "709" in space else "bt601"), "JPEG" in rng
+
+
+# Kr, Kb of the YUV matrices ffmpeg's swscale applies by the stream's tag (an untagged stream: BT.601)
+YUV_MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
+
+
+def yuv420_to_rgb(nv12, space: str = "bt601", full_range: bool = False, size: tuple[int, int] | None = None):
+    """(B, H*3/2, W) NV12 frames (uint8, or 16-bit P016 with the samples in the high bits) to (B, h, w, 3)
+    uint8 RGB on the tensors' device, ``size`` = (w, h) (default the frames' own). Converts as the CPU
+    decoder (decord, ffmpeg's swscale) does: the matrix of the stream's tag, studio range (16-235) unless the
+    stream is full range, each chroma sample shared by its 2x2 pixels, truncated to integers; on the shared
+    videos within a level of decord's frames (tests/test_mesh_torch.py). Resized (bilinear, antialiased)
+    before the matrix: the luma plane and the two chroma planes each to ``size``, so the arithmetic runs on
+    the small frame. On CUDA at the frames' own size: one Triton kernel (extractors.nv12_triton) where Triton
+    is installed, bit-identical to the torch operations on the 17 corpus videos and 14-26x faster (H100)."""
+    import torch
+
+    b, rows, w = nv12.shape
+    h = rows * 2 // 3
+    if nv12.is_cuda and nv12.dtype == torch.uint8 and tuple(size or (w, h)) == (w, h) and _has_triton():
+        from .nv12_triton import nv12_to_rgb  # the same arithmetic in one kernel
+
+        kr, kb = YUV_MATRICES[space]
+        kg = 1 - kr - kb
+        ys, y0, cs = (1.0, 0.0, 1.0) if full_range else (255 / 219, 16.0, 255 / 224)
+        return nv12_to_rgb(nv12, y0, ys, cs, (2 * (1 - kr), -2 * kb * (1 - kb) / kg, -2 * kr * (1 - kr) / kg, 2 * (1 - kb)))
+    return _yuv420_to_rgb_torch(nv12, space, full_range, size)
+
+
+@functools.lru_cache(maxsize=1)
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def _yuv420_to_rgb_torch(nv12, space: str, full_range: bool, size: tuple[int, int] | None):
+    """yuv420_to_rgb in torch's elementwise operations (any device; and the resizing)."""
+    import torch
+    import torch.nn.functional as F
+
+    b, rows, w = nv12.shape
+    h = rows * 2 // 3
+    x = nv12.float() if nv12.dtype == torch.uint8 else nv12.float().div_(256)
+    kr, kb = YUV_MATRICES[space]
+    kg = 1 - kr - kb
+    ys, y0, cs = (1.0, 0.0, 1.0) if full_range else (255 / 219, 16.0, 255 / 224)
+    uv = x[:, h:].reshape(b, h // 2, w // 2, 2)
+    out_w, out_h = size or (w, h)
+    if (out_w, out_h) != (w, h):
+        y = F.interpolate(x[:, None, :h], size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)[:, 0]
+        uv = F.interpolate(uv.permute(0, 3, 1, 2), size=(out_h, out_w), mode="bilinear", antialias=True,
+                           align_corners=False)
+        u, v = uv[:, 0], uv[:, 1]
+    else:  # each chroma sample over its 2x2 luma block, by broadcasting (no upsampled copy)
+        y = x[:, :h].reshape(b, h // 2, 2, w // 2, 2)
+        u, v = uv[..., 0].reshape(b, h // 2, 1, w // 2, 1), uv[..., 1].reshape(b, h // 2, 1, w // 2, 1)
+    y = y.sub(y0).mul_(ys)
+    u, v = u.sub(128).mul_(cs), v.sub(128).mul_(cs)
+    r = torch.add(y, v, alpha=2 * (1 - kr))
+    g = torch.add(y, u, alpha=-2 * kb * (1 - kb) / kg).add_(v, alpha=-2 * kr * (1 - kr) / kg)
+    bl = torch.add(y, u, alpha=2 * (1 - kb))
+    # truncated as swscale's integer conversion truncates (rounding put every channel a level above decord's);
+    # the 1e-3 keeps an exact level (235 -> 255) from falling below by float error
+    return torch.stack([r, g, bl], -1).add_(1e-3).floor_().clamp_(0, 255).to(torch.uint8).reshape(b, out_h, out_w, 3)
 
 
 def timeline(vr, duration_s: float) -> VideoTimeline:

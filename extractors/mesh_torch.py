@@ -248,12 +248,13 @@ class TorchFaceMesh:
 
     def __init__(self, device: str = "cpu", dtype: torch.dtype | None = None, passes: int = 3,
                  modules: str | Path | None = None, graphs: bool | None = None, chain: int = CHAIN,
-                 warmup: int = WARMUP, fused_warp: bool = False):
+                 warmup: int = WARMUP, fused_warp: bool = False, pad_to: int | None = None):
         from models.tflite_torch import CudaGraphed, TFLiteGraph
 
         self.device = torch.device(device)
         self.dtype = dtype or torch.float32
         self.passes = passes
+        self.pad_to = pad_to or None  # track()'s network calls: see track_many
         if chain < 0 or warmup < 0:
             raise ValueError(f"chain and warmup must be >= 0, got {chain}, {warmup}")
         self.chain, self.warmup = chain, warmup
@@ -376,8 +377,9 @@ class TorchFaceMesh:
     def track(self, frames: torch.Tensor, expect_box, det_roi, carry=None):
         """frames: (B, H, W, 3) uint8 on this device, consecutive frames of one clip; expect_box: the
         speaker's [x0, y0, x1, y1] (frame-normalised); det_roi: the square detection region [cx, cy, side]
-        in pixels; carry: what the previous batch of the clip returned (None at the clip's start)."""
-        return self.track_many([(frames, expect_box, det_roi, carry)])[0]
+        in pixels; carry: what the previous batch of the clip returned (None at the clip's start). The networks
+        run on calls of ``pad_to`` crops where the tracker was made with it (track_many)."""
+        return self.track_many([(frames, expect_box, det_roi, carry)], self.pad_to)[0]
 
     @torch.no_grad()
     def track_many(self, jobs, pad_to: int | None = None):

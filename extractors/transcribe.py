@@ -294,30 +294,32 @@ class SphinxTranscriber(_Engine):
         return "en", [Segment(" " + text, words[0][1] if words else 0.0, words[-1][2] if words else 0.0, words)]
 
 
-_CACHE: dict = {}
+_PROCESS: dict = {}
 
 
 def make_transcriber(whisper_checkpoint: str | None, threads: int = 1, max_tokens_per_s: float = MAX_TOKENS_PER_S,
                      max_compression_ratio: float = MAX_COMPRESSION_RATIO, device: str = "cpu",
-                     engine: str = "ctranslate2"):
+                     engine: str = "ctranslate2", cache: dict | None = None):
     """The engine for a configured checkpoint, one per process (loading Whisper takes about a second).
     ``device``: "cpu" (the default: the same transcripts on every machine, and no CUDA library is loaded,
     so a node whose CUDA the wheel was not built for still transcribes), "cuda", or "auto" (CUDA where a
     GPU is visible); a GPU engine names its device in the engine string (its transcripts differ in places).
     ``engine``: "ctranslate2" (faster-whisper) or "torch" (a CTranslate2 folder's weights in openai-whisper's
-    PyTorch model, on any device PyTorch runs on); an openai-whisper .pt runs in PyTorch either way."""
-    key = (whisper_checkpoint, threads, max_tokens_per_s, max_compression_ratio, device, engine)
-    if key not in _CACHE:
+    PyTorch model, on any device PyTorch runs on); an openai-whisper .pt runs in PyTorch either way.
+    ``cache``: where the engine is kept (default: this process's; a thread that must not share one passes its own)."""
+    key = ("transcriber", whisper_checkpoint, threads, max_tokens_per_s, max_compression_ratio, device, engine)
+    store = _PROCESS if cache is None else cache
+    if key not in store:
         r = resolve_whisper(whisper_checkpoint)
         limits = {"max_tokens_per_s": max_tokens_per_s, "max_compression_ratio": max_compression_ratio}
         if r is None:
-            _CACHE[key] = SphinxTranscriber()
+            store[key] = SphinxTranscriber()
         elif r[0] == "ct2" and engine == "ctranslate2":
-            _CACHE[key] = FasterWhisperTranscriber(r[1], device=None if device == "auto" else device, threads=threads,
+            store[key] = FasterWhisperTranscriber(r[1], device=None if device == "auto" else device, threads=threads,
                                                    **limits)
         else:
-            _CACHE[key] = WhisperTranscriber(r[1], device=None if device == "auto" else device, **limits)
-    return _CACHE[key]
+            store[key] = WhisperTranscriber(r[1], device=None if device == "auto" else device, **limits)
+    return store[key]
 
 
 def clip_audio(audio: np.ndarray, start_s: float, end_s: float) -> np.ndarray:

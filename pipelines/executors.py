@@ -1,9 +1,11 @@
 """Where stage functions run: a local Ray (default), a Ray cluster (RAY_ADDRESS), or in-process.
 
-Both executors offer the same four calls, so a stage never asks which one it has:
+Both executors offer the same calls, so a stage never asks which one it has:
 ``map_unordered(fn, items, **resources)`` (bounded in-flight work), ``submit(fn, item)`` + ``as_completed(handles)``
-(start work early, collect it later: Ray starts it at once, in-process it runs when collected), and
-``has_gpu()`` (whether a task asking for a GPU, or a share of one, can be placed)."""
+(start work early, collect it later: Ray starts it at once, in-process it runs when collected),
+``has_gpu()`` (whether a task asking for a GPU, or a share of one, can be placed), and ``pool(fn, threads,
+**resources)``: the same submit/map_unordered for one function whose items run ``threads`` at a time in each
+worker process (on Ray, threaded actors; in-process, threads), so items can share what a process holds."""
 from __future__ import annotations
 
 import ctypes
@@ -114,8 +116,141 @@ class LocalExecutor:
                 res = TaskFailure.of(e)
             yield it, res
 
+    def pool(self, fn: Callable, threads: int = 1, **resources: Any) -> "TaskPool":
+        """``fn``'s items ``threads`` at a time in threads of this process (map_unordered); submitted items run
+        one by one when collected, as submit's do."""
+        return TaskPool(self, fn, resources) if threads <= 1 else _ThreadPool(self, fn, threads)
+
     def close(self) -> None:
         pass
+
+
+class TaskPool:
+    """One function's items as the executor's own tasks (a pool of one thread per worker)."""
+
+    def __init__(self, ex, fn: Callable, resources: dict):
+        self.ex, self.fn, self.resources = ex, fn, resources
+
+    def submit(self, item: Any) -> Any:
+        return self.ex.submit(self.fn, item, **self.resources)
+
+    def map_unordered(self, items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+        return self.ex.map_unordered(self.fn, items, **self.resources)
+
+    def close(self) -> None:
+        pass
+
+
+class _ThreadPool(TaskPool):
+    def __init__(self, ex: "LocalExecutor", fn: Callable, threads: int):
+        super().__init__(ex, fn, {})
+        self.threads = threads
+
+    def map_unordered(self, items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        def call(it):
+            try:
+                return self.fn(it)
+            except Exception as e:  # noqa: BLE001 - one item's failure is that item's
+                return TaskFailure.of(e)
+
+        it = iter(items)
+        with ThreadPoolExecutor(self.threads) as tp:
+            running = {tp.submit(call, x): x for x in _take(it, self.threads)}
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in done:
+                    x = running.pop(f)
+                    for y in _take(it, 1):
+                        running[tp.submit(call, y)] = y
+                    yield x, f.result()
+
+
+def _take(it: Iterator, n: int) -> list:
+    out = []
+    for x in it:
+        out.append(x)
+        if len(out) == n:
+            break
+    return out
+
+
+class _TaskHost:
+    """A Ray actor that runs one stage task function on the items it is sent, several at a time in its
+    threads (max_concurrency): the items share what the process holds (models, a shared tracker)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def run(self, item: Any) -> Any:
+        return self.fn(item)
+
+
+class _ActorPool(TaskPool):
+    """Threaded actors, created as items need them up to what the cluster can place; an item goes to the
+    actor with the fewest items in flight. An actor whose process dies is restarted and its items retried
+    (Ray's max_restarts / max_task_retries), then reported as TaskFailure like a task's."""
+
+    def __init__(self, ex: "RayExecutor", fn: Callable, threads: int, resources: dict):
+        super().__init__(ex, fn, resources)
+        ray = ex._ray
+        opts = {**ex._opts(), **resources}
+        opts.pop("max_retries", None)
+        opts.pop("max_calls", None)
+        # an actor holds `threads` items at once: their CPUs (up to what one node has) and memory, and the one
+        # GPU share they use together
+        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+        opts["num_cpus"] = min(opts.get("num_cpus", 1) * threads, max(node_cpus, 1))
+        if "memory" in opts:
+            opts["memory"] = opts["memory"] * threads
+        total = ray.cluster_resources()
+        fit = int(total.get("CPU", 1) // max(opts["num_cpus"], 1e-9))
+        if opts.get("num_gpus"):
+            fit = min(fit, int(total.get("GPU", 0) / opts["num_gpus"] + 1e-9))
+        self.max_actors, self.threads = max(1, fit), threads
+        self._host = ray.remote(max_concurrency=threads, max_restarts=ex.max_retries,
+                                max_task_retries=ex.max_retries, **opts)(_TaskHost)
+        self._actors: list = []
+        self._load: list[int] = []
+        self._inflight: dict = {}  # ref -> actor index
+
+    def _settle(self) -> None:
+        if self._inflight:
+            done, _ = self.ex._ray.wait(list(self._inflight), num_returns=len(self._inflight), timeout=0)
+            for ref in done:
+                self._load[self._inflight.pop(ref)] -= 1
+
+    def submit(self, item: Any) -> Any:
+        self._settle()
+        i = min(range(len(self._actors)), key=self._load.__getitem__) if self._actors else -1
+        if (i < 0 or self._load[i] >= self.threads) and len(self._actors) < self.max_actors:
+            self._actors.append(self._host.remote(self.fn))
+            self._load.append(0)
+            i = len(self._actors) - 1
+        ref = self._actors[i].run.remote(item)
+        self._inflight[ref] = i
+        self._load[i] += 1
+        return ref
+
+    def map_unordered(self, items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+        ray = self.ex._ray
+        bound = self.max_actors * self.threads
+        pending: dict = {}
+        it = iter(items)
+        while True:
+            for x in _take(it, bound - len(pending)) if len(pending) < bound else []:
+                pending[self.submit(x)] = x
+            if not pending:
+                return
+            done, _ = ray.wait(list(pending), num_returns=1)
+            yield pending.pop(done[0]), self.ex._get(done[0])
+
+    def close(self) -> None:
+        """Ends the actors (their GPU shares go back to the cluster for the next stage)."""
+        for a in self._actors:
+            self.ex._ray.kill(a)
+        self._actors, self._load, self._inflight = [], [], {}
 
 
 class RayExecutor:
@@ -175,6 +310,11 @@ class RayExecutor:
     def submit(self, fn: Callable, item: Any, **resources: Any) -> Any:
         """Start one task now (not bounded by max_in_flight); collect it with as_completed."""
         return self._ray.remote(**{**self._opts(), **resources})(fn).remote(item)
+
+    def pool(self, fn: Callable, threads: int = 1, **resources: Any) -> TaskPool:
+        """``fn``'s items as tasks (``threads`` 1), or ``threads`` at a time in each of a set of threaded actors,
+        each actor asking the task's GPU share and ``threads`` times its CPUs and memory."""
+        return TaskPool(self, fn, resources) if threads <= 1 else _ActorPool(self, fn, threads, resources)
 
     def _opts(self) -> dict[str, Any]:
         opts = {"num_cpus": 1, "max_retries": self.max_retries, **({"max_calls": self.max_calls} if self.max_calls else {})}

@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -85,30 +87,50 @@ def model_shas(cfg: ExtractConfig) -> dict[str, dict]:
     return lineage(clip_models(cfg))
 
 
-_MODELS: dict = {}
+_MODELS: dict = {}  # a worker process's models (one per process: the landmarker, and the shared tracker)
+_LOCK = threading.RLock()
+_THREAD = threading.local()
+
+
+def _models_of(cfg: ExtractConfig) -> dict:
+    """Where a task keeps its per-clip models: the process's (one task at a time), or with
+    sources_per_worker > 1 the thread's own: the embedders and transcribers are not safe to call from two
+    threads at once (Whisper's decoding hooks its model), so each thread of a threaded worker has its own."""
+    if cfg.sources_per_worker <= 1:
+        return _MODELS
+    if not hasattr(_THREAD, "models"):
+        _THREAD.models = {}
+    return _THREAD.models
 
 
 def _loaded_models(cfg: ExtractConfig) -> dict:
-    """The per-clip models of a config, loaded once per worker process."""
+    """The per-clip models of a config, loaded once per worker process (per thread: see _models_of)."""
     key = (cfg.blendshape_model, cfg.face_embedder, cfg.voice_embedder, cfg.av_sync_model, cfg.av_sync_encoder)
-    if key not in _MODELS:
+    cache = _models_of(cfg)
+    if key not in cache:
         from extractors.blendshapes import BlendshapeModel
         from extractors.face_geometry import FaceGeometry
         from extractors.identity import FaceEmbedder, VoiceEmbedder
         from models.av_sync import load as load_av_sync
 
         p = clip_models(cfg)
-        _MODELS[key] = {"blendshaper": BlendshapeModel(p["blendshapes"]) if p["blendshapes"] else None,
-                        "face_geometry": FaceGeometry(p["blendshapes"]) if p["blendshapes"] else None,
-                        "face_embedder": FaceEmbedder(p["face_embedder"]) if p["face_embedder"] else None,
-                        "voice_embedder": VoiceEmbedder(p["voice_embedder"]) if p["voice_embedder"] else None,
-                        "av_sync": load_av_sync(p["av_sync"], p["av_sync_encoder"]) if p["av_sync"] else None}
-    return _MODELS[key]
+        cache[key] = {"blendshaper": BlendshapeModel(p["blendshapes"]) if p["blendshapes"] else None,
+                      "face_geometry": FaceGeometry(p["blendshapes"]) if p["blendshapes"] else None,
+                      "face_embedder": FaceEmbedder(p["face_embedder"]) if p["face_embedder"] else None,
+                      "voice_embedder": VoiceEmbedder(p["voice_embedder"]) if p["voice_embedder"] else None,
+                      "av_sync": load_av_sync(p["av_sync"], p["av_sync_encoder"]) if p["av_sync"] else None}
+    return cache[key]
 
 
 def _landmarker(cfg: ExtractConfig) -> tuple[str, object | None]:
     """(engine name, TorchFaceMesh or None for MediaPipe's own graph) for this worker: config.landmarker
-    resolved against the GPU the task was given (one instance per worker process)."""
+    resolved against the GPU the task was given (one instance per worker process; with sources_per_worker > 1
+    a SharedTracker around it, which the worker's threads share)."""
+    with _LOCK:  # the threads of a threaded worker make one
+        return _make_landmarker(cfg)
+
+
+def _make_landmarker(cfg: ExtractConfig) -> tuple[str, object | None]:
     import torch
 
     cuda = cfg.device != "cpu" and torch.cuda.is_available()
@@ -120,12 +142,20 @@ def _landmarker(cfg: ExtractConfig) -> tuple[str, object | None]:
 
     dev = "cuda" if cuda else "cpu"
     fused = cuda and cfg.mesh_fused_warp
-    key = ("mesh", dev, cfg.mesh_passes, cfg.mesh_chain, cfg.mesh_warmup, fused)
+    pad = cfg.mesh_pad_for(cuda)
+    key = ("mesh", dev, cfg.mesh_passes, cfg.mesh_chain, cfg.mesh_warmup, fused, pad)
     if key not in _MODELS:
         _MODELS[key] = TorchFaceMesh(dev, torch.float16 if cuda else None, cfg.mesh_passes, chain=cfg.mesh_chain,
-                                     warmup=cfg.mesh_warmup, fused_warp=fused)
+                                     warmup=cfg.mesh_warmup, fused_warp=fused, pad_to=pad)
     tracking = f"chain{cfg.mesh_chain}w{cfg.mesh_warmup}" if cfg.mesh_chain else f"{cfg.mesh_passes}pass"
-    return f"torch-{dev}-{tracking}" + ("-fusedwarp" if fused else ""), _MODELS[key]
+    engine = f"torch-{dev}-{tracking}" + ("-fusedwarp" if fused else "") + (f"-pad{pad}" if pad else "")
+    if cfg.sources_per_worker <= 1:
+        return engine, _MODELS[key]
+    from extractors.mesh_torch import SharedTracker
+
+    if ("shared",) + key not in _MODELS:
+        _MODELS[("shared",) + key] = SharedTracker(_MODELS[key], pad_to=pad)
+    return engine, _MODELS[("shared",) + key]
 
 
 NVDEC_CODECS = ("h264", "hevc", "av1", "vp9")  # what current NVIDIA decoders take (others: the CPU decoder)
@@ -152,34 +182,55 @@ def landmarker_gpu(cfg: ExtractConfig, ex) -> bool:
     return cfg.landmarker in ("auto", "torch") and cfg.device != "cpu" and ex.has_gpu()
 
 
-@stage_task
-def _extract_task(w: TrackWork) -> dict:
+_INSIDE = {"tasks": 0, "saved": None}  # extraction tasks running in this process, the thread counts before them
+
+
+@contextmanager
+def _one_thread():
+    """torch and OpenCV on one thread while any extraction task of this process runs (the embeddings and
+    transcripts are then the same on every machine); the counts come back when the last task leaves, so
+    the threads of a threaded worker do not undo it for one another."""
     import cv2
     import torch
 
+    with _LOCK:
+        if _INSIDE["tasks"] == 0:
+            _INSIDE["saved"] = (torch.get_num_threads(), cv2.getNumThreads())
+            torch.set_num_threads(1)
+            cv2.setNumThreads(1)
+        _INSIDE["tasks"] += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _INSIDE["tasks"] -= 1
+            if _INSIDE["tasks"] == 0:
+                torch.set_num_threads(_INSIDE["saved"][0])
+                cv2.setNumThreads(_INSIDE["saved"][1])
+
+
+@stage_task
+def _extract_task(w: TrackWork) -> dict:
+    from extractors.mesh_torch import SharedTracker
     from extractors.transcribe import make_transcriber
 
     cfg = ExtractConfig(**w.cfg)
     s = w.source
     maybe_fail("extract", s["uri"])
     tm: dict = {}
-    # fixed thread counts: the embeddings and transcripts are the same on every machine
-    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    try:
+    with _one_thread():
         engine, landmarker = _landmarker(cfg)
         nvdec = _use_nvdec(cfg, s, landmarker)
         engine += "+nvdec" if nvdec else ""
-        feats = extract_source(source_path(w.out, s), s["width"], s["height"], w.clips, cfg,
-                               audio=source_audio(w.out, s),  # kept by ingest: not decoded again
-                               transcriber=make_transcriber(cfg.whisper_checkpoint, cfg.asr_threads, cfg.asr_max_tokens_per_s,
-                                                            cfg.asr_max_compression_ratio, cfg.asr_device,
-                                                            cfg.asr_engine), timings=tm,
-                               landmarker=landmarker, nvdec=nvdec, **_loaded_models(cfg))
-    finally:
-        torch.set_num_threads(threads)
-        cv2.setNumThreads(cv_threads)
+        transcriber = make_transcriber(cfg.whisper_checkpoint, cfg.asr_threads, cfg.asr_max_tokens_per_s,
+                                       cfg.asr_max_compression_ratio, cfg.asr_device, cfg.asr_engine,
+                                       cache=_models_of(cfg))
+        # the other threads' batches wait for this source's while it is a member (SharedTracker)
+        with landmarker.member() if isinstance(landmarker, SharedTracker) else nullcontext():
+            feats = extract_source(source_path(w.out, s), s["width"], s["height"], w.clips, cfg,
+                                   audio=source_audio(w.out, s),  # kept by ingest: not decoded again
+                                   transcriber=transcriber, timings=tm, landmarker=landmarker, nvdec=nvdec,
+                                   **_loaded_models(cfg))
     blob, meta = features_to_npz(feats)
     # the JSON is written last: its presence marks the part as complete
     atomic_write_bytes(w.npz, blob)
@@ -200,7 +251,8 @@ def _part_key(source: dict, clips: list[dict], cfg: ExtractConfig, models: dict)
     h.update(source["sha256"].encode())
     h.update(json.dumps({k: v["sha256"] for k, v in models.items()}, sort_keys=True).encode())
     h.update(json.dumps([(c["clip_id"], c["n_frames"], c.get("asd_sync")) for c in clips]).encode())
-    h.update(json.dumps({k: v for k, v in cfg.keyed().items() if not k.startswith("gnpfa") and k != "device"},
+    h.update(json.dumps({k: v for k, v in cfg.keyed().items()  # sources_per_worker: scheduling only
+                         if not k.startswith("gnpfa") and k not in ("device", "sources_per_worker")},
                         sort_keys=True).encode())
     h.update(TEMPLATE_PATH.read_bytes())
     return h.hexdigest()[:24]
@@ -236,6 +288,7 @@ class TrackPrefetch:
     def __init__(self, out: str | os.PathLike, cfg: ExtractConfig, ex):
         self.out, self.cfg, self.ex = Path(out), cfg, ex
         self.models = model_shas(cfg)
+        self.pool = tracks_pool(cfg, ex)
         self.pending: dict[str, tuple] = {}  # part path -> (task ref, work item)
 
     def __call__(self, result: dict) -> None:
@@ -251,36 +304,48 @@ class TrackPrefetch:
         w = _work(self.out, s, clips, self.cfg, self.models)
         if _complete(w) or w.npz in self.pending:
             return
-        self.pending[w.npz] = (self.ex.submit(_extract_task, w, **track_resources(self.cfg, self.ex)), w)
+        self.pending[w.npz] = (self.pool.submit(w), w)
 
 
 def run_tracks(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callable[[str, int, int], None] | None = None,
                prefetch: TrackPrefetch | None = None) -> dict:
     """Per-source landmarks, pose, audio features and transcripts as cached parts (one Ray task per
-    source with clips). Sources whose part is complete are not redone; tasks a TrackPrefetch already
+    source with clips, or sources_per_worker of them at once in each threaded worker: tracks_pool). Sources whose part is complete are not redone; tasks a TrackPrefetch already
     started are collected, not restarted. A failed source leaves a `.failed.json` marker with its
     quarantine rows (the extraction step drops its clips) and is tried again by the next run."""
     out = Path(out)
     tick = progress or (lambda *a: None)
     t0 = time.perf_counter()
     all_work, work = _plan(out, cfg)
-    metrics: dict[str, float] = {}
     started = dict(prefetch.pending) if prefetch is not None else {}
     # a prefetched task may have written its part before this plan was made: this run computed it
     planned = {w.npz for w in work}
     work = work + [w for key, (_, w) in started.items() if key not in planned]
     done = len(all_work) - len(work)
     tick("extract", done, len(all_work))
+    pool = prefetch.pool if prefetch is not None else tracks_pool(cfg, ex)
     if started:  # collect what was started, start the rest at once (they are few: prefetch missed them)
-        refs = {started[w.npz][0] if w.npz in started else ex.submit(_extract_task, w, **track_resources(cfg, ex)): w
-                for w in work}
+        refs = {started[w.npz][0] if w.npz in started else pool.submit(w): w for w in work}
         results = ((refs[ref], r) for ref, r in ex.as_completed(list(refs)))
     else:
-        results = ex.map_unordered(_extract_task, work, **track_resources(cfg, ex))
-    failed = 0
+        results = pool.map_unordered(work)
+    try:
+        failed, metrics = _collect(results, len(all_work), done, tick)
+    finally:
+        pool.close()  # threaded actors give their GPU shares back before encoding asks for them
+    frames = sum(int(c["n_frames"]) for w in work for c in w.clips)
+    wall = time.perf_counter() - t0
+    return {"sources": len(all_work), "computed": len(work), "reused": len(all_work) - len(work), "failed": failed,
+            "frames_computed": frames, "wall_s": round(wall, 2), "frames_per_s": round(frames / wall, 1) if frames else 0.0,
+            "metrics": metrics}
+
+
+def _collect(results, total: int, done: int, tick) -> tuple[int, dict]:
+    """Each finished source: its failure marker written (or removed), its task timings summed."""
+    failed, metrics = 0, {}
     for w, res in results:
         done += 1
-        tick("extract", done, len(all_work))
+        tick("extract", done, total)
         if isinstance(res, TaskFailure):
             failed += 1
             rows = failure_rows(res, "extract", "landmarks/pose/audio", w.source["uri"], w.source["source_id"],
@@ -290,11 +355,7 @@ def run_tracks(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callabl
         w.failed_marker.unlink(missing_ok=True)
         for k, v in res["metrics"].items():
             metrics[k] = metrics.get(k, 0) + v
-    frames = sum(int(c["n_frames"]) for w in work for c in w.clips)
-    wall = time.perf_counter() - t0
-    return {"sources": len(all_work), "computed": len(work), "reused": len(all_work) - len(work), "failed": failed,
-            "frames_computed": frames, "wall_s": round(wall, 2), "frames_per_s": round(frames / wall, 1) if frames else 0.0,
-            "metrics": metrics}
+    return failed, metrics
 
 
 def _obtain_gnpfa(out: Path, cfg: ExtractConfig, all_work: list[TrackWork], log: Callable[[str], None]):
@@ -517,6 +578,13 @@ def track_resources(cfg: ExtractConfig, ex) -> dict:
                          "on a GPU, and this run has none (in the Ray cluster, or in this process)")
     gpu = gpu or (cfg.asr_device != "cpu" and ex.has_gpu())
     return task_options(_extract_task, use_gpu=gpu, gpus=1 / cfg.tasks_per_gpu if cfg.tasks_per_gpu else None)
+
+
+def tracks_pool(cfg: ExtractConfig, ex):
+    """Where extraction tasks run: one source per task, or with the torch landmarker and sources_per_worker
+    > 1 that many sources at once in each worker's threads, sharing its tracker (executors' pool)."""
+    torch_engine = cfg.landmarker == "torch" or (cfg.landmarker == "auto" and landmarker_gpu(cfg, ex))
+    return ex.pool(_extract_task, cfg.sources_per_worker if torch_engine else 1, **track_resources(cfg, ex))
 
 
 def encode_resources(cfg: ExtractConfig, ex) -> dict:

@@ -4,6 +4,8 @@ Face Mesh (detection, rotated crops, the attention landmark model with its custo
 against MediaPipe's own graph on the shared real videos, through extraction's own tracking code."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -404,3 +406,131 @@ def test_weighted_suppression_merges_overlapping_boxes_as_mediapipe_does():
     flat = np.vstack([b, [[0.5, 0.5, 0.5, 0.6]]]).astype(np.float32)
     np.testing.assert_allclose(weighted_nms(flat, np.append(s, 0.95).astype(np.float32)), [[0.5, 0.5, 0.5, 0.6, 0.95]])
     assert weighted_nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32)).shape == (0, 5)
+
+
+def _nv12_frames(path, frames: list[int]) -> tuple[np.ndarray, str, bool]:
+    """The stream's own 4:2:0 samples of some frames as NV12 (what NVDEC hands over), with the matrix and
+    range ffprobe reads from the stream's tags."""
+    import subprocess
+
+    probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+                            "stream=width,height,pix_fmt,color_space", "-of", "json", str(path)],
+                           capture_output=True, text=True, check=True)
+    st = __import__("json").loads(probe.stdout)["streams"][0]
+    w, h = st["width"], st["height"]
+    assert st["pix_fmt"] in ("yuv420p", "yuvj420p")
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-frames:v", str(max(frames) + 1), "-f", "rawvideo",
+                          "-pix_fmt", st["pix_fmt"], "-"], capture_output=True, check=True).stdout  # no conversion
+    i420 = np.frombuffer(raw, np.uint8).reshape(-1, h * 3 // 2, w)[frames]
+    u = i420[:, h:h + h // 4].reshape(-1, h // 2, w // 2)
+    v = i420[:, h + h // 4:].reshape(-1, h // 2, w // 2)
+    nv12 = np.concatenate([i420[:, :h], np.stack([u, v], -1).reshape(-1, h // 2, w)], 1)
+    return nv12, ("bt709" if st.get("color_space") == "bt709" else "bt601"), st["pix_fmt"] == "yuvj420p"
+
+
+@pytest.mark.parametrize("video", ["real/d12.mp4", "real/d14.mp4", "real/s18.mp4", "corpus/edtalk_pose_source2.mp4"])
+def test_nvdec_surfaces_convert_to_the_cpu_decoders_colours(real_dir, video):
+    """NVDEC hands over NV12 surfaces, converted to RGB on the GPU in one batched pass (media.yuv420_to_rgb,
+    matrix and range from media.colour_tags). On the stream's own samples (a BT.601-tagged, an untagged, a
+    BT.709 and a full-range video) the conversion gives decord's frames within a level (measured: mean
+    0.13-0.69, 99th percentile 1-2, as PyNvVideoCodec's own RGB output does); with the other matrix the 99th
+    percentile is 4-9 levels, with the other range the mean 5-11. Resized in the conversion, it gives what resizing its full-size frames gives."""
+    import decord
+    import torch.nn.functional as F
+
+    from extractors.media import colour_tags, yuv420_to_rgb
+
+    path = real_dir.parent / video
+    idx = [0, 10, 20]
+    nv12, space, full = _nv12_frames(path, idx)
+    assert colour_tags(str(path)) == (space, full)
+    vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    ref = vr.get_batch(idx).asnumpy().astype(np.int16)
+    del vr
+    x = torch.from_numpy(nv12)
+
+    def err(space, full):
+        return np.abs(yuv420_to_rgb(x, space, full).numpy().astype(np.int16) - ref)
+
+    d = err(space, full)
+    assert d.mean() < 0.8 and np.percentile(d, 99) <= 2, (d.mean(), np.percentile(d, 99))
+    other = err("bt709" if space == "bt601" else "bt601", full)
+    assert np.percentile(other, 99) >= np.percentile(d, 99) + 2, np.percentile(other, 99)
+    assert err(space, not full).mean() > d.mean() + 4
+    # 16-bit surfaces (P016: 10-bit samples in the high bits) convert to the same picture
+    p016 = torch.from_numpy(nv12.astype(np.int32) << 8).to(torch.uint16)
+    assert torch.equal(yuv420_to_rgb(p016, space, full), yuv420_to_rgb(x, space, full))
+    h, w = ref.shape[1:3]
+    small = yuv420_to_rgb(x, space, full, (w // 2 // 2 * 2, h // 2 // 2 * 2)).numpy().astype(np.int16)
+    full_size = torch.from_numpy(ref.astype(np.float32)).permute(0, 3, 1, 2)
+    want = F.interpolate(full_size, size=small.shape[1:3], mode="bilinear", antialias=True, align_corners=False)
+    dd = np.abs(small - want.permute(0, 2, 3, 1).numpy())
+    assert dd.mean() < 1.5, dd.mean()
+
+
+def test_sources_sharing_a_worker_get_the_parts_each_gets_alone(real_run, ray_cluster, tmp_path):
+    """extract.sources_per_worker: a worker runs several sources at once in threads sharing one tracker
+    (threads in-process, a threaded Ray actor on Ray). Each source's tracks part (landmarks, pose, crops,
+    transcripts, embeddings) is byte for byte the part the source gets in a task of its own, with the same
+    mesh_pad_to; the sources' batches did run together."""
+    from pipelines import extract as px
+    from pipelines.executors import LocalExecutor, RayExecutor
+    from storage_schemas import open_dataset
+
+    out, _ = real_run
+    ds = open_dataset(out)
+    sources = {s["source_id"]: s for s in ds.table("sources").to_pylist()}
+    firsts: dict = {}
+    for c in sorted(ds.table("clips").to_pylist(), key=lambda c: (c["source_id"], c["start_frame"])):
+        firsts.setdefault(c["source_id"], c)
+    clips = [dict(c, n_frames=40, end_s=c["start_s"] + 40 / 30) for c in list(firsts.values())[:3]]
+    assert len(clips) == 3
+
+    def parts(tag: str, pool_of, k: int) -> dict[str, bytes]:
+        cfg = ExtractConfig(landmarker="torch", mesh_pad_to=48, sources_per_worker=k)
+        work = [px.TrackWork(str(out), sources[c["source_id"]], [c], cfg.to_dict(), str(tmp_path / tag / f"{c['source_id']}.npz"))
+                for c in clips]
+        (tmp_path / tag).mkdir()
+        pool = pool_of(cfg)
+        try:
+            res = dict((w.source["source_id"], r) for w, r in pool.map_unordered(work))
+        finally:
+            pool.close()
+        assert all(isinstance(r, dict) for r in res.values()), res
+        got = {}
+        for p in sorted((tmp_path / tag).iterdir()):  # the parts, less the task's own timings
+            got[p.name] = p.read_bytes() if p.suffix == ".npz" else {k: v for k, v in json.loads(p.read_text()).items()
+                                                                     if k != "metrics"}
+        return got
+
+    alone = parts("alone", lambda cfg: LocalExecutor().pool(px._extract_task, 1), 1)
+    threads = parts("threads", lambda cfg: px.tracks_pool(cfg, LocalExecutor()), 3)
+    shared = [v for k, v in px._MODELS.items() if k[0] == "shared"]
+    assert shared and shared[0].batches > shared[0].calls  # several sources' batches went through one call
+    ray_ex = RayExecutor()
+    pool = px.tracks_pool(ExtractConfig(landmarker="torch", mesh_pad_to=48, sources_per_worker=3), ray_ex)
+    assert type(pool).__name__ == "_ActorPool"
+    pool.close()
+    actors = parts("actors", lambda cfg: px.tracks_pool(cfg, ray_ex), 3)
+    assert len(alone) == 6 and alone.keys() == threads.keys() == actors.keys()
+    for name in alone:
+        assert threads[name] == alone[name], name
+        assert actors[name] == alone[name], name
+    assert {v["landmarker"] for n, v in alone.items() if n.endswith(".json")} == {"torch-cpu-chain8w2-pad48"}
+    # scheduling only: the part key does not see sources_per_worker, it sees mesh_pad_to; sharing needs it
+    key = lambda **kw: px._part_key(sources[clips[0]["source_id"]], clips[:1], ExtractConfig(landmarker="torch", **kw), {})
+    assert key(mesh_pad_to=48, sources_per_worker=3) == key(mesh_pad_to=48) != key()
+    with pytest.raises(ValueError, match="mesh_pad_to"):
+        ExtractConfig.from_dict({"landmarker": "torch", "sources_per_worker": 3})
+
+
+def test_cuda_network_calls_default_to_one_chain_step():
+    """On CUDA the torch engine's network calls hold one chain step of a batch, padded (256 frames in chains
+    of 8: 32 crops): one captured graph per network instead of one per call size (2.1x the whole extraction
+    on an H100, bench/RESULTS.md). The CPU keeps calls of each step's own size unless mesh_pad_to is set."""
+    cfg = ExtractConfig()
+    assert (cfg.mesh_batch_for(True), cfg.mesh_pad_for(True)) == (256, 32)
+    assert (cfg.mesh_batch_for(False), cfg.mesh_pad_for(False)) == (32, None)
+    assert ExtractConfig(mesh_batch=100).mesh_pad_for(True) == 13  # every chain of the batch in one call
+    assert ExtractConfig(mesh_pad_to=48).mesh_pad_for(False) == 48
+    assert ExtractConfig(mesh_chain=0).mesh_pad_for(True) is None  # the 3-pass tracking: whole batches
