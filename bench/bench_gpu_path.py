@@ -134,7 +134,7 @@ def _nvdec_all(path: Path, colour: str = "rgb") -> int:
     import PyNvVideoCodec as nvc
     import torch
 
-    from extractors.media import yuv420_to_rgb
+    from extractors.media import _surface, yuv420_to_rgb
 
     kind = nvc.OutputColorType.RGB if colour == "rgb" else nvc.OutputColorType.NATIVE
     dec = nvc.SimpleDecoder(str(path), gpu_id=0, use_device_memory=True, output_color_type=kind)
@@ -143,7 +143,7 @@ def _nvdec_all(path: Path, colour: str = "rgb") -> int:
         got = dec.get_batch_frames(64)
         if not got:
             break
-        x = torch.stack([torch.from_dlpack(f) for f in got])
+        x = torch.stack([torch.from_dlpack(f) if colour == "rgb" else _surface(torch.from_dlpack(f)) for f in got])
         if colour == "nv12":
             yuv420_to_rgb(x)
         n += len(x)

@@ -1,7 +1,6 @@
 """Sequential decoding: video frames resampled to the 30 fps grid by timestamp, audio to 16 kHz mono."""
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 from dataclasses import dataclass
@@ -97,16 +96,21 @@ class NvdecVideo:
         dur = min(n / fps, float(m.duration)) if float(m.duration or 0) > 0 else n / fps
         self.timeline = VideoTimeline(starts=np.arange(n) / fps, duration_s=max(dur, 1.0 / FPS), vfr=False)
         self.size = analysis_size(width, height, max_side)
+        self.surface = (int(m.height) * 3 // 2, int(m.width))  # NV12 (or P016) of the stream's size
         self.chunk = chunk
 
     def _resized(self, frames: list):
         import torch
 
         x = torch.stack([_surface(torch.from_dlpack(f)) for f in frames])  # (B, H*3/2, W) NV12 on the GPU
+        if tuple(x.shape[1:]) != self.surface or self.surface[0] % 3:
+            raise ValueError(f"NVDEC hands this stream over as {tuple(x.shape[1:])} surfaces, not 4:2:0 of "
+                             f"{self.surface[1]}x{self.surface[0] * 2 // 3} (NV12 {self.surface}): decode it on "
+                             f"the CPU (extract.decoder=cpu)")
         w, h = self.size
         out = torch.empty(len(x), h, w, 3, dtype=torch.uint8, device=x.device)
         for i in range(0, len(x), 8):  # 8 frames at a time: a 64-frame chunk of 1080p in float32 is 1.6 GB
-            out[i:i + 8] = yuv420_to_rgb(x[i:i + 8], self.space, self.full_range, (w, h))
+            yuv420_to_rgb(x[i:i + 8], self.space, self.full_range, (w, h), out=out[i:i + 8])
         return out
 
     def iter_frames(self, out_idx: np.ndarray) -> Iterator[tuple[int, object]]:
@@ -126,11 +130,11 @@ class NvdecVideo:
 
 
 def _surface(t):
-    """A decoded NV12 surface as (H*3/2, W): luma rows, then the interleaved chroma rows."""
+    """A decoded surface as (rows, W): for NV12, H luma rows, then H/2 rows of interleaved chroma."""
     if t.ndim == 3 and t.shape[-1] == 1:
         t = t[..., 0]
-    if t.ndim != 2 or t.shape[0] % 3 or t.shape[1] % 2:
-        raise ValueError(f"NVDEC surface of shape {tuple(t.shape)}: an NV12 (H*3/2, W) surface was expected")
+    if t.ndim != 2:
+        raise ValueError(f"NVDEC surface of shape {tuple(t.shape)}: a 2-D NV12 (H*3/2, W) surface was expected")
     return t
 
 
@@ -145,7 +149,7 @@ def colour_tags(path: str, nvc=None) -> tuple[str, bool]:
                            capture_output=True, text=True, timeout=60)
         if p.returncode == 0 and p.stdout.strip():
             kv = dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
-            return (("bt709" if kv.get("color_space") == "bt709" else "bt601"),
+            return (_MATRIX_OF_TAG.get(kv.get("color_space", ""), "bt601"),
                     kv.get("color_range") == "pc" or kv.get("pix_fmt", "").startswith("yuvj"))
     except (OSError, subprocess.SubprocessError):
         pass
@@ -158,10 +162,13 @@ def colour_tags(path: str, nvc=None) -> tuple[str, bool]:
 
 
 # Kr, Kb of the YUV matrices ffmpeg's swscale applies by the stream's tag (an untagged stream: BT.601)
-YUV_MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}
+YUV_MATRICES = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722), "bt2020": (0.2627, 0.0593),
+                "smpte240m": (0.212, 0.087), "fcc": (0.30, 0.11)}
+_MATRIX_OF_TAG = {"bt709": "bt709", "bt2020nc": "bt2020", "bt2020c": "bt2020", "smpte240m": "smpte240m", "fcc": "fcc"}
 
 
-def yuv420_to_rgb(nv12, space: str = "bt601", full_range: bool = False, size: tuple[int, int] | None = None):
+def yuv420_to_rgb(nv12, space: str = "bt601", full_range: bool = False, size: tuple[int, int] | None = None,
+                  out=None):
     """(B, H*3/2, W) NV12 frames (uint8, or 16-bit P016 with the samples in the high bits) to (B, h, w, 3)
     uint8 RGB on the tensors' device, ``size`` = (w, h) (default the frames' own). Converts as the CPU
     decoder (decord, ffmpeg's swscale) does: the matrix of the stream's tag, studio range (16-235) unless the
@@ -174,21 +181,29 @@ def yuv420_to_rgb(nv12, space: str = "bt601", full_range: bool = False, size: tu
 
     b, rows, w = nv12.shape
     h = rows * 2 // 3
-    if nv12.is_cuda and nv12.dtype == torch.uint8 and tuple(size or (w, h)) == (w, h) and _has_triton():
-        from .nv12_triton import nv12_to_rgb  # the same arithmetic in one kernel
-
+    if nv12.is_cuda and nv12.dtype == torch.uint8 and tuple(size or (w, h)) == (w, h) and _TRITON["ok"] is not False:
         kr, kb = YUV_MATRICES[space]
         kg = 1 - kr - kb
         ys, y0, cs = (1.0, 0.0, 1.0) if full_range else (255 / 219, 16.0, 255 / 224)
-        return nv12_to_rgb(nv12, y0, ys, cs, (2 * (1 - kr), -2 * kb * (1 - kb) / kg, -2 * kr * (1 - kr) / kg, 2 * (1 - kb)))
-    return _yuv420_to_rgb_torch(nv12, space, full_range, size)
+        try:  # the same arithmetic in one kernel
+            from .nv12_triton import nv12_to_rgb
+
+            rgb = nv12_to_rgb(nv12, y0, ys, cs, (2 * (1 - kr), -2 * kb * (1 - kb) / kg, -2 * kr * (1 - kr) / kg,
+                                                 2 * (1 - kb)), out=out)
+            _TRITON["ok"] = True
+            return rgb
+        except Exception:  # noqa: BLE001 - no Triton, or one that cannot compile here: the torch operations
+            if _TRITON["ok"]:  # it ran before: this failure is not Triton's absence
+                raise
+            _TRITON["ok"] = False
+    rgb = _yuv420_to_rgb_torch(nv12, space, full_range, size)
+    if out is not None:
+        out.copy_(rgb)
+        return out
+    return rgb
 
 
-@functools.lru_cache(maxsize=1)
-def _has_triton() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
+_TRITON: dict = {"ok": None}  # whether the Triton kernel runs in this process (None: not tried yet)
 
 
 def _yuv420_to_rgb_torch(nv12, space: str, full_range: bool, size: tuple[int, int] | None):

@@ -3,6 +3,8 @@ extractors.media.yuv420_to_rgb computes at the frames' own size, one read of eac
 each pixel, instead of a dozen elementwise passes over float copies of the frame."""
 from __future__ import annotations
 
+import threading
+
 import torch
 import triton
 import triton.language as tl
@@ -33,14 +35,20 @@ def _nv12_rgb(src, dst, H, W, y0, ys, cs, a_rv, a_gu, a_gv, a_bu, BLOCK: tl.cons
     tl.store(dst + o + 2, bl.to(tl.uint8), mask=m)
 
 
+_LOCK = threading.Lock()  # Triton's first compilation of a specialisation is not safe from two threads at once
+
+
 def nv12_to_rgb(nv12: torch.Tensor, y0: float, ys: float, cs: float, coef: tuple[float, float, float, float],
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, H*3/2, W) uint8 NV12 on CUDA -> (B, H, W, 3) uint8 RGB; ``coef``: the V->R, U->G, V->G and U->B
-    factors applied after the range offsets (see media.yuv420_to_rgb)."""
+    """(B, H*3/2, W) uint8 NV12 on CUDA -> (B, H, W, 3) uint8 RGB (into ``out`` where given, contiguous);
+    ``coef``: the V->R, U->G, V->G and U->B factors applied after the range offsets (see media.yuv420_to_rgb)."""
     x = nv12.contiguous()
     b, rows, w = x.shape
     h = rows * 2 // 3
     out = torch.empty(b, h, w, 3, dtype=torch.uint8, device=x.device) if out is None else out
+    if not out.is_contiguous() or tuple(out.shape) != (b, h, w, 3):
+        raise ValueError(f"out must be a contiguous ({b}, {h}, {w}, 3) tensor, got {tuple(out.shape)}")
     block = 1024
-    _nv12_rgb[(triton.cdiv(h * w, block), b)](x, out, h, w, y0, ys, cs, *coef, BLOCK=block)
+    with _LOCK:  # launches are asynchronous: holding it costs microseconds
+        _nv12_rgb[(triton.cdiv(h * w, block), b)](x, out, h, w, y0, ys, cs, *coef, BLOCK=block)
     return out

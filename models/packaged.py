@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -121,7 +122,7 @@ def path(name: str) -> Path:
     if not dest.is_file():
         halves = [_dist_file(s, rel) for s, rel in zip(specs, p.parts)]
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # per thread too
         with open(tmp, "wb") as out:
             for h in halves:
                 with open(h, "rb") as f:
@@ -133,7 +134,7 @@ def path(name: str) -> Path:
         for rel, sha in p.companions:
             src = _dist_file(specs[0], rel)
             check_sha256(src, sha, what)
-            ctmp = dest.parent / f".{Path(rel).name}.{os.getpid()}.tmp"
+            ctmp = dest.parent / f".{Path(rel).name}.{os.getpid()}.{threading.get_ident()}.tmp"
             ctmp.write_bytes(src.read_bytes())
             os.replace(ctmp, dest.parent / Path(rel).name)
         os.replace(tmp, dest)

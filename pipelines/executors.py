@@ -188,9 +188,10 @@ class _TaskHost:
 
 
 class _ActorPool(TaskPool):
-    """Threaded actors, created as items need them up to what the cluster can place; an item goes to the
-    actor with the fewest items in flight. An actor whose process dies is restarted and its items retried
-    (Ray's max_restarts / max_task_retries), then reported as TaskFailure like a task's."""
+    """Threaded actors, created as items need them up to what the cluster's nodes can place; an item goes to
+    the actor with the fewest items in flight. An actor whose process dies is restarted and its items
+    retried (Ray's max_task_retries), then reported as TaskFailure like a task's; an item that kills its
+    process also costs the items beside it a retry each."""
 
     def __init__(self, ex: "RayExecutor", fn: Callable, threads: int, resources: dict):
         super().__init__(ex, fn, resources)
@@ -200,17 +201,21 @@ class _ActorPool(TaskPool):
         opts.pop("max_calls", None)
         # an actor holds `threads` items at once: their CPUs (up to what one node has) and memory, and the one
         # GPU share they use together
-        node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
-        opts["num_cpus"] = min(opts.get("num_cpus", 1) * threads, max(node_cpus, 1))
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        opts["num_cpus"] = min(opts.get("num_cpus", 1) * threads, max([r.get("CPU", 0) for r in nodes] + [1]))
         if "memory" in opts:
             opts["memory"] = opts["memory"] * threads
-        total = ray.cluster_resources()
-        fit = int(total.get("CPU", 1) // max(opts["num_cpus"], 1e-9))
-        if opts.get("num_gpus"):
-            fit = min(fit, int(total.get("GPU", 0) / opts["num_gpus"] + 1e-9))
-        self.max_actors, self.threads = max(1, fit), threads
-        self._host = ray.remote(max_concurrency=threads, max_restarts=ex.max_retries,
-                                max_task_retries=ex.max_retries, **opts)(_TaskHost)
+        # the actors the nodes can hold at once, node by node (an actor that no node can place would leave
+        # the items sent to it waiting for ever)
+        need = {"CPU": opts["num_cpus"], "GPU": opts.get("num_gpus", 0), "memory": opts.get("memory", 0)}
+        fit = sum(min(int(r.get(k, 0) / v + 1e-9) for k, v in need.items() if v) for r in nodes)
+        if fit < 1:
+            raise ValueError(f"no node of this Ray cluster can hold a worker of {threads} {fn.__name__} items "
+                             f"({need}); lower sources_per_worker")
+        self.max_actors, self.threads = fit, threads
+        # an actor whose process dies comes back (max_restarts -1) and its items are retried up to max_retries
+        self._host = ray.remote(max_concurrency=threads, max_restarts=-1, max_task_retries=ex.max_retries,
+                                **opts)(_TaskHost)
         self._actors: list = []
         self._load: list[int] = []
         self._inflight: dict = {}  # ref -> actor index

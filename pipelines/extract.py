@@ -107,6 +107,11 @@ def _loaded_models(cfg: ExtractConfig) -> dict:
     """The per-clip models of a config, loaded once per worker process (per thread: see _models_of)."""
     key = (cfg.blendshape_model, cfg.face_embedder, cfg.voice_embedder, cfg.av_sync_model, cfg.av_sync_encoder)
     cache = _models_of(cfg)
+    with _LOCK:  # threads load one at a time (a packaged model may be assembled on first use)
+        return _load_models(cfg, key, cache)
+
+
+def _load_models(cfg: ExtractConfig, key: tuple, cache: dict) -> dict:
     if key not in cache:
         from extractors.blendshapes import BlendshapeModel
         from extractors.face_geometry import FaceGeometry
@@ -171,7 +176,9 @@ def _use_nvdec(cfg: ExtractConfig, source: dict, landmarker) -> bool:
     why = ("the torch landmarker does not run on CUDA here" if not on_cuda else
            "PyNvVideoCodec or a CUDA device is missing" if not nvdec_available() else
            "the source has a variable frame rate or a rotation matrix" if source.get("vfr") or source.get("rotation") else
-           f"NVDEC does not decode {source.get('video_codec')}" if source.get("video_codec") not in NVDEC_CODECS else "")
+           f"NVDEC does not decode {source.get('video_codec')}" if source.get("video_codec") not in NVDEC_CODECS else
+           "the frame has an odd side (its chroma rows are not half its rows)"
+           if int(source.get("width", 0)) % 2 or int(source.get("height", 0)) % 2 else "")
     if why and cfg.decoder == "nvdec":
         raise ValueError(f"decoder=nvdec but {why}")
     return not why
@@ -188,16 +195,17 @@ _INSIDE = {"tasks": 0, "saved": None}  # extraction tasks running in this proces
 @contextmanager
 def _one_thread():
     """torch and OpenCV on one thread while any extraction task of this process runs (the embeddings and
-    transcripts are then the same on every machine); the counts come back when the last task leaves, so
-    the threads of a threaded worker do not undo it for one another."""
+    transcripts are then the same on every machine). torch's count is the calling thread's own (OpenMP), so
+    every task sets it; OpenCV's is the process's. The counts saved by the first task come back when the
+    last one leaves, so the threads of a threaded worker do not undo it for one another."""
     import cv2
     import torch
 
     with _LOCK:
         if _INSIDE["tasks"] == 0:
             _INSIDE["saved"] = (torch.get_num_threads(), cv2.getNumThreads())
-            torch.set_num_threads(1)
             cv2.setNumThreads(1)
+        torch.set_num_threads(1)
         _INSIDE["tasks"] += 1
     try:
         yield
@@ -222,15 +230,17 @@ def _extract_task(w: TrackWork) -> dict:
         engine, landmarker = _landmarker(cfg)
         nvdec = _use_nvdec(cfg, s, landmarker)
         engine += "+nvdec" if nvdec else ""
-        transcriber = make_transcriber(cfg.whisper_checkpoint, cfg.asr_threads, cfg.asr_max_tokens_per_s,
-                                       cfg.asr_max_compression_ratio, cfg.asr_device, cfg.asr_engine,
-                                       cache=_models_of(cfg))
+        with _LOCK:  # one thread at a time loads its own (sources_per_worker > 1), else the process's
+            transcriber = make_transcriber(cfg.whisper_checkpoint, cfg.asr_threads, cfg.asr_max_tokens_per_s,
+                                           cfg.asr_max_compression_ratio, cfg.asr_device, cfg.asr_engine,
+                                           cache=_models_of(cfg) if cfg.sources_per_worker > 1 else None)
+        models = _loaded_models(cfg)
         # the other threads' batches wait for this source's while it is a member (SharedTracker)
         with landmarker.member() if isinstance(landmarker, SharedTracker) else nullcontext():
             feats = extract_source(source_path(w.out, s), s["width"], s["height"], w.clips, cfg,
                                    audio=source_audio(w.out, s),  # kept by ingest: not decoded again
                                    transcriber=transcriber, timings=tm, landmarker=landmarker, nvdec=nvdec,
-                                   **_loaded_models(cfg))
+                                   **models)
     blob, meta = features_to_npz(feats)
     # the JSON is written last: its presence marks the part as complete
     atomic_write_bytes(w.npz, blob)
@@ -288,7 +298,9 @@ class TrackPrefetch:
     def __init__(self, out: str | os.PathLike, cfg: ExtractConfig, ex):
         self.out, self.cfg, self.ex = Path(out), cfg, ex
         self.models = model_shas(cfg)
-        self.pool = tracks_pool(cfg, ex)
+        # plain tasks, whatever sources_per_worker says: threaded actors would hold their CPUs and GPU shares
+        # while ingest still needs them (run_tracks starts the pool for the sources not started here)
+        self.pool = ex.pool(_extract_task, 1, **track_resources(cfg, ex))
         self.pending: dict[str, tuple] = {}  # part path -> (task ref, work item)
 
     def __call__(self, result: dict) -> None:
@@ -323,13 +335,13 @@ def run_tracks(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callabl
     work = work + [w for key, (_, w) in started.items() if key not in planned]
     done = len(all_work) - len(work)
     tick("extract", done, len(all_work))
-    pool = prefetch.pool if prefetch is not None else tracks_pool(cfg, ex)
-    if started:  # collect what was started, start the rest at once (they are few: prefetch missed them)
-        refs = {started[w.npz][0] if w.npz in started else pool.submit(w): w for w in work}
-        results = ((refs[ref], r) for ref, r in ex.as_completed(list(refs)))
-    else:
-        results = pool.map_unordered(work)
+    pool = tracks_pool(cfg, ex)
     try:
+        if started:  # collect what was started, start the rest at once
+            refs = {started[w.npz][0] if w.npz in started else pool.submit(w): w for w in work}
+            results = ((refs[ref], r) for ref, r in ex.as_completed(list(refs)))
+        else:
+            results = pool.map_unordered(work)
         failed, metrics = _collect(results, len(all_work), done, tick)
     finally:
         pool.close()  # threaded actors give their GPU shares back before encoding asks for them

@@ -416,7 +416,7 @@ def _nv12_frames(path, frames: list[int]) -> tuple[np.ndarray, str, bool]:
     probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
                             "stream=width,height,pix_fmt,color_space", "-of", "json", str(path)],
                            capture_output=True, text=True, check=True)
-    st = __import__("json").loads(probe.stdout)["streams"][0]
+    st = json.loads(probe.stdout)["streams"][0]
     w, h = st["width"], st["height"]
     assert st["pix_fmt"] in ("yuv420p", "yuvj420p")
     raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-frames:v", str(max(frames) + 1), "-f", "rawvideo",
@@ -511,6 +511,8 @@ def test_sources_sharing_a_worker_get_the_parts_each_gets_alone(real_run, ray_cl
     pool = px.tracks_pool(ExtractConfig(landmarker="torch", mesh_pad_to=48, sources_per_worker=3), ray_ex)
     assert type(pool).__name__ == "_ActorPool"
     pool.close()
+    with pytest.raises(ValueError, match="no node of this Ray cluster"):  # said at once, not a wait for ever
+        ray_ex.pool(px._extract_task, 3, num_cpus=1, memory=2**60)
     actors = parts("actors", lambda cfg: px.tracks_pool(cfg, ray_ex), 3)
     assert len(alone) == 6 and alone.keys() == threads.keys() == actors.keys()
     for name in alone:
