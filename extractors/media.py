@@ -140,7 +140,8 @@ def _surface(t):
 
 def colour_tags(path: str, nvc=None) -> tuple[str, bool]:
     """(YUV matrix, full range) of a video stream as ffmpeg reads its tags (what the CPU decoder converts
-    by): "bt709" where tagged so, else "bt601"; full range for a yuvj pixel format or a "pc" range tag.
+    by): the matrix of its colour-space tag (BT.709, BT.2020, SMPTE 240M, FCC; untagged or any other: BT.601);
+    full range for a yuvj pixel format or a "pc" range tag.
     Without ffprobe, PyNvVideoCodec's demuxer's tags, which miss some (on the lent H100: a BT.709 tag and a
     full-range stream of the corpus read as untagged)."""
     try:
