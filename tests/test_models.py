@@ -106,7 +106,9 @@ def test_asr_engine_torch_transcribes_with_the_packaged_weights_in_pytorch():
     starts = [w["start_s"] for w in got.words]
     assert len(got.words) >= 8 and starts == sorted(starts) and all(w["end_s"] <= 8.05 for w in got.words)
     assert difflib.SequenceMatcher(None, got.text.split(), want.text.split()).ratio() >= 0.7, (got.text, want.text)
-    assert ExtractConfig().keyed() == {k: v for k, v in ExtractConfig().to_dict().items() if k != "asr_engine"}
+    added_later = ("asr_engine", "mesh_pad_to", "sources_per_worker")  # each at the default that did what was done
+    assert ExtractConfig().keyed() == {k: v for k, v in ExtractConfig().to_dict().items() if k not in added_later}
+    assert ExtractConfig(mesh_pad_to=32).keyed()["mesh_pad_to"] == 32
     assert cfg.digest() != ExtractConfig().digest()
     with pytest.raises(ValueError, match="asr_engine"):
         ExtractConfig.from_dict({"asr_engine": "onnx"})
