@@ -316,7 +316,7 @@ def make_transcriber(whisper_checkpoint: str | None, threads: int = 1, max_token
             store[key] = SphinxTranscriber()
         elif r[0] == "ct2" and engine == "ctranslate2":
             store[key] = FasterWhisperTranscriber(r[1], device=None if device == "auto" else device, threads=threads,
-                                                   **limits)
+                                                  **limits)
         else:
             store[key] = WhisperTranscriber(r[1], device=None if device == "auto" else device, **limits)
     return store[key]

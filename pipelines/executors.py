@@ -147,33 +147,15 @@ class _ThreadPool(TaskPool):
         self.threads = threads
 
     def map_unordered(self, items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
-        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+        from concurrent.futures import ThreadPoolExecutor
 
-        def call(it):
-            try:
-                return self.fn(it)
-            except Exception as e:  # noqa: BLE001 - one item's failure is that item's
-                return TaskFailure.of(e)
-
-        it = iter(items)
+        items = list(items)  # work descriptors, not data
         with ThreadPoolExecutor(self.threads) as tp:
-            running = {tp.submit(call, x): x for x in _take(it, self.threads)}
-            while running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for f in done:
-                    x = running.pop(f)
-                    for y in _take(it, 1):
-                        running[tp.submit(call, y)] = y
-                    yield x, f.result()
+            # each item through the executor's own loop: a raising item yields its TaskFailure
+            yield from tp.map(lambda x: next(self.ex.map_unordered(self.fn, [x])), items)
 
 
-def _take(it: Iterator, n: int) -> list:
-    out = []
-    for x in it:
-        out.append(x)
-        if len(out) == n:
-            break
-    return out
+_END = object()
 
 
 class _TaskHost:
@@ -239,17 +221,7 @@ class _ActorPool(TaskPool):
         return ref
 
     def map_unordered(self, items: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
-        ray = self.ex._ray
-        bound = self.max_actors * self.threads
-        pending: dict = {}
-        it = iter(items)
-        while True:
-            for x in _take(it, bound - len(pending)) if len(pending) < bound else []:
-                pending[self.submit(x)] = x
-            if not pending:
-                return
-            done, _ = ray.wait(list(pending), num_returns=1)
-            yield pending.pop(done[0]), self.ex._get(done[0])
+        return self.ex._stream(self.submit, items, self.max_actors * self.threads)
 
     def close(self) -> None:
         """Ends the actors (their GPU shares go back to the cluster for the next stage)."""
@@ -292,25 +264,21 @@ class RayExecutor:
 
     def map_unordered(self, fn: Callable, items: Iterable[Any], **resources: Any) -> Iterator[tuple[Any, Any]]:
         """(item, result) as tasks finish; ``resources`` override the task options (``num_gpus=1``)."""
-        ray = self._ray
-        remote = ray.remote(**{**self._opts(), **resources})(fn)
+        remote = self._ray.remote(**{**self._opts(), **resources})(fn)
+        return self._stream(remote.remote, items, self.max_in_flight)
+
+    def _stream(self, start: Callable[[Any], Any], items: Iterable[Any], bound: int) -> Iterator[tuple[Any, Any]]:
+        """(item, result) as they finish, at most ``bound`` items started (``start(item)`` -> object ref) and
+        not yet collected."""
         pending: dict[Any, Any] = {}
         it = iter(items)
-        exhausted = False
         while True:
-            while not exhausted and len(pending) < self.max_in_flight:
-                try:
-                    item = next(it)
-                except StopIteration:
-                    exhausted = True
-                    break
-                pending[remote.remote(item)] = item
+            while len(pending) < bound and (item := next(it, _END)) is not _END:
+                pending[start(item)] = item
             if not pending:
                 return
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                item = pending.pop(ref)
-                yield item, self._get(ref)
+            done, _ = self._ray.wait(list(pending), num_returns=1)
+            yield pending.pop(done[0]), self._get(done[0])
 
     def submit(self, fn: Callable, item: Any, **resources: Any) -> Any:
         """Start one task now (not bounded by max_in_flight); collect it with as_completed."""

@@ -107,11 +107,6 @@ def _loaded_models(cfg: ExtractConfig) -> dict:
     """The per-clip models of a config, loaded once per worker process (per thread: see _models_of)."""
     key = (cfg.blendshape_model, cfg.face_embedder, cfg.voice_embedder, cfg.av_sync_model, cfg.av_sync_encoder)
     cache = _models_of(cfg)
-    with _LOCK:  # threads load one at a time (a packaged model may be assembled on first use)
-        return _load_models(cfg, key, cache)
-
-
-def _load_models(cfg: ExtractConfig, key: tuple, cache: dict) -> dict:
     if key not in cache:
         from extractors.blendshapes import BlendshapeModel
         from extractors.face_geometry import FaceGeometry
@@ -230,10 +225,9 @@ def _extract_task(w: TrackWork) -> dict:
         engine, landmarker = _landmarker(cfg)
         nvdec = _use_nvdec(cfg, s, landmarker)
         engine += "+nvdec" if nvdec else ""
-        with _LOCK:  # one thread at a time loads its own (sources_per_worker > 1), else the process's
-            transcriber = make_transcriber(cfg.whisper_checkpoint, cfg.asr_threads, cfg.asr_max_tokens_per_s,
-                                           cfg.asr_max_compression_ratio, cfg.asr_device, cfg.asr_engine,
-                                           cache=_models_of(cfg) if cfg.sources_per_worker > 1 else None)
+        transcriber = make_transcriber(cfg.whisper_checkpoint, cfg.asr_threads, cfg.asr_max_tokens_per_s,
+                                       cfg.asr_max_compression_ratio, cfg.asr_device, cfg.asr_engine,
+                                       cache=_models_of(cfg) if cfg.sources_per_worker > 1 else None)
         models = _loaded_models(cfg)
         # the other threads' batches wait for this source's while it is a member (SharedTracker)
         with landmarker.member() if isinstance(landmarker, SharedTracker) else nullcontext():
@@ -300,7 +294,7 @@ class TrackPrefetch:
         self.models = model_shas(cfg)
         # plain tasks, whatever sources_per_worker says: threaded actors would hold their CPUs and GPU shares
         # while ingest still needs them (run_tracks starts the pool for the sources not started here)
-        self.pool = ex.pool(_extract_task, 1, **track_resources(cfg, ex))
+        self.resources = track_resources(cfg, ex)
         self.pending: dict[str, tuple] = {}  # part path -> (task ref, work item)
 
     def __call__(self, result: dict) -> None:
@@ -316,7 +310,7 @@ class TrackPrefetch:
         w = _work(self.out, s, clips, self.cfg, self.models)
         if _complete(w) or w.npz in self.pending:
             return
-        self.pending[w.npz] = (self.pool.submit(w), w)
+        self.pending[w.npz] = (self.ex.submit(_extract_task, w, **self.resources), w)
 
 
 def run_tracks(out: str | os.PathLike, cfg: ExtractConfig, ex, progress: Callable[[str, int, int], None] | None = None,
