@@ -26,8 +26,9 @@ Sections (``--section``, repeatable; default all that can run here):
   largest first (dynamic, as Ray schedules a task per source), timed on the same warm workers.
   ``--threads`` T > 1: each process runs T sources at once in threads sharing one torch Face Mesh
   (extractors.mesh_torch.SharedTracker: their batches tracked together, the networks on calls of exactly
-  ``--pad-to`` crops, 256 unless given), so one CUDA context carries many sources' chains per step; with one
-  thread ``--pad-to`` pads a process's own calls (extract.mesh_pad_to). ``--cpu-decode-below``:
+  ``--pad-to`` crops), so one CUDA context carries many sources' chains per step; with one thread
+  ``--pad-to`` pads a process's own calls. ``--pad-to`` 0 takes the pipeline's own rule (extract.mesh_pad_to 0:
+  one chain step of a batch on CUDA, 32 crops at batch 256; on the CPU each call its own size). ``--cpu-decode-below``:
   videos whose longer side is under it are decoded on the CPU beside NVDEC.
 
 Prints a table per section and writes every figure to ``--json``.
@@ -483,6 +484,14 @@ def _worker_models(dev: str, modules: str | None, chain: int, fused: bool):
     return mesh, vae, enc
 
 
+def _pad(batch: int, chain: int, pad_to: int, dev: str, threads: int) -> int | None:
+    """Crops per network call as the pipeline decides it (ExtractConfig.mesh_pad_for: --pad-to, else one chain
+    step of a batch on CUDA); a shared tracker needs one, so on the CPU it takes one chain step too (256 crops
+    for the 3-pass tracking, which has no chain step)."""
+    cfg = ExtractConfig(mesh_batch=batch, mesh_chain=chain, mesh_pad_to=pad_to)
+    return cfg.mesh_pad_for(dev.startswith("cuda") or threads > 1) or (256 if threads > 1 else None)
+
+
 def _extract_worker(args) -> tuple[int, float, dict]:
     """Extract the given videos (one clip each, all frames) the way an extraction task does, then encode
     them with the shipped GNPFA; returns (input frames, seconds, timings). ``threads`` > 1: that many
@@ -497,11 +506,11 @@ def _extract_worker(args) -> tuple[int, float, dict]:
 
     mesh, vae, enc = _worker_models(dev, modules, chain, fused)
     cfg = ExtractConfig(mesh_batch=batch)
+    pad = _pad(batch, chain, pad_to, dev, threads)
     tm: dict = {}
     lock = threading.Lock()
-    # --pad-to 0: a shared tracker pads to 256, a plain one not at all (calls of each batch's size)
-    shared = SharedTracker(mesh, pad_to=pad_to or 256) if threads > 1 else None
-    mesh.pad_to = (pad_to or None) if threads <= 1 else None
+    shared = SharedTracker(mesh, pad_to=pad) if threads > 1 else None
+    mesh.pad_to = pad if threads <= 1 else None
 
     def one(job) -> int:
         path, w, h, n, box = job
@@ -612,7 +621,7 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
                     for key, val in d[2].items():
                         tm[key] = round(tm.get(key, 0) + val, 2)
                 frames = sum(d[0] for d in done)
-                rows.append({"workers": k, "threads": th, "pad_to": (pad_to or 256) if th > 1 else (pad_to or None),
+                rows.append({"workers": k, "threads": th, "pad_to": _pad(batch, chain, pad_to, dev, th),
                              "cpu_decode_below": cpu_below or None, "schedule": sched, "tracking": f"chains of {chain}" if chain else "3 passes",
                              "mesh_batch": batch, "fused_warp": fw, "startup_s": round(startup, 1),
                              "videos": len(jobs), "input_frames": frames, "wall_s": round(wall, 1),
@@ -650,8 +659,8 @@ def main() -> None:
                     "order on the same warm workers)")
     ap.add_argument("--threads", default="1", help="extract: sources run at once in threads of each process, their "
                     "tracking shared (comma list)")
-    ap.add_argument("--pad-to", type=int, default=0, help="extract: crops per network call (0: 256 with --threads > 1, "
-                    "else each batch's own size)")
+    ap.add_argument("--pad-to", type=int, default=0, help="extract: crops per network call (0: as the pipeline, "
+                    "extract.mesh_pad_to's default: one chain step of a batch on CUDA)")
     ap.add_argument("--cpu-decode-below", type=int, default=0, help="extract: videos whose longer side is under this "
                     "decoded on the CPU (decord, one thread) even where NVDEC is")
     ap.add_argument("--track-chains", default=str(CHAIN), help="landmarks: chain lengths timed (first dtype; comma list)")
