@@ -488,7 +488,9 @@ def _pad(batch: int, chain: int, pad_to: int, dev: str, threads: int) -> int | N
     """Crops per network call as the pipeline decides it (ExtractConfig.mesh_pad_for: --pad-to, else one chain
     step of a batch on CUDA); a shared tracker needs one, so on the CPU it takes one chain step too (256 crops
     for the 3-pass tracking, which has no chain step)."""
-    cfg = ExtractConfig(mesh_batch=batch, mesh_chain=chain, mesh_pad_to=pad_to)
+    if pad_to < 0 and threads <= 1:  # -1: no padding (the unpadded baseline)
+        return None
+    cfg = ExtractConfig(mesh_batch=batch, mesh_chain=chain, mesh_pad_to=max(pad_to, 0))
     return cfg.mesh_pad_for(dev.startswith("cuda") or threads > 1) or (256 if threads > 1 else None)
 
 
@@ -660,7 +662,7 @@ def main() -> None:
     ap.add_argument("--threads", default="1", help="extract: sources run at once in threads of each process, their "
                     "tracking shared (comma list)")
     ap.add_argument("--pad-to", type=int, default=0, help="extract: crops per network call (0: as the pipeline, "
-                    "extract.mesh_pad_to's default: one chain step of a batch on CUDA)")
+                    "extract.mesh_pad_to's default: one chain step of a batch on CUDA; -1: none, one thread only)")
     ap.add_argument("--cpu-decode-below", type=int, default=0, help="extract: videos whose longer side is under this "
                     "decoded on the CPU (decord, one thread) even where NVDEC is")
     ap.add_argument("--track-chains", default=str(CHAIN), help="landmarks: chain lengths timed (first dtype; comma list)")
