@@ -11,6 +11,7 @@ Ray's retries, becomes quarantine rows (its clips are dropped) and the run goes 
 tries it again."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -255,8 +256,10 @@ def _part_key(source: dict, clips: list[dict], cfg: ExtractConfig, models: dict)
     h.update(source["sha256"].encode())
     h.update(json.dumps({k: v["sha256"] for k, v in models.items()}, sort_keys=True).encode())
     h.update(json.dumps([(c["clip_id"], c["n_frames"], c.get("asd_sync")) for c in clips]).encode())
-    h.update(json.dumps({k: v for k, v in cfg.keyed().items()  # sources_per_worker: scheduling only
-                         if not k.startswith("gnpfa") and k not in ("device", "sources_per_worker")},
+    # scheduling only (how many sources a worker runs, how many tasks share a GPU) is hashed at its default, so
+    # changing it does not redo a dataset's extraction (parts made before keep their keys)
+    sched = dataclasses.replace(cfg, sources_per_worker=1, tasks_per_gpu=0)
+    h.update(json.dumps({k: v for k, v in sched.keyed().items() if not k.startswith("gnpfa") and k != "device"},
                         sort_keys=True).encode())
     h.update(TEMPLATE_PATH.read_bytes())
     return h.hexdigest()[:24]

@@ -522,6 +522,7 @@ def test_sources_sharing_a_worker_get_the_parts_each_gets_alone(real_run, ray_cl
     # scheduling only: the part key does not see sources_per_worker, it sees mesh_pad_to; sharing needs it
     key = lambda **kw: px._part_key(sources[clips[0]["source_id"]], clips[:1], ExtractConfig(landmarker="torch", **kw), {})
     assert key(mesh_pad_to=48, sources_per_worker=3) == key(mesh_pad_to=48) != key()
+    assert key(tasks_per_gpu=16) == key()  # nor how many tasks share a GPU
     with pytest.raises(ValueError, match="mesh_pad_to"):
         ExtractConfig.from_dict({"landmarker": "torch", "sources_per_worker": 3})
 
