@@ -183,14 +183,10 @@ def yuv420_to_rgb(nv12, space: str = "bt601", full_range: bool = False, size: tu
     b, rows, w = nv12.shape
     h = rows * 2 // 3
     if nv12.is_cuda and nv12.dtype == torch.uint8 and tuple(size or (w, h)) == (w, h) and _TRITON["ok"] is not False:
-        kr, kb = YUV_MATRICES[space]
-        kg = 1 - kr - kb
-        ys, y0, cs = (1.0, 0.0, 1.0) if full_range else (255 / 219, 16.0, 255 / 224)
         try:  # the same arithmetic in one kernel
             from .nv12_triton import nv12_to_rgb
 
-            rgb = nv12_to_rgb(nv12, y0, ys, cs, (2 * (1 - kr), -2 * kb * (1 - kb) / kg, -2 * kr * (1 - kr) / kg,
-                                                 2 * (1 - kb)), out=out)
+            rgb = nv12_to_rgb(nv12, *_yuv_coefficients(space, full_range), out=out)
             _TRITON["ok"] = True
             return rgb
         except Exception:  # noqa: BLE001 - no Triton, or one that cannot compile here: the torch operations
@@ -207,6 +203,15 @@ def yuv420_to_rgb(nv12, space: str = "bt601", full_range: bool = False, size: tu
 _TRITON: dict = {"ok": None}  # whether the Triton kernel runs in this process (None: not tried yet)
 
 
+def _yuv_coefficients(space: str, full_range: bool) -> tuple[float, float, float, tuple[float, float, float, float]]:
+    """(luma offset, luma scale, chroma scale, (V->R, U->G, V->G, U->B)) of a stream's matrix and range: RGB =
+    (Y - offset) * scale plus the factors times the chroma (U, V - 128) * chroma scale."""
+    kr, kb = YUV_MATRICES[space]
+    kg = 1 - kr - kb
+    y0, ys, cs = (0.0, 1.0, 1.0) if full_range else (16.0, 255 / 219, 255 / 224)
+    return y0, ys, cs, (2 * (1 - kr), -2 * kb * (1 - kb) / kg, -2 * kr * (1 - kr) / kg, 2 * (1 - kb))
+
+
 def _yuv420_to_rgb_torch(nv12, space: str, full_range: bool, size: tuple[int, int] | None):
     """yuv420_to_rgb in torch's elementwise operations (any device; and the resizing)."""
     import torch
@@ -215,9 +220,7 @@ def _yuv420_to_rgb_torch(nv12, space: str, full_range: bool, size: tuple[int, in
     b, rows, w = nv12.shape
     h = rows * 2 // 3
     x = nv12.float() if nv12.dtype == torch.uint8 else nv12.float().div_(256)
-    kr, kb = YUV_MATRICES[space]
-    kg = 1 - kr - kb
-    ys, y0, cs = (1.0, 0.0, 1.0) if full_range else (255 / 219, 16.0, 255 / 224)
+    y0, ys, cs, (rv, gu, gv, bu) = _yuv_coefficients(space, full_range)
     uv = x[:, h:].reshape(b, h // 2, w // 2, 2)
     out_w, out_h = size or (w, h)
     if (out_w, out_h) != (w, h):
@@ -230,9 +233,9 @@ def _yuv420_to_rgb_torch(nv12, space: str, full_range: bool, size: tuple[int, in
         u, v = uv[..., 0].reshape(b, h // 2, 1, w // 2, 1), uv[..., 1].reshape(b, h // 2, 1, w // 2, 1)
     y = y.sub(y0).mul_(ys)
     u, v = u.sub(128).mul_(cs), v.sub(128).mul_(cs)
-    r = torch.add(y, v, alpha=2 * (1 - kr))
-    g = torch.add(y, u, alpha=-2 * kb * (1 - kb) / kg).add_(v, alpha=-2 * kr * (1 - kr) / kg)
-    bl = torch.add(y, u, alpha=2 * (1 - kb))
+    r = torch.add(y, v, alpha=rv)
+    g = torch.add(y, u, alpha=gu).add_(v, alpha=gv)
+    bl = torch.add(y, u, alpha=bu)
     # truncated as swscale's integer conversion truncates (rounding put every channel a level above decord's);
     # the 1e-3 keeps an exact level (235 -> 255) from falling below by float error
     return torch.stack([r, g, bl], -1).add_(1e-3).floor_().clamp_(0, 255).to(torch.uint8).reshape(b, out_h, out_w, 3)

@@ -243,9 +243,13 @@ class WhisperTranscriber(_Engine):
             self.engine = f"whisper-torch:{Path(checkpoint_path).name}:{self.sha256[:16]}{cuda}"
             self.beam_size: int | None = 5
         else:
-            import whisper
+            from whisper.model import ModelDimensions, Whisper
 
-            self.model = whisper.load_model(checkpoint_path, device=self.device)
+            # read here with weights_only (no pickle code runs), not through whisper.load_model's own torch.load
+            ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+            self.model = Whisper(ModelDimensions(**ckpt["dims"]))
+            self.model.load_state_dict(ckpt["model_state_dict"])
+            self.model = self.model.to(self.device)
             self.sha256 = verified_sha256(checkpoint_path)
             self.engine = f"whisper:{self.sha256[:16]}{cuda}"
             self.beam_size = None

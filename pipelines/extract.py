@@ -228,7 +228,7 @@ def _extract_task(w: TrackWork) -> dict:
         engine += "+nvdec" if nvdec else ""
         transcriber = make_transcriber(cfg.whisper_checkpoint, cfg.asr_threads, cfg.asr_max_tokens_per_s,
                                        cfg.asr_max_compression_ratio, cfg.asr_device, cfg.asr_engine,
-                                       cache=_models_of(cfg) if cfg.sources_per_worker > 1 else None)
+                                       cache=_models_of(cfg))
         models = _loaded_models(cfg)
         # the other threads' batches wait for this source's while it is a member (SharedTracker)
         with landmarker.member() if isinstance(landmarker, SharedTracker) else nullcontext():

@@ -294,6 +294,8 @@ def test_whisper_checkpoint_round_trips(tmp_path, monkeypatch):
     assert resolve_whisper(str(path)) == ("pt", str(path))
     tr = make_transcriber("tiny-random")
     assert isinstance(tr, WhisperTranscriber) and tr.engine.startswith("whisper:")
+    for k, v in model.state_dict().items():  # read with weights_only, the same weights as whisper's loader
+        assert torch.equal(v, tr.model.state_dict()[k])
     audio = _espeak_audio(tmp_path, "hello world")
     out = tr(audio, language="en")  # random weights: any text, but the full decode path runs
     assert out.engine == tr.engine and out.language == "en" and isinstance(out.text, str)
