@@ -487,7 +487,7 @@ def test_sources_sharing_a_worker_get_the_parts_each_gets_alone(real_run, ray_cl
     assert len(clips) == 3
 
     def parts(tag: str, pool_of, k: int) -> dict[str, bytes]:
-        cfg = ExtractConfig(landmarker="torch", mesh_pad_to=48, sources_per_worker=k)
+        cfg = ExtractConfig(landmarker="torch", mesh_pad_to=8, sources_per_worker=k)
         work = [px.TrackWork(str(out), sources[c["source_id"]], [c], cfg.to_dict(), str(tmp_path / tag / f"{c['source_id']}.npz"))
                 for c in clips]
         (tmp_path / tag).mkdir()
@@ -508,7 +508,7 @@ def test_sources_sharing_a_worker_get_the_parts_each_gets_alone(real_run, ray_cl
     shared = [v for k, v in px._MODELS.items() if k[0] == "shared"]
     assert shared and shared[0].batches > shared[0].calls  # several sources' batches went through one call
     ray_ex = RayExecutor()
-    pool = px.tracks_pool(ExtractConfig(landmarker="torch", mesh_pad_to=48, sources_per_worker=3), ray_ex)
+    pool = px.tracks_pool(ExtractConfig(landmarker="torch", mesh_pad_to=8, sources_per_worker=3), ray_ex)
     assert type(pool).__name__ == "_ActorPool"
     pool.close()
     with pytest.raises(ValueError, match="no node of this Ray cluster"):  # said at once, not a wait for ever
@@ -518,7 +518,7 @@ def test_sources_sharing_a_worker_get_the_parts_each_gets_alone(real_run, ray_cl
     for name in alone:
         assert threads[name] == alone[name], name
         assert actors[name] == alone[name], name
-    assert {v["landmarker"] for n, v in alone.items() if n.endswith(".json")} == {"torch-cpu-chain8w2-pad48"}
+    assert {v["landmarker"] for n, v in alone.items() if n.endswith(".json")} == {"torch-cpu-chain8w2-pad8"}
     # scheduling only: the part key does not see sources_per_worker, it sees mesh_pad_to; sharing needs it
     key = lambda **kw: px._part_key(sources[clips[0]["source_id"]], clips[:1], ExtractConfig(landmarker="torch", **kw), {})
     assert key(mesh_pad_to=48, sources_per_worker=3) == key(mesh_pad_to=48) != key()
