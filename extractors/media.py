@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -47,13 +48,28 @@ def analysis_size(coded_w: int, coded_h: int, max_side: int) -> tuple[int, int]:
     return max(2, int(round(coded_w * s / 2)) * 2), max(2, int(round(coded_h * s / 2)) * 2)
 
 
+def _decord():
+    """decord, loaded after PyNvVideoCodec where that is installed. Both bundle their own FFmpeg libraries,
+    and a process that loaded decord's first crashed creating an NVDEC decoder (a segmentation fault in
+    PyNvVideoCodec's SimpleDecoder: extraction workers on the lent H100 that had decoded a source on the CPU
+    before one on NVDEC, bench/RESULTS.md); in this order both work in one process. A GPU node's Ray worker
+    runs both: a CPU-decoded source (variable frame rate, rotation) or an ingest task, then an NVDEC one."""
+    if "decord" not in sys.modules:
+        try:
+            import PyNvVideoCodec  # noqa: F401
+        except Exception:  # noqa: BLE001 - not installed (CPU machines) or unusable here: nothing to order
+            pass
+    import decord
+
+    return decord
+
+
 def open_video(path: str, width: int, height: int, max_side: int):
     """Open a sequential reader that yields display-oriented RGB frames at most ``max_side`` large.
 
     ``width``/``height`` are display dimensions: decord applies the container's rotation matrix
     itself (its frames match ffmpeg's autorotate output; tests check this)."""
-    import decord
-
+    decord = _decord()
     _trace("video", path)
     w, h = analysis_size(width, height, max_side)
     kw = {"width": w, "height": h} if (w, h) != (width, height) else {}

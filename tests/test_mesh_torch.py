@@ -307,6 +307,31 @@ def test_a_run_with_the_torch_landmarker_records_it_and_nvdec_fails_clearly_with
     assert r.returncode != 0 and "decoder=nvdec needs the torch landmarker" in " ".join((r.stdout + r.stderr).split())
 
 
+def test_decord_is_loaded_after_pynvvideocodec(real_dir, tmp_path):
+    """decord and PyNvVideoCodec bundle their own FFmpeg libraries: on the lent H100, extraction workers that
+    had decoded a source with decord before opening one on NVDEC crashed in PyNvVideoCodec's decoder
+    (segmentation fault); loaded the other way round both work. open_video loads PyNvVideoCodec first where
+    it is installed: a stand-in package records whether decord was loaded before it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "PyNvVideoCodec").mkdir()
+    (tmp_path / "PyNvVideoCodec" / "__init__.py").write_text(
+        "import os, sys\nopen(os.environ['NVC_LOG'], 'a').write(str('decord' in sys.modules))\n")
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import sys; from extractors.media import open_video; "
+            "print(len(open_video(sys.argv[1], 256, 256, 256)), len(open_video(sys.argv[1], 256, 256, 256)))")
+    log = tmp_path / "order.log"
+    r = subprocess.run([sys.executable, "-c", code, str(real_dir / "d12.mp4")], capture_output=True, text=True,
+                       cwd=repo, env={**os.environ, "PYTHONPATH": f"{tmp_path}:{repo}", "NVC_LOG": str(log)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    n = r.stdout.split()
+    assert n[0] == n[1] and int(n[0]) > 100
+    assert log.read_text() == "False"  # imported once, before decord
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_replay_the_networks_as_run_eagerly():
     """On CUDA the networks run as captured CUDA graphs: a replay gives what the eager forward gives, for a
