@@ -1,6 +1,7 @@
 """The deploy material parses and agrees with the code: images, KubeRay manifests, Dagster Helm
 values and the compose deployment."""
 import re
+import tomllib
 from pathlib import Path
 
 import ray
@@ -112,5 +113,11 @@ def test_dockerfiles_copy_what_exists_and_install_with_setup():
         assert re.search(r"^FROM \S+", text, re.M)
         assert "scripts/setup.sh" in text and "ffmpeg" in text and "espeak-ng" in text
         assert not re.search(r"^ENTRYPOINT", text, re.M)  # KubeRay and Dagster set the container command
-    assert "torch.version.cuda" in (INFRA / "Dockerfile.cuda").read_text()
+    cuda = (INFRA / "Dockerfile.cuda").read_text()
+    assert "torch.version.cuda" in cuda
+    # NVDEC in the GPU image: PyNvVideoCodec from the gpu extra, and the driver's video library mounted
+    gpu = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    assert gpu == ["pynvvideocodec==2.2.4"] and re.search(r'pip install .*"\.\[dev,gpu\]"', cuda)
+    caps = re.search(r"NVIDIA_DRIVER_CAPABILITIES=(\S+)", cuda)
+    assert caps and {"compute", "utility", "video"} <= set(caps.group(1).split(","))
     assert (REPO / "scripts" / "setup.sh").is_file()
