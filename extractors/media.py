@@ -1,6 +1,8 @@
 """Sequential decoding: video frames resampled to the 30 fps grid by timestamp, audio to 16 kHz mono."""
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import subprocess
 import sys
@@ -79,14 +81,25 @@ def open_video(path: str, width: int, height: int, max_side: int):
         raise Reject("decode_error", f"decoder cannot open the video stream: {str(e).splitlines()[0][:200]}") from e
 
 
+NVCUVID = "libnvcuvid.so.1"  # the driver's NVDEC library; a container gets it with the driver's "video" capability
+
+
+@functools.lru_cache(maxsize=1)
 def nvdec_available() -> bool:
-    """Whether NVDEC decoding can run here: PyNvVideoCodec installed and a CUDA device visible."""
+    """Whether NVDEC decoding can run here: PyNvVideoCodec installed, a CUDA device visible and the driver's
+    NVDEC library loadable (a container started without the driver's video capability has CUDA but not it)."""
     try:
         import PyNvVideoCodec  # noqa: F401
         import torch
     except Exception:  # noqa: BLE001 - a missing or broken install is "not available"
         return False
-    return torch.cuda.is_available()
+    if not torch.cuda.is_available():
+        return False
+    try:
+        ctypes.CDLL(NVCUVID)
+    except OSError:
+        return False
+    return True
 
 
 class NvdecVideo:

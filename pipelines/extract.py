@@ -170,7 +170,7 @@ def _use_nvdec(cfg: ExtractConfig, source: dict, landmarker) -> bool:
     if cfg.decoder == "cpu" or not on_cuda and cfg.decoder == "auto":
         return False
     why = ("the torch landmarker does not run on CUDA here" if not on_cuda else
-           "PyNvVideoCodec or a CUDA device is missing" if not nvdec_available() else
+           "PyNvVideoCodec, a CUDA device or the driver's NVDEC library (libnvcuvid) is missing" if not nvdec_available() else
            "the source has a variable frame rate or a rotation matrix" if source.get("vfr") or source.get("rotation") else
            f"NVDEC does not decode {source.get('video_codec')}" if source.get("video_codec") not in NVDEC_CODECS else
            "the frame has an odd side (its chroma rows are not half its rows)"

@@ -332,6 +332,40 @@ def test_decord_is_loaded_after_pynvvideocodec(real_dir, tmp_path):
     assert log.read_text() == "False"  # imported once, before decord
 
 
+def test_nvdec_needs_the_drivers_decoder_library(monkeypatch):
+    """A container started without the driver's video capability has CUDA and PyNvVideoCodec but not
+    libnvcuvid: decoder=auto then decodes on the CPU, decoder=nvdec says what is missing."""
+    import sys
+    import types
+
+    from extractors import media
+    from pipelines.extract import _use_nvdec
+
+    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", types.ModuleType("PyNvVideoCodec"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    loaded = []
+
+    def cdll(name):
+        loaded.append(name)
+        if not present:
+            raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(media.ctypes, "CDLL", cdll)
+    gpu = types.SimpleNamespace(device=torch.device("cuda"))
+    src = {"video_codec": "h264", "width": 640, "height": 480}
+    try:
+        for present in (False, True):
+            media.nvdec_available.cache_clear()
+            assert media.nvdec_available() is present and loaded[-1] == media.NVCUVID
+            assert _use_nvdec(ExtractConfig(decoder="auto"), src, gpu) is present
+        media.nvdec_available.cache_clear()
+        present = False
+        with pytest.raises(ValueError, match="libnvcuvid"):
+            _use_nvdec(ExtractConfig(decoder="nvdec"), src, gpu)
+    finally:
+        media.nvdec_available.cache_clear()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_replay_the_networks_as_run_eagerly():
     """On CUDA the networks run as captured CUDA graphs: a replay gives what the eager forward gives, for a
