@@ -44,6 +44,7 @@ import os
 import sys
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -574,6 +575,11 @@ def _warm(args) -> None:
     _BARRIER.wait()
 
 
+def _unordered(pool, work: list) -> list:
+    """_extract_worker over ``work``, each item handed to whichever process is free, results as they finish."""
+    return [f.result() for f in as_completed([pool.submit(_extract_worker, w) for w in work])]
+
+
 def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int], scale: int, modules: str | None,
                     batches: list[int], nvdec: bool, chains: list[int], fused: list[bool] = (False,),
                     profile: Path | None = None, schedules: list[str] = ("static",), threads: list[int] = (1,),
@@ -601,21 +607,23 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
     for k, chain, batch, fw, th in [(k, c, b, f, t) for k in workers for c in chains for b in batches for f in fused
                                     for t in threads]:
         args = (dev, modules, batch, nvdec, chain, fw, th, pad_to, cpu_below)
-        with ctx.Pool(k, initializer=_pool_init, initargs=(ctx.Barrier(k),)) as pool:
+        # a process pool that raises when a worker dies (a crash in a native decoder, say): multiprocessing.Pool
+        # loses the dead worker's task and waits for ever (session 16 lost three device calls to that)
+        with ProcessPoolExecutor(k, mp_context=ctx, initializer=_pool_init, initargs=(ctx.Barrier(k),)) as pool:
             t0 = time.perf_counter()
-            pool.map(_warm, [(jobs[:1], *args, None)] * k, chunksize=1)  # start-up, loads, compile
+            list(pool.map(_warm, [(jobs[:1], *args, None)] * k))  # start-up, loads, compile
             startup = time.perf_counter() - t0
             for sched in schedules:
                 use = _GpuUse()
                 use.start()
                 t0 = time.perf_counter()
                 if sched == "static":
-                    done = pool.map(_extract_worker, [(jobs[i::k], *args, None) for i in range(k)], chunksize=1)
+                    done = list(pool.map(_extract_worker, [(jobs[i::k], *args, None) for i in range(k)]))
                 elif th > 1:  # each process takes th videos at a time (largest first), run side by side in threads
                     groups = [by_size[i:i + th] for i in range(0, len(by_size), th)]
-                    done = list(pool.imap_unordered(_extract_worker, [(g, *args, None) for g in groups], chunksize=1))
+                    done = _unordered(pool, [(g, *args, None) for g in groups])
                 else:
-                    done = list(pool.imap_unordered(_extract_worker, [([j], *args, None) for j in by_size], chunksize=1))
+                    done = _unordered(pool, [([j], *args, None) for j in by_size])
                 wall = time.perf_counter() - t0
                 use.stop = True
                 tm: dict = {}
@@ -634,8 +642,8 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
             if profile is not None:  # again, worker 0 under the profiler (the others as they were)
                 profile.mkdir(parents=True, exist_ok=True)
                 name = f"profile-w{k}-t{th}-c{chain}-b{batch}{'-fused' if fw else ''}.txt"
-                pool.map(_extract_worker, [(jobs[i::k], *args, str(profile / name) if i == 0 else None)
-                                           for i in range(k)], chunksize=1)
+                list(pool.map(_extract_worker, [(jobs[i::k], *args, str(profile / name) if i == 0 else None)
+                                                for i in range(k)]))
 
 
 def main() -> None:
