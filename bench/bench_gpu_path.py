@@ -381,9 +381,9 @@ def section_mediapipe(videos: list[Path], boxes: dict, procs: int, n: int) -> No
     one = k / dt
     # every process decodes its own frames (shipping them through the pool's pipes would time the pipes)
     ctx = mp.get_context("spawn")
-    with ctx.Manager() as man, ctx.Pool(procs, initializer=_one_thread) as pool:
-        barrier = man.Barrier(procs)
-        done = pool.map(_mp_worker, [(str(v), n, box, barrier)] * procs, chunksize=1)
+    with ctx.Manager() as man, ProcessPoolExecutor(procs, mp_context=ctx, initializer=_one_thread) as pool:
+        barrier = man.Barrier(procs)  # a worker that dies raises BrokenProcessPool here (section_extract)
+        done = list(pool.map(_mp_worker, [(str(v), n, box, barrier)] * procs))
     wall = max(d[2] for d in done) - min(d[1] for d in done)
     row = {"video": v.name, "fps_1core": round(one, 1), "procs": procs,
            "fps_all_procs": round(sum(d[0] for d in done) / wall, 1)}
