@@ -5,7 +5,8 @@ Sections (``--section``, repeatable; default all that can run here):
 - decode: NVDEC (PyNvVideoCodec) frames/s for one decoder session and for ``--sessions`` sessions in
   threads, against OpenCV's CPU decoder (its default threads);
 - decode-set: the whole set (``--scale`` copies of each video) decoded at once by ``--sessions`` NVDEC
-  sessions taking videos from one queue: the decode rate the whole extraction of that set cannot exceed;
+  sessions (in threads or processes, ``--decode-in``) taking videos from one queue, with NVDEC's and the
+  cores' busy shares and the seconds spent opening decoder sessions: the decode rate the whole extraction of that set cannot exceed;
   for each of ``--colours``: PyNvVideoCodec's RGB output, NV12 converted by extractors.media.yuv420_to_rgb
   (NvdecVideo's path), and NV12 alone (the decoder's ceiling);
 - landmarks: the torch Face Mesh (detection + tracking) in frames/s at each ``--batches`` size and dtype,
@@ -133,13 +134,20 @@ def _nvdec_all(path: Path, colour: str = "rgb") -> int:
     """Decode a whole video with NVDEC into CUDA tensors, 64 frames at a time: ``rgb`` PyNvVideoCodec's own
     RGB conversion, ``nv12`` its NV12 surfaces converted by media.yuv420_to_rgb (what NvdecVideo does), ``native``
     the NV12 surfaces only (the decoder's ceiling)."""
+    return _nvdec_timed(path, colour)[0]
+
+
+def _nvdec_timed(path, colour: str = "rgb") -> tuple[int, float]:
+    """_nvdec_all, and the seconds spent opening the decoder session (demuxer, decoder, stream metadata)."""
     import PyNvVideoCodec as nvc
     import torch
 
     from extractors.media import _surface, yuv420_to_rgb
 
+    t0 = time.perf_counter()
     kind = nvc.OutputColorType.RGB if colour == "rgb" else nvc.OutputColorType.NATIVE
     dec = nvc.SimpleDecoder(str(path), gpu_id=0, use_device_memory=True, output_color_type=kind)
+    opened = time.perf_counter() - t0
     n = 0
     while True:
         got = dec.get_batch_frames(64)
@@ -150,7 +158,13 @@ def _nvdec_all(path: Path, colour: str = "rgb") -> int:
             yuv420_to_rgb(x)
         n += len(x)
     torch.cuda.synchronize()
-    return n
+    return n, opened
+
+
+def _nvdec_warm(args) -> None:
+    """A decode-set process's first video (the driver's start-up), then wait for the others."""
+    _nvdec_timed(*args)
+    _BARRIER.wait()
 
 
 def section_decode(videos: list[Path], sessions: int) -> None:
@@ -183,34 +197,52 @@ def section_decode(videos: list[Path], sessions: int) -> None:
     RESULTS["decode"] = rows
 
 
-def section_decode_set(videos: list[Path], sessions: int, scale: int, colour: str = "rgb") -> None:
-    """The whole set (``scale`` copies of each video) decoded at once: ``sessions`` threads, each opening
-    one decoder session per video it takes from a shared queue (longest first). Its frames/s bounds the
-    whole extraction of the same set on this GPU. ``colour``: see _nvdec_all."""
+def section_decode_set(videos: list[Path], sessions: int, scale: int, colour: str = "rgb", procs: bool = False) -> None:
+    """The whole set (``scale`` copies of each video) decoded at once: ``sessions`` threads (``procs``: processes,
+    as extraction workers are), each opening one decoder session per video it takes from a shared queue
+    (largest first). Its frames/s bounds the whole extraction of the same set on this GPU. ``colour``: see
+    _nvdec_all. NVDEC's and the cores' busy shares are sampled meanwhile."""
     import queue
 
-    jobs: queue.Queue = queue.Queue()
     order = sorted(videos * scale, key=lambda v: -v.stat().st_size)
-    for v in order:
-        jobs.put(v)
-    counts = [0] * sessions
+    if procs:
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(sessions, mp_context=ctx, initializer=_pool_init,
+                                 initargs=(ctx.Barrier(sessions),)) as pool:
+            list(pool.map(_nvdec_warm, [(order[-1], colour)] * sessions))
+            use = _GpuUse()
+            use.start()
+            t0 = time.perf_counter()
+            got = [f.result() for f in as_completed([pool.submit(_nvdec_timed, v, colour) for v in order])]
+            secs = time.perf_counter() - t0
+        counts, opens = [g[0] for g in got], [g[1] for g in got]
+    else:
+        jobs: queue.Queue = queue.Queue()
+        for v in order:
+            jobs.put(v)
+        counts, opens = [0] * sessions, []
 
-    def work(i: int) -> None:
-        while True:
-            try:
-                v = jobs.get_nowait()
-            except queue.Empty:
-                return
-            counts[i] += _nvdec_all(v, colour)
+        def work(i: int) -> None:
+            while True:
+                try:
+                    v = jobs.get_nowait()
+                except queue.Empty:
+                    return
+                n, o = _nvdec_timed(v, colour)
+                counts[i] += n
+                opens.append(o)
 
-    _nvdec_all(order[-1], colour)  # the driver's start-up, untimed
-    th = [threading.Thread(target=work, args=(i,)) for i in range(sessions)]
-    t0 = time.perf_counter()
-    [t.start() for t in th]
-    [t.join() for t in th]
-    secs = time.perf_counter() - t0
-    row = {"videos": len(order), "sessions": sessions, "colour": colour, "frames": sum(counts), "seconds": round(secs, 2),
-           "nvdec_fps_whole_set": round(sum(counts) / secs, 1)}
+        _nvdec_all(order[-1], colour)  # the driver's start-up, untimed
+        th = [threading.Thread(target=work, args=(i,)) for i in range(sessions)]
+        use = _GpuUse()
+        use.start()
+        t0 = time.perf_counter()
+        [t.start() for t in th]
+        [t.join() for t in th]
+        secs = time.perf_counter() - t0
+    row = {"videos": len(order), "sessions": sessions, "in": "processes" if procs else "threads", "colour": colour,
+           "frames": sum(counts), "seconds": round(secs, 2), "nvdec_fps_whole_set": round(sum(counts) / secs, 1),
+           "open_s_sum": round(sum(opens), 2), "open_s_median": round(float(np.median(opens)), 3), **use.finish()}
     RESULTS.setdefault("decode_set", []).append(row)
     print("decode_set", row, flush=True)
 
@@ -451,10 +483,24 @@ def _one_thread() -> None:
 
 
 # --- whole extraction ----------------------------------------------------------------------------------
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores from /proc/stat; (0, 0) where there is none."""
+    try:
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return sum(v) - idle, sum(v)
+
+
 class _GpuUse(threading.Thread):
+    """Samples over a timed window: the GPU's busy share (NVML), NVDEC's (NVML's decoder utilisation) and,
+    from /proc/stat at its start and stop, how busy the machine's cores were."""
+
     def __init__(self):
         super().__init__(daemon=True)
-        self.samples, self.stop = [], False
+        self.samples, self.dec, self.stop = [], [], False
+        self.cpu0 = _cpu_ticks()
 
     def run(self):
         try:
@@ -464,9 +510,21 @@ class _GpuUse(threading.Thread):
             hnd = pynvml.nvmlDeviceGetHandleByIndex(0)
             while not self.stop:
                 self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(hnd).gpu)
+                try:
+                    self.dec.append(pynvml.nvmlDeviceGetDecoderUtilization(hnd)[0])
+                except pynvml.NVMLError:
+                    pass
                 time.sleep(0.2)
         except Exception:  # noqa: BLE001 - no NVML: no utilisation figure
             pass
+
+    def finish(self) -> dict:
+        self.stop = True
+        b1, t1 = _cpu_ticks()
+        b0, t0 = self.cpu0
+        mean = lambda xs: round(float(np.mean(xs)), 1) if xs else None  # noqa: E731
+        return {"gpu_util_mean_pct": mean(self.samples), "nvdec_util_mean_pct": mean(self.dec),
+                "cpu_busy_pct": round(100.0 * (b1 - b0) / (t1 - t0), 1) if t1 > t0 else None}
 
 
 @functools.lru_cache(maxsize=None)
@@ -583,10 +641,10 @@ def _unordered(pool, work: list) -> list:
 def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int], scale: int, modules: str | None,
                     batches: list[int], nvdec: bool, chains: list[int], fused: list[bool] = (False,),
                     profile: Path | None = None, schedules: list[str] = ("static",), threads: list[int] = (1,),
-                    pad_to: int = 0, cpu_below: int = 0) -> None:
+                    pad_to: int = 0, cpu_below: list[int] = (0,)) -> None:
     """``schedules``: ``static`` hands each process every k-th video up front (the figures of sessions 2-11);
     ``dynamic`` hands out one video at a time, largest first, to whichever process is free (as Ray schedules
-    extraction tasks per source)."""
+    extraction tasks per source). ``cpu_below``: each value timed in turn on the same warm workers."""
     import cv2
 
     jobs = []
@@ -606,14 +664,15 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
     rows = RESULTS["extract"] = []  # filled as measured: a later failure (e.g. out of memory) keeps the rows so far
     for k, chain, batch, fw, th in [(k, c, b, f, t) for k in workers for c in chains for b in batches for f in fused
                                     for t in threads]:
-        args = (dev, modules, batch, nvdec, chain, fw, th, pad_to, cpu_below)
+        args = (dev, modules, batch, nvdec, chain, fw, th, pad_to, cpu_below[0])
         # a process pool that raises when a worker dies (a crash in a native decoder, say): multiprocessing.Pool
         # loses the dead worker's task and waits for ever (session 16 lost three device calls to that)
         with ProcessPoolExecutor(k, mp_context=ctx, initializer=_pool_init, initargs=(ctx.Barrier(k),)) as pool:
             t0 = time.perf_counter()
             list(pool.map(_warm, [(jobs[:1], *args, None)] * k))  # start-up, loads, compile
             startup = time.perf_counter() - t0
-            for sched in schedules:
+            for below, sched in [(b, s_) for b in cpu_below for s_ in schedules]:
+                args = (*args[:-1], below)
                 use = _GpuUse()
                 use.start()
                 t0 = time.perf_counter()
@@ -625,18 +684,17 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
                 else:
                     done = _unordered(pool, [([j], *args, None) for j in by_size])
                 wall = time.perf_counter() - t0
-                use.stop = True
+                usage = use.finish()
                 tm: dict = {}
                 for d in done:
                     for key, val in d[2].items():
                         tm[key] = round(tm.get(key, 0) + val, 2)
                 frames = sum(d[0] for d in done)
                 rows.append({"workers": k, "threads": th, "pad_to": _pad(batch, chain, pad_to, dev, th),
-                             "cpu_decode_below": cpu_below or None, "schedule": sched, "tracking": f"chains of {chain}" if chain else "3 passes",
+                             "cpu_decode_below": below or None, "schedule": sched, "tracking": f"chains of {chain}" if chain else "3 passes",
                              "mesh_batch": batch, "fused_warp": fw, "startup_s": round(startup, 1),
                              "videos": len(jobs), "input_frames": frames, "wall_s": round(wall, 1),
-                             "input_frames_per_s": round(frames / wall, 1), "nvdec": nvdec,
-                             "gpu_util_mean_pct": round(float(np.mean(use.samples)), 1) if use.samples else None,
+                             "input_frames_per_s": round(frames / wall, 1), "nvdec": nvdec, **usage,
                              "task_seconds": tm})
                 print("extract", rows[-1], flush=True)
             if profile is not None:  # again, worker 0 under the profiler (the others as they were)
@@ -658,6 +716,8 @@ def main() -> None:
     ap.add_argument("--acc-frames", type=int, default=90)
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--colours", default="rgb,nv12,native", help="decode-set: NVDEC outputs timed (see _nvdec_all)")
+    ap.add_argument("--decode-in", default="threads", help="decode-set: sessions in threads of one process and/or in "
+                    "processes (comma list: threads,processes)")
     ap.add_argument("--procs", type=int, default=os.cpu_count())
     ap.add_argument("--mp-frames", type=int, default=300)
     ap.add_argument("--workers", default="1,4")
@@ -671,8 +731,9 @@ def main() -> None:
                     "tracking shared (comma list)")
     ap.add_argument("--pad-to", type=int, default=0, help="extract: crops per network call (0: as the pipeline, "
                     "extract.mesh_pad_to's default: one chain step of a batch on CUDA; -1: none, one thread only)")
-    ap.add_argument("--cpu-decode-below", type=int, default=0, help="extract: videos whose longer side is under this "
-                    "decoded on the CPU (decord, one thread) even where NVDEC is")
+    ap.add_argument("--cpu-decode-below", default="0", help="extract: videos whose longer side is under this "
+                    "decoded on the CPU (decord, one thread) even where NVDEC is (comma list, timed in that order on "
+                    "the same warm workers)")
     ap.add_argument("--track-chains", default=str(CHAIN), help="landmarks: chain lengths timed (first dtype; comma list)")
     ap.add_argument("--modules", default=None, help="a copy of mediapipe's modules/ folder (no mediapipe installed)")
     ap.add_argument("--boxes", type=Path, default=None, help="speaker boxes JSON (made here where MediaPipe is)")
@@ -697,7 +758,8 @@ def main() -> None:
                 section_decode(vids, a.sessions)
             elif s == "decode-set":
                 for colour in a.colours.split(","):  # side by side in one run
-                    section_decode_set(vids, a.sessions, a.scale, colour)
+                    for kind in a.decode_in.split(","):
+                        section_decode_set(vids, a.sessions, a.scale, colour, kind == "processes")
             elif s == "landmarks":
                 section_landmarks(vids, boxes, dev, [int(b) for b in a.batches.split(",")], a.dtypes.split(","),
                                   a.acc_frames, a.modules, a.reference, [int(c) for c in a.track_chains.split(",")])
@@ -714,7 +776,7 @@ def main() -> None:
                                 [int(b) for b in a.mesh_batch.split(",")], dev.startswith("cuda") and nvdec_available(),
                                 [int(c) for c in a.chains.split(",")], [bool(int(f)) for f in a.fused_warp.split(",")],
                                 a.profile, a.schedule.split(","), [int(t) for t in a.threads.split(",")], a.pad_to,
-                                a.cpu_decode_below)
+                                [int(b) for b in a.cpu_decode_below.split(",")])
         except Exception as e:  # noqa: BLE001 - one section's failure must not lose the others' figures
             import traceback
 
