@@ -6,7 +6,7 @@ Sections (``--section``, repeatable; default all that can run here):
   threads, against OpenCV's CPU decoder (its default threads);
 - decode-set: the whole set (``--scale`` copies of each video) decoded at once by ``--sessions`` NVDEC
   sessions (in threads or processes, ``--decode-in``) taking videos from one queue, with NVDEC's and the
-  cores' busy shares and the seconds spent opening decoder sessions: the decode rate the whole extraction of that set cannot exceed;
+  cores' busy shares and the seconds to each video's first 64 frames (the session's set-up): the decode rate the whole extraction of that set cannot exceed;
   for each of ``--colours``: PyNvVideoCodec's RGB output, NV12 converted by extractors.media.yuv420_to_rgb
   (NvdecVideo's path), and NV12 alone (the decoder's ceiling);
 - landmarks: the torch Face Mesh (detection + tracking) in frames/s at each ``--batches`` size and dtype,
@@ -137,20 +137,27 @@ def _nvdec_all(path: Path, colour: str = "rgb") -> int:
     return _nvdec_timed(path, colour)[0]
 
 
-def _nvdec_timed(path, colour: str = "rgb") -> tuple[int, float]:
-    """_nvdec_all, and the seconds spent opening the decoder session (demuxer, decoder, stream metadata)."""
+def _nvdec_timed(path, colour: str = "rgb", reuse: bool = False) -> tuple[int, float]:
+    """_nvdec_all, and the seconds to the first batch of 64 frames (PyNvVideoCodec makes the NVDEC session when
+    the first frames are decoded, not when the decoder object is made: this holds the session's set-up).
+    ``reuse``: this thread's decoder of its previous video reconfigured, as NvdecVideo does (NV12 output only)."""
     import PyNvVideoCodec as nvc
     import torch
 
-    from extractors.media import _surface, yuv420_to_rgb
+    from extractors.media import _nvdec_decoder, _surface, yuv420_to_rgb
 
     t0 = time.perf_counter()
     kind = nvc.OutputColorType.RGB if colour == "rgb" else nvc.OutputColorType.NATIVE
-    dec = nvc.SimpleDecoder(str(path), gpu_id=0, use_device_memory=True, output_color_type=kind)
-    opened = time.perf_counter() - t0
+    if reuse and colour == "rgb":
+        raise ValueError("a reused decoder gives NV12 surfaces: colour nv12 or native")
+    dec = (_nvdec_decoder(nvc, str(path), 0, True) if reuse else
+           nvc.SimpleDecoder(str(path), gpu_id=0, use_device_memory=True, output_color_type=kind))
+    opened = None
     n = 0
     while True:
         got = dec.get_batch_frames(64)
+        if opened is None:
+            opened = time.perf_counter() - t0
         if not got:
             break
         x = torch.stack([torch.from_dlpack(f) if colour == "rgb" else _surface(torch.from_dlpack(f)) for f in got])
@@ -197,10 +204,11 @@ def section_decode(videos: list[Path], sessions: int) -> None:
     RESULTS["decode"] = rows
 
 
-def section_decode_set(videos: list[Path], sessions: int, scale: int, colour: str = "rgb", procs: bool = False) -> None:
+def section_decode_set(videos: list[Path], sessions: int, scale: int, colour: str = "rgb", procs: bool = False,
+                       reuse: bool = False) -> None:
     """The whole set (``scale`` copies of each video) decoded at once: ``sessions`` threads (``procs``: processes,
     as extraction workers are), each opening one decoder session per video it takes from a shared queue
-    (largest first). Its frames/s bounds the whole extraction of the same set on this GPU. ``colour``: see
+    (largest first; ``reuse``: each thread's decoder kept and reconfigured from video to video, as NvdecVideo does). Its frames/s bounds the whole extraction of the same set on this GPU. ``colour``: see
     _nvdec_all. NVDEC's and the cores' busy shares are sampled meanwhile."""
     import queue
 
@@ -209,11 +217,11 @@ def section_decode_set(videos: list[Path], sessions: int, scale: int, colour: st
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(sessions, mp_context=ctx, initializer=_pool_init,
                                  initargs=(ctx.Barrier(sessions),)) as pool:
-            list(pool.map(_nvdec_warm, [(order[-1], colour)] * sessions))
+            list(pool.map(_nvdec_warm, [(order[-1], colour, reuse)] * sessions))
             use = _GpuUse()
             use.start()
             t0 = time.perf_counter()
-            got = [f.result() for f in as_completed([pool.submit(_nvdec_timed, v, colour) for v in order])]
+            got = [f.result() for f in as_completed([pool.submit(_nvdec_timed, v, colour, reuse) for v in order])]
             secs = time.perf_counter() - t0
         counts, opens = [g[0] for g in got], [g[1] for g in got]
     else:
@@ -228,7 +236,7 @@ def section_decode_set(videos: list[Path], sessions: int, scale: int, colour: st
                     v = jobs.get_nowait()
                 except queue.Empty:
                     return
-                n, o = _nvdec_timed(v, colour)
+                n, o = _nvdec_timed(v, colour, reuse)
                 counts[i] += n
                 opens.append(o)
 
@@ -241,8 +249,10 @@ def section_decode_set(videos: list[Path], sessions: int, scale: int, colour: st
         [t.join() for t in th]
         secs = time.perf_counter() - t0
     row = {"videos": len(order), "sessions": sessions, "in": "processes" if procs else "threads", "colour": colour,
+           "decoder_reused": reuse,
            "frames": sum(counts), "seconds": round(secs, 2), "nvdec_fps_whole_set": round(sum(counts) / secs, 1),
-           "open_s_sum": round(sum(opens), 2), "open_s_median": round(float(np.median(opens)), 3), **use.finish()}
+           "first_batch_s_sum": round(sum(opens), 2), "first_batch_s_median": round(float(np.median(opens)), 3),
+           **use.finish()}
     RESULTS.setdefault("decode_set", []).append(row)
     print("decode_set", row, flush=True)
 
@@ -494,12 +504,12 @@ def _cpu_ticks() -> tuple[int, int]:
 
 
 class _GpuUse(threading.Thread):
-    """Samples over a timed window: the GPU's busy share (NVML), NVDEC's (NVML's decoder utilisation) and,
-    from /proc/stat at its start and stop, how busy the machine's cores were."""
+    """Samples over a timed window: the GPU's busy share (NVML), NVDEC's (NVML's decoder utilisation), the
+    GPU memory in use (its peak) and, from /proc/stat at its start and stop, how busy the machine's cores were."""
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.samples, self.dec, self.stop = [], [], False
+        self.samples, self.dec, self.mem, self.stop = [], [], [], False
         self.cpu0 = _cpu_ticks()
 
     def run(self):
@@ -510,6 +520,7 @@ class _GpuUse(threading.Thread):
             hnd = pynvml.nvmlDeviceGetHandleByIndex(0)
             while not self.stop:
                 self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(hnd).gpu)
+                self.mem.append(pynvml.nvmlDeviceGetMemoryInfo(hnd).used / 2**30)
                 try:
                     self.dec.append(pynvml.nvmlDeviceGetDecoderUtilization(hnd)[0])
                 except pynvml.NVMLError:
@@ -524,7 +535,8 @@ class _GpuUse(threading.Thread):
         b0, t0 = self.cpu0
         mean = lambda xs: round(float(np.mean(xs)), 1) if xs else None  # noqa: E731
         return {"gpu_util_mean_pct": mean(self.samples), "nvdec_util_mean_pct": mean(self.dec),
-                "cpu_busy_pct": round(100.0 * (b1 - b0) / (t1 - t0), 1) if t1 > t0 else None}
+                "cpu_busy_pct": round(100.0 * (b1 - b0) / (t1 - t0), 1) if t1 > t0 else None,
+                "gpu_mem_peak_gib": round(max(self.mem), 1) if self.mem else None}
 
 
 @functools.lru_cache(maxsize=None)
@@ -557,8 +569,12 @@ def _extract_worker(args) -> tuple[int, float, dict]:
     """Extract the given videos (one clip each, all frames) the way an extraction task does, then encode
     them with the shipped GNPFA; returns (input frames, seconds, timings). ``threads`` > 1: that many
     videos at a time in threads, their tracking shared (SharedTracker, networks on ``pad_to`` crops)."""
-    jobs, dev, modules, batch, nvdec, chain, fused, threads, pad_to, cpu_below, prof = args
+    jobs, dev, modules, batch, nvdec, chain, fused, threads, pad_to, cpu_below, reuse, prof = args
     import torch
+
+    from extractors import media
+
+    media.NVDEC_REUSE = reuse  # this process's NvdecVideo default (--nvdec-reuse)
 
     from extractors.extract import extract_source
     from extractors.mesh_torch import SharedTracker
@@ -641,10 +657,11 @@ def _unordered(pool, work: list) -> list:
 def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int], scale: int, modules: str | None,
                     batches: list[int], nvdec: bool, chains: list[int], fused: list[bool] = (False,),
                     profile: Path | None = None, schedules: list[str] = ("static",), threads: list[int] = (1,),
-                    pad_to: int = 0, cpu_below: list[int] = (0,)) -> None:
+                    pad_to: int = 0, cpu_below: list[int] = (0,), reuse: list[bool] = (True,)) -> None:
     """``schedules``: ``static`` hands each process every k-th video up front (the figures of sessions 2-11);
     ``dynamic`` hands out one video at a time, largest first, to whichever process is free (as Ray schedules
-    extraction tasks per source). ``cpu_below``: each value timed in turn on the same warm workers."""
+    extraction tasks per source). ``cpu_below`` and ``reuse`` (NVDEC decoders kept from video to video):
+    each combination timed in turn on the same warm workers."""
     import cv2
 
     jobs = []
@@ -664,15 +681,15 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
     rows = RESULTS["extract"] = []  # filled as measured: a later failure (e.g. out of memory) keeps the rows so far
     for k, chain, batch, fw, th in [(k, c, b, f, t) for k in workers for c in chains for b in batches for f in fused
                                     for t in threads]:
-        args = (dev, modules, batch, nvdec, chain, fw, th, pad_to, cpu_below[0])
+        args = (dev, modules, batch, nvdec, chain, fw, th, pad_to, cpu_below[0], reuse[0])
         # a process pool that raises when a worker dies (a crash in a native decoder, say): multiprocessing.Pool
         # loses the dead worker's task and waits for ever (session 16 lost three device calls to that)
         with ProcessPoolExecutor(k, mp_context=ctx, initializer=_pool_init, initargs=(ctx.Barrier(k),)) as pool:
             t0 = time.perf_counter()
             list(pool.map(_warm, [(jobs[:1], *args, None)] * k))  # start-up, loads, compile
             startup = time.perf_counter() - t0
-            for below, sched in [(b, s_) for b in cpu_below for s_ in schedules]:
-                args = (*args[:-1], below)
+            for below, keep, sched in [(b, r, s_) for b in cpu_below for r in reuse for s_ in schedules]:
+                args = (*args[:-2], below, keep)
                 use = _GpuUse()
                 use.start()
                 t0 = time.perf_counter()
@@ -691,7 +708,7 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
                         tm[key] = round(tm.get(key, 0) + val, 2)
                 frames = sum(d[0] for d in done)
                 rows.append({"workers": k, "threads": th, "pad_to": _pad(batch, chain, pad_to, dev, th),
-                             "cpu_decode_below": below or None, "schedule": sched, "tracking": f"chains of {chain}" if chain else "3 passes",
+                             "cpu_decode_below": below or None, "nvdec_reuse": keep, "schedule": sched, "tracking": f"chains of {chain}" if chain else "3 passes",
                              "mesh_batch": batch, "fused_warp": fw, "startup_s": round(startup, 1),
                              "videos": len(jobs), "input_frames": frames, "wall_s": round(wall, 1),
                              "input_frames_per_s": round(frames / wall, 1), "nvdec": nvdec, **usage,
@@ -717,7 +734,8 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--colours", default="rgb,nv12,native", help="decode-set: NVDEC outputs timed (see _nvdec_all)")
     ap.add_argument("--decode-in", default="threads", help="decode-set: sessions in threads of one process and/or in "
-                    "processes (comma list: threads,processes)")
+                    "processes, each with a decoder per video or (-reuse) one kept and reconfigured (comma list: "
+                    "threads,processes,threads-reuse,processes-reuse)")
     ap.add_argument("--procs", type=int, default=os.cpu_count())
     ap.add_argument("--mp-frames", type=int, default=300)
     ap.add_argument("--workers", default="1,4")
@@ -734,6 +752,8 @@ def main() -> None:
     ap.add_argument("--cpu-decode-below", default="0", help="extract: videos whose longer side is under this "
                     "decoded on the CPU (decord, one thread) even where NVDEC is (comma list, timed in that order on "
                     "the same warm workers)")
+    ap.add_argument("--nvdec-reuse", default="1", help="extract: 1 = each worker keeps its NVDEC decoder from video "
+                    "to video (the pipeline's default), 0 = a decoder per video (comma list, timed in turn)")
     ap.add_argument("--track-chains", default=str(CHAIN), help="landmarks: chain lengths timed (first dtype; comma list)")
     ap.add_argument("--modules", default=None, help="a copy of mediapipe's modules/ folder (no mediapipe installed)")
     ap.add_argument("--boxes", type=Path, default=None, help="speaker boxes JSON (made here where MediaPipe is)")
@@ -759,7 +779,8 @@ def main() -> None:
             elif s == "decode-set":
                 for colour in a.colours.split(","):  # side by side in one run
                     for kind in a.decode_in.split(","):
-                        section_decode_set(vids, a.sessions, a.scale, colour, kind == "processes")
+                        section_decode_set(vids, a.sessions, a.scale, colour, kind.startswith("processes"),
+                                           kind.endswith("-reuse"))
             elif s == "landmarks":
                 section_landmarks(vids, boxes, dev, [int(b) for b in a.batches.split(",")], a.dtypes.split(","),
                                   a.acc_frames, a.modules, a.reference, [int(c) for c in a.track_chains.split(",")])
@@ -776,7 +797,8 @@ def main() -> None:
                                 [int(b) for b in a.mesh_batch.split(",")], dev.startswith("cuda") and nvdec_available(),
                                 [int(c) for c in a.chains.split(",")], [bool(int(f)) for f in a.fused_warp.split(",")],
                                 a.profile, a.schedule.split(","), [int(t) for t in a.threads.split(",")], a.pad_to,
-                                [int(b) for b in a.cpu_decode_below.split(",")])
+                                [int(b) for b in a.cpu_decode_below.split(",")],
+                                [bool(int(r)) for r in a.nvdec_reuse.split(",")])
         except Exception as e:  # noqa: BLE001 - one section's failure must not lose the others' figures
             import traceback
 

@@ -6,6 +6,7 @@ import functools
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -102,21 +103,59 @@ def nvdec_available() -> bool:
     return True
 
 
+# NvdecVideo's default: each thread keeps its NVDEC decoder from one video to the next (reconfigured, not made
+# anew); bench/bench_gpu_path.py times both
+NVDEC_REUSE = True
+NVDEC_MAX_SIDE = 2048  # a kept decoder's surfaces fit streams up to this large without a new session
+NVDEC_KEEP = 2  # NVDEC sessions a kept decoder holds (H.264 and HEVC, say): each holds its surfaces' memory
+_NVDEC_KEPT = threading.local()  # per thread: (gpu_id, SimpleDecoder) of its last video
+
+
+def _nvdec_decoder(nvc, path: str, gpu_id: int, reuse: bool):
+    """A SimpleDecoder (NV12 output into CUDA memory) at the start of ``path``. With ``reuse``, this thread's
+    decoder of its previous video, reconfigured for this one: PyNvVideoCodec keeps up to 4 NVDEC sessions per
+    decoder (NVDEC_KEEP here) and takes one that fits the new stream's codec and size (else it makes one),
+    so a worker that decodes source after source skips most of a session's set-up. One thread decodes one
+    video at a time (extract_source), so the previous video is done with when the next one opens; a decoding
+    error forgets the kept decoder (NvdecVideo.iter_frames)."""
+    kept = getattr(_NVDEC_KEPT, "dec", None) if reuse else None
+    if kept is not None and kept[0] == gpu_id:
+        try:
+            kept[1].reconfigure_decoder(str(path))
+            return kept[1]
+        except Exception:  # noqa: BLE001 - a stream the kept sessions cannot take: a decoder of its own, kept next
+            _NVDEC_KEPT.dec = None
+    dec = nvc.SimpleDecoder(str(path), gpu_id=gpu_id, use_device_memory=True,
+                            output_color_type=nvc.OutputColorType.NATIVE,
+                            **({"max_width": NVDEC_MAX_SIDE, "max_height": NVDEC_MAX_SIDE,
+                                "decoder_cache_size": NVDEC_KEEP} if reuse else {}))
+    if reuse:
+        _NVDEC_KEPT.dec = (gpu_id, dec)
+    return dec
+
+
+def _forget(dec) -> None:
+    kept = getattr(_NVDEC_KEPT, "dec", None)
+    if kept is not None and kept[1] is dec:
+        _NVDEC_KEPT.dec = None
+
+
 class NvdecVideo:
     """A video decoded by NVDEC (NVIDIA's PyNvVideoCodec) straight into CUDA memory: RGB frames as
     (H, W, 3) uint8 CUDA tensors, resized on the GPU to the analysis size ``open_video`` would give.
     For constant-frame-rate sources without a rotation matrix (the caller keeps the others on the CPU
-    path): the timeline is the stream's frame count over its average rate."""
+    path): the timeline is the stream's frame count over its average rate. ``reuse`` (None:
+    NVDEC_REUSE): this thread's decoder of its previous video, reconfigured (_nvdec_decoder)."""
 
-    def __init__(self, path: str, width: int, height: int, max_side: int, gpu_id: int = 0, chunk: int = 64):
+    def __init__(self, path: str, width: int, height: int, max_side: int, gpu_id: int = 0, chunk: int = 64,
+                 reuse: bool | None = None):
         import PyNvVideoCodec as nvc
 
         _trace("video", path)
         # NVDEC's own surfaces (NV12), converted to RGB below as the CPU decoder converts (yuv420_to_rgb):
         # PyNvVideoCodec's RGB output takes another matrix for some untagged streams (4 of the 17 corpus videos
         # 1.4-2.7 levels off decord's frames on average) and waits for the GPU each frame (bench/RESULTS.md)
-        self.dec = nvc.SimpleDecoder(str(path), gpu_id=gpu_id, use_device_memory=True,
-                                     output_color_type=nvc.OutputColorType.NATIVE)
+        self.dec = _nvdec_decoder(nvc, str(path), gpu_id, NVDEC_REUSE if reuse is None else reuse)
         self.space, self.full_range = colour_tags(path, nvc)
         m = self.dec.get_stream_metadata()
         n, fps = len(self.dec), float(m.average_fps)
@@ -151,7 +190,11 @@ class NvdecVideo:
             while buf is None or i >= base + len(buf):
                 if buf is not None:
                     base += len(buf)
-                got = self.dec.get_batch_frames(self.chunk)
+                try:
+                    got = self.dec.get_batch_frames(self.chunk)
+                except Exception:
+                    _forget(self.dec)  # a decoder that failed is not handed to this thread's next video
+                    raise
                 if not got:
                     raise Reject("truncated", f"NVDEC ended at frame {base} of {len(self.timeline.starts)}")
                 buf = self._resized(got)
