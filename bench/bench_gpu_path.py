@@ -6,7 +6,8 @@ Sections (``--section``, repeatable; default all that can run here):
   threads, against OpenCV's CPU decoder (its default threads);
 - decode-set: the whole set (``--scale`` copies of each video) decoded at once by ``--sessions`` NVDEC
   sessions (in threads or processes, ``--decode-in``) taking videos from one queue, with NVDEC's and the
-  cores' busy shares and the seconds to each video's first 64 frames (the session's set-up): the decode rate the whole extraction of that set cannot exceed;
+  cores' busy shares and the seconds to each video's first 64 frames (the session's set-up): the decode
+  rate the whole extraction of that set cannot exceed;
   for each of ``--colours``: PyNvVideoCodec's RGB output, NV12 converted by extractors.media.yuv420_to_rgb
   (NvdecVideo's path), and NV12 alone (the decoder's ceiling);
 - landmarks: the torch Face Mesh (detection + tracking) in frames/s at each ``--batches`` size and dtype,
@@ -208,8 +209,9 @@ def section_decode_set(videos: list[Path], sessions: int, scale: int, colour: st
                        reuse: bool = False) -> None:
     """The whole set (``scale`` copies of each video) decoded at once: ``sessions`` threads (``procs``: processes,
     as extraction workers are), each opening one decoder session per video it takes from a shared queue
-    (largest first; ``reuse``: each thread's decoder kept and reconfigured from video to video, as NvdecVideo does). Its frames/s bounds the whole extraction of the same set on this GPU. ``colour``: see
-    _nvdec_all. NVDEC's and the cores' busy shares are sampled meanwhile."""
+    (largest first; ``reuse``: each thread's decoder kept and reconfigured from video to video, as NvdecVideo
+    does). Its frames/s bounds the whole extraction of the same set on this GPU. ``colour``: see _nvdec_all.
+    NVDEC's and the cores' busy shares are sampled meanwhile."""
     import queue
 
     order = sorted(videos * scale, key=lambda v: -v.stat().st_size)
