@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CORPUS
 
 from models import packaged
 from models.av_sync import SHIPPED_SHA256
 from storage_schemas import AUDIO_SAMPLE_RATE as SR
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "data" / "corpus"
 
 
 def test_every_packaged_model_is_installed_verified_and_in_the_readme(tmp_path):

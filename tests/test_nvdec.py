@@ -2,20 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CORPUS
 
 from extractors import media
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _corpus_dir() -> Path:
-    env = os.environ.get("M2FD_CORPUS_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data" / "corpus"
 
 
 def _digests(path: Path, reuse: bool) -> list[str]:
@@ -53,7 +46,6 @@ def test_a_kept_nvdec_decoder_gives_each_video_a_new_decoders_frames(real_dir):
     another size (the real videos: 512 px, 1280x720, 704x1216) or codec (the corpus's HEVC), it gives every
     frame a decoder made for that video gives, byte for byte."""
     videos = sorted(real_dir.glob("*.mp4"))
-    corpus = _corpus_dir()
-    if corpus.is_dir():
-        videos += sorted(corpus.glob("latentsync_demo*.mp4"))[:1] + sorted(corpus.glob("edtalk_pose*.mp4"))[:1]
+    if CORPUS.is_dir():
+        videos += sorted(CORPUS.glob("latentsync_demo*.mp4"))[:1] + sorted(CORPUS.glob("edtalk_pose*.mp4"))[:1]
     reused_decoder_check(videos)
