@@ -24,8 +24,10 @@ Sections (``--section``, repeatable; default all that can run here):
   sharing the GPU, for each ``--chains`` tracking (0: 3 passes), ``--mesh-batch`` size and ``--fused-warp``
   side by side, and the GPU's utilisation sampled meanwhile. Each process keeps its models (and their CUDA
   graphs) from job to job as an extraction worker does; their start-up, loads and compilation are timed
-  apart, as ``startup_s``. ``--schedule``: the videos handed out up front (static) and/or one at a time,
-  largest first (dynamic, as Ray schedules a task per source), timed on the same warm workers.
+  apart, as ``startup_s``. ``--schedule``: the videos handed out one at a time, largest first (dynamic, the
+  default: as Ray schedules a task per source) and/or up front (static: every k-th video to process k, which
+  leaves processes idle while others finish; the figures of sessions 2-17 were static unless they say
+  otherwise), timed on the same warm workers.
   ``--threads`` T > 1: each process runs T sources at once in threads sharing one torch Face Mesh
   (extractors.mesh_torch.SharedTracker: their batches tracked together, the networks on calls of exactly
   ``--pad-to`` crops), so one CUDA context carries many sources' chains per step; with one thread
@@ -625,6 +627,10 @@ def _extract_worker(args) -> tuple[int, float, dict]:
             frames = sum(ex.map(one, jobs))
         tm["shared_calls"], tm["shared_batches"] = shared.calls, shared.batches  # batches / calls: how much was shared
     wall = time.perf_counter() - t0
+    if dev.startswith("cuda"):  # this worker's peak since its last job (summed rows take the largest: _PEAKS)
+        tm["torch_reserved_peak_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        tm["torch_allocated_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
     if profiler is not None:
         if dev.startswith("cuda"):
             torch.cuda.synchronize()
@@ -637,6 +643,7 @@ def _extract_worker(args) -> tuple[int, float, dict]:
 
 
 _BARRIER = None
+_PEAKS = ("torch_reserved_peak_gib", "torch_allocated_peak_gib")  # per worker: a row gives the largest, not the sum
 
 
 def _pool_init(barrier) -> None:
@@ -658,9 +665,9 @@ def _unordered(pool, work: list) -> list:
 
 def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int], scale: int, modules: str | None,
                     batches: list[int], nvdec: bool, chains: list[int], fused: list[bool] = (False,),
-                    profile: Path | None = None, schedules: list[str] = ("static",), threads: list[int] = (1,),
+                    profile: Path | None = None, schedules: list[str] = ("dynamic",), threads: list[int] = (1,),
                     pad_to: int = 0, cpu_below: list[int] = (0,), reuse: list[bool] = (True,)) -> None:
-    """``schedules``: ``static`` hands each process every k-th video up front (the figures of sessions 2-11);
+    """``schedules``: ``static`` hands each process every k-th video up front (the figures of sessions 2-17);
     ``dynamic`` hands out one video at a time, largest first, to whichever process is free (as Ray schedules
     extraction tasks per source). ``cpu_below`` and ``reuse`` (NVDEC decoders kept from video to video):
     each combination timed in turn on the same warm workers."""
@@ -707,7 +714,7 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
                 tm: dict = {}
                 for d in done:
                     for key, val in d[2].items():
-                        tm[key] = round(tm.get(key, 0) + val, 2)
+                        tm[key] = round(max(tm.get(key, 0), val) if key in _PEAKS else tm.get(key, 0) + val, 2)
                 frames = sum(d[0] for d in done)
                 rows.append({"workers": k, "threads": th, "pad_to": _pad(batch, chain, pad_to, dev, th),
                              "cpu_decode_below": below or None, "nvdec_reuse": keep, "schedule": sched, "tracking": f"chains of {chain}" if chain else "3 passes",
@@ -745,7 +752,7 @@ def main() -> None:
     ap.add_argument("--mesh-batch", default="256", help="extract: frames per torch Face Mesh batch (comma list)")
     ap.add_argument("--chains", default=str(CHAIN), help="extract: tracking chain lengths, 0 = 3 passes (comma list)")
     ap.add_argument("--fused-warp", default="0", help="extract: crops by the compiled kernel, 0/1 (comma list)")
-    ap.add_argument("--schedule", default="static", help="extract: static and/or dynamic (comma list, timed in that "
+    ap.add_argument("--schedule", default="dynamic", help="extract: static and/or dynamic (comma list, timed in that "
                     "order on the same warm workers)")
     ap.add_argument("--threads", default="1", help="extract: sources run at once in threads of each process, their "
                     "tracking shared (comma list)")

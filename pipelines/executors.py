@@ -27,7 +27,12 @@ from pipelines import faults
 # in afresh: on the real videos x4, 84-87 s of kernel time instead of 39 s, and the run 1.2x as long
 # (bench/RESULTS.md, #13).
 # MKL_CBWR: see pipelines/__init__.py (set again here so that a worker has it from its first instruction)
-WORKER_ENV = {"MALLOC_ARENA_MAX": "2", "MKL_CBWR": os.environ["MKL_CBWR"]}
+# PYTORCH_CUDA_ALLOC_CONF: a GPU is shared by many workers (extract.tasks_per_gpu), each with PyTorch's caching
+# allocator; with its default fixed-size segments, 16 extraction workers on an 80 GB H100 ran out of GPU memory
+# (72-77 GB at peak with expandable segments; bench/RESULTS.md, #15). It changes where tensors live, not what is
+# computed; a value the user set is kept.
+WORKER_ENV = {"MALLOC_ARENA_MAX": "2", "MKL_CBWR": os.environ["MKL_CBWR"],
+              "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")}
 
 
 @functools.lru_cache(maxsize=1)

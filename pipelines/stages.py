@@ -78,7 +78,8 @@ STAGES: tuple[Stage, ...] = (
           # so do 8 extraction tasks: on an H100 the whole extraction ran 1,071 input frames/s with 4 processes
           # sharing the GPU and 1,375 with 8 (bench/bench_gpu_path.py, under 5.5 GB of GPU memory each);
           # extract.tasks_per_gpu sets another share for extraction (a node with more than 8 cores per GPU: with
-          # CUDA MPS and the padded calls, 16 workers ran 4,475 input frames/s on an H100 and 8 ran 3,862)
+          # CUDA MPS and the padded calls, 16 workers ran 4,475 input frames/s on an H100 and 8 ran 3,862; with
+          # kept NVDEC decoders and tasks handed out as workers free up, 16 ran 5,953-7,317 in up to 77 GB)
           {"_extract_task": Resources(gpus=0.125, memory_gb=2), "_encode_task": Resources(gpus=0.125, memory_gb=1)},
           reads=("sources", "clips", "audio"),
           writes=("frames", "clip_features", "transcripts", "quarantine", "crops", "keyframes"),

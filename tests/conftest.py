@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+import pipelines  # noqa: F401 - sets MKL_CBWR (pipelines/__init__.py) before any test's first torch computation
+
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "data" / "corpus"  # the 17 real talking videos of ../shared
 os.environ.setdefault("GLOG_minloglevel", "2")

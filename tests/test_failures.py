@@ -3,6 +3,7 @@ writers refuse bad rows and a dropped clip's nulls read back; small faces are me
 ingest; URL and in-memory inputs are fetched once and read from their local copy by every stage;
 a clip's rows do not depend on which other clips share its run."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -219,6 +220,19 @@ def test_url_and_memory_inputs_are_fetched_once_and_reach_shards_on_ray(real_dir
 
 
 @pytest.mark.slow
+def test_ray_workers_run_with_the_worker_environment(ray_cluster):
+    """Every Ray worker of a run has WORKER_ENV: MKL's reproducible mode, two malloc arenas, and PyTorch's
+    expandable CUDA segments (16 extraction workers sharing an 80 GB GPU ran out of memory without them)."""
+    from pipelines.executors import WORKER_ENV
+
+    @ray_cluster.remote(num_cpus=1)
+    def env() -> dict:
+        return {k: os.environ.get(k) for k in WORKER_ENV}
+
+    assert {"MKL_CBWR", "MALLOC_ARENA_MAX", "PYTORCH_CUDA_ALLOC_CONF"} <= WORKER_ENV.keys()
+    assert ray_cluster.get(env.remote()) == WORKER_ENV
+
+
 def test_a_clips_rows_do_not_depend_on_the_other_clips_of_its_run(real_result, real_dir, tmp_path):
     """d12 alone, in-process, with the checkpoint the 5-video Ray run trained: d12's frames table and
     clip_features row are byte for byte those of the 5-video run (other clips, other batches, other
