@@ -219,7 +219,6 @@ def test_url_and_memory_inputs_are_fetched_once_and_reach_shards_on_ray(real_dir
     assert not [r for r in q if r["reason"] in ("processing_error", "fetch_error", "truncated")], q
 
 
-@pytest.mark.slow
 def test_ray_workers_run_with_the_worker_environment(ray_cluster):
     """Every Ray worker of a run has WORKER_ENV: MKL's reproducible mode, two malloc arenas, and PyTorch's
     expandable CUDA segments (16 extraction workers sharing an 80 GB GPU ran out of memory without them)."""
@@ -233,6 +232,7 @@ def test_ray_workers_run_with_the_worker_environment(ray_cluster):
     assert ray_cluster.get(env.remote()) == WORKER_ENV
 
 
+@pytest.mark.slow
 def test_a_clips_rows_do_not_depend_on_the_other_clips_of_its_run(real_result, real_dir, tmp_path):
     """d12 alone, in-process, with the checkpoint the 5-video Ray run trained: d12's frames table and
     clip_features row are byte for byte those of the 5-video run (other clips, other batches, other
