@@ -667,7 +667,7 @@ def section_extract(videos: list[Path], boxes: dict, dev: str, workers: list[int
                     batches: list[int], nvdec: bool, chains: list[int], fused: list[bool] = (False,),
                     profile: Path | None = None, schedules: list[str] = ("dynamic",), threads: list[int] = (1,),
                     pad_to: int = 0, cpu_below: list[int] = (0,), reuse: list[bool] = (True,)) -> None:
-    """``schedules``: ``static`` hands each process every k-th video up front (the figures of sessions 2-17);
+    """``schedules``: ``static`` hands each process every k-th video up front;
     ``dynamic`` hands out one video at a time, largest first, to whichever process is free (as Ray schedules
     extraction tasks per source). ``cpu_below`` and ``reuse`` (NVDEC decoders kept from video to video):
     each combination timed in turn on the same warm workers."""

@@ -156,22 +156,22 @@ def _meshed(frames, n: int, box, window: float | None, cfg: ExtractConfig, landm
     size = cfg.mesh_batch_for(landmarker.device.type == "cuda")
     for b0 in range(0, n, size):
         t0 = time.perf_counter()
-        batch = None
-        for j in range(min(size, n - b0)):
+        m, batch = min(size, n - b0), None
+        for j in range(m):
             frame = next(frames)[1]
             if batch is None:  # the batch's buffer, each frame copied in as it comes, so a decoder's chunks are
                 # let go as they are used (stacking a list held every chunk and the stacked copy at once: on
                 # CUDA ~1.4 GB a worker for 256 frames of 1280x720, bench/RESULTS.md)
-                batch = (np.empty((min(size, n - b0), *frame.shape), frame.dtype) if isinstance(frame, np.ndarray)
-                         else frame.new_empty((min(size, n - b0), *frame.shape)))
+                batch = (np.empty((m, *frame.shape), frame.dtype) if isinstance(frame, np.ndarray)
+                         else frame.new_empty((m, *frame.shape)))
             batch[j] = frame
-        del frame
+        del frame  # the last frame's view would keep its decoder chunk alive while the batch is tracked
         t1 = time.perf_counter()
         on_host = isinstance(batch, np.ndarray)
         h, w = batch.shape[1:3]
         lms, carry = landmarker.track_array(batch, box, detection_roi(w, h, box, window), carry)
         ok = np.flatnonzero(~np.isnan(lms[:, 0, 0]))
-        crops = [None] * len(batch)
+        crops = [None] * m
         if len(ok):
             grid = [crop_grid(lms[k], w, h, cfg.crop_size, cfg.crop_expand) for k in ok]
             py, px = np.stack([g[0] for g in grid]), np.stack([g[1] for g in grid])
@@ -187,7 +187,7 @@ def _meshed(frames, n: int, box, window: float | None, cfg: ExtractConfig, landm
                 crops[k] = cut[j]
         tm["decode_s"] = tm.get("decode_s", 0) + t1 - t0
         tm["mesh_s"] = tm.get("mesh_s", 0) + time.perf_counter() - t1
-        for k in range(len(batch)):
+        for k in range(m):
             yield b0 + k, batch[k], (None if np.isnan(lms[k, 0, 0]) else lms[k]), crops[k]
 
 
